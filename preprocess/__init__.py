@@ -1,0 +1,1 @@
+"""Stage 1, the `flux-prep` CLI: from captioned images to the Parquet cache."""

@@ -1,0 +1,68 @@
+"""The `flux-prep` command line: encode, inspect, verify, and the embedded-default builders."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    help="flux-prep: encode captioned images once (FLUX VAE, T5, CLIP) into a Parquet cache that "
+         "training streams, and build the tiny model and demo data of the embedded default.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+
+
+@app.command("tiny-model")
+def tiny_model(
+    out_dir: Path = typer.Argument(..., help="Folder to write (diffusers' FLUX layout)."),
+    seed: int = typer.Option(0, help="Seed of the random weights; the same seed writes the same files."),
+    guidance_embeds: bool = typer.Option(False, help="Give the transformer FLUX.1-dev's guidance embedding."),
+    vae_fit_steps: int = typer.Option(0, help="Train the tiny VAE this many steps on demo-like images so "
+                                              "decoded samples show colours (0: random VAE)."),
+):
+    """Write a tiny FLUX model folder: the real classes at toy sizes, loadable by FluxPipeline, offline."""
+    from shared.tiny import write_tiny_model
+    out = write_tiny_model(out_dir, seed=seed, guidance_embeds=guidance_embeds, vae_fit_steps=vae_fit_steps)
+    typer.echo(f"wrote tiny model to {out}")
+
+
+@app.command("demo-data")
+def demo_data(
+    out_dir: Path = typer.Argument(..., help="Folder for the webdataset tar shards."),
+    num_samples: int = typer.Option(256, help="How many captioned images."),
+    size: int = typer.Option(64, help="Image side in pixels."),
+    samples_per_shard: int = typer.Option(128, help="Samples per tar shard."),
+    seed: int = typer.Option(0, help="The same seed writes the same shards."),
+):
+    """Write demo images 'a {color} {shape} on a {background} background' as CC12M-style tar shards."""
+    from preprocess.demo import write_demo_shards
+    shards = write_demo_shards(out_dir, num_samples=num_samples, size=size,
+                               samples_per_shard=samples_per_shard, seed=seed)
+    typer.echo(f"wrote {num_samples} samples in {len(shards)} shards to {out_dir}")
+
+
+@app.command("inspect")
+def inspect(cache: Path = typer.Argument(..., help="Cache folder (shards + manifest.json).")):
+    """Summarise a cache: rows, shards, bytes per sample by column, caption and T5 lengths, skips."""
+    from preprocess.inspect_cache import inspect_cache
+    typer.echo(inspect_cache(cache))
+
+
+@app.command("verify")
+def verify(cache: Path = typer.Argument(..., help="Cache folder (shards + manifest.json).")):
+    """Check schema, row counts and checksums of every shard; exit 1 naming the first bad shard."""
+    from preprocess.inspect_cache import verify_cache
+    problems = verify_cache(cache)
+    for p in problems:
+        typer.echo(f"FAIL {p}", err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"{cache}: OK")
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The cache contract, version 1 (../DESIGN.md): one row per sample, tensors as raw
+little-endian bytes in binary columns, shapes in integer columns, dtypes in the manifest."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
+SHARD_SUFFIX = ".parquet"
+T5_MODES = ("padded", "trimmed")
+
+# Columns holding tensors, and whether a cache may leave them out.
+TENSOR_COLUMNS = ("latent", "latent_logvar", "t5", "clip")
+OPTIONAL_COLUMNS = ("latent_logvar",)
+
+ARROW_SCHEMA = pa.schema([
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("caption", pa.string(), nullable=False),
+    pa.field("latent", pa.binary(), nullable=False),
+    pa.field("latent_logvar", pa.binary(), nullable=True),
+    pa.field("latent_h", pa.int16(), nullable=False),
+    pa.field("latent_w", pa.int16(), nullable=False),
+    pa.field("t5", pa.binary(), nullable=False),
+    pa.field("t5_len", pa.int16(), nullable=False),
+    pa.field("clip", pa.binary(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+])
+
+# Storage dtypes a cache may use, by name. bf16 has no numpy type: it travels as int16 bits.
+_TORCH_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+_BITS_DTYPES = {torch.bfloat16: torch.int16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return _TORCH_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported cache dtype {name!r}; use one of {', '.join(_TORCH_DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, dt in _TORCH_DTYPES.items():
+        if dt == dtype:
+            return name
+    raise ValueError(f"unsupported cache dtype {dtype}; use one of {', '.join(_TORCH_DTYPES)}")
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype whose bytes are read for a storage dtype (bf16 -> little-endian int16 bits)."""
+    dt = torch_dtype(name)
+    bits = _BITS_DTYPES.get(dt, dt)
+    return np.dtype({torch.int16: "<i2", torch.float16: "<f2", torch.float32: "<f4"}[bits])
+
+
+def tensor_to_bytes(t: torch.Tensor, dtype_name_: str) -> bytes:
+    """A tensor as raw little-endian bytes of the storage dtype (C order)."""
+    dt = torch_dtype(dtype_name_)
+    t = t.detach().to("cpu", dt).contiguous()
+    bits = _BITS_DTYPES.get(dt)
+    arr = (t.view(bits) if bits is not None else t).numpy()
+    return arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def bytes_to_tensor(buf, dtype_name_: str, shape) -> torch.Tensor:
+    """Inverse of `tensor_to_bytes` (one copy, into a fresh writable tensor)."""
+    arr = np.frombuffer(buf, dtype=numpy_dtype(dtype_name_))
+    return array_to_tensor(arr, dtype_name_).reshape(shape)
+
+
+def array_to_tensor(arr: np.ndarray, dtype_name_: str) -> torch.Tensor:
+    """Raw numpy bits -> torch tensor of the storage dtype, copying exactly once."""
+    t = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True))
+    dt = torch_dtype(dtype_name_)
+    return t.view(dt) if dt in _BITS_DTYPES else t

@@ -1,0 +1,136 @@
+"""Loading the five parts of a FLUX model from a folder in diffusers' layout or a hub id.
+
+Weights are read from safetensors only, and no remote code is ever run: a pickled
+checkpoint can execute code when loaded, so every loader here refuses one.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+PARTS = {
+    "vae": "the VAE (AutoencoderKL)",
+    "transformer": "the Flux transformer",
+    "text_encoder": "the CLIP text encoder",
+    "text_encoder_2": "the T5 text encoder",
+    "tokenizer": "the CLIP tokenizer",
+    "tokenizer_2": "the T5 tokenizer",
+}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+# Written beside a trained transformer's config.json: how it must be prompted and sampled.
+TRAINING_INFO = "flux_prep.json"
+
+
+class ModelLoadError(Exception):
+    """A model part that cannot be loaded; the message names the part and the path."""
+
+
+def refuse_pickle(path) -> None:
+    """Refuse pickled checkpoints: loading one can run arbitrary code."""
+    if str(path).lower().endswith(PICKLE_SUFFIXES):
+        raise ModelLoadError(f"{path}: pickled checkpoints are refused (loading one can run arbitrary code); "
+                             "convert it to .safetensors")
+
+
+def _source(model: str, part: str) -> tuple[str, dict]:
+    """Where `from_pretrained` finds `part`: a local sub-folder, or the hub id with `subfolder`."""
+    if part not in PARTS:
+        raise ValueError(f"unknown model part {part!r}")
+    path = Path(model)
+    if path.exists():
+        sub = path / part
+        if not sub.is_dir():
+            raise ModelLoadError(f"{model}: missing {part}/ ({PARTS[part]}); expected diffusers' FLUX folder layout")
+        return str(sub), {}
+    if str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
+        raise ModelLoadError(f"{model}: no such folder, and not a hub id of the form 'org/name'")
+    return str(model), {"subfolder": part}
+
+
+def _load(loader, model: str, part: str, **kwargs):
+    src, extra = _source(model, part)
+    local = Path(src).is_dir()
+    if local and part not in ("tokenizer", "tokenizer_2"):
+        files = list(Path(src).iterdir())
+        if not any(f.suffix == ".safetensors" or f.name.endswith(".safetensors.index.json") for f in files):
+            pickled = [f.name for f in files if f.name.endswith(PICKLE_SUFFIXES)]
+            why = f" (only pickled weights: {', '.join(pickled)}; refused)" if pickled else ""
+            raise ModelLoadError(f"{src}: no .safetensors weights for {PARTS[part]}{why}")
+    try:
+        return loader(src, **extra, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ModelLoadError(f"{model}: cannot load {part} ({PARTS[part]}): {str(e).splitlines()[0]}") from e
+
+
+def load_vae(model: str, dtype=torch.float32, device="cpu"):
+    from diffusers import AutoencoderKL
+    return _load(AutoencoderKL.from_pretrained, model, "vae", torch_dtype=dtype, use_safetensors=True).to(device).eval()
+
+
+def load_transformer(model: str, dtype=torch.float32, device="cpu", part: str = "transformer"):
+    """The transformer of a model folder/hub id; `part=None` reads `model` itself as a transformer folder."""
+    from diffusers import FluxTransformer2DModel
+    if part is None:
+        path = Path(model)
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{model}: not a transformer folder (no config.json)")
+        try:
+            return FluxTransformer2DModel.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True).to(device)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{model}: cannot load the transformer: {str(e).splitlines()[0]}") from e
+    return _load(FluxTransformer2DModel.from_pretrained, model, part, torch_dtype=dtype,
+                 use_safetensors=True).to(device)
+
+
+def load_t5(model: str, dtype=torch.float32, device="cpu"):
+    """(tokenizer, encoder) for T5."""
+    from transformers import AutoTokenizer, T5EncoderModel
+    tok = _load(AutoTokenizer.from_pretrained, model, "tokenizer_2", trust_remote_code=False)
+    enc = _load(T5EncoderModel.from_pretrained, model, "text_encoder_2", dtype=dtype, use_safetensors=True,
+                trust_remote_code=False)
+    return tok, enc.to(device).eval()
+
+
+def load_clip(model: str, dtype=torch.float32, device="cpu"):
+    """(tokenizer, encoder) for CLIP-L's text tower."""
+    from transformers import AutoTokenizer, CLIPTextModel
+    tok = _load(AutoTokenizer.from_pretrained, model, "tokenizer", trust_remote_code=False)
+    enc = _load(CLIPTextModel.from_pretrained, model, "text_encoder", dtype=dtype, use_safetensors=True,
+                trust_remote_code=False)
+    return tok, enc.to(device).eval()
+
+
+def model_identity(model: str, part: str) -> dict:
+    """What identifies a part's weights for a cache manifest: its source and a hash of its files.
+
+    The hash covers each safetensors file's name, size and header (tensor names, shapes,
+    dtypes, offsets) and its first and last MiB; hashing 10 GB of T5 on every run would
+    cost more than it protects."""
+    import hashlib
+    src, extra = _source(model, part)
+    info = {"source": str(model), "part": part}
+    folder = Path(src)
+    if not folder.is_dir():
+        return info | {"sha256": None}
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(header_len, 100 << 20)))
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    cfg = folder / "config.json"
+    if cfg.is_file():
+        h.update(cfg.read_bytes())
+    return info | {"sha256": h.hexdigest()}
+
+
+def read_training_info(transformer_dir) -> dict:
+    """The sampling conventions a trainer saved beside a transformer (empty for published weights)."""
+    path = Path(transformer_dir) / TRAINING_INFO
+    return json.loads(path.read_text()) if path.is_file() else {}

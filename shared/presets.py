@@ -1,0 +1,76 @@
+"""Model presets: the transformer, text and VAE shapes of each known FLUX model.
+
+`flux-dev` and `flux-schnell` carry FLUX.1's real dimensions; `tiny` keeps the
+same classes at toy sizes so that every stage runs on a CPU in seconds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    transformer: dict           # FluxTransformer2DModel config
+    t5_max_length: int          # FLUX's padded T5 length
+    default_steps: int          # sampling steps the model is made for
+    shift_schedule: bool        # whether sampling shifts the schedule by image-token count
+    hub_id: str | None = None   # where the real weights live
+    extra: dict = field(default_factory=dict)
+
+
+_FLUX_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=64,
+    out_channels=None,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    axes_dims_rope=(16, 56, 56),
+)
+
+PRESETS: dict[str, Preset] = {
+    "flux-dev": Preset(
+        name="flux-dev",
+        transformer={**_FLUX_TRANSFORMER, "guidance_embeds": True},
+        t5_max_length=512, default_steps=28, shift_schedule=True,
+        hub_id="black-forest-labs/FLUX.1-dev",
+    ),
+    "flux-schnell": Preset(
+        name="flux-schnell",
+        transformer={**_FLUX_TRANSFORMER, "guidance_embeds": False},
+        t5_max_length=256, default_steps=4, shift_schedule=False,
+        hub_id="black-forest-labs/FLUX.1-schnell",
+    ),
+    "tiny": Preset(
+        name="tiny",
+        transformer=dict(
+            patch_size=1, in_channels=64, out_channels=None,
+            num_layers=2, num_single_layers=2,
+            attention_head_dim=16, num_attention_heads=4,
+            joint_attention_dim=64, pooled_projection_dim=64,
+            axes_dims_rope=(4, 6, 6), guidance_embeds=False,
+        ),
+        t5_max_length=32, default_steps=20, shift_schedule=True,
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}") from None
+
+
+def transformer_config(name: str, **overrides) -> dict:
+    """A preset's transformer config with overrides (e.g. fewer blocks for a benchmark)."""
+    cfg = dict(get_preset(name).transformer)
+    unknown = set(overrides) - set(cfg)
+    if unknown:
+        raise ValueError(f"unknown transformer option(s): {', '.join(sorted(unknown))}")
+    cfg.update(overrides)
+    return cfg

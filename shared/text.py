@@ -1,0 +1,36 @@
+"""Prompt encoding with T5 and CLIP, the same code for the encoder stage and the sampler."""
+from __future__ import annotations
+
+import torch
+
+from .cache.schema import T5_MODES
+
+
+@torch.no_grad()
+def encode_prompts(prompts: list[str], t5_tokenizer, t5, clip_tokenizer, clip, *, t5_mode: str = "padded",
+                   t5_max_length: int = 512, device=None) -> dict:
+    """Encode prompts as FLUX does.
+
+    Returns t5 [B, L, D] (L = t5_max_length when padded, the longest prompt when
+    trimmed), t5_len [B] (real tokens, end-of-sequence included), t5_mask [B, L] bool,
+    clip [B, D_clip] (pooled output).
+
+    padded: T5 sees `t5_max_length` tokens with no attention mask (FLUX.1's convention).
+    trimmed: T5 sees each prompt's real tokens only (attention mask), and only those are kept.
+    """
+    if t5_mode not in T5_MODES:
+        raise ValueError(f"unknown T5 mode {t5_mode!r}; choose one of {', '.join(T5_MODES)}")
+    device = device if device is not None else t5.device
+    padding = "max_length" if t5_mode == "padded" else "longest"
+    t5_in = t5_tokenizer(prompts, padding=padding, max_length=t5_max_length, truncation=True,
+                         return_tensors="pt")
+    ids = t5_in.input_ids.to(device)
+    mask = t5_in.attention_mask.to(device)
+    if t5_mode == "padded":
+        t5_out = t5(ids, output_hidden_states=False)[0]
+    else:
+        t5_out = t5(ids, attention_mask=mask, output_hidden_states=False)[0]
+    clip_in = clip_tokenizer(prompts, padding="max_length", max_length=clip_tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+    pooled = clip(clip_in.input_ids.to(device), output_hidden_states=False).pooler_output
+    return {"t5": t5_out, "t5_len": mask.sum(1), "t5_mask": mask.bool(), "clip": pooled}

@@ -1,0 +1,139 @@
+"""The cache contract: bit-exact round trips, atomic shards, manifest checks."""
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from shared.cache import CacheError, CacheReader, CacheWriter, read_manifest, write_manifest
+from shared.cache.schema import bytes_to_tensor, tensor_to_bytes
+
+
+def _rand(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 3).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("shape", [(16, 4, 6), (7, 64), (32,), (1, 1, 1)])
+def test_bytes_round_trip_bit_exact(dtype, shape):
+    t = _rand(shape, getattr(torch, dtype), 0)
+    back = bytes_to_tensor(tensor_to_bytes(t, dtype), dtype, shape)
+    assert back.dtype == t.dtype and back.shape == t.shape
+    assert torch.equal(back, t)
+    # bit-exact, NaN/inf included
+    special = torch.tensor([float("nan"), float("inf"), -0.0, 1e-30]).to(getattr(torch, dtype))
+    raw = bytes_to_tensor(tensor_to_bytes(special, dtype), dtype, (4,))
+    assert raw.view(torch.uint8).tolist() == special.view(torch.uint8).tolist()
+
+
+def _write_cache(path, rows, *, mode, dtypes, rows_per_shard=3, row_group_rows=2, logvar=False):
+    with CacheWriter(path, "part-000", dtypes, rows_per_shard=rows_per_shard,
+                     row_group_rows=row_group_rows) as w:
+        for r in rows:
+            w.add(**r, latent_logvar=r["latent"] * 0.5 if logvar else None)
+    max_len = max(r["t5"].shape[0] for r in rows)
+    write_manifest(path, {"dtypes": dtypes, "dims": {"latent_channels": 16, "t5_dim": 8, "clip_dim": 12},
+                          "t5": {"mode": mode, "max_length": max_len}, "shards": [s.to_dict() for s in w.shards],
+                          "rows": len(rows)})
+    return w.shards
+
+
+def _rows(n, *, trimmed, dtype, sizes=((4, 6),)):
+    rows = []
+    for i in range(n):
+        h, w = sizes[i % len(sizes)]
+        length = 3 + (i * 5) % 9 if trimmed else 11
+        rows.append(dict(key=f"k{i:03d}", caption=f"caption {i} ü", latent=_rand((16, h, w), dtype, i),
+                         t5=_rand((length, 8), dtype, 100 + i), t5_len=length if trimmed else 5 + i % 3,
+                         clip=_rand((12,), dtype, 200 + i), width=100 + i, height=80 + i))
+    return rows
+
+
+@pytest.mark.parametrize("trimmed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cache_round_trip(tmp_path, trimmed, dtype):
+    name = {torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype]
+    rows = _rows(8, trimmed=trimmed, dtype=dtype, sizes=((4, 6), (6, 4)))
+    shards = _write_cache(tmp_path, rows, mode="trimmed" if trimmed else "padded",
+                          dtypes={"latent": name, "t5": name, "clip": name}, logvar=True)
+    assert [s.rows for s in shards] == [3, 3, 2]
+    reader = CacheReader(tmp_path)
+    assert reader.num_rows == 8
+    seen = []
+    for shard in reader.shards:
+        for group in reader.iter_shard(shard):
+            for j, key in enumerate(group["key"]):
+                i = int(key[1:])
+                lat = group["latent"][j]
+                assert torch.equal(lat, rows[i]["latent"])
+                assert torch.equal(group["latent_logvar"][j], rows[i]["latent"] * 0.5)
+                assert torch.equal(group["t5"][j], rows[i]["t5"])
+                assert torch.equal(group["clip"][j], rows[i]["clip"])
+                assert group["t5_len"][j] == rows[i]["t5_len"]
+                assert group["caption"][j] == rows[i]["caption"]
+                assert (group["width"][j], group["height"][j]) == (rows[i]["width"], rows[i]["height"])
+                seen.append(key)
+    assert seen == [r["key"] for r in rows]
+
+
+def test_same_shapes_decode_as_one_stacked_tensor(tmp_path):
+    rows = _rows(4, trimmed=False, dtype=torch.bfloat16)
+    _write_cache(tmp_path, rows, mode="padded", dtypes=dict.fromkeys(("latent", "t5", "clip"), "bfloat16"),
+                 rows_per_shard=10, row_group_rows=4)
+    group = next(CacheReader(tmp_path).iter_shard("part-000-00000.parquet"))
+    assert group["latent"].shape == (4, 16, 4, 6) and group["t5"].shape == (4, 11, 8)
+    assert group["latent_logvar"] is None
+    assert torch.equal(group["latent"], torch.stack([r["latent"] for r in rows]))
+
+
+def test_row_groups_sized_by_bytes(tmp_path):
+    rows = _rows(10, trimmed=False, dtype=torch.float32)
+    dtypes = dict.fromkeys(("latent", "t5", "clip"), "float32")
+    with CacheWriter(tmp_path, "p", dtypes, rows_per_shard=100, row_group_rows=100, row_group_bytes=5000) as w:
+        for r in rows:
+            w.add(**r)
+    meta = pq.ParquetFile(tmp_path / "p-00000.parquet").metadata
+    per_row = 16 * 4 * 6 * 4 + 11 * 8 * 4 + 12 * 4
+    assert meta.num_row_groups == -(-10 // -(-5000 // per_row))
+    assert meta.num_rows == 10
+
+
+def test_no_partial_shard_visible_and_abort_cleans(tmp_path):
+    dtypes = dict.fromkeys(("latent", "t5", "clip"), "bfloat16")
+    w = CacheWriter(tmp_path, "p", dtypes, rows_per_shard=5, row_group_rows=1)
+    for r in _rows(7, trimmed=False, dtype=torch.bfloat16):
+        w.add(**r)
+    visible = sorted(p.name for p in tmp_path.glob("*.parquet"))
+    assert visible == ["p-00000.parquet"]       # the second shard is still open
+    assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+    w.abort()
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+    assert sorted(p.name for p in tmp_path.glob("*.parquet")) == ["p-00000.parquet"]
+
+
+def test_shard_checksums_recorded(tmp_path):
+    from shared.cache import sha256_file
+    shards = _write_cache(tmp_path, _rows(4, trimmed=True, dtype=torch.bfloat16), mode="trimmed",
+                          dtypes=dict.fromkeys(("latent", "t5", "clip"), "bfloat16"))
+    for s in shards:
+        assert s.sha256 == sha256_file(tmp_path / s.path)
+        assert s.bytes == (tmp_path / s.path).stat().st_size
+
+
+def test_manifest_version_and_fields_checked(tmp_path):
+    with pytest.raises(CacheError, match="no manifest.json"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 2}))
+    with pytest.raises(CacheError, match="schema version 2"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{broken")
+    with pytest.raises(CacheError, match="not valid JSON"):
+        read_manifest(tmp_path)
+
+
+def test_bad_shapes_refused(tmp_path):
+    w = CacheWriter(tmp_path, "p", dict.fromkeys(("latent", "t5", "clip"), "bfloat16"))
+    with pytest.raises(ValueError, match="bad shapes"):
+        w.add(key="x", caption="", latent=torch.zeros(16, 4), t5=torch.zeros(3, 8), t5_len=3,
+              clip=torch.zeros(12), width=1, height=1)

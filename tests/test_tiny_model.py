@@ -1,0 +1,109 @@
+"""The tiny model folder: diffusers layout, real classes, FluxPipeline-loadable offline, deterministic."""
+import hashlib
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from preprocess.cli import app
+from shared.models import ModelLoadError, load_clip, load_t5, load_transformer, load_vae, model_identity, refuse_pickle
+from shared.text import encode_prompts
+
+LAYOUT = ["model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+          "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
+          "text_encoder/model.safetensors", "text_encoder_2/config.json", "text_encoder_2/model.safetensors",
+          "tokenizer/tokenizer.json", "tokenizer_2/tokenizer.json", "scheduler/scheduler_config.json"]
+
+
+def _digest(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_layout_and_classes(tiny_model):
+    for rel in LAYOUT:
+        assert (tiny_model / rel).is_file(), rel
+    index = json.loads((tiny_model / "model_index.json").read_text())
+    assert index["transformer"] == ["diffusers", "FluxTransformer2DModel"]
+    assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert index["text_encoder"][1] == "CLIPTextModel" and index["text_encoder_2"][1] == "T5EncoderModel"
+    assert json.loads((tiny_model / "vae/config.json").read_text())["latent_channels"] == 16
+    assert not list(tiny_model.rglob("*.bin"))
+
+
+def test_flux_pipeline_loads_and_makes_an_image_offline(tiny_model):
+    from diffusers import FluxPipeline
+    pipe = FluxPipeline.from_pretrained(tiny_model, local_files_only=True)
+    out = pipe("a red circle on a white background", height=64, width=64, num_inference_steps=2,
+               max_sequence_length=32, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert out.shape == (1, 64, 64, 3)
+    assert torch.isfinite(torch.from_numpy(out)).all() and out.std() > 0
+
+
+def test_cli_writes_the_same_folder_for_the_same_seed(tmp_path):
+    runner = CliRunner()
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        result = runner.invoke(app, ["tiny-model", str(tmp_path / name), "--seed", str(seed)])
+        assert result.exit_code == 0, result.output
+    a, b, c = (_digest(tmp_path / n) for n in "abc")
+    assert a == b
+    assert a["transformer/diffusion_pytorch_model.safetensors"] != c["transformer/diffusion_pytorch_model.safetensors"]
+    assert a["tokenizer_2/tokenizer.json"] == c["tokenizer_2/tokenizer.json"]
+
+
+def test_guidance_embeds_variant(tmp_path):
+    from shared.tiny import write_tiny_model
+    folder = write_tiny_model(tmp_path / "g", seed=0, guidance_embeds=True)
+    assert load_transformer(str(folder)).config.guidance_embeds is True
+
+
+def test_loaders_and_prompt_encoding(tiny_model):
+    vae = load_vae(str(tiny_model))
+    assert vae.config.latent_channels == 16 and vae.config.scaling_factor == pytest.approx(0.3611)
+    t5_tok, t5 = load_t5(str(tiny_model))
+    clip_tok, clip = load_clip(str(tiny_model))
+    prompts = ["a red circle on a white background", "a blue square"]
+    padded = encode_prompts(prompts, t5_tok, t5, clip_tok, clip, t5_mode="padded", t5_max_length=32)
+    trimmed = encode_prompts(prompts, t5_tok, t5, clip_tok, clip, t5_mode="trimmed", t5_max_length=32)
+    assert padded["t5"].shape == (2, 32, 64) and padded["clip"].shape == (2, 64)
+    n0, n1 = trimmed["t5_len"].tolist()
+    assert trimmed["t5"].shape == (2, n0, 64) and n0 > n1 >= 3
+    assert torch.equal(padded["t5_len"], trimmed["t5_len"])
+    # The two conventions differ: padded T5 attends to the padding, trimmed does not.
+    assert not torch.allclose(padded["t5"][1, :n1], trimmed["t5"][1, :n1])
+    # Trimmed encodings of a prompt do not depend on the longer prompt in its batch.
+    alone = encode_prompts(prompts[1:], t5_tok, t5, clip_tok, clip, t5_mode="trimmed", t5_max_length=32)
+    assert torch.allclose(alone["t5"][0], trimmed["t5"][1, :n1], atol=1e-5)
+    assert torch.equal(padded["clip"], trimmed["clip"])
+
+
+def test_missing_part_names_part_and_path(tiny_model, tmp_path):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    shutil.rmtree(broken / "text_encoder_2")
+    with pytest.raises(ModelLoadError, match=r"broken: missing text_encoder_2/ \(the T5 text encoder\)"):
+        load_t5(str(broken))
+    with pytest.raises(ModelLoadError, match="no such folder"):
+        load_vae(str(tmp_path / "nowhere"))
+
+
+def test_pickled_weights_refused(tiny_model, tmp_path):
+    import shutil
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model, folder)
+    (folder / "vae/diffusion_pytorch_model.safetensors").unlink()
+    torch.save({}, folder / "vae/diffusion_pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="only pickled weights.*refused"):
+        load_vae(str(folder))
+    with pytest.raises(ModelLoadError, match="arbitrary code"):
+        refuse_pickle("flux1-dev.ckpt")
+
+
+def test_model_identity_changes_with_weights(tiny_model, tmp_path):
+    from shared.tiny import write_tiny_model
+    other = write_tiny_model(tmp_path / "other", seed=1)
+    a = model_identity(str(tiny_model), "text_encoder_2")
+    assert a == model_identity(str(tiny_model), "text_encoder_2")
+    assert a["sha256"] != model_identity(str(other), "text_encoder_2")["sha256"]

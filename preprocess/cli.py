@@ -12,17 +12,22 @@ app = typer.Typer(
 )
 
 
+from preprocess.encode_cli import encode_command  # noqa: E402
+
+app.command("encode")(encode_command)
+
+
 @app.command("tiny-model")
 def tiny_model(
     out_dir: Path = typer.Argument(..., help="Folder to write (diffusers' FLUX layout)."),
     seed: int = typer.Option(0, help="Seed of the random weights; the same seed writes the same files."),
     guidance_embeds: bool = typer.Option(False, help="Give the transformer FLUX.1-dev's guidance embedding."),
-    vae_fit_steps: int = typer.Option(0, help="Train the tiny VAE this many steps on demo-like images so "
-                                              "decoded samples show colours (0: random VAE)."),
+    vae: str = typer.Option("pooling", help="'pooling': hand-set VAE that keeps each 8x8 block's colour, so "
+                                           "samples decode to pictures; 'random': random init."),
 ):
     """Write a tiny FLUX model folder: the real classes at toy sizes, loadable by FluxPipeline, offline."""
     from shared.tiny import write_tiny_model
-    out = write_tiny_model(out_dir, seed=seed, guidance_embeds=guidance_embeds, vae_fit_steps=vae_fit_steps)
+    out = write_tiny_model(out_dir, seed=seed, guidance_embeds=guidance_embeds, vae=vae)
     typer.echo(f"wrote tiny model to {out}")
 
 

@@ -12,6 +12,7 @@ import torch
 
 from .latents import LATENT_CHANNELS, VAE_SCALE, VAE_SHIFT
 from .presets import get_preset
+from .tiny_vae import set_pooling_weights
 
 # Words of the demo grammar get whole-word tokens; anything else falls back to characters.
 VOCAB_WORDS = ("a an the of on in with and red green blue yellow orange purple white black gray "
@@ -59,8 +60,11 @@ def build_t5_tokenizer(max_length: int):
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
 
 
-def build_tiny_pipeline(seed: int = 0, guidance_embeds: bool = False):
-    """A FluxPipeline of the real classes at toy sizes, random weights drawn from `seed`."""
+def build_tiny_pipeline(seed: int = 0, guidance_embeds: bool = False, vae: str = "pooling"):
+    """A FluxPipeline of the real classes at toy sizes, random weights drawn from `seed`.
+
+    vae="pooling" hand-sets the VAE to an exact 8x8 colour pooling (shared/tiny_vae.py) so that
+    decoded samples are pictures; vae="random" leaves it randomly initialised."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -84,33 +88,33 @@ def build_tiny_pipeline(seed: int = 0, guidance_embeds: bool = False):
         num_heads=4, feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
         relative_attention_max_distance=32, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
         is_encoder_decoder=False))
+    if vae not in ("pooling", "random"):
+        raise ValueError(f"unknown tiny VAE kind {vae!r}; use 'pooling' or 'random'")
     seeded(3)
-    vae = AutoencoderKL(
+    autoencoder = AutoencoderKL(
         in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=8,
         latent_channels=LATENT_CHANNELS, scaling_factor=VAE_SCALE, shift_factor=VAE_SHIFT,
         use_quant_conv=False, use_post_quant_conv=False, sample_size=64)
+    if vae == "pooling":
+        set_pooling_weights(autoencoder)
     seeded(4)
     transformer = FluxTransformer2DModel(**cfg)
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
         base_image_seq_len=256, max_image_seq_len=4096)
-    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok,
+    return FluxPipeline(scheduler=scheduler, vae=autoencoder, text_encoder=clip, tokenizer=clip_tok,
                         text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
 
 
-def write_tiny_model(out_dir, seed: int = 0, guidance_embeds: bool = False, vae_fit_steps: int = 0) -> Path:
+def write_tiny_model(out_dir, seed: int = 0, guidance_embeds: bool = False, vae: str = "pooling") -> Path:
     """Write the tiny folder (model_index.json, transformer/, vae/, text_encoder/ = CLIP,
     text_encoder_2/ = T5, tokenizer/, tokenizer_2/, scheduler/), safetensors only.
 
-    `vae_fit_steps` > 0 first trains the VAE briefly to reconstruct demo-like images, so
-    that decoded samples show colours; 0 leaves it random (enough for tests of plumbing)."""
+    See `build_tiny_pipeline` for `vae`."""
     out = Path(out_dir)
-    pipe = build_tiny_pipeline(seed, guidance_embeds)
-    if vae_fit_steps > 0:
-        from .tiny_vae_fit import fit_vae
-        fit_vae(pipe.vae, steps=vae_fit_steps, seed=seed)
+    pipe = build_tiny_pipeline(seed, guidance_embeds, vae)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
     return out

@@ -107,3 +107,32 @@ def test_model_identity_changes_with_weights(tiny_model, tmp_path):
     a = model_identity(str(tiny_model), "text_encoder_2")
     assert a == model_identity(str(tiny_model), "text_encoder_2")
     assert a["sha256"] != model_identity(str(other), "text_encoder_2")["sha256"]
+
+
+def test_pooling_vae_keeps_block_colours(tiny_model):
+    """The hand-set tiny VAE: x0 is the 8x8 block mean colour, decoding repeats it (shared/tiny_vae.py)."""
+    import torch.nn.functional as F
+
+    from shared.latents import scale_latents
+    vae = load_vae(str(tiny_model))
+    x = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        posterior = vae.encode(x).latent_dist
+        x0 = scale_latents(posterior.mean, vae.config.shift_factor, vae.config.scaling_factor)
+        pooled = F.avg_pool2d(x, 8)
+        assert x0.shape == (2, 16, 4, 6)
+        assert torch.allclose(x0[:, :3], pooled, atol=1e-4)
+        assert torch.allclose(x0[:, 3:], torch.zeros(()), atol=1e-5)
+        decoded = vae.decode(posterior.mean).sample
+    assert torch.allclose(decoded, F.interpolate(pooled, scale_factor=8, mode="nearest"), atol=1e-4)
+
+
+def test_random_vae_option(tmp_path):
+    from shared.tiny import write_tiny_model
+    with pytest.raises(ValueError, match="unknown tiny VAE kind"):
+        write_tiny_model(tmp_path / "x", vae="trained")
+    vae = load_vae(str(write_tiny_model(tmp_path / "r", vae="random")))
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(x).latent_dist.mean).sample
+    assert not torch.allclose(decoded, x, atol=0.3)

@@ -13,13 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 215, 30)}
-SHAPES = ("circle", "square", "triangle")
-BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0)}
-
-
-def caption_for(color: str, shape: str, background: str) -> str:
-    return f"a {color} {shape} on a {background} background"
+from shared.demo_grammar import BACKGROUNDS, COLORS, SHAPES, caption_for
 
 
 def draw_scene(rng: random.Random, size: int, color: str, shape: str, background: str) -> Image.Image:

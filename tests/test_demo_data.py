@@ -9,7 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from preprocess.cli import app
-from preprocess.demo import BACKGROUNDS, COLORS, SHAPES
+from shared.demo_grammar import BACKGROUNDS, COLORS, SHAPES
 
 GRAMMAR = re.compile(r"^a (\w+) (\w+) on a (\w+) background$")
 

@@ -1,0 +1,321 @@
+"""Benchmark of stage 1 (`flux-prep encode`): eager baselines vs. the project's encode path.
+
+On a GPU (random-init weights at FLUX.1's real shapes, nothing downloaded):
+    python bench/encode.py --device cuda --out /tmp/bench_encode
+Smoke test on a CPU (tiny model, ~1 minute):
+    python bench/encode.py --device cpu --tiny
+
+Sections: VAE alone, T5 alone (padded-256, padded-512, trimmed on 20-40-token captions),
+CLIP alone, the whole pipeline tar shards -> Parquet, image decoding per worker, bytes per
+sample on disk per T5 mode, and cache read speed on one core vs. JSON lines of floats.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROWS: list[tuple] = []
+
+
+def record(section, variant, value, unit, note=""):
+    ROWS.append((section, variant, value, unit, note))
+    print(f"  {section:<10} {variant:<34} {value:>12.1f} {unit:<10} {note}", flush=True)
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, iters, warmup=2) -> float:
+    """Seconds per call, after warm-up calls (compilation, cuDNN autotuning)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / iters
+
+
+# -- the model folder -------------------------------------------------------------------------
+def build_model(out: Path, tiny: bool, device: str) -> Path:
+    """A folder with vae/, text_encoder(_2)/ and tokenizers: tiny, or FLUX.1's real shapes at random."""
+    if (out / "model_done").exists():
+        return out
+    if tiny:
+        from shared.tiny import write_tiny_model
+        write_tiny_model(out)
+    else:
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+        from shared.tiny import build_clip_tokenizer, build_t5_tokenizer
+        clip_tok, t5_tok = build_clip_tokenizer(), build_t5_tokenizer(512)
+        clip_tok.save_pretrained(out / "tokenizer")
+        t5_tok.save_pretrained(out / "tokenizer_2")
+        with torch.device(device):
+            t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_ff=10240, num_layers=24, num_heads=64,
+                                         d_kv=64, feed_forward_proj="gated-gelu", is_encoder_decoder=False))
+            t5.to(torch.bfloat16).save_pretrained(out / "text_encoder_2")
+            del t5
+            clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, num_hidden_layers=12,
+                                                num_attention_heads=12, intermediate_size=3072,
+                                                max_position_embeddings=77, projection_dim=768,
+                                                eos_token_id=clip_tok.eos_token_id,
+                                                bos_token_id=clip_tok.bos_token_id, pad_token_id=clip_tok.pad_token_id))
+            clip.to(torch.bfloat16).save_pretrained(out / "text_encoder")
+            vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                                layers_per_block=2, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+                                use_quant_conv=False, use_post_quant_conv=False)
+            vae.to(torch.bfloat16).save_pretrained(out / "vae")
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    (out / "model_done").write_text("ok")
+    return out
+
+
+def captions(n: int, lo: int, hi: int, seed: int = 0) -> list[str]:
+    """CC12M-like captions of lo..hi tokens: words the benchmark tokenizers keep whole."""
+    from shared.tiny import VOCAB_WORDS
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(VOCAB_WORDS) for _ in range(rng.randint(lo, hi))) for _ in range(n)]
+
+
+def write_shards(folder: Path, n: int, per_shard: int, sizes, seed: int = 0) -> list[Path]:
+    """JPEG tar shards in CC12M's layout, images of photo-like sizes with texture (not flat colour)."""
+    import numpy as np
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    caps = captions(n, 15, 35, seed)
+    base = rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
+    paths = []
+    for s in range(0, n, per_shard):
+        path = folder / f"bench-{s // per_shard:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(s, min(n, s + per_shard)):
+                w, h = sizes[i % len(sizes)]
+                y, x = rng.integers(0, 1024 - h), rng.integers(0, 1024 - w)
+                buf = io.BytesIO()
+                Image.fromarray(base[y:y + h, x:x + w]).save(buf, format="JPEG", quality=90)
+                for ext, data in (("jpg", buf.getvalue()), ("txt", caps[i].encode()),
+                                  ("json", json.dumps({"caption": caps[i]}).encode())):
+                    info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        paths.append(path)
+    return paths
+
+
+# -- sections ---------------------------------------------------------------------------------
+def bench_components(model: Path, device: str, a) -> None:
+    from diffusers import AutoencoderKL
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+    from preprocess.encode import EncodeOptions, Encoders
+    dt = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    bs, res = a.batch_size, a.resolution
+
+    # Baselines: plain library classes, eager, float pixels from pageable host memory.
+    vae = AutoencoderKL.from_pretrained(model / "vae", torch_dtype=dt).to(device).eval()
+    pix_u8 = torch.randint(0, 256, (bs, 3, res, res), dtype=torch.uint8)
+    pix_f = pix_u8.float() / 127.5 - 1
+    with torch.inference_mode():
+        s = timed(lambda: vae.encode(pix_f.to(device, dt)).latent_dist.mode(), device, a.iters)
+    record("VAE", f"baseline eager {res}px", bs / s, "img/s", f"batch {bs}")
+    del vae
+    t5_tok = AutoTokenizer.from_pretrained(model / "tokenizer_2")
+    t5 = T5EncoderModel.from_pretrained(model / "text_encoder_2", dtype=dt).to(device).eval()
+    caps = captions(bs, 20, 40)
+    for label, kw in (("padded-256", dict(padding="max_length", max_length=256)),
+                      ("padded-512", dict(padding="max_length", max_length=512)),
+                      ("trimmed", dict(padding="longest", max_length=512))):
+        def run_t5():
+            ids = t5_tok(caps, truncation=True, return_tensors="pt", **kw)
+            mask = ids.attention_mask.to(device) if label == "trimmed" else None
+            return t5(ids.input_ids.to(device), attention_mask=mask)[0]
+        with torch.inference_mode():
+            s = timed(run_t5, device, a.iters)
+        record("T5", f"baseline eager {label}", bs / s, "prompts/s", f"batch {bs}")
+    del t5
+    clip_tok = AutoTokenizer.from_pretrained(model / "tokenizer")
+    clip = CLIPTextModel.from_pretrained(model / "text_encoder", dtype=dt).to(device).eval()
+
+    def run_clip():
+        ids = clip_tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        return clip(ids.input_ids.to(device)).pooler_output
+    with torch.inference_mode():
+        s = timed(run_clip, device, a.iters)
+    record("CLIP", "baseline eager", bs / s, "prompts/s", f"batch {bs}")
+    del clip
+    torch.cuda.empty_cache() if device.startswith("cuda") else None
+
+    # The project's path: Encoders (bf16 weights, uint8 pinned pixels, channels_last, optional compile).
+    pin = pix_u8.pin_memory() if device.startswith("cuda") else pix_u8
+    for compile_ in ([False, True] if a.compile else [False]):
+        for mode, length in (("padded", 256), ("padded", 512), ("trimmed", 512)):
+            enc = Encoders(str(model), device, EncodeOptions(t5_mode=mode, t5_max_length=length, compile=compile_))
+            tag = f"{'compile ' if compile_ else ''}{mode}{'-' + str(length) if mode == 'padded' else ''}"
+            with torch.inference_mode():
+                if mode == "padded" and length == 256:
+                    s = timed(lambda: enc.encode_pixels(pin), device, a.iters)
+                    record("VAE", f"project {'compile ' if compile_ else ''}{res}px", bs / s, "img/s", f"batch {bs}")
+                    s = timed(lambda: enc.clip(enc.clip_tok(caps, padding="max_length", max_length=77,
+                                                            truncation=True, return_tensors="pt")
+                                               .input_ids.to(device)).pooler_output, device, a.iters)
+                    record("CLIP", f"project {'compile ' if compile_ else ''}".strip(), bs / s, "prompts/s")
+
+                def run_t5_project():
+                    ids = enc.t5_tok(caps, padding="max_length" if mode == "padded" else "longest",
+                                     max_length=length, truncation=True, return_tensors="pt")
+                    mask = ids.attention_mask.to(device) if mode == "trimmed" else None
+                    return enc.t5(ids.input_ids.to(device), attention_mask=mask)[0]
+                s = timed(run_t5_project, device, a.iters)
+                record("T5", f"project {tag}", bs / s, "prompts/s", f"batch {bs}")
+                s = timed(lambda: enc.encode_batch(pin, caps).wait(), device, a.iters)
+                record("encode", f"project batch {tag}", bs / s, "img/s", "VAE+T5+CLIP, no I/O")
+            del enc
+            torch.cuda.empty_cache() if device.startswith("cuda") else None
+
+
+def bench_decode(shards: list[Path], a) -> None:
+    from preprocess.decode import PrepOptions, shard_batches
+    from preprocess.sources import resolve_inputs
+    torch.set_num_threads(1)
+    [shard] = resolve_inputs(str(shards[0]))
+    for draft in (False, True):
+        t0, n = time.perf_counter(), 0
+        for b in shard_batches(shard, PrepOptions(resolution=a.resolution, jpeg_draft=draft), a.batch_size):
+            n += len(b["keys"])
+        record("decode", f"1 worker, jpeg_draft={draft}", n / (time.perf_counter() - t0), "img/s",
+               f"{a.resolution}px from {a.image_sizes}")
+
+
+def bench_pipeline(model: Path, shards_glob: str, out_root: Path, device: str, a) -> dict:
+    from preprocess.decode import PrepOptions
+    from preprocess.encode import EncodeOptions
+    from preprocess.encode_run import run_encode
+    caches = {}
+    modes = [("padded", 256), ("trimmed", 512)] + ([("padded", 512)] if not a.tiny else [])
+    for mode, length in modes:
+        tag = f"{mode}-{length}" if mode == "padded" else mode
+        out = out_root / f"cache-{tag}"
+        if out.exists():
+            import shutil
+            shutil.rmtree(out)
+        stats = run_encode(str(model), shards_glob, out, prep=PrepOptions(resolution=a.resolution),
+                           opts=EncodeOptions(t5_mode=mode, t5_max_length=length, compile=a.compile),
+                           batch_size=a.batch_size, num_workers=a.num_workers, rows_per_shard=a.rows_per_shard,
+                           device=device, progress=False)
+        record("pipeline", f"tar -> parquet {tag}", stats["rows"] / stats["seconds"], "img/s",
+               f"{a.num_workers} workers, {stats['rows']} rows")
+        caches[tag] = out
+        m = json.loads((out / "manifest.json").read_text())
+        record("disk", f"bytes/sample {tag}", sum(s["bytes"] for s in m["shards"]) / m["rows"] / 1024, "KiB")
+    return caches
+
+
+def bench_read(cache: Path, out_root: Path, a) -> None:
+    """Cache -> tensors on one core, vs. the same rows as JSON lines of floats."""
+    from shared.cache import CacheReader
+    torch.set_num_threads(1)
+    reader = CacheReader(cache)
+    t0, rows, nbytes = time.perf_counter(), 0, 0
+    for shard in reader.shards:
+        for g in reader.iter_shard(shard):
+            rows += len(g["key"])
+            for c in ("latent", "t5", "clip"):
+                v = g[c]
+                nbytes += sum(x.nbytes for x in v) if isinstance(v, list) else v.nbytes
+    s = time.perf_counter() - t0
+    record("read", f"parquet {cache.name}", rows / s, "rows/s", f"{nbytes / s / 1e9:.2f} GB/s into tensors")
+
+    # JSON lines of floats (torchtitan-style preprocessing output), a subset of the same rows.
+    path = out_root / "rows.jsonl"
+    n_json = min(rows, a.json_rows)
+    with open(path, "w") as f:
+        written = 0
+        for g in reader.iter_shard(reader.shards[0]):
+            for i in range(len(g["key"])):
+                if written >= n_json:
+                    break
+                t5 = g["t5"][i]
+                f.write(json.dumps({"key": g["key"][i], "latent": g["latent"][i].float().tolist(),
+                                    "t5": t5.float().tolist(), "clip": g["clip"][i].float().tolist()}) + "\n")
+                written += 1
+    t0, jrows, jbytes = time.perf_counter(), 0, 0
+    with open(path) as f:
+        for line in f:
+            d = json.loads(line)
+            ts = [torch.tensor(d[c], dtype=torch.bfloat16) for c in ("latent", "t5", "clip")]
+            jrows += 1
+            jbytes += sum(t.nbytes for t in ts)
+    s = time.perf_counter() - t0
+    record("read", f"json lines {cache.name}", jrows / s, "rows/s",
+           f"{jbytes / s / 1e9:.4f} GB/s; {path.stat().st_size / jrows / 1024:.0f} KiB/row on disk")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="the tiny model and small sizes (CPU smoke test)")
+    p.add_argument("--out", type=Path, default=Path("/tmp/bench_encode"))
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--samples", type=int, default=None, help="images in the pipeline run")
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--rows-per-shard", type=int, default=1000)
+    p.add_argument("--json-rows", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="also measure torch.compile'd encoders")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: components,decode,pipeline,read")
+    a = p.parse_args(argv)
+    a.resolution = a.resolution or (64 if a.tiny else 256)
+    a.batch_size = a.batch_size or (8 if a.tiny else 64)
+    a.iters = a.iters or (2 if a.tiny else 5)
+    a.samples = a.samples or (96 if a.tiny else 4096)
+    a.num_workers = a.num_workers if a.num_workers is not None else (1 if a.tiny else min(12, os.cpu_count() - 2))
+    a.json_rows = a.json_rows or (32 if a.tiny else 64)
+    a.image_sizes = [(96, 80), (80, 112)] if a.tiny else [(500, 375), (640, 480), (375, 500), (800, 533)]
+    skip = set(filter(None, a.skip.split(",")))
+    a.out.mkdir(parents=True, exist_ok=True)
+    dev_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
+    print(f"# bench/encode.py on {dev_name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}, "
+          f"res {a.resolution}, batch {a.batch_size}, tiny={a.tiny}", flush=True)
+    t0 = time.perf_counter()
+    model = build_model(a.out / ("model-tiny" if a.tiny else "model-real"), a.tiny, a.device)
+    print(f"  model folder ready in {time.perf_counter() - t0:.0f}s", flush=True)
+    data = a.out / f"shards-{a.samples}-{a.tiny}"
+    shards = sorted(data.glob("*.tar")) or write_shards(data, a.samples, max(16, a.samples // 16), a.image_sizes)
+    if "components" not in skip:
+        bench_components(model, a.device, a)
+    if "decode" not in skip:
+        bench_decode(shards, a)
+    caches = {}
+    if "pipeline" not in skip:
+        caches = bench_pipeline(model, str(data / "*.tar"), a.out, a.device, a)
+    if "read" not in skip:
+        for cache in caches.values():
+            bench_read(cache, a.out, a)
+    print("\n| section | variant | value | unit | note |\n|---|---|---:|---|---|")
+    for r in ROWS:
+        print(f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]} | {r[4]} |")
+
+
+if __name__ == "__main__":
+    main()

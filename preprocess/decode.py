@@ -1,0 +1,104 @@
+"""Decoding in DataLoader worker processes: input shards in, ready batches out.
+
+Each worker takes every `num_workers`-th input shard of the rank's list and yields batches
+that belong to one input shard each (so the main process can commit a shard once its last
+batch is written). Batches hold images of one size (one bucket); the last item of a shard
+carries `end=True` with nothing or the shard's remaining images.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .images import ImageSkip, make_buckets, prepare_image
+from .sources import SKIP_BAD_IMAGE, InputShard, Skip, image_bytes, iter_shard, read_caption
+
+
+@dataclass(frozen=True)
+class PrepOptions:
+    resolution: int = 256
+    buckets: bool = False
+    min_size: int = 0
+    jpeg_draft: bool = True
+
+    def bucket_list(self):
+        return make_buckets(self.resolution) if self.buckets else None
+
+
+def prepare_sample(sample, opts: PrepOptions, buckets):
+    """RawSample -> (key, caption, Prepared) or Skip."""
+    caption, why = read_caption(sample.files)
+    data, why_img = image_bytes(sample.files)
+    if why_img is not None:        # no image at all: a lone caption, or an empty image file
+        return Skip(sample.key, why_img)
+    if why is not None:
+        return Skip(sample.key, why)
+    try:
+        prepared = prepare_image(data, opts.resolution, buckets=buckets, min_size=opts.min_size,
+                                 jpeg_draft=opts.jpeg_draft)
+    except ImageSkip as e:
+        return Skip(sample.key, e.reason)
+    except Exception:   # a decoder bug on hostile bytes must cost one sample, not the run
+        return Skip(sample.key, SKIP_BAD_IMAGE)
+    return sample.key, caption, prepared
+
+
+def _batch(shard_id, items, skips, end, decode_s):
+    if items:
+        pixels = torch.stack([p.pixels for _, _, p in items])
+        sizes = torch.tensor([[p.width, p.height] for _, _, p in items], dtype=torch.int32)
+    else:
+        pixels = sizes = None
+    return {"shard": shard_id, "pixels": pixels, "sizes": sizes, "keys": [k for k, _, _ in items],
+            "captions": [c for _, c, _ in items], "skips": dict(skips), "end": end, "decode_s": decode_s}
+
+
+def shard_batches(shard: InputShard, opts: PrepOptions, batch_size: int):
+    """Yield the batches of one input shard (see the module docstring)."""
+    buckets = opts.bucket_list()
+    pending: dict[tuple, list] = {}
+    skips: dict[str, int] = {}
+    decode_s = 0.0
+    t0 = time.perf_counter()
+    for sample in iter_shard(shard):
+        out = sample if isinstance(sample, Skip) else prepare_sample(sample, opts, buckets)
+        if isinstance(out, Skip):
+            skips[out.reason] = skips.get(out.reason, 0) + 1
+            continue
+        size = tuple(out[2].pixels.shape[1:])
+        group = pending.setdefault(size, [])
+        group.append(out)
+        if len(group) >= batch_size:
+            decode_s += time.perf_counter() - t0
+            yield _batch(shard.id, group, skips, False, decode_s)
+            pending[size], skips, decode_s = [], {}, 0.0
+            t0 = time.perf_counter()
+    decode_s += time.perf_counter() - t0
+    rest = [(size, group) for size, group in sorted(pending.items()) if group]
+    if not rest:
+        yield _batch(shard.id, [], skips, True, decode_s)
+        return
+    for i, (_, group) in enumerate(rest):
+        last = i == len(rest) - 1
+        yield _batch(shard.id, group, skips if i == 0 else {}, last, decode_s if i == 0 else 0.0)
+
+
+class ShardBatches(IterableDataset):
+    """The rank's input shards, split across DataLoader workers (use batch_size=None)."""
+
+    def __init__(self, shards: list[InputShard], opts: PrepOptions, batch_size: int):
+        self.shards, self.opts, self.batch_size = list(shards), opts, batch_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        for shard in self.shards[wid::nw]:
+            yield from shard_batches(shard, self.opts, self.batch_size)
+
+
+def worker_init(_worker_id: int) -> None:
+    # Decoding is PIL, one thread per worker; torch's intra-op pool would only oversubscribe.
+    torch.set_num_threads(1)

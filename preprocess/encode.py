@@ -1,0 +1,140 @@
+"""The encoders of stage 1: VAE posterior, T5 and CLIP over a batch, on one device.
+
+The hot path keeps the device busy: uint8 pixels travel (pinned, non-blocking) and become
+[-1, 1] floats on the device; outputs are cast to the storage dtype on the device and copied
+back without blocking; the caller waits on a batch's copy only after it has queued the next
+batch's work, so writing Parquet on the CPU overlaps the device's compute.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shared.cache.schema import torch_dtype
+from shared.models import load_clip, load_t5, load_vae, model_identity
+from shared.text import encode_prompts
+
+from .images import to_model_range
+
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16",
+                 "float16": "float16", "float32": "float32"}
+
+
+def dtype_name(alias: str) -> str:
+    try:
+        return DTYPE_ALIASES[alias]
+    except KeyError:
+        raise ValueError(f"unknown dtype {alias!r}; use bf16, fp16 or fp32") from None
+
+
+@dataclass
+class EncodeOptions:
+    t5_mode: str = "padded"
+    t5_max_length: int | None = None     # None: the T5 tokenizer's model_max_length (512 for FLUX.1)
+    store_logvar: bool = False
+    dtype: str = "bfloat16"               # storage dtype of every tensor column
+    compute_dtype: str | None = None      # None: `dtype` on CUDA, float32 on CPU (CPU bf16 is slow)
+    compile: bool = False                 # torch.compile the T5 and VAE encoders
+
+
+class Encoders:
+    """VAE, T5 and CLIP of a FLUX model, loaded once, ready to encode batches."""
+
+    def __init__(self, model: str, device: str, opts: EncodeOptions):
+        self.device = torch.device(device)
+        self.opts = opts
+        compute = opts.compute_dtype or (opts.dtype if self.device.type == "cuda" else "float32")
+        self.compute_dtype_name = dtype_name(compute)
+        self.compute_dtype = torch_dtype(self.compute_dtype_name)
+        self.store_dtype = torch_dtype(dtype_name(opts.dtype))
+        self.vae = load_vae(model, self.compute_dtype, self.device)
+        self.t5_tok, self.t5 = load_t5(model, self.compute_dtype, self.device)
+        self.clip_tok, self.clip = load_clip(model, self.compute_dtype, self.device)
+        for m in (self.vae, self.t5, self.clip):
+            m.requires_grad_(False)
+        tok_max = getattr(self.t5_tok, "model_max_length", 512)
+        self.t5_max_length = opts.t5_max_length or (tok_max if 0 < tok_max <= 512 else 512)
+        # Convolutions in bf16 on a GPU run fastest in NHWC; on a CPU it only costs conversions.
+        self.channels_last = self.device.type == "cuda"
+        if self.channels_last:
+            self.vae.to(memory_format=torch.channels_last)
+        self.vae_encoder = self.vae.encoder
+        if opts.compile:
+            self.vae_encoder = torch.compile(self.vae.encoder)
+            self.t5.forward = torch.compile(self.t5.forward, dynamic=opts.t5_mode == "trimmed")
+        self.identities = {"vae": model_identity(model, "vae"), "t5": model_identity(model, "text_encoder_2"),
+                           "clip": model_identity(model, "text_encoder")}
+
+    # -- facts for the manifest -------------------------------------------------------------
+    def dims(self) -> dict:
+        return {"latent_channels": int(self.vae.config.latent_channels),
+                "t5_dim": int(self.t5.config.d_model), "clip_dim": int(self.clip.config.hidden_size)}
+
+    def vae_factors(self) -> dict:
+        cfg = self.vae.config
+        return {"scaling_factor": float(cfg.scaling_factor), "shift_factor": float(cfg.shift_factor or 0.0)}
+
+    # -- encoding ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_pixels(self, pixels_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [B, 3, H, W] -> posterior (mean, logvar), each [B, C, H/8, W/8], on the device."""
+        x = to_model_range(pixels_u8.to(self.device, non_blocking=True), self.compute_dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        moments = self.vae_encoder(x)
+        if getattr(self.vae, "quant_conv", None) is not None:
+            moments = self.vae.quant_conv(moments)
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)   # diffusers' DiagonalGaussianDistribution clamp
+
+    @torch.inference_mode()
+    def encode_text(self, captions: list[str]) -> dict:
+        return encode_prompts(captions, self.t5_tok, self.t5, self.clip_tok, self.clip, t5_mode=self.opts.t5_mode,
+                              t5_max_length=self.t5_max_length, device=self.device)
+
+    @torch.inference_mode()
+    def encode_batch(self, pixels_u8: torch.Tensor, captions: list[str]) -> "HostBatch":
+        """Queue a batch's work; returns host tensors whose copy completes by `HostBatch.wait()`."""
+        mean, logvar = self.encode_pixels(pixels_u8)
+        text = self.encode_text(captions)
+        st = self.store_dtype
+        out = {"latent": mean.to(st).contiguous(), "t5": text["t5"].to(st), "clip": text["clip"].to(st),
+               "t5_len": text["t5_len"].to(torch.int32)}
+        if self.opts.store_logvar:
+            out["latent_logvar"] = logvar.to(st).contiguous()
+        return HostBatch.copy_from(out)
+
+    @torch.inference_mode()
+    def empty_prompt(self) -> dict:
+        """The empty prompt's encodings, as stored: t5 [L, D] (L = t5_len when trimmed), clip [D], t5_len."""
+        text = self.encode_text([""])
+        length = int(text["t5_len"][0])
+        t5 = text["t5"][0] if self.opts.t5_mode == "padded" else text["t5"][0, :length]
+        return {"t5": t5.to("cpu", self.store_dtype).contiguous(),
+                "clip": text["clip"][0].to("cpu", self.store_dtype).contiguous(),
+                "t5_len": torch.tensor(length, dtype=torch.int64)}
+
+
+class HostBatch:
+    """Device outputs being copied to host memory; `wait()` returns them once there."""
+
+    def __init__(self, tensors: dict, event):
+        self.tensors, self.event = tensors, event
+
+    @classmethod
+    def copy_from(cls, device_tensors: dict) -> "HostBatch":
+        first = next(iter(device_tensors.values()))
+        if first.device.type != "cuda":
+            return cls({k: v.contiguous() for k, v in device_tensors.items()}, None)
+        # non_blocking device-to-host copies land in pinned memory and return at once.
+        host = {k: v.to("cpu", non_blocking=True) for k, v in device_tensors.items()}
+        event = torch.cuda.Event()
+        event.record()
+        return cls(host, event)
+
+    def wait(self) -> dict:
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        return self.tensors

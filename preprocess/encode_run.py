@@ -1,0 +1,164 @@
+"""One rank's encode run: its input shards -> output shards + done-records; the last rank to
+finish writes the manifest. See progress.py for why a kill at any moment is harmless."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as save_safetensors
+from torch.utils.data import DataLoader
+
+from shared.cache import CacheWriter
+from shared.cache.files import atomic_write_bytes
+from shared.cache.schema import EMPTY_PROMPT_NAME
+
+from .decode import PrepOptions, ShardBatches, worker_init
+from .encode import EncodeOptions, Encoders, dtype_name
+from .progress import (check_or_write_settings, finish_if_complete, read_done, remove_orphans, write_done)
+from .sources import resolve_inputs
+
+CROP_RULE = "resize short side to target (ceil), center crop"
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as set by accelerate launch / torchrun; (0, 1, 0) alone."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def pick_device(device: str | None, local_rank: int) -> str:
+    if device in (None, "", "auto"):
+        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        return f"cuda:{local_rank}"
+    return device
+
+
+def run_settings(enc: Encoders, prep: PrepOptions, opts: EncodeOptions) -> dict:
+    store = dtype_name(opts.dtype)
+    dtypes = {"latent": store, "t5": store, "clip": store}
+    if opts.store_logvar:
+        dtypes["latent_logvar"] = store
+    return {
+        "encoders": enc.identities,
+        "image": {"resolution": prep.resolution, "buckets": prep.bucket_list(), "crop": CROP_RULE,
+                  "min_size": prep.min_size, "jpeg_draft": prep.jpeg_draft},
+        "t5": {"mode": opts.t5_mode, "max_length": enc.t5_max_length},
+        "dtypes": dtypes, "compute_dtype": enc.compute_dtype_name, "dims": enc.dims(), "vae": enc.vae_factors(),
+    }
+
+
+class _ShardState:
+    def __init__(self, writer: CacheWriter):
+        self.writer, self.rows, self.skipped = writer, 0, {}
+
+
+def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: EncodeOptions,
+               batch_size: int = 64, num_workers: int = 4, rows_per_shard: int = 1000,
+               device: str | None = None, command: str | None = None, progress: bool = True) -> dict:
+    """Encode this rank's share of the input shards; returns a summary for this rank."""
+    out_dir = Path(output)
+    rank, world, local_rank = dist_env()
+    device = pick_device(device, local_rank)
+    command = command or " ".join(sys.argv)
+    shards = resolve_inputs(input_spec)
+    mine = shards[rank::world]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = read_done(out_dir)
+    todo = [s for s in mine if s.id not in done]
+    remove_orphans(out_dir, [s.id for s in todo], sweep_json_temps=rank == 0)
+
+    # Workers start decoding while the models load.
+    loader = DataLoader(ShardBatches(todo, prep, batch_size), batch_size=None, num_workers=num_workers,
+                        pin_memory=device.startswith("cuda"), worker_init_fn=worker_init,
+                        prefetch_factor=4 if num_workers else None)
+    batches = iter(loader) if todo else iter(())
+    enc = Encoders(model, device, opts)
+    check_or_write_settings(out_dir, run_settings(enc, prep, opts))
+    if not (out_dir / EMPTY_PROMPT_NAME).is_file():
+        atomic_write_bytes(out_dir / EMPTY_PROMPT_NAME, save_safetensors(enc.empty_prompt()))
+
+    dtypes = run_settings(enc, prep, opts)["dtypes"]
+    states: dict[str, _ShardState] = {}
+    stats = {"rows": 0, "skipped": 0, "shards_done": 0, "decode_s": 0.0}
+    bar = _progress_bar(progress, rank, len(todo), len(mine) - len(todo))
+
+    def state_of(shard_id):
+        if shard_id not in states:
+            states[shard_id] = _ShardState(CacheWriter(out_dir, shard_id, dtypes, rows_per_shard=rows_per_shard,
+                                                       row_group_rows=min(256, rows_per_shard)))
+        return states[shard_id]
+
+    def write(item, host):
+        st = state_of(item["shard"])
+        for reason, n in item["skips"].items():
+            st.skipped[reason] = st.skipped.get(reason, 0) + n
+            stats["skipped"] += n
+        if host is not None:
+            _write_rows(st.writer, item, host.wait(), opts.t5_mode)
+            st.rows += len(item["keys"])
+            stats["rows"] += len(item["keys"])
+        if item["end"]:
+            outputs = [s.to_dict() for s in st.writer.close()]
+            url = next(s.url for s in todo if s.id == item["shard"])
+            write_done(out_dir, item["shard"], {"shard": item["shard"], "url": url, "outputs": outputs,
+                                                 "rows": st.rows, "skipped": st.skipped})
+            del states[item["shard"]]
+            stats["shards_done"] += 1
+        if bar is not None:
+            bar.update(len(item["keys"]))
+            bar.set_postfix(skipped=stats["skipped"], shards=f"{stats['shards_done']}/{len(todo)}", refresh=False)
+
+    pending = None
+    t_start = time.perf_counter()
+    try:
+        for item in batches:
+            stats["decode_s"] += item["decode_s"]
+            host = enc.encode_batch(item["pixels"], item["captions"]) if item["pixels"] is not None else None
+            if pending is not None:
+                write(*pending)      # the previous batch's rows, while the device works on this one
+            pending = (item, host)
+        if pending is not None:
+            write(*pending)
+            pending = None
+    except BaseException:
+        for st in states.values():   # finished output shards of unfinished inputs become orphans
+            st.writer.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    stats["seconds"] = time.perf_counter() - t_start
+    complete = finish_if_complete(out_dir, [s.id for s in shards], command, package_version())
+    stats.update(rank=rank, world=world, manifest_written=complete, shards_skipped_done=len(mine) - len(todo))
+    return stats
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("flux-prep")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _write_rows(writer: CacheWriter, item: dict, out: dict, t5_mode: str) -> None:
+    lengths = out["t5_len"].tolist()
+    sizes = item["sizes"].tolist()
+    logvar = out.get("latent_logvar")
+    for i, key in enumerate(item["keys"]):
+        t5 = out["t5"][i] if t5_mode == "padded" else out["t5"][i, :lengths[i]]
+        writer.add(key=key, caption=item["captions"][i], latent=out["latent"][i], t5=t5, t5_len=lengths[i],
+                   clip=out["clip"][i], width=sizes[i][0], height=sizes[i][1],
+                   latent_logvar=None if logvar is None else logvar[i])
+
+
+def _progress_bar(enabled: bool, rank: int, todo: int, already: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(desc=f"encode[rank {rank}]" + (f" ({already} shards already done)" if already else ""),
+                unit="img", position=rank, dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)

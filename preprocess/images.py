@@ -1,0 +1,145 @@
+"""Image preparation: decode, orient, RGB, resize the short side and center-crop (torchtitan's
+rule), optionally into the nearest aspect-ratio bucket.
+
+Workers return uint8 [3, H, W] tensors: a quarter of the bytes of float pixels through the
+DataLoader's shared memory and the host-to-device copy; `to_model_range` maps them to
+[-1, 1] on the device.
+"""
+from __future__ import annotations
+
+import io
+import math
+import struct
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .sources import SKIP_BAD_IMAGE, SKIP_BOMB, SKIP_EMPTY_FILE, SKIP_TOO_SMALL
+
+# Sides are multiples of 16: the VAE divides by 8 and the transformer packs 2x2 latent patches.
+SIDE_MULTIPLE = 16
+# Buckets span aspect ratios from 1:MAX_ASPECT to MAX_ASPECT:1.
+MAX_ASPECT = 4.0
+# A bucket's area stays within this fraction of the target's.
+AREA_TOLERANCE = 0.15
+# A truncated JPEG must be refused, not decoded half grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@dataclass(frozen=True)
+class Prepared:
+    pixels: torch.Tensor   # uint8 [3, H, W]
+    width: int             # the source image's size, after EXIF orientation
+    height: int
+
+
+class ImageSkip(Exception):
+    """An image that cannot be used; `reason` is the manifest's skip reason."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def make_buckets(resolution: int, multiple: int = SIDE_MULTIPLE, max_aspect: float = MAX_ASPECT) -> list[tuple]:
+    """(width, height) buckets of about resolution**2 pixels, sides multiples of `multiple`."""
+    area = resolution * resolution
+    buckets = set()
+    h = multiple
+    while h <= resolution * max_aspect:
+        w = max(multiple, round(area / h / multiple) * multiple)
+        if 1 / max_aspect <= w / h <= max_aspect and abs(w * h / area - 1) <= AREA_TOLERANCE:
+            buckets.update({(w, h), (h, w)})   # landscape and portrait alike
+        h += multiple
+    return sorted(buckets, key=lambda b: b[0] / b[1])
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest the image's (in log ratio, so 2:1 and 1:2 are alike)."""
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+def target_size(width: int, height: int, resolution: int, buckets: list[tuple] | None) -> tuple[int, int]:
+    return nearest_bucket(width, height, buckets) if buckets else (resolution, resolution)
+
+
+def open_image(data: bytes) -> Image.Image:
+    """PIL image from bytes; raises ImageSkip for empty, corrupt and decompression-bomb files."""
+    if not data:
+        raise ImageSkip(SKIP_EMPTY_FILE)
+    try:
+        img = Image.open(io.BytesIO(data))   # reads the header only; PIL's bomb check happens here
+    except Image.DecompressionBombError as e:
+        raise ImageSkip(SKIP_BOMB, str(e)) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageSkip(SKIP_BAD_IMAGE, str(e)) from None
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB from any mode; transparency is flattened on white (not black, which would darken edges)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("LA", "PA"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        white = Image.new("RGB", img.size, (255, 255, 255))
+        white.paste(img, mask=img.getchannel("A"))
+        return white
+    return img.convert("RGB")   # L, 1, I, F, CMYK, YCbCr, LAB
+
+
+def resize_center_crop(img: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale so the image covers width x height (the short side lands on the target, the other
+    rounded up as torchtitan does), then crop the center."""
+    w, h = img.size
+    scale = max(width / w, height / h)
+    new_w, new_h = max(width, math.ceil(w * scale - 1e-6)), max(height, math.ceil(h * scale - 1e-6))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.BICUBIC)
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    return img.crop((left, top, left + width, top + height))
+
+
+def prepare_image(data: bytes, resolution: int, *, buckets: list[tuple] | None = None, min_size: int = 0,
+                  jpeg_draft: bool = True) -> Prepared:
+    """Bytes -> Prepared (uint8 pixels at the target size, the source size); raises ImageSkip."""
+    img = open_image(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # EXIF oddities and the like are not our business
+            orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
+            w, h = img.size
+            if orientation in (5, 6, 7, 8):
+                w, h = h, w
+            if min(w, h) < min_size:
+                raise ImageSkip(SKIP_TOO_SMALL, f"{w}x{h} < {min_size}")
+            tw, th = target_size(w, h, resolution, buckets)
+            if jpeg_draft and img.format == "JPEG":
+                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while both sides stay at least the
+                # target's longer side: several times faster on CC12M-sized photos.
+                need = max(tw, th)
+                img.draft("RGB", (need, need))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = to_rgb(img)
+            img = resize_center_crop(img, tw, th)
+    except ImageSkip:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageSkip(SKIP_BOMB, str(e)) from None
+    except (OSError, ValueError, SyntaxError, struct.error, EOFError, IndexError, KeyError) as e:
+        raise ImageSkip(SKIP_BAD_IMAGE, str(e)) from None
+    arr = np.asarray(img, dtype=np.uint8)
+    return Prepared(pixels=torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), width=w, height=h)
+
+
+def to_model_range(pixels: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """uint8 pixels -> [-1, 1] in `dtype` (the VAE's input range)."""
+    return pixels.to(dtype).div_(127.5).sub_(1.0)

@@ -1,0 +1,245 @@
+"""Input specs and raw samples: webdataset tar shards or a folder of captioned images.
+
+An input spec names tar shards (a path, a glob, a brace pattern like
+`cc12m-{00000..02175}.tar`, several joined by `::`; local or any fsspec URL) or a folder
+of images with sidecar captions. The unit of work (and of resume) is an `InputShard`: one
+tar, or a fixed run of files of a folder. Iterating a shard yields `RawSample`s and
+`Skip`s; nothing in here raises on bad data, so one bad shard never stops a run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fsspec
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+CAPTION_EXTS = ("txt", "json")
+TAR_EXTS = (".tar", ".tar.gz", ".tgz")
+# A folder's files are cut into input shards of this many samples (the resume unit).
+FOLDER_SHARD_SAMPLES = 1000
+
+# Skip reasons, as counted in the manifest.
+SKIP_BAD_IMAGE = "bad_image"                # truncated, corrupt or random bytes
+SKIP_EMPTY_FILE = "empty_file"
+SKIP_NO_CAPTION = "no_caption"              # an image without a caption
+SKIP_NO_IMAGE = "no_image"                  # a caption without an image
+SKIP_BAD_CAPTION = "bad_caption_encoding"   # not UTF-8, or a .json without a caption string
+SKIP_TOO_SMALL = "too_small"
+SKIP_BOMB = "decompression_bomb"
+SKIP_TRUNCATED_TAR = "truncated_tar"        # the sample being read where a tar was cut off
+SKIP_BAD_SHARD = "unreadable_shard"         # not a tar at all
+SKIP_DUPLICATE_KEY = "duplicate_key"
+
+
+@dataclass(frozen=True)
+class InputShard:
+    id: str                  # stable, unique, file-name safe: names the done-record and output shards
+    url: str                 # tar path/URL, or the folder
+    files: tuple = ()        # folder shards: the sample keys (relative paths without extension)
+
+
+@dataclass
+class RawSample:
+    key: str
+    files: dict = field(default_factory=dict)   # extension (lower case) -> bytes
+
+
+@dataclass(frozen=True)
+class Skip:
+    key: str
+    reason: str
+
+
+class InputError(Exception):
+    """An input spec that names nothing usable."""
+
+
+def _expand_braces(spec: str) -> list[str]:
+    """Shell-style braces: `x-{00000..00009}.tar` (zero padding kept) and `{a,b}`, nested or repeated."""
+    m = re.search(r"\{([^{}]*)\}", spec)
+    if m is None:
+        return [spec]
+    body, head, tail = m.group(1), spec[:m.start()], spec[m.end():]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.group(1), rng.group(2)
+        width = len(lo) if lo.startswith("0") else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
+    elif "," in body:
+        options = body.split(",")
+    else:
+        options = ["{" + body + "}"]   # not a brace pattern: a literal
+        return [head + options[0] + t for t in _expand_braces(tail)]
+    return [e for opt in options for e in _expand_braces(head + opt + tail)]
+
+
+def _safe_id(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "shard"
+
+
+def _tar_ids(urls: list[str]) -> list[str]:
+    """Shard ids: the file name without .tar, or the path from the common folder if names repeat."""
+    stems = [re.sub(r"\.(tar|tar\.gz|tgz)$", "", u.rstrip("/").rsplit("/", 1)[-1]) for u in urls]
+    if len(set(stems)) == len(stems):
+        return [_safe_id(s) for s in stems]
+    prefix_len = len(_common_dir(urls))
+    return [_safe_id(re.sub(r"\.(tar|tar\.gz|tgz)$", "", u[prefix_len:])) for u in urls]
+
+
+def _common_dir(urls: list[str]) -> str:
+    common = os.path.commonprefix(urls)
+    return common[: common.rfind("/") + 1]
+
+
+def resolve_inputs(spec: str, folder_shard_samples: int = FOLDER_SHARD_SAMPLES) -> list[InputShard]:
+    """The input shards an input spec names, in a stable order (sorted as given)."""
+    parts = [p for p in spec.split("::") if p]
+    if not parts:
+        raise InputError("empty input spec")
+    if len(parts) == 1 and "://" not in parts[0] and Path(parts[0]).is_dir():
+        return _folder_shards(Path(parts[0]), folder_shard_samples)
+    urls: list[str] = []
+    for part in parts:
+        for pattern in _expand_braces(part):
+            fs, path = fsspec.core.url_to_fs(pattern)
+            if any(c in path for c in "*?["):
+                found = sorted(fs.glob(path))
+                if not found:
+                    raise InputError(f"{pattern}: matches no files")
+                urls += [fs.unstrip_protocol(p) if "://" in pattern else p for p in found]
+            else:
+                if not fs.exists(path):
+                    raise InputError(f"{pattern}: no such file")
+                urls.append(pattern)
+    if len(set(urls)) != len(urls):
+        raise InputError(f"{spec}: names some shards twice")
+    return [InputShard(id=i, url=u) for i, u in zip(_tar_ids(urls), urls)]
+
+
+def _folder_shards(folder: Path, per_shard: int) -> list[InputShard]:
+    keys = sorted({str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*")
+                   if p.is_file() and p.suffix[1:].lower() in IMAGE_EXTS + CAPTION_EXTS
+                   and not p.name.startswith(".")})
+    if not keys:
+        raise InputError(f"{folder}: no images or captions in this folder")
+    base = _safe_id(folder.resolve().name)
+    return [InputShard(id=f"{base}-{i // per_shard:05d}", url=str(folder), files=tuple(keys[i:i + per_shard]))
+            for i in range(0, len(keys), per_shard)]
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """webdataset's convention: the key is the path up to the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower() if dot else ""
+
+
+def iter_shard(shard: InputShard):
+    """Yield RawSample and Skip items of one input shard, never raising on bad data."""
+    if shard.files:
+        yield from _iter_folder(shard)
+    else:
+        yield from _iter_tar(shard.url)
+
+
+def _iter_folder(shard: InputShard):
+    folder = Path(shard.url)
+    listings: dict[Path, dict[str, list[Path]]] = {}   # each sub-folder listed once per shard
+    for key in shard.files:
+        parent = (folder / key).parent
+        if parent not in listings:
+            by_stem: dict[str, list[Path]] = {}
+            for p in parent.iterdir():
+                if p.is_file():
+                    by_stem.setdefault(split_key(p.name)[0], []).append(p)
+            listings[parent] = by_stem
+        sample = RawSample(key=key)
+        for p in listings[parent].get(Path(key).name, []):
+            try:
+                sample.files[split_key(p.name)[1]] = p.read_bytes()
+            except OSError:
+                continue    # vanished or unreadable: counted below as a missing part
+        yield sample
+
+
+def _iter_tar(url: str):
+    """Group consecutive tar members by key. A tar cut off mid-way ends the shard: the samples
+    read completely before the cut count, the one being read is skipped as truncated."""
+    current: RawSample | None = None
+    seen: set[str] = set()
+    try:
+        with fsspec.open(url, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = split_key(member.name)
+                if current is not None and key != current.key:
+                    yield _dedupe(current, seen)
+                    current = None
+                if current is None:
+                    current = RawSample(key=key)
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise tarfile.ReadError("unexpected end of data")
+                current.files[ext] = data
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        # Damaged data ends the shard with a counted skip. An OSError (missing file, network
+        # failure) is not the data's fault: it propagates, the shard is not marked done, and a
+        # rerun tries it again.
+        if current is None and not seen:
+            yield Skip(key=url, reason=_shard_error_reason(e))
+        else:
+            yield Skip(key=current.key if current else url, reason=SKIP_TRUNCATED_TAR)
+        return
+    if current is not None:
+        yield _dedupe(current, seen)
+
+
+def _shard_error_reason(e: Exception) -> str:
+    msg = str(e).lower()
+    return SKIP_TRUNCATED_TAR if ("unexpected end" in msg or isinstance(e, EOFError)) else SKIP_BAD_SHARD
+
+
+def _dedupe(sample: RawSample, seen: set[str]):
+    if sample.key in seen:
+        return Skip(key=sample.key, reason=SKIP_DUPLICATE_KEY)
+    seen.add(sample.key)
+    return sample
+
+
+def read_caption(files: dict) -> tuple[str | None, str | None]:
+    """(caption, None) or (None, skip reason): from .txt, else the `caption` field of .json."""
+    if "txt" in files:
+        data = files["txt"]
+        if not data.strip():
+            return None, SKIP_EMPTY_FILE
+        try:
+            return data.decode("utf-8").strip(), None
+        except UnicodeDecodeError:
+            return None, SKIP_BAD_CAPTION
+    if "json" in files:
+        try:
+            meta = json.loads(files["json"].decode("utf-8"))
+        except UnicodeDecodeError:
+            return None, SKIP_BAD_CAPTION
+        except json.JSONDecodeError:
+            return None, SKIP_NO_CAPTION
+        caption = meta.get("caption") if isinstance(meta, dict) else None
+        if isinstance(caption, str) and caption.strip():
+            return caption.strip(), None
+    return None, SKIP_NO_CAPTION
+
+
+def image_bytes(files: dict) -> tuple[bytes | None, str | None]:
+    """The sample's image bytes, or a skip reason."""
+    for ext in IMAGE_EXTS:
+        if ext in files:
+            return (files[ext], None) if files[ext] else (None, SKIP_EMPTY_FILE)
+    return None, SKIP_NO_IMAGE

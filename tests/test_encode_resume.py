@@ -1,0 +1,112 @@
+"""Real `flux-prep encode` processes: kill -9 partway and rerun, and two processes at once, each
+ending with exactly the rows of one clean run."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shared.cache import CacheReader
+from shared.cache.schema import TENSOR_COLUMNS
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "PYTHONUNBUFFERED": "1"}
+
+
+def encode_args(model, data, out, *extra):
+    return ["encode", "--model", str(model), "--input", str(Path(data) / "demo-*.tar"), "--output", str(out),
+            "--resolution", "32", "--batch-size", "4", "--num-workers", "1", "--rows-per-shard", "5",
+            "--device", "cpu", "--no-progress", *extra]
+
+
+def run_cli(args, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", "preprocess", *args], env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def raw_rows(cache) -> dict:
+    """key -> the row's stored bytes (every tensor column and the scalars), read straight from Parquet."""
+    import pyarrow.parquet as pq
+    reader = CacheReader(cache)
+    rows = {}
+    for shard in reader.shards:
+        table = pq.read_table(Path(cache) / shard)
+        for row in table.to_pylist():
+            assert row["key"] not in rows, f"duplicate row {row['key']}"
+            rows[row["key"]] = row
+    assert len(rows) == reader.manifest["rows"]
+    listed = {s["path"] for s in reader.manifest["shards"]}
+    on_disk = {p.name for p in Path(cache).glob("*.parquet")}
+    assert on_disk == listed, f"unlisted shards: {on_disk - listed}"
+    assert not list(Path(cache).rglob("*.tmp")), "temp files left behind"
+    return rows
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    from preprocess.demo import write_demo_shards
+    folder = tmp_path_factory.mktemp("demo")
+    write_demo_shards(folder, num_samples=360, size=40, samples_per_shard=12, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def clean_run(tiny_model, demo_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "cache"
+    run_cli(encode_args(tiny_model, demo_data, out))
+    return out
+
+
+def test_kill_9_then_rerun_gives_the_clean_rows(tiny_model, demo_data, clean_run, tmp_path):
+    out = tmp_path / "cache"
+    done_dir = out / "_progress" / "done"
+    proc = subprocess.Popen([sys.executable, "-m", "preprocess", *encode_args(tiny_model, demo_data, out)],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if done_dir.is_dir() and len(list(done_dir.glob("*.json"))) >= 2:
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the encode finished before it could be killed"
+    assert not (out / "manifest.json").exists()
+    records = sorted(done_dir.glob("*.json"))
+    assert 2 <= len(records) < 30
+    # Also the narrowest window: output shards renamed into place, done-record not yet written.
+    records[-1].unlink()
+
+    proc = run_cli(encode_args(tiny_model, demo_data, out))
+    assert "were done" in proc.stdout
+    assert raw_rows(out) == raw_rows(clean_run)
+    assert CacheReader(out).manifest["rows"] == 360
+
+
+def test_two_processes_equal_one(tiny_model, demo_data, clean_run, tmp_path):
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate's launcher is not installed")
+    out = tmp_path / "cache"
+    # accelerate's --cpu launcher starts a single process; --multi_gpu starts torchrun's N
+    # processes, which on a machine without GPUs run on the CPU (--device cpu).
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           "-m", "preprocess", *encode_args(tiny_model, demo_data, out)]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0/2" in proc.stdout and "rank 1/2" in proc.stdout
+    rows = raw_rows(out)
+    clean = raw_rows(clean_run)
+    assert rows.keys() == clean.keys()
+    for key, row in rows.items():
+        for col in (*TENSOR_COLUMNS, "t5_len", "caption", "width", "height", "latent_h", "latent_w"):
+            assert row[col] == clean[key][col], (key, col)
+    m = CacheReader(out).manifest
+    assert len(m["inputs_done"]) == 30 and m["rows"] == 360

@@ -1,0 +1,83 @@
+"""Input specs, raw samples and skip counting, without any model."""
+from __future__ import annotations
+
+import pytest
+from encode_inputs import (BAD_EXPECTED_SKIPS, BAD_GOOD_KEYS, bad_members, good_members, image_bytes,
+                           truncated_tar, write_tar)
+
+from preprocess.decode import PrepOptions, shard_batches
+from preprocess.sources import InputError, RawSample, Skip, iter_shard, read_caption, resolve_inputs
+
+
+def _run_shard(shard, **opts):
+    keys, skips, ends = [], {}, 0
+    for b in shard_batches(shard, PrepOptions(**opts), batch_size=3):
+        keys += b["keys"]
+        for r, n in b["skips"].items():
+            skips[r] = skips.get(r, 0) + n
+        ends += b["end"]
+    assert ends == 1
+    return keys, skips
+
+
+def test_bad_inputs_are_skipped_and_counted_by_reason(tmp_path):
+    write_tar(tmp_path / "bad-00000.tar", bad_members())
+    [shard] = resolve_inputs(str(tmp_path / "bad-00000.tar"))
+    keys, skips = _run_shard(shard, resolution=32, min_size=16)
+    assert set(keys) == BAD_GOOD_KEYS
+    assert skips == BAD_EXPECTED_SKIPS
+
+
+def test_truncated_tar_keeps_complete_samples(tmp_path):
+    path = truncated_tar(tmp_path / "cut-00000.tar", n_complete=5)
+    [shard] = resolve_inputs(str(path))
+    keys, skips = _run_shard(shard, resolution=32)
+    assert keys == [f"cut{i:04d}" for i in range(5)]
+    assert skips == {"truncated_tar": 1}
+
+
+def test_not_a_tar_is_one_counted_skip(tmp_path):
+    (tmp_path / "junk.tar").write_bytes(b"\x00\x01garbage" * 100)
+    [shard] = resolve_inputs(str(tmp_path / "junk.tar"))
+    items = list(iter_shard(shard))
+    assert len(items) == 1 and isinstance(items[0], Skip)
+
+
+def test_input_specs_brace_glob_list_and_missing(tmp_path):
+    for i in range(3):
+        write_tar(tmp_path / f"x-{i:05d}.tar", good_members(f"s{i}_", 1))
+    brace = resolve_inputs(str(tmp_path / "x-{00000..00002}.tar"))
+    glob = resolve_inputs(str(tmp_path / "x-*.tar"))
+    assert [s.id for s in brace] == [s.id for s in glob] == ["x-00000", "x-00001", "x-00002"]
+    joined = resolve_inputs(f"{tmp_path / 'x-00000.tar'}::{tmp_path / 'x-00002.tar'}")
+    assert [s.id for s in joined] == ["x-00000", "x-00002"]
+    with pytest.raises(InputError):
+        resolve_inputs(str(tmp_path / "x-{00000..00003}.tar"))
+    with pytest.raises(InputError):
+        resolve_inputs(str(tmp_path / "y-*.tar"))
+
+
+def test_folder_of_images_with_sidecar_captions(tmp_path):
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("b", "a", "sub/c"):
+        (folder / f"{name}.jpg").write_bytes(image_bytes((40, 40)))
+        (folder / f"{name}.txt").write_text(f"caption {name}")
+    (folder / "lonely.png").write_bytes(image_bytes((40, 40), fmt="PNG"))
+    shards = resolve_inputs(str(folder), folder_shard_samples=2)
+    assert [len(s.files) for s in shards] == [2, 2]
+    keys, skips = [], {}
+    for s in shards:
+        k, sk = _run_shard(s, resolution=32)
+        keys += k
+        skips.update(sk)
+    assert sorted(keys) == ["a", "b", "sub/c"]
+    assert skips == {"no_caption": 1}
+
+
+def test_caption_sources():
+    assert read_caption({"txt": b" hi \n", "json": b'{"caption": "no"}'}) == ("hi", None)
+    assert read_caption({"json": b'{"caption": "from json"}'}) == ("from json", None)
+    assert read_caption({"json": b'{"url": "x"}'}) == (None, "no_caption")
+    assert read_caption({"txt": b"\xff\xfe bad"}) == (None, "bad_caption_encoding")
+    assert isinstance(RawSample("k").files, dict)

@@ -1,0 +1,278 @@
+"""Training throughput: the plain diffusers loop against the project's trainer reading a cache from disk.
+
+    python bench/train.py                          # GPU: reduced FLUX (3072 wide, 4+8 blocks), 256px
+    python bench/train.py --device cpu --tiny      # smoke test on a CPU (about a minute)
+
+Rows: `baseline` = FluxTransformer2DModel, eager, autocast bf16, AdamW, random tensors already on the
+device (no data loading, no masks); `trainer` = train.loop.Trainer streaming a synthetic cache of the
+right shapes (written first under --cache-root, reused on reruns). Text: padded to 256 or 512 T5
+positions (FLUX-exact), or trimmed (20-40 real tokens, padded per batch and masked).
+MFU = model FLOPs / (time x peak); model FLOPs = 6 x (matmul weights each token passes through) x
+tokens + attention (12 x S^2 x width per layer), counting real tokens only.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from shared.presets import transformer_config  # noqa: E402
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
+
+
+def model_config(tiny: bool) -> dict:
+    if tiny:
+        return transformer_config("tiny")
+    return transformer_config("flux-schnell", num_layers=4, num_single_layers=8)
+
+
+def text_settings(tiny: bool) -> dict:
+    """name -> (mode, stored length or (min, max) real tokens)."""
+    if tiny:
+        return {"padded-32": ("padded", 32), "padded-64": ("padded", 64), "trimmed": ("trimmed", (5, 12))}
+    return {"padded-256": ("padded", 256), "padded-512": ("padded", 512), "trimmed": ("trimmed", (20, 40))}
+
+
+def linear_flops_per_image(model, img_tokens: int, txt_tokens: float) -> float:
+    """6 x sum over linear layers of (weights x tokens through them): training FLOPs without attention."""
+    total = 0.0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        w = mod.in_features * mod.out_features
+        if "norm" in name or name.startswith(("time_text_embed", "norm_out")):
+            tokens = 1                                           # per-sample modulation, not per token
+        elif name.startswith("context_embedder") or (name.startswith("transformer_blocks")
+                                                     and any(k in name for k in ("add_", "ff_context"))):
+            tokens = txt_tokens                                  # text stream of the double blocks
+        elif name.startswith(("x_embedder", "proj_out")) or name.startswith("transformer_blocks"):
+            tokens = img_tokens                                  # image stream
+        else:
+            tokens = img_tokens + txt_tokens                     # single blocks: the joint sequence
+        total += 6 * w * tokens
+    return total
+
+
+def attention_flops_per_image(cfg: dict, img_tokens: int, mean_sq_seq: float) -> float:
+    width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    layers = cfg["num_layers"] + cfg["num_single_layers"]
+    return 12 * mean_sq_seq * width * layers
+
+
+def write_cache(root: Path, name: str, mode: str, length, n: int, latent_hw: int, dims: dict) -> tuple[Path, list]:
+    """A synthetic cache (random tensors, bf16) with the shapes of the real thing; reused when present."""
+    from shared.cache import CacheWriter, write_manifest
+    from safetensors.torch import save_file
+    out = root / name
+    lengths_file = out / "lengths.json"
+    if (out / "manifest.json").is_file() and lengths_file.is_file():
+        return out, json.loads(lengths_file.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    max_length = length if mode == "padded" else length[1]
+    lengths = []
+    dtypes = {"latent": "bfloat16", "t5": "bfloat16", "clip": "bfloat16"}
+    with CacheWriter(out, "bench", dtypes, rows_per_shard=256, row_group_rows=32) as w:
+        for i in range(n):
+            real = length if mode == "padded" else int(torch.randint(length[0], length[1] + 1, (1,), generator=g))
+            lengths.append(real)
+            w.add(key=f"bench-{i:06d}", caption="synthetic",
+                  latent=torch.randn(16, latent_hw, latent_hw, generator=g),
+                  t5=torch.randn(real, dims["t5"], generator=g), t5_len=real,
+                  clip=torch.randn(dims["clip"], generator=g), width=latent_hw * 8, height=latent_hw * 8)
+        shards = w.close()
+    save_file({"t5": torch.zeros(max_length if mode == "padded" else 1, dims["t5"]),
+               "clip": torch.zeros(dims["clip"]), "t5_len": torch.tensor(1)}, str(out / "empty_prompt.safetensors"))
+    write_manifest(out, {"dtypes": dtypes, "dims": {"latent_channels": 16, "t5_dim": dims["t5"],
+                                                    "clip_dim": dims["clip"]},
+                         "t5": {"mode": mode, "max_length": max_length}, "shards": [s.to_dict() for s in shards],
+                         "rows": n, "skipped": {}, "empty_prompt": "empty_prompt.safetensors",
+                         "vae": {"scaling_factor": 0.3611, "shift_factor": 0.1159}})
+    lengths_file.write_text(json.dumps(lengths))
+    return out, lengths
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_baseline(cfg: dict, args, txt_len: int, latent_hw: int, device) -> dict:
+    """The plain loop: no data loading, eager (or compiled) diffusers model, autocast bf16."""
+    from diffusers import FluxTransformer2DModel
+    from shared.latents import image_ids, text_ids
+    with torch.device(device):
+        torch.manual_seed(0)
+        model = FluxTransformer2DModel(**cfg)
+    if args.grad_checkpointing:
+        model.enable_gradient_checkpointing()
+    if args.compile:
+        model.compile_repeated_blocks(fullgraph=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    b, tokens = args.batch_size, (latent_hw // 2) ** 2
+    x = torch.randn(b, tokens, cfg["in_channels"], device=device)
+    target = torch.randn_like(x)
+    t5 = torch.randn(b, txt_len, cfg["joint_attention_dim"], device=device)
+    clip = torch.randn(b, cfg["pooled_projection_dim"], device=device)
+    t = torch.rand(b, device=device)
+    img, txt = image_ids(latent_hw, latent_hw, device=device), text_ids(txt_len, device=device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    def step():
+        with amp:
+            pred = model(hidden_states=x, encoder_hidden_states=t5, pooled_projections=clip, timestep=t,
+                         img_ids=img, txt_ids=txt, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    elapsed = time.perf_counter() - start
+    del model, opt
+    return {"images_per_s": b * args.steps / elapsed, "data_wait": 0.0}
+
+
+def run_trainer(cfg_overrides: dict, args, cache: Path, device) -> dict:
+    """The project's trainer, as `accelerate launch train` runs it, on the cache."""
+    from accelerate.state import AcceleratorState
+    from train.config import load_config
+    from train.loop import Trainer
+    window = max(1, args.warmup)
+    steps = window * (1 + math.ceil(args.steps / window))
+    out = tempfile.mkdtemp(prefix="flux-bench-run-")
+    cfg = load_config(None, {
+        "data.train_cache": str(cache), "data.batch_size": args.batch_size, "data.num_workers": args.num_workers,
+        "data.shuffle_buffer": 4 * args.batch_size, "model.name": "flux-schnell" if not args.tiny else "tiny",
+        "model.overrides": cfg_overrides, "run.output_dir": out, "run.max_steps": steps, "run.log_every": window,
+        "run.precision": args.precision, "run.compile": args.compile, "run.grad_checkpointing": args.grad_checkpointing,
+        "run.tensorboard": False, "run.progress": False, "run.save_final": False, "flow.guidance_dropout": 0.1,
+        "optim.lr": 1e-5})
+    trainer = Trainer(cfg)
+    trainer.train()
+    records = [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in records if "images_per_s" in r][1:]      # drop the warmup window
+    trainer.accelerator.free_memory()
+    del trainer
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return {"images_per_s": sum(r["images_per_s"] for r in timed) / len(timed),
+            "data_wait": sum(r["data_wait"] for r in timed) / len(timed)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="the tiny model at 64px (CPU smoke test)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (compile, allocator)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each repeated block")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--precision", default=None, choices=["bf16", "no"])
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--samples", type=int, default=None, help="rows per synthetic cache")
+    p.add_argument("--text", default=None, help="comma list of text settings (default: all)")
+    p.add_argument("--rows", default="baseline,trainer", help="comma list: baseline, trainer")
+    p.add_argument("--cache-root", default=os.path.join(tempfile.gettempdir(), "flux-bench-caches"))
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    tiny = args.tiny
+    args.batch_size = args.batch_size or (4 if tiny else 16)
+    args.steps = args.steps or (6 if tiny else 20)
+    args.warmup = args.warmup or (2 if tiny else 5)
+    args.precision = args.precision or ("no" if args.device == "cpu" else "bf16")
+    args.num_workers = args.num_workers if args.num_workers is not None else (1 if tiny else 6)
+    args.samples = args.samples or (64 if tiny else 512)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)   # its backward crashed under autocast with Flux (torch 2.11)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    cfg = model_config(tiny)
+    overrides = {} if tiny else {"num_layers": 4, "num_single_layers": 8}
+    latent_hw = 8 if tiny else 32                      # 64px / 256px
+    dims = {"t5": cfg["joint_attention_dim"], "clip": cfg["pooled_projection_dim"]}
+    img_tokens = (latent_hw // 2) ** 2
+    with torch.device("meta"):
+        from diffusers import FluxTransformer2DModel
+        meta = FluxTransformer2DModel(**cfg)
+    params = sum(p.numel() for p in meta.parameters())
+    peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    settings = text_settings(tiny)
+    chosen = args.text.split(",") if args.text else list(settings)
+    rows = []
+    print(f"model: {params / 1e9:.2f}B params, {img_tokens} image tokens, batch {args.batch_size}, "
+          f"compile={args.compile}, grad_checkpointing={args.grad_checkpointing}, device={args.device}", flush=True)
+    for name in chosen:
+        mode, length = settings[name]
+        cache, lengths = write_cache(Path(args.cache_root), f"{name}-{latent_hw}-{args.samples}", mode, length,
+                                     args.samples, latent_hw, dims)
+        mean_txt = sum(lengths) / len(lengths)
+        mean_sq = sum((img_tokens + n) ** 2 for n in lengths) / len(lengths)
+        for kind in args.rows.split(","):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                if kind == "baseline":
+                    base_len = length if mode == "padded" else length[1]
+                    result = run_baseline(cfg, args, base_len, latent_hw, device)
+                    txt, sq = base_len, (img_tokens + base_len) ** 2
+                else:
+                    result = run_trainer(overrides, args, cache, device)
+                    txt, sq = mean_txt, mean_sq
+            except torch.OutOfMemoryError:
+                from accelerate.state import AcceleratorState
+                AcceleratorState._reset_state(reset_partial_state=True)
+                rows.append({"row": kind, "text": name, "error": "out of memory"})
+                print(f"{kind} {name}: out of memory", flush=True)
+                gc.collect()
+                torch.cuda.empty_cache()
+                continue
+            flops = linear_flops_per_image(meta, img_tokens, txt) + attention_flops_per_image(cfg, img_tokens, sq)
+            ips = result["images_per_s"]
+            row = {"row": kind, "text": name, "images_per_s": ips, "tokens_per_s": ips * (img_tokens + txt),
+                   "mfu": ips * flops / peak if peak else None, "tflops": ips * flops / 1e12,
+                   "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+                   "data_wait": result["data_wait"]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "params": params, "rows": rows}, indent=1))
+
+
+def print_table(rows):
+    head = f"{'row':<9} {'text':<11} {'img/s':>8} {'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>8} {'data wait':>9}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['row']:<9} {r['text']:<11} {r['error']}")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+        print(f"{r['row']:<9} {r['text']:<11} {r['images_per_s']:>8.1f} {r['tokens_per_s']:>10.0f} "
+              f"{r['tflops']:>8.2f} {mfu:>6} {mem:>8} {100 * r['data_wait']:>8.1f}%")
+
+
+if __name__ == "__main__":
+    main()

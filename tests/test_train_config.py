@@ -1,0 +1,62 @@
+"""The trainer's config (YAML + --section.key overrides) and model building from presets and folders."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.config import ConfigError, load_config, parse_overrides
+from train.loop import lr_factor
+from train.model import build_transformer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {train_cache: /c, batch_size: 2}\noptim: {lr: 1e-4, betas: [0.9, 0.95]}\n"
+                    "run: {max_steps: 10, precision: no}\n")
+    cfg = load_config(path, parse_overrides(["--optim.lr", "3e-4", "--run.grad_accum=4", "--output-dir", "/o",
+                                             "--model.overrides", "{num_layers: 1}", "--resume", "auto"]))
+    assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.betas == (0.9, 0.95) and cfg.data.batch_size == 2 and cfg.run.grad_accum == 4
+    assert cfg.run.precision == "no" and cfg.run.output_dir == "/o" and cfg.run.resume == "auto"
+    assert cfg.model.overrides == {"num_layers": 1}
+
+
+def test_params_yaml_train_section_and_demo_config(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("encode: {batch: 3}\ntrain:\n  data: {train_cache: /c}\n  run: {epochs: 2}\n")
+    assert load_config(path).run.epochs == 2.0
+    demo = load_config(REPO / "train/configs/demo.yaml")
+    assert demo.data.expected_t5_mode == "trimmed" and demo.run.precision == "no"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--optim.lrr", "1"], "optim.lrr"),
+    (["--lr", "1"], "--section.key"),
+    (["--run.max_steps", "ten"], "run.max_steps"),
+    (["--flow.sampler", "gaussian"], "flow.sampler"),
+    (["--data.batch_size"], "needs a value"),
+])
+def test_bad_options_name_themselves(args, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [("data.train_cache", "/c"), ("run.max_steps", 1)] + parse_overrides(args))
+
+
+def test_lr_warmup_then_cosine():
+    f = [lr_factor(s, 2, 10, "cosine", 0.1) for s in range(10)]
+    assert f[0] == 0.5 and f[1] == 1.0 and f[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[2:], f[3:])) and f[-1] > 0.1
+    assert lr_factor(9, 2, 10, "constant", 0.1) == 1.0
+
+
+def test_model_from_a_folder_random_or_pretrained(tiny_model):
+    from train.config import ModelConfig
+    pretrained = build_transformer(ModelConfig(name=str(tiny_model), init="pretrained"))
+    from diffusers import FluxTransformer2DModel
+    reference = FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer")
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in pretrained.state_dict().items())
+    random = build_transformer(ModelConfig(name=str(tiny_model), overrides={"num_layers": 1}), seed=1)
+    assert len(random.transformer_blocks) == 1
+    again = build_transformer(ModelConfig(name="tiny"), seed=1)
+    assert torch.equal(again.x_embedder.weight, build_transformer(ModelConfig(name="tiny"), seed=1).x_embedder.weight)

@@ -1,0 +1,105 @@
+"""The cache stream: every sample once per epoch across ranks and workers, buckets, exact resume, bad caches."""
+import itertools
+
+import pytest
+import torch
+from train_caches import set_manifest, write_cache
+
+from shared.cache import CacheError
+from train.data import CacheStream, StreamPosition, collate, train_loader, validation_batches
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return write_cache(tmp_path_factory.mktemp("c") / "cache", 45, sizes=((8, 8), (8, 12)), rows_per_shard=10,
+                       row_group_rows=3)
+
+
+def all_keys(cache_dir):
+    return {f"train-{i:05d}" for i in range(45)}
+
+
+def test_epoch_covers_each_sample_once_across_ranks_and_workers(cache):
+    seen, per_slot = [], []
+    for rank in range(2):
+        stream = CacheStream(cache, batch_size=4, seed=3, rank=rank, world_size=2, shuffle_buffer=5)
+        for slot in (rank * 2, rank * 2 + 1):   # two workers per rank
+            keys = []
+            for _, items in stream.epoch_batches(0, slot, 4):
+                sizes = {it[3]["latent"].shape for it in items}
+                assert len(sizes) == 1, "a batch mixes latent sizes"
+                assert len(items) <= 4
+                keys += [it[3]["key"] for it in items]
+            per_slot.append(set(keys))
+            seen += keys
+    assert sorted(seen) == sorted(all_keys(cache))
+    assert all(a.isdisjoint(b) for a, b in itertools.combinations(per_slot, 2))
+
+
+def test_epochs_are_shuffled_differently_and_reproducibly(cache):
+    stream = CacheStream(cache, batch_size=4, seed=3, shuffle_buffer=5)
+    order = [[it[3]["key"] for _, b in stream.epoch_batches(e, 0, 1) for it in b] for e in (0, 1, 0)]
+    assert order[0] == order[2]
+    assert order[0] != order[1] and sorted(order[0]) == sorted(order[1])
+
+
+def take(loader_iter, n, position, log):
+    for _ in range(n):
+        batch = next(loader_iter)
+        position.consumed(batch)
+        log.append((tuple(batch["pos"].tolist()), batch["key"]))
+
+
+def test_resume_continues_exactly_with_workers(cache):
+    def run(position=None):
+        stream = CacheStream(cache, batch_size=4, seed=1, shuffle_buffer=6, position=position)
+        return iter(train_loader(stream, num_workers=2, pin_memory=False))
+
+    full_pos, full = StreamPosition(2, 1), []
+    take(run(), 20, full_pos, full)
+
+    pos, first = StreamPosition(2, 1), []
+    take(run(), 7, pos, first)
+    state = pos.state_dict()
+    resumed_pos, second = StreamPosition(2, 1), []
+    resumed_pos.load_state_dict(state)
+    take(run(resumed_pos.state_dict()), 13, resumed_pos, second)
+    assert first + second == full
+    epoch0 = [k for (_, e, _), keys in first + second if e == 0 for k in keys]
+    assert len(epoch0) == len(set(epoch0))     # no sample twice within the epoch
+
+
+def test_trimmed_batches_pad_text_and_mask_it():
+    items = [{"key": str(n), "latent": torch.zeros(16, 4, 4), "t5": torch.ones(n, 8), "clip": torch.zeros(8),
+              "t5_len": n} for n in (2, 5)]
+    batch = collate(items, "trimmed")
+    assert batch["t5"].shape == (2, 5, 8)
+    assert batch["t5_mask"].tolist() == [[True, True, False, False, False], [True] * 5]
+    assert batch["t5"][0, 2:].abs().sum() == 0
+
+
+def test_corrupt_shard_error_names_it(tmp_path):
+    cache = write_cache(tmp_path / "c", 20, rows_per_shard=10)
+    shard = sorted(cache.glob("*.parquet"))[1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    stream = CacheStream(cache, batch_size=4)
+    with pytest.raises(CacheError, match=shard.name):
+        stream.row_groups()
+
+
+def test_other_schema_version_or_t5_mode_refused(tmp_path):
+    cache = write_cache(tmp_path / "c", 8, t5_mode="padded")
+    with pytest.raises(CacheError, match="T5 mode 'padded'"):
+        CacheStream(cache, batch_size=4, expected_t5_mode="trimmed")
+    set_manifest(cache, schema_version=99)
+    with pytest.raises(CacheError, match="schema version"):
+        CacheStream(cache, batch_size=4)
+
+
+def test_validation_batches_split_by_rank_in_fixed_order(cache):
+    from shared.cache import CacheReader
+    reader = CacheReader(cache)
+    one = [k for b in validation_batches(reader, 4) for k in b["key"]]
+    two = [[k for b in validation_batches(reader, 4, r, 2) for k in b["key"]] for r in range(2)]
+    assert sorted(one) == sorted(two[0] + two[1]) and not set(two[0]) & set(two[1])
+    assert one == [k for b in validation_batches(reader, 4) for k in b["key"]]

@@ -1,0 +1,126 @@
+"""The trainer end to end on the CPU: resume, outputs, LoRA, refusals, and that it learns."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_caches import read_metrics, set_manifest, tiny_config, write_cache
+
+from shared.cache import CacheError
+from shared.models import TRAINING_INFO
+from train.loop import Trainer, train
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("caches")
+    train_cache = write_cache(root / "train", 24, sizes=((8, 8), (8, 12)), rows_per_shard=8, row_group_rows=4)
+    val_cache = write_cache(root / "val", 8, seed=9, prefix="val")
+    return train_cache, val_cache
+
+
+RESUME_SETTINGS = {"run.max_steps": 8, "run.checkpoint_every": 3, "data.num_workers": 2, "data.batch_size": 3,
+                   "flow.guidance_dropout": 0.3, "ema.decay": 0.9, "schedule.kind": "cosine",
+                   "schedule.warmup_steps": 2, "run.deterministic": True}
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, caches):
+    keys_full, keys_cut = [], []
+    full = tiny_config(tmp_path / "a", *caches, **RESUME_SETTINGS)
+    train(full, on_batch=lambda b: keys_full.append(tuple(b["key"])))
+
+    cut = tiny_config(tmp_path / "b", *caches, **RESUME_SETTINGS)
+    train(cut, stop_after_step=4, on_batch=lambda b: keys_cut.append(tuple(b["key"])))   # killed after step 4
+    assert (tmp_path / "b/run/checkpoints/step-3").is_dir() and not (tmp_path / "b/run/final").exists()
+    resumed = tiny_config(tmp_path / "b", *caches, **RESUME_SETTINGS, **{"run.resume": "auto"})
+    keys_resumed = []
+    train(resumed, on_batch=lambda b: keys_resumed.append(tuple(b["key"])))
+
+    losses = lambda d: [(m["step"], m["loss"]) for m in read_metrics(d / "run") if "loss" in m]  # noqa: E731
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    assert len(losses(tmp_path / "a")) == 8
+    # The resumed run continues with the batches after checkpoint 3: nothing seen twice or skipped.
+    assert keys_cut[:3] + keys_resumed == keys_full
+    epoch = [k for batch in keys_full for k in batch][:24]
+    assert sorted(epoch) == [f"train-{i:05d}" for i in range(24)]
+    a = load_file(tmp_path / "a/run/final/diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "b/run/final/diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ema_a = load_file(tmp_path / "a/run/final/ema/diffusion_pytorch_model.safetensors")
+    ema_b = load_file(tmp_path / "b/run/final/ema/diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+
+
+def test_final_loads_with_from_pretrained_and_records_conventions(tmp_path, caches):
+    from diffusers import FluxTransformer2DModel
+    cfg = tiny_config(tmp_path, *caches, **{"run.max_steps": 2})
+    trainer = Trainer(cfg)
+    trainer.train()
+    final = tmp_path / "run/final"
+    loaded = FluxTransformer2DModel.from_pretrained(final)
+    trained = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in loaded.state_dict().items())
+    info = json.loads((final / TRAINING_INFO).read_text())
+    assert info["t5_mode"] == "trimmed" and info["t5_max_length"] == 32
+    assert {"shift_schedule", "default_steps", "guidance_dropout", "base_model"} <= set(info)
+    assert not (tmp_path / "run/final.tmp").exists()
+
+
+def test_lora_saves_only_the_adapter(tmp_path, caches):
+    cfg = tiny_config(tmp_path, *caches, **{"run.max_steps": 3, "lora.rank": 4, "run.checkpoint_every": 2})
+    trainer = Trainer(cfg)
+    frozen = {k: v.clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()
+              if "lora" not in k}
+    trainer.train()
+    final = tmp_path / "run/final"
+    assert sorted(p.name for p in final.iterdir()) == ["flux_prep.json", "pytorch_lora_weights.safetensors"]
+    adapter = load_file(final / "pytorch_lora_weights.safetensors")
+    assert adapter and all("lora" in k for k in adapter)
+    assert json.loads((final / TRAINING_INFO).read_text())["lora"]["rank"] == 4
+    ckpt = tmp_path / "run/checkpoints/step-2"
+    assert (ckpt / "lora_adapter.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+    after = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in frozen.items())   # the base stayed frozen
+
+
+def test_wrong_cache_refused_before_step_one(tmp_path):
+    padded = write_cache(tmp_path / "padded", 8, t5_mode="padded")
+    cfg = tiny_config(tmp_path, padded, **{"data.expected_t5_mode": "trimmed"})
+    with pytest.raises(CacheError, match="T5 mode"):
+        Trainer(cfg)
+    set_manifest(padded, schema_version=2)
+    with pytest.raises(CacheError, match="schema version"):
+        Trainer(tiny_config(tmp_path, padded))
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_shard_stops_the_run_naming_it(tmp_path, capsys):
+    from train.cli import main
+    cache = write_cache(tmp_path / "c", 16, rows_per_shard=8)
+    shard = sorted(cache.glob("*.parquet"))[-1]
+    shard.write_bytes(b"not parquet" + shard.read_bytes()[100:])
+    with pytest.raises(SystemExit) as e:
+        main(["--data.train_cache", str(cache), "--model.name", "tiny", "--run.max_steps", "2",
+              "--run.output_dir", str(tmp_path / "run"), "--run.precision", "no", "--data.num_workers", "0",
+              "--run.tensorboard", "false", "--run.progress", "false"])
+    assert e.value.code == 1
+    assert shard.name in capsys.readouterr().err
+    assert not (tmp_path / "run/metrics.jsonl").exists()
+
+
+def test_padded_cache_trains(tmp_path):
+    cache = write_cache(tmp_path / "p", 8, t5_mode="padded")
+    summary = train(tiny_config(tmp_path, cache, **{"run.max_steps": 2, "flow.guidance_dropout": 0.5}))
+    assert summary["step"] == 2 and summary["loss"] > 0
+
+
+def test_tiny_model_learns(tmp_path):
+    train_cache = write_cache(tmp_path / "train", 64, row_group_rows=8, rows_per_shard=32)
+    val_cache = write_cache(tmp_path / "val", 16, seed=3, prefix="val")
+    cfg = tiny_config(tmp_path, train_cache, val_cache, **{
+        "run.max_steps": 80, "data.batch_size": 8, "optim.lr": 2e-3, "run.val_every": 80, "run.log_every": 20,
+        "schedule.warmup_steps": 5, "flow.guidance_dropout": 0.1})
+    train(cfg)
+    val = [m["val/loss"] for m in read_metrics(tmp_path / "run") if "val/loss" in m]
+    assert len(val) == 2
+    assert val[-1] < 0.75 * val[0], val

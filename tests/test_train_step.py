@@ -1,0 +1,93 @@
+"""The flow-matching step against a hand-written reference; masking; dropout; validation reruns."""
+import pytest
+import torch
+
+from shared.latents import pack_latents
+from shared.presets import transformer_config
+from train.step import (EmptyPrompt, StepSettings, draw, drop_text, joint_mask, summarize_validation,
+                        training_loss, validation_sums)
+
+
+@pytest.fixture(scope="module")
+def model():
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(**transformer_config("tiny")).eval()
+
+
+def make_batch(b=3, h=8, w=6, length=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"key": [f"k{i}" for i in range(b)], "latent": torch.randn(b, 16, h, w, generator=g),
+            "t5": torch.randn(b, length, 64, generator=g), "clip": torch.randn(b, 64, generator=g)}
+
+
+def test_one_step_loss_equals_hand_written_formula(model):
+    batch = make_batch()
+    settings = StepSettings(sampler="uniform", vae_shift=0.1, vae_scale=0.5)
+    loss = training_loss(model, batch, settings, torch.Generator().manual_seed(7), None)
+
+    # The same draws, in the documented order, then the formula written out by hand.
+    g = torch.Generator().manual_seed(7)
+    t = torch.rand(3, generator=g)
+    noise = torch.randn(batch["latent"].shape, generator=g)
+    x0 = (batch["latent"] - 0.1) * 0.5
+    x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+    h, w = 8, 6
+    img_ids = torch.zeros(h // 2, w // 2, 3)
+    img_ids[..., 1] = torch.arange(h // 2)[:, None]
+    img_ids[..., 2] = torch.arange(w // 2)[None, :]
+    pred = model(hidden_states=pack_latents(x_t), encoder_hidden_states=batch["t5"],
+                 pooled_projections=batch["clip"], timestep=t, img_ids=img_ids.reshape(-1, 3),
+                 txt_ids=torch.zeros(7, 3), return_dict=False)[0]
+    reference = ((pred - pack_latents(noise - x0)) ** 2).mean()
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-7)
+
+
+def test_padding_content_does_not_change_the_loss(model):
+    batch = make_batch(length=9)
+    batch["t5_mask"] = torch.tensor([[True] * 4 + [False] * 5, [True] * 9, [True] * 6 + [False] * 3])
+    other = dict(batch, t5=batch["t5"].clone())
+    other["t5"][~batch["t5_mask"]] = 100.0 * torch.randn(int((~batch["t5_mask"]).sum()), 64)
+    settings = StepSettings()
+    a = training_loss(model, batch, settings, torch.Generator().manual_seed(1), None)
+    b = training_loss(model, other, settings, torch.Generator().manual_seed(1), None)
+    assert abs((a - b).item()) < 1e-6
+    # ...while without the mask the padding does matter (the test can fail).
+    c = training_loss(model, {k: v for k, v in other.items() if k != "t5_mask"}, settings,
+                      torch.Generator().manual_seed(1), None)
+    assert abs((a - c).item()) > 1e-4
+
+
+def test_joint_mask_puts_text_first_then_image():
+    m = joint_mask(torch.tensor([[True, False]]), 3)
+    assert m.shape == (1, 1, 1, 5) and m.flatten().tolist() == [True, False, True, True, True]
+
+
+def test_guidance_dropout_uses_empty_prompt():
+    batch = make_batch(b=4, length=5)
+    batch["t5_mask"] = torch.ones(4, 5, dtype=torch.bool)
+    empty = EmptyPrompt({"t5": torch.full((2, 64), 3.0), "clip": torch.full((64,), 2.0),
+                         "t5_len": torch.tensor(2)}, "cpu")
+    drop = torch.tensor([True, False, True, False])
+    t5, clip, mask = drop_text(batch, empty, drop)
+    assert torch.equal(t5[0, :2], torch.full((2, 64), 3.0)) and t5[0, 2:].abs().sum() == 0
+    assert mask[0].tolist() == [True, True, False, False, False] and mask[1].all()
+    assert torch.equal(clip[2], torch.full((64,), 2.0)) and torch.equal(t5[1], batch["t5"][1])
+    coins = draw(make_batch(b=4000, h=2, w=2), StepSettings(guidance_dropout=0.1), torch.Generator().manual_seed(0))
+    assert 0.07 < coins["drop"].float().mean() < 0.13
+
+
+def test_validation_is_identical_on_rerun_and_in_any_batching(model):
+    batches = [make_batch(b=3, seed=1), make_batch(b=2, seed=2)]
+    for i, b in enumerate(batches):
+        b["key"] = [f"s{i}-{j}" for j in range(len(b["key"]))]
+    settings = StepSettings()
+    first = validation_sums(model, batches, settings, "cpu")
+    again = validation_sums(model, batches, settings, "cpu")
+    assert torch.equal(first, again)
+    singles = [{k: (v[j:j + 1] if torch.is_tensor(v) else v[j:j + 1]) for k, v in b.items()}
+               for b in batches for j in range(len(b["key"]))]
+    torch.testing.assert_close(validation_sums(model, singles, settings, "cpu"), first, rtol=1e-5, atol=1e-6)
+    summary = summarize_validation(first)
+    assert len([k for k in summary if k.startswith("val/loss_t")]) == 8
+    assert summary["val/loss"] == pytest.approx(sum(summary[f"val/loss_t{i}_8"] for i in range(8)) / 8)

@@ -1,0 +1,271 @@
+"""The trainer's one config: a tree of dataclasses, read from YAML, overridden from the command line.
+
+Command line: `--config FILE.yaml` then any number of `--section.key value` overrides, e.g.
+`--optim.lr 1e-4 --run.max_steps 1000 --model.overrides '{num_layers: 4}'`. Values are parsed as
+YAML and coerced to the field's type. `--output-dir DIR` and `--resume auto|PATH` are short forms of
+`--run.output_dir` and `--run.resume`. A YAML file whose top level has a `train:` key (DVC's
+params.yaml) is read from that section.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+# LoRA targets: the attention and MLP projections of both block kinds (regex, peft's full match).
+DEFAULT_LORA_TARGETS = (
+    r".*blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|proj_mlp|proj_out)"
+)
+
+
+@dataclass
+class DataConfig:
+    train_cache: str = ""                 # cache folder (flux-prep encode's output)
+    val_cache: str | None = None          # held-out cache for the validation loss
+    expected_t5_mode: str | None = None   # padded|trimmed: refuse a cache encoded otherwise
+    batch_size: int = 4                   # per process, per micro-step
+    num_workers: int = 2                  # DataLoader workers per process
+    shuffle_buffer: int = 256             # samples mixed across row groups
+    prefetch_factor: int = 2
+    val_batch_size: int = 8
+    val_max_samples: int | None = None    # cap on validation samples (None: the whole cache)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"                    # preset (tiny, flux-schnell, flux-dev) or a model folder / hub id
+    init: str = "random"                  # random: from the preset/config; pretrained: load the weights
+    overrides: dict = field(default_factory=dict)   # transformer config changes, e.g. {num_layers: 4}
+    guidance: float = 1.0                 # fed to the guidance embedding of guidance-distilled models
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    fused: bool | None = None             # None: fused AdamW where the device supports it
+    grad_clip: float = 1.0                # 0: no clipping
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "constant"                # constant|cosine (after the warmup)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0             # cosine floor, as a fraction of lr
+
+
+@dataclass
+class FlowConfig:
+    sampler: str = "uniform"              # uniform|logit_normal|flux_shift
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    guidance_dropout: float = 0.1         # p of replacing T5+CLIP by the empty prompt's
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0                         # 0: full fine-tuning / training; >0: LoRA of this rank
+    alpha: float | None = None            # None: alpha = rank
+    targets: str = DEFAULT_LORA_TARGETS
+
+
+@dataclass
+class EmaConfig:
+    decay: float = 0.0                    # 0: no EMA; else e.g. 0.999
+    every: int = 1
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/train"
+    max_steps: int | None = None          # optimizer steps; None: from epochs
+    epochs: float | None = None           # used when max_steps is None
+    grad_accum: int = 1
+    precision: str = "bf16"               # bf16|no
+    grad_checkpointing: bool = False
+    compile: bool = False                 # torch.compile each repeated block
+    cudnn_sdpa: bool = False              # cuDNN attention: its backward crashed under autocast with Flux (torch 2.11)
+    seed: int = 0
+    log_every: int = 10
+    val_every: int = 0                    # 0: validate only at the end
+    checkpoint_every: int = 0             # 0: no intermediate checkpoints
+    keep_checkpoints: int = 2
+    resume: str | None = None             # auto (latest in output_dir) or a checkpoint folder
+    tensorboard: bool = True
+    progress: bool = True
+    deterministic: bool = False           # torch.use_deterministic_algorithms (CPU tests)
+    save_final: bool = True               # write final/ (benchmarks turn it off)
+    record_keys: bool = False             # audit: write seen/rank{r}.json (keys consumed, weights hash)
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+ALIASES = {"output-dir": "run.output_dir", "output_dir": "run.output_dir", "resume": "run.resume"}
+CHOICES = {
+    ("model", "init"): ("random", "pretrained"),
+    ("schedule", "kind"): ("constant", "cosine"),
+    ("flow", "sampler"): ("uniform", "logit_normal", "flux_shift"),
+    ("run", "precision"): ("bf16", "no"),
+    ("data", "expected_t5_mode"): (None, "padded", "trimmed"),
+}
+
+
+class ConfigError(ValueError):
+    """A config value or key that is not understood; the message names it."""
+
+
+def _coerce(value, tp, where: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low in ("true", "yes", "1", "on"):
+                    return True
+                if low in ("false", "no", "0", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) else int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+        if tp in (tuple, list, dict) or origin in (tuple, list, dict):
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            base = origin or tp
+            if base is dict and not isinstance(value, dict):
+                raise ValueError(value)
+            if base in (tuple, list) and not isinstance(value, (list, tuple)):
+                raise ValueError(value)
+            if base is tuple:
+                return tuple(float(v) if isinstance(v, (int, float, str)) else v for v in value)
+            return base(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def _set(cfg: TrainConfig, dotted: str, value) -> None:
+    dotted = ALIASES.get(dotted, dotted).replace("-", "_")
+    if "." not in dotted:
+        raise ConfigError(f"unknown option --{dotted}; options are --section.key (sections: "
+                          f"{', '.join(f.name for f in dataclasses.fields(cfg))})")
+    section_name, key = dotted.split(".", 1)
+    section = getattr(cfg, section_name, None)
+    if section is None or not dataclasses.is_dataclass(section):
+        raise ConfigError(f"unknown config section {section_name!r} in {dotted!r}")
+    hints = typing.get_type_hints(type(section))
+    if key not in hints:
+        raise ConfigError(f"unknown config key {dotted!r}; {section_name} has {', '.join(hints)}")
+    if (section_name, key) == ("run", "precision") and value is False:
+        value = "no"   # YAML 1.1 reads an unquoted `no` as false
+    value = _coerce(value, hints[key], dotted)
+    allowed = CHOICES.get((section_name, key))
+    if allowed is not None and value not in allowed:
+        raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(map(str, allowed))}")
+    setattr(section, key, value)
+
+
+def apply_dict(cfg: TrainConfig, tree: dict, prefix: str = "") -> None:
+    for section, values in tree.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
+        for key, value in values.items():
+            _set(cfg, f"{section}.{key}", value)
+
+
+def load_yaml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a config is a mapping of sections")
+    sections = {f.name for f in dataclasses.fields(TrainConfig)}
+    if "train" in tree and not (set(tree) & sections):
+        tree = tree["train"] or {}
+    return tree
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
+    """['--a.b', 'v', '--c.d=w'] -> [('a.b','v'), ('c.d','w')]."""
+    pairs, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key value")
+        name = arg[2:]
+        if "=" in name:
+            name, value = name.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{name} needs a value")
+            value = argv[i + 1]
+            i += 2
+        pairs.append((name, value))
+    return pairs
+
+
+def load_config(config_path=None, overrides: list[tuple[str, object]] | dict | None = None) -> TrainConfig:
+    cfg = TrainConfig()
+    if config_path is not None:
+        apply_dict(cfg, load_yaml(config_path))
+    items = overrides.items() if isinstance(overrides, dict) else (overrides or [])
+    for name, value in items:
+        _set(cfg, name, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    if not cfg.data.train_cache:
+        raise ConfigError("data.train_cache is not set")
+    if cfg.run.max_steps is None and cfg.run.epochs is None:
+        raise ConfigError("set run.max_steps or run.epochs")
+    if cfg.data.batch_size < 1 or cfg.run.grad_accum < 1:
+        raise ConfigError("data.batch_size and run.grad_accum must be at least 1")
+    if not 0.0 <= cfg.flow.guidance_dropout <= 1.0:
+        raise ConfigError("flow.guidance_dropout is a probability in [0, 1]")
+
+
+def help_text() -> str:
+    lines = [__doc__.strip(), "", "Options (default):"]
+    for sec in dataclasses.fields(TrainConfig):
+        section = getattr(TrainConfig(), sec.name)
+        for f in dataclasses.fields(section):
+            default = getattr(section, f.name)
+            shown = "<regex>" if f.name == "targets" else repr(default)
+            lines.append(f"  --{sec.name}.{f.name} {shown}")
+    return "\n".join(lines)

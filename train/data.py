@@ -1,0 +1,271 @@
+"""Streaming the cache into batches: split across ranks and workers, shuffled per epoch, bucketed, resumable.
+
+Each (rank, DataLoader worker) pair is a *slot*. An epoch shuffles the shard order by (seed, epoch),
+lists every shard's row groups in that order and deals them round-robin to the slots. A slot reads its
+row groups in turn through a shuffle buffer and groups samples of one latent size into batches
+(partial batches of each size close the epoch, so no sample is dropped). Workers loop over epochs
+forever; the trainer decides when to stop.
+
+Every batch carries `(worker, epoch, index)`; the trainer records the last one consumed per worker.
+Resuming replays an epoch up to that index reading only the small `latent_h/latent_w` columns (the
+shuffle decisions depend only on counts), then reads the tensors of the samples still pending, so a
+resumed run sees exactly the batches an uninterrupted run would have seen next.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from shared.cache import CacheError, CacheReader, check_t5_mode
+
+
+def open_cache(cache_dir, expected_t5_mode: str | None = None, where: str = "cache") -> CacheReader:
+    """Open a cache and refuse one of another schema version (read_manifest) or T5 mode."""
+    reader = CacheReader(cache_dir)
+    check_t5_mode(reader.manifest, expected_t5_mode, where=f"{where} {cache_dir}")
+    return reader
+
+
+def collate(items: list[dict], t5_mode: str) -> dict:
+    """Samples of one latent size -> a batch. Trimmed T5 is zero-padded to the batch's longest
+    caption with a mask (True = real token); padded T5 has no mask (FLUX attends to all of it)."""
+    batch = {
+        "key": [it["key"] for it in items],
+        "latent": torch.stack([it["latent"] for it in items]),
+        "clip": torch.stack([it["clip"] for it in items]),
+        "t5_len": torch.tensor([it["t5_len"] for it in items], dtype=torch.int64),
+    }
+    if t5_mode == "padded":
+        batch["t5"] = torch.stack([it["t5"] for it in items])
+    else:
+        longest = max(it["t5"].shape[0] for it in items)
+        t5 = items[0]["t5"].new_zeros(len(items), longest, items[0]["t5"].shape[1])
+        mask = torch.zeros(len(items), longest, dtype=torch.bool)
+        for i, it in enumerate(items):
+            n = it["t5"].shape[0]
+            t5[i, :n] = it["t5"]
+            mask[i, :n] = True
+        batch["t5"], batch["t5_mask"] = t5, mask
+    return batch
+
+
+class CacheStream(IterableDataset):
+    """Infinite stream of training batches from one cache, for one rank.
+
+    `position` (from `StreamPosition.state_dict`) resumes where a previous run stopped."""
+
+    def __init__(self, cache_dir, *, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle_buffer: int = 256, expected_t5_mode: str | None = None, position: dict | None = None):
+        self.reader = open_cache(cache_dir, expected_t5_mode, "training cache")
+        self.t5_mode = self.reader.t5_mode
+        self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.position = position or {}
+        self._row_groups: list[int] | None = None
+
+    def __getstate__(self):
+        # DataLoader workers get a copy: leave the open Parquet file behind.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_open_file", "_open_name")}
+
+    # -- the plan of an epoch -----------------------------------------------------------------
+    def row_groups(self) -> list[int]:
+        """Row groups per shard, from each shard's footer (also catches truncated shards early)."""
+        if self._row_groups is None:
+            self._row_groups = [self.reader.open_shard(s).num_row_groups for s in self.reader.shards]
+        return self._row_groups
+
+    def units(self, epoch: int, slot: int, num_slots: int) -> list[tuple[int, int]]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.reader.shards))
+        counts = self.row_groups()
+        every = [(int(s), g) for s in order for g in range(counts[s])]
+        if len(every) < num_slots:
+            raise CacheError(f"{self.reader.dir}: {len(every)} row groups cannot feed {num_slots} readers "
+                             "(processes x DataLoader workers); use fewer workers or smaller row groups")
+        return every[slot::num_slots]
+
+    # -- reading ------------------------------------------------------------------------------
+    def _read(self, unit: tuple[int, int], light: bool) -> list[list]:
+        """One row group -> items [unit, row, (h, w), data]; data is None when `light`."""
+        shard = self.reader.shards[unit[0]]
+        pf = self._open(shard)
+        try:
+            if light:
+                table = pf.read_row_group(unit[1], columns=["latent_h", "latent_w"])
+                hs, ws = table.column("latent_h").to_pylist(), table.column("latent_w").to_pylist()
+                return [[unit, i, (h, w), None] for i, (h, w) in enumerate(zip(hs, ws))]
+            rg = self.reader.read_row_group(pf, unit[1])
+        except CacheError as e:
+            raise CacheError(f"{self.reader.dir / shard}: {e}") from None
+        except Exception as e:  # pyarrow raises several types for damaged pages
+            raise CacheError(f"{self.reader.dir / shard}: row group {unit[1]} unreadable ({e})") from None
+        return [[unit, i, (int(rg["latent_h"][i]), int(rg["latent_w"][i])), _sample(rg, i)]
+                for i in range(len(rg["key"]))]
+
+    def _open(self, shard: str):
+        if getattr(self, "_open_name", None) != shard:
+            self._open_file = self.reader.open_shard(shard)
+            self._open_name = shard
+        return self._open_file
+
+    def _materialize(self, items: list[list]) -> None:
+        """Read the tensors of items that were replayed light (after a resume)."""
+        by_unit: dict = {}
+        for it in items:
+            if it[3] is None:
+                by_unit.setdefault(it[0], []).append(it)
+        for unit, its in by_unit.items():
+            full = self._read(unit, light=False)
+            for it in its:
+                it[3] = full[it[1]][3]
+
+    # -- the stream ---------------------------------------------------------------------------
+    def epoch_batches(self, epoch: int, slot: int, num_slots: int, skip: int = 0):
+        """Yield (index, items) for one slot's epoch, from batch `skip` on."""
+        rng = np.random.default_rng([self.seed, epoch, slot, 1])
+        buffer: list[list] = []
+        buckets: dict[tuple, list] = {}
+        index = 0
+        light = skip > 0
+        current: list[list] = []   # the row group being read (its rest is still light after a replay)
+
+        def emit(item):
+            bucket = buckets.setdefault(item[2], [])
+            bucket.append(item)
+            if len(bucket) < self.batch_size:
+                return None
+            buckets[item[2]] = []
+            return bucket
+
+        def advance(batch):
+            # Returns the batch to yield (or None while replaying), then moves the index on.
+            nonlocal index, light
+            out = batch if index >= skip else None
+            index += 1
+            if light and index == skip:
+                self._materialize(buffer + current + [it for b in buckets.values() for it in b])
+                light = False
+            return out
+
+        for unit in self.units(epoch, slot, num_slots):
+            current = self._read(unit, light)
+            for item in current:
+                if len(buffer) < self.shuffle_buffer:
+                    buffer.append(item)
+                    continue
+                j = int(rng.integers(len(buffer)))
+                item, buffer[j] = buffer[j], item
+                batch = emit(item)
+                if batch is not None and (out := advance(batch)) is not None:
+                    yield index - 1, out
+        current = []
+        for j in rng.permutation(len(buffer)):
+            batch = emit(buffer[j])
+            if batch is not None and (out := advance(batch)) is not None:
+                yield index - 1, out
+        for size in sorted(buckets):
+            if buckets[size] and (out := advance(buckets[size])) is not None:
+                yield index - 1, out
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The DataLoader takes batches from its workers round-robin starting at worker 0; a resumed
+        # run rotates the roles so that the one due next in the interrupted run goes first.
+        worker = (worker + self.position.get("next_worker", 0)) % num_workers
+        saved = self.position.get("workers", {}).get(str(worker))
+        if self.position and self.position.get("num_workers", num_workers) != num_workers:
+            raise CacheError(f"the checkpoint's data position was saved with {self.position['num_workers']} "
+                             f"DataLoader workers, this run has {num_workers}; set data.num_workers to match")
+        epoch, skip = (saved[0], saved[1]) if saved else (0, 0)
+        slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
+        while True:
+            for index, items in self.epoch_batches(epoch, slot, num_slots, skip):
+                batch = collate([it[3] for it in items], self.t5_mode)
+                batch["pos"] = torch.tensor([worker, epoch, index], dtype=torch.int64)
+                yield batch
+            epoch, skip = epoch + 1, 0
+
+
+def _sample(rg: dict, i: int) -> dict:
+    # Clones: a view would keep its whole row group alive while the sample waits in the buffer.
+    def pick(x):
+        return x[i].clone()
+    return {"key": rg["key"][i], "latent": pick(rg["latent"]), "t5": pick(rg["t5"]),
+            "clip": pick(rg["clip"]), "t5_len": int(rg["t5_len"][i])}
+
+
+class StreamPosition:
+    """The trainer's record of what it consumed: per worker (epoch, next batch index), the worker
+    due next, samples seen."""
+
+    def __init__(self, num_workers: int, world_size: int):
+        self.num_workers, self.world_size = max(1, num_workers), world_size
+        self.workers: dict[str, list[int]] = {}
+        self.next_worker = 0
+        self.samples = 0
+
+    def consumed(self, batch: dict) -> None:
+        worker, epoch, index = (int(v) for v in batch["pos"])
+        self.workers[str(worker)] = [epoch, index + 1]
+        self.next_worker = (worker + 1) % self.num_workers
+        self.samples += len(batch["key"])
+
+    @property
+    def epoch(self) -> int:
+        return min((e for e, _ in self.workers.values()), default=0)
+
+    def state_dict(self) -> dict:
+        return {"num_workers": self.num_workers, "world_size": self.world_size,
+                "workers": dict(self.workers), "next_worker": self.next_worker, "samples": self.samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("world_size", self.world_size) != self.world_size:
+            raise CacheError(f"the checkpoint's data position was saved by {state['world_size']} processes, "
+                             f"this run has {self.world_size}; resume with the same number")
+        self.workers = {k: list(v) for k, v in state.get("workers", {}).items()}
+        self.next_worker = int(state.get("next_worker", 0))
+        self.samples = int(state.get("samples", 0))
+
+
+def train_loader(stream: CacheStream, num_workers: int, pin_memory: bool, prefetch_factor: int = 2) -> DataLoader:
+    kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False} if num_workers > 0 else {}
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
+
+
+# -- validation ------------------------------------------------------------------------------
+def sample_seed(key: str, salt: int = 0) -> int:
+    """A seed fixed by the sample's key: the same noise on every rerun, at any world size."""
+    return int.from_bytes(hashlib.sha256(f"{key}|{salt}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def validation_batches(reader: CacheReader, batch_size: int, rank: int = 0, world_size: int = 1,
+                       max_samples: int | None = None):
+    """The held-out cache in manifest order; sample i goes to rank i % world_size; one latent size per batch."""
+    buckets: dict[tuple, list] = {}
+    i = 0
+    for shard in reader.shards:
+        pf = reader.open_shard(shard)
+        for g in range(pf.num_row_groups):
+            try:
+                rg = reader.read_row_group(pf, g)
+            except CacheError as e:
+                raise CacheError(f"{Path(reader.dir) / shard}: {e}") from None
+            for r in range(len(rg["key"])):
+                if max_samples is not None and i >= max_samples:
+                    break
+                if i % world_size == rank:
+                    size = (int(rg["latent_h"][r]), int(rg["latent_w"][r]))
+                    bucket = buckets.setdefault(size, [])
+                    bucket.append(_sample(rg, r))
+                    if len(bucket) == batch_size:
+                        yield collate(bucket, reader.t5_mode)
+                        buckets[size] = []
+                i += 1
+    for size in sorted(buckets):
+        if buckets[size]:
+            yield collate(buckets[size], reader.t5_mode)

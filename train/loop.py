@@ -1,0 +1,308 @@
+"""The training loop: accelerate, AdamW, warmup + constant/cosine, accumulation, clipping, EMA,
+validation, checkpoints, metrics. Reads only the cache; writes only under run.output_dir."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from shared.models import ModelLoadError
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data import CacheStream, StreamPosition, open_cache, train_loader, validation_batches
+from .model import (EMA, add_lora, build_transformer, check_cache_fits, load_lora_state_dict, lora_state_dict,
+                    sampling_conventions)
+from .step import (EmptyPrompt, StepSettings, summarize_validation, to_device, training_loss, validation_sums)
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str, min_ratio: float) -> float:
+    """Multiplier of the base lr after `step` optimizer steps: linear warmup, then constant or cosine."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def total_steps(cfg: TrainConfig, num_rows: int, world_size: int) -> int:
+    if cfg.run.max_steps is not None:
+        return cfg.run.max_steps
+    per_step = cfg.data.batch_size * cfg.run.grad_accum * world_size
+    return max(1, math.ceil(cfg.run.epochs * num_rows / per_step))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+        self.cfg = cfg
+        run = cfg.run
+        self.out = Path(run.output_dir)
+        if run.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.accelerator = acc = Accelerator(
+            mixed_precision="bf16" if run.precision == "bf16" else "no",
+            log_with="tensorboard" if run.tensorboard else None,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
+        )
+        self.device = acc.device
+        if self.device.type == "cuda" and not run.cudnn_sdpa:
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        # Refuse a wrong cache before building anything expensive.
+        self.train_reader = open_cache(cfg.data.train_cache, cfg.data.expected_t5_mode, "training cache")
+        self.val_reader = None
+        if cfg.data.val_cache:
+            self.val_reader = open_cache(cfg.data.val_cache, self.train_reader.t5_mode, "validation cache")
+        manifest = self.train_reader.manifest
+        vae = manifest.get("vae", {})
+
+        from accelerate.utils import DistributedType
+        # FSDP shards the weights after prepare(): build on the host there, on the device otherwise.
+        init_device = "cpu" if acc.distributed_type == DistributedType.FSDP else self.device
+        model = build_transformer(cfg.model, seed=run.seed, device=init_device)
+        check_cache_fits(model, manifest)
+        self.lora = cfg.lora.rank > 0
+        if acc.distributed_type == DistributedType.FSDP and (cfg.lora.rank > 0 or cfg.ema.decay > 0):
+            raise ModelLoadError("LoRA and EMA are not supported with FSDP yet; train them with DDP")
+        if self.lora:
+            add_lora(model, cfg.lora)
+        if run.grad_checkpointing:
+            model.enable_gradient_checkpointing()
+        if run.compile:
+            model.compile_repeated_blocks(fullgraph=False)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.settings = StepSettings(
+            sampler=cfg.flow.sampler, logit_mean=cfg.flow.logit_mean, logit_std=cfg.flow.logit_std,
+            guidance_dropout=cfg.flow.guidance_dropout,
+            guidance=cfg.model.guidance if model.config.guidance_embeds else None,
+            vae_shift=vae.get("shift_factor", 0.1159), vae_scale=vae.get("scaling_factor", 0.3611))
+        fused = cfg.optim.fused if cfg.optim.fused is not None else self.device.type == "cuda"
+        optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                      weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps, fused=fused)
+        self.max_steps = total_steps(cfg, self.train_reader.num_rows, acc.num_processes)
+        s = cfg.schedule
+        # Not passed to prepare(): accelerate would step it once per process.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda k: lr_factor(k, s.warmup_steps, self.max_steps, s.kind, s.min_lr_ratio))
+        if self.lora:
+            ckpt.register_lora_hooks(acc, lora_state_dict, load_lora_state_dict)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        acc.register_for_checkpointing(self.scheduler)
+        self.ema = EMA(named, cfg.ema.decay) if cfg.ema.decay > 0 else None
+        if self.ema is not None:
+            acc.register_for_checkpointing(self.ema)
+        # After prepare(): FSDP replaces the parameters with sharded ones.
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.generator = torch.Generator(device=self.device).manual_seed(run.seed * 1_000_003 + acc.process_index)
+        self.position = StreamPosition(cfg.data.num_workers, acc.num_processes)
+        self.step = 0
+        self.empty = None
+        if cfg.flow.guidance_dropout > 0:
+            self.empty = EmptyPrompt(self.train_reader.empty_prompt(), self.device)
+        self._val_batches = None
+
+    # -- pieces -----------------------------------------------------------------------------
+    def resume(self) -> None:
+        path = ckpt.resolve_resume(self.cfg.run.resume, self.out)
+        if path is None:
+            if self.cfg.run.resume == "auto":
+                self.accelerator.print("no checkpoint to resume from; starting at step 0")
+            return
+        self.step, rank_state = ckpt.load_checkpoint(self.accelerator, path, self.generator)
+        self.position.load_state_dict(rank_state["data"])
+        self.accelerator.print(f"resumed from {path} at step {self.step}")
+        if self.accelerator.is_main_process:   # drop metrics the interrupted run logged after the checkpoint
+            self._truncate_metrics(self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+            path.write_text("".join(ln + "\n" for ln in keep))
+
+    def log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def validate(self) -> dict | None:
+        if self.val_reader is None:
+            return None
+        acc = self.accelerator
+        if self._val_batches is None:  # the held-out set is small: read it once, keep it on the host
+            self._val_batches = list(validation_batches(self.val_reader, self.cfg.data.val_batch_size,
+                                                        acc.process_index, acc.num_processes,
+                                                        self.cfg.data.val_max_samples))
+        batches = self._val_batches
+        # Every rank must run the same number of forwards (FSDP gathers weights in each).
+        most = int(acc.gather(torch.tensor([len(batches)], device=self.device)).max())
+        sums = validation_sums(self.model, batches, self.settings, self.device)
+        for _ in range(most - len(batches)):
+            validation_sums(self.model, batches[:1] or self._any_batch(), self.settings, self.device)
+        return summarize_validation(acc.reduce(sums, reduction="sum"))
+
+    def _any_batch(self) -> list:
+        return list(validation_batches(self.val_reader, 1, 0, 1, 1))
+
+    def save_final(self) -> Path | None:
+        m = self.train_reader.manifest
+        info = {
+            "t5_mode": m["t5"]["mode"], "t5_max_length": m["t5"]["max_length"],
+            **sampling_conventions(self.cfg.model),
+            "guidance_dropout": self.cfg.flow.guidance_dropout,
+            "guidance_embeds": bool(self.accelerator.unwrap_model(self.model).config.guidance_embeds),
+            "base_model": self.cfg.model.name, "init": self.cfg.model.init,
+            "timestep_sampler": self.cfg.flow.sampler, "steps_trained": self.step,
+            "lora": {"rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha or self.cfg.lora.rank,
+                     "adapter": ".", "weights": "pytorch_lora_weights.safetensors"} if self.lora else None,
+            "train_cache": str(self.cfg.data.train_cache),
+        }
+        return ckpt.save_final(self.accelerator, self.model, self.out, info, self.lora, self.ema)
+
+    def save_checkpoint(self) -> Path:
+        return ckpt.save_checkpoint(self.accelerator, self.out, self.step, {"data": self.position.state_dict()},
+                                    self.generator, self.cfg.run.keep_checkpoints)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def train(self, stop_after_step: int | None = None, on_batch=None) -> dict:
+        """Run to max_steps. `stop_after_step` ends early without final outputs, as a kill would;
+        `on_batch(batch)` sees each batch consumed (tests record the keys)."""
+        cfg, acc = self.cfg, self.accelerator
+        run = cfg.run
+        seen: list[str] = []
+        if run.record_keys:
+            inner = on_batch
+            on_batch = lambda b: (seen.extend(b["key"]), inner and inner(b))  # noqa: E731
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_json(self.out / "config.json", cfg.to_dict())
+        self.resume()
+        if run.tensorboard:
+            acc.init_trackers("flux-train", config=_flat_hparams(cfg))
+        stream = CacheStream(cfg.data.train_cache, batch_size=cfg.data.batch_size, seed=run.seed,
+                             rank=acc.process_index, world_size=acc.num_processes,
+                             shuffle_buffer=cfg.data.shuffle_buffer, expected_t5_mode=cfg.data.expected_t5_mode,
+                             position=self.position.state_dict() if self.position.workers else None)
+        stream.row_groups()   # every shard's footer, before step 1: a damaged shard stops the run here
+        loader = train_loader(stream, cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+                              prefetch_factor=cfg.data.prefetch_factor)
+        batches = iter(loader)
+        bar = None
+        if run.progress and acc.is_main_process:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        summary: dict = {}
+        if self.step == 0 and self.val_reader is not None and run.val_every:
+            summary = self._log_validation()
+        loss_sum = torch.zeros((), device=self.device)
+        micro, images, wait = 0, 0, 0.0
+        window_start = time.perf_counter()
+        self.model.train()
+        while self.step < self.max_steps:
+            for k in range(run.grad_accum):
+                t0 = time.perf_counter()
+                batch = next(batches)
+                wait += time.perf_counter() - t0
+                self.position.consumed(batch)
+                if on_batch is not None:
+                    on_batch(batch)
+                images += len(batch["key"])
+                batch = to_device(batch, self.device)
+                last = k == run.grad_accum - 1
+                with acc.no_sync(self.model) if not last else _nullcontext():
+                    loss = training_loss(self.model, batch, self.settings, self.generator, self.empty)
+                    acc.backward(loss / run.grad_accum)
+                loss_sum += loss.detach()
+                micro += 1
+            grad_norm = acc.clip_grad_norm_(self.params, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            if self.ema is not None and self.step % cfg.ema.every == 0:
+                self.ema.update()
+            if bar is not None:
+                bar.update(1)
+            if self.step % run.log_every == 0 or self.step == self.max_steps:
+                mean_loss = (acc.reduce(loss_sum, reduction="mean") / micro).item()   # the one host sync
+                elapsed = time.perf_counter() - window_start
+                record = {"step": self.step, "loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
+                          "images_per_s": images * acc.num_processes / elapsed,
+                          "data_wait": wait / elapsed, "epoch": self.position.epoch,
+                          "samples": self.position.samples * acc.num_processes}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                self.log(record)
+                summary.update(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['images_per_s']:.1f}")
+                loss_sum.zero_()
+                micro, images, wait = 0, 0, 0.0
+                window_start = time.perf_counter()
+            if run.val_every and self.step % run.val_every == 0 and self.step != self.max_steps:
+                summary.update(self._log_validation())
+            if run.checkpoint_every and self.step % run.checkpoint_every == 0:
+                self.save_checkpoint()
+            if stop_after_step is not None and self.step >= stop_after_step:
+                if bar is not None:
+                    bar.close()
+                return summary
+        if bar is not None:
+            bar.close()
+        summary.update(self._log_validation())
+        if run.record_keys:
+            self._record(seen)
+        final = self.save_final() if run.save_final else None
+        acc.end_training()
+        summary["final"] = str(final) if final else None
+        return summary
+
+    def _record(self, seen: list[str]) -> None:
+        """This rank's consumed keys and a hash of its weights (ranks must agree on the weights)."""
+        import hashlib
+        h = hashlib.sha256()
+        for name, t in sorted(self.accelerator.unwrap_model(self.model).state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().numpy().tobytes())
+        folder = self.out / "seen"
+        folder.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_json(folder / f"rank{self.accelerator.process_index}.json",
+                               {"keys": seen, "weights_sha256": h.hexdigest(), "step": self.step})
+
+    def _log_validation(self) -> dict:
+        self.model.eval()
+        result = self.validate()
+        self.model.train()
+        if result is None:
+            return {}
+        self.log({"step": self.step, **result})
+        self.accelerator.print(f"step {self.step}: validation loss {result['val/loss']:.5f}")
+        return result
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _flat_hparams(cfg: TrainConfig) -> dict:
+    """TensorBoard's hparams take scalars and strings only."""
+    out = {}
+    for section, values in cfg.to_dict().items():
+        for k, v in values.items():
+            if isinstance(v, (int, float, str, bool)):
+                out[f"{section}.{k}"] = v
+    return out
+
+
+def train(cfg: TrainConfig, stop_after_step: int | None = None, on_batch=None) -> dict:
+    return Trainer(cfg).train(stop_after_step=stop_after_step, on_batch=on_batch)

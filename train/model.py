@@ -1,0 +1,146 @@
+"""Building the transformer to train: a preset or a model folder, random init or published weights,
+plus the options that change the module (LoRA, activation checkpointing, compile) and the EMA."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from shared.models import ModelLoadError, load_transformer, read_training_info
+from shared.presets import PRESETS, get_preset, transformer_config
+
+from .config import LoraConfig, ModelConfig
+
+
+def _transformer_folder(name: str) -> tuple[str, str | None]:
+    """(model, part) for load_transformer: a transformer folder itself, or a model folder / hub id."""
+    path = Path(name)
+    if path.is_dir() and (path / "config.json").is_file() and not (path / "transformer").is_dir():
+        return str(path), None
+    return name, "transformer"
+
+
+def build_transformer(cfg: ModelConfig, seed: int = 0, device="cpu"):
+    """The FluxTransformer2DModel to train, in float32 (mixed precision casts per op).
+
+    A random init is built directly on `device` (initialising billions of weights on the host is slow)."""
+    from diffusers import FluxTransformer2DModel
+    if cfg.init == "pretrained":
+        if cfg.overrides:
+            raise ModelLoadError("model.overrides change the architecture; they need model.init: random")
+        source = get_preset(cfg.name).hub_id if cfg.name in PRESETS else cfg.name
+        if source is None:
+            raise ModelLoadError(f"preset {cfg.name!r} has no published weights; use model.init: random")
+        model, part = _transformer_folder(source)
+        return load_transformer(model, dtype=torch.float32, part=part)
+    if cfg.name in PRESETS:
+        config = transformer_config(cfg.name, **cfg.overrides)
+    else:
+        model, part = _transformer_folder(cfg.name)
+        try:
+            config = dict(FluxTransformer2DModel.load_config(model, **({"subfolder": part} if part else {})))
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{cfg.name}: cannot read the transformer config: {str(e).splitlines()[0]}") from e
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        unknown = set(cfg.overrides) - set(config)
+        if unknown:
+            raise ModelLoadError(f"unknown transformer option(s): {', '.join(sorted(unknown))}")
+        config.update(cfg.overrides)
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(seed)
+        return FluxTransformer2DModel(**config)
+
+
+def sampling_conventions(cfg: ModelConfig) -> dict:
+    """shift_schedule / default_steps of the model being trained (for flux_prep.json)."""
+    if cfg.name in PRESETS:
+        p = get_preset(cfg.name)
+        return {"shift_schedule": p.shift_schedule, "default_steps": p.default_steps}
+    model, part = _transformer_folder(cfg.name)
+    info = read_training_info(Path(model) / part if part else model) if Path(model).is_dir() else {}
+    if info:
+        return {"shift_schedule": info.get("shift_schedule", True), "default_steps": info.get("default_steps", 28)}
+    preset = _matching_preset(model, part)
+    if preset is not None:
+        return {"shift_schedule": preset.shift_schedule, "default_steps": preset.default_steps}
+    return {"shift_schedule": True, "default_steps": 28}
+
+
+def _matching_preset(model: str, part: str | None):
+    """The preset whose transformer shape a folder's config has (e.g. a tiny model folder), if any."""
+    path = Path(model) / (part or "") / "config.json"
+    if not path.is_file():
+        return None
+    import json
+    config = json.loads(path.read_text())
+    for preset in PRESETS.values():
+        if all(_same(config.get(k), v) for k, v in preset.transformer.items()):
+            return preset
+    return None
+
+
+def _same(a, b) -> bool:
+    return list(a) == list(b) if isinstance(b, (list, tuple)) and a is not None else a == b
+
+
+def check_cache_fits(model, manifest: dict) -> None:
+    """Refuse a cache whose tensor sizes do not match the transformer's input layers."""
+    c = model.config
+    dims = manifest["dims"]
+    wrong = []
+    if dims["t5_dim"] != c.joint_attention_dim:
+        wrong.append(f"T5 dim {dims['t5_dim']} vs joint_attention_dim {c.joint_attention_dim}")
+    if dims["clip_dim"] != c.pooled_projection_dim:
+        wrong.append(f"CLIP dim {dims['clip_dim']} vs pooled_projection_dim {c.pooled_projection_dim}")
+    if dims["latent_channels"] * 4 != c.in_channels:
+        wrong.append(f"{dims['latent_channels']} latent channels (x4 packed) vs in_channels {c.in_channels}")
+    if wrong:
+        raise ModelLoadError("the cache does not fit the model: " + "; ".join(wrong))
+
+
+def add_lora(model, cfg: LoraConfig) -> None:
+    """Freeze the model and add a LoRA adapter (peft) on the attention and MLP projections."""
+    from peft import LoraConfig as PeftLoraConfig
+    model.requires_grad_(False)
+    model.add_adapter(PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, init_lora_weights="gaussian",
+                                     target_modules=cfg.targets))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ModelLoadError(f"LoRA targets matched no module: {cfg.targets}")
+
+
+def lora_state_dict(model) -> dict:
+    from peft.utils import get_peft_model_state_dict
+    return get_peft_model_state_dict(model)
+
+
+def load_lora_state_dict(model, state: dict) -> None:
+    from peft.utils import set_peft_model_state_dict
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ModelLoadError(f"checkpoint adapter has unexpected keys: {unexpected[:3]}")
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters, kept in float32."""
+
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], decay: float):
+        self.decay = decay
+        self.names = [n for n, _ in named_params]
+        self.params = [p for _, p in named_params]
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": dict(zip(self.names, self.shadow))}
+
+    def load_state_dict(self, state: dict) -> None:
+        for i, name in enumerate(self.names):
+            self.shadow[i].copy_(state["shadow"][name])
+
+    def named_weights(self) -> dict:
+        return dict(zip(self.names, self.shadow))

@@ -1,0 +1,158 @@
+"""The flow-matching step (DESIGN.md, "Training, in one step") and the validation loss.
+
+x0 = (mean - shift) * scale, x_t = (1 - t) x0 + t n, v = n - x0, loss = mse(model(x_t, t, text), v).
+Every formula (scale, packing, position ids, timestep samplers) comes from `shared`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shared.latents import VAE_SCALE, VAE_SHIFT, image_ids, pack_latents, scale_latents, text_ids
+from shared.schedules import sample_timesteps, validation_timesteps
+
+from .data import sample_seed
+
+
+@dataclass
+class StepSettings:
+    sampler: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    guidance_dropout: float = 0.0
+    guidance: float | None = None        # set for guidance-distilled models (guidance_embeds=True)
+    vae_shift: float = VAE_SHIFT
+    vae_scale: float = VAE_SCALE
+
+
+class EmptyPrompt:
+    """The cache's empty-prompt encodings on the training device, for guidance dropout."""
+
+    def __init__(self, encodings: dict, device):
+        self.t5 = encodings["t5"].to(device)            # [L_e, D]
+        self.clip = encodings["clip"].to(device)        # [Dc]
+        self.t5_len = int(encodings["t5_len"])
+
+
+def drop_text(batch: dict, empty: EmptyPrompt, drop: torch.Tensor) -> tuple:
+    """Replace the T5 and CLIP encodings of samples where `drop` is True by the empty prompt's."""
+    t5, clip, mask = batch["t5"], batch["clip"], batch.get("t5_mask")
+    length = t5.shape[1]
+    if mask is None:  # padded: every caption, and the empty prompt, has all max_length positions
+        if empty.t5.shape[0] != length:
+            raise ValueError(f"empty-prompt T5 has {empty.t5.shape[0]} positions, the batch {length}")
+        empty_t5 = empty.t5
+    else:
+        if empty.t5.shape[0] > length:  # keep every position of the empty prompt
+            pad = empty.t5.shape[0] - length
+            t5 = torch.nn.functional.pad(t5, (0, 0, 0, pad))
+            mask = torch.nn.functional.pad(mask, (0, pad))
+            length = empty.t5.shape[0]
+        empty_t5 = torch.nn.functional.pad(empty.t5, (0, 0, 0, length - empty.t5.shape[0]))
+        empty_mask = torch.arange(length, device=mask.device) < empty.t5_len
+        mask = torch.where(drop[:, None], empty_mask[None], mask)
+    t5 = torch.where(drop[:, None, None], empty_t5.to(t5.dtype)[None], t5)
+    clip = torch.where(drop[:, None], empty.clip.to(clip.dtype)[None], clip)
+    return t5, clip, mask
+
+
+def joint_mask(t5_mask: torch.Tensor | None, image_tokens: int) -> torch.Tensor | None:
+    """[B, L] text mask -> [B, 1, 1, L + S] bool (True = attend) over FLUX's text-then-image sequence."""
+    if t5_mask is None:
+        return None
+    ones = torch.ones(t5_mask.shape[0], image_tokens, dtype=torch.bool, device=t5_mask.device)
+    return torch.cat([t5_mask, ones], dim=1)[:, None, None, :]
+
+
+def predict(model, x_t: torch.Tensor, t: torch.Tensor, t5: torch.Tensor, clip: torch.Tensor,
+            t5_mask: torch.Tensor | None, guidance: float | None) -> torch.Tensor:
+    """The transformer's velocity for a [B, C, h, w] x_t, packed: [B, hw/4, 4C]."""
+    b, _, h, w = x_t.shape
+    device = x_t.device
+    packed = pack_latents(x_t)
+    mask = joint_mask(t5_mask, packed.shape[1])
+    out = model(
+        hidden_states=packed,
+        encoder_hidden_states=t5,
+        pooled_projections=clip,
+        timestep=t,
+        img_ids=image_ids(h, w, device=device),
+        txt_ids=text_ids(t5.shape[1], device=device),
+        guidance=None if guidance is None else torch.full((b,), float(guidance), device=device),
+        joint_attention_kwargs=None if mask is None else {"attention_mask": mask},
+        return_dict=False,
+    )[0]
+    return out
+
+
+def flow_matching_loss(model, latent: torch.Tensor, t5: torch.Tensor, clip: torch.Tensor,
+                       t5_mask: torch.Tensor | None, t: torch.Tensor, noise: torch.Tensor,
+                       settings: StepSettings) -> torch.Tensor:
+    """Per-sample loss [B] (float32) for given timesteps and noise."""
+    x0 = scale_latents(latent.float(), settings.vae_shift, settings.vae_scale)
+    tb = t.view(-1, 1, 1, 1)
+    x_t = (1.0 - tb) * x0 + tb * noise
+    target = pack_latents(noise - x0)
+    pred = predict(model, x_t, t, t5.float(), clip.float(), t5_mask, settings.guidance)
+    return (pred.float() - target).pow(2).mean(dim=(1, 2))
+
+
+def draw(batch: dict, settings: StepSettings, generator: torch.Generator) -> dict:
+    """The step's random draws, in a fixed order: timesteps, noise, guidance-dropout coins."""
+    latent = batch["latent"]
+    b, _, h, w = latent.shape
+    t = sample_timesteps(settings.sampler, b, generator=generator, image_seq_len=(h // 2) * (w // 2),
+                         mean=settings.logit_mean, std=settings.logit_std, device=latent.device)
+    noise = torch.randn(latent.shape, generator=generator, device=latent.device, dtype=torch.float32)
+    drop = torch.rand(b, generator=generator, device=latent.device) < settings.guidance_dropout
+    return {"t": t, "noise": noise, "drop": drop}
+
+
+def training_loss(model, batch: dict, settings: StepSettings, generator: torch.Generator,
+                  empty: EmptyPrompt | None) -> torch.Tensor:
+    """Mean flow-matching loss of one batch (on the model's device), with guidance dropout."""
+    r = draw(batch, settings, generator)
+    if empty is not None and settings.guidance_dropout > 0:
+        t5, clip, mask = drop_text(batch, empty, r["drop"])
+    else:
+        t5, clip, mask = batch["t5"], batch["clip"], batch.get("t5_mask")
+    return flow_matching_loss(model, batch["latent"], t5, clip, mask, r["t"], r["noise"], settings).mean()
+
+
+def to_device(batch: dict, device) -> dict:
+    """Host -> device without a sync (pinned memory makes the copy asynchronous)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k != "pos" else v
+            for k, v in batch.items()}
+
+
+@torch.no_grad()
+def validation_sums(model, batches, settings: StepSettings, device, n_timesteps: int = 8) -> torch.Tensor:
+    """[2, n_timesteps] float64: summed per-sample loss at each fixed t = i/n, and the sample count.
+
+    Noise is drawn on the CPU from a seed fixed by each sample's key and timestep index, so the
+    value is the same on every rerun and at any world size (sum over ranks, then divide)."""
+    sums = torch.zeros(2, n_timesteps, dtype=torch.float64, device=device)
+    ts = validation_timesteps(n_timesteps)
+    for batch in batches:
+        batch = to_device(batch, device)
+        b = len(batch["key"])
+        shape = tuple(batch["latent"].shape[1:])
+        for i, t_value in enumerate(ts.tolist()):
+            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(k, i)))
+                                 for k in batch["key"]]).to(device)
+            t = torch.full((b,), t_value, device=device)
+            loss = flow_matching_loss(model, batch["latent"], batch["t5"], batch["clip"], batch.get("t5_mask"),
+                                      t, noise, settings)
+            sums[0, i] += loss.double().sum()
+            sums[1, i] += b
+    return sums
+
+
+def summarize_validation(sums: torch.Tensor) -> dict:
+    """Per-timestep means and their average (the MLPerf number)."""
+    per_t = (sums[0] / sums[1].clamp(min=1)).tolist()
+    n = len(per_t)
+    out = {f"val/loss_t{i}_{n}": v for i, v in enumerate(per_t)}
+    out["val/loss"] = sum(per_t) / n
+    return out

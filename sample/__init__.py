@@ -1,0 +1,1 @@
+"""Stage 3, `flux-sample`: the denoising loop and image output."""

@@ -1,0 +1,4 @@
+"""`python -m sample ...`."""
+from sample.cli import main
+
+main()

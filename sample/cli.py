@@ -1,0 +1,77 @@
+"""The `flux-sample` command line: prompts in, PNGs out."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def sample(
+    model: str = typer.Option(..., "--model", help="FLUX folder (diffusers' layout) or hub id: VAE, text encoders, "
+                                                   "tokenizers, and the transformer unless --transformer is given."),
+    output_dir: Path = typer.Option(..., "--output", help="Folder for the PNGs (created)."),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="A prompt; repeat for several."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="One prompt per line."),
+    transformer: Optional[str] = typer.Option(None, help="A trainer's final/ folder, a diffusers transformer folder, "
+                                                         "or one .safetensors file in Black Forest Labs' layout."),
+    lora: Optional[str] = typer.Option(None, help="A peft LoRA adapter folder saved by the trainer."),
+    seed: Optional[list[int]] = typer.Option(None, help="Seed; repeat for several images per prompt."),
+    num_seeds: Optional[int] = typer.Option(None, help="Seeds 0..N-1 (instead of --seed)."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps (default: the model's)."),
+    width: Optional[int] = typer.Option(None, help="Pixels, a multiple of 16 (default: the model's resolution)."),
+    height: Optional[int] = typer.Option(None, help="Pixels, a multiple of 16 (default: the model's resolution)."),
+    guidance: Optional[float] = typer.Option(None, help="Guidance embedding value (guidance-distilled models; "
+                                                        "default 3.5)."),
+    cfg_scale: Optional[float] = typer.Option(None, help="True classifier-free guidance against the empty prompt; "
+                                                         "1 = off (default: on for models trained with guidance "
+                                                         "dropout)."),
+    batch_size: int = typer.Option(1, help="Images per forward pass."),
+    grid: bool = typer.Option(False, help="Also write grid.png (rows: prompts, columns: seeds)."),
+    device: str = typer.Option("auto", help="cuda, cuda:N, cpu, or auto."),
+    dtype: str = typer.Option("auto", help="bfloat16 (default on GPU), float32 (default on CPU), float16."),
+    t5_mode: Optional[str] = typer.Option(None, help="padded or trimmed (default: the model's saved convention)."),
+    t5_max_length: Optional[int] = typer.Option(None, help="T5 tokens (default: the model's, else 512)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile each transformer block (GPU)."),
+    attention_backend: str = typer.Option("default", help="diffusers attention backend: native, _native_flash, "
+                                                          "_native_cudnn, flash, _flash_3, ..."),
+    cudnn_sdpa: bool = typer.Option(True, help="Allow cuDNN's SDPA kernel (--no-cudnn-sdpa turns it off)."),
+    fuse_qkv: bool = typer.Option(False, "--fuse-qkv", help="Fuse each attention's q/k/v into one matmul."),
+    progress: bool = typer.Option(True, help="Progress bars."),
+):
+    """Make images from prompts with a FLUX transformer (trained or published); one PNG per prompt and seed,
+    settings recorded in the PNG's text chunks."""
+    from shared.models import ModelLoadError
+
+    from .resolve import SampleError
+    from .run import SampleOptions, run
+
+    try:
+        if seed and num_seeds is not None:
+            raise SampleError("give --seed or --num-seeds, not both")
+        if num_seeds is not None and num_seeds < 1:
+            raise SampleError(f"--num-seeds must be at least 1, got {num_seeds}")
+        seeds = list(seed) if seed else list(range(num_seeds or 1))
+        opts = SampleOptions(
+            model=model, output=output_dir, prompts=prompt, prompts_file=prompts_file, transformer=transformer,
+            lora=lora, seeds=seeds, steps=steps, width=width, height=height, guidance=guidance,
+            cfg_scale=cfg_scale, batch_size=batch_size, grid=grid, device=device, dtype=dtype, t5_mode=t5_mode,
+            t5_max_length=t5_max_length, compile=compile, attention_backend=attention_backend,
+            cudnn_sdpa=cudnn_sdpa, fuse_qkv=fuse_qkv, progress=progress)
+        written = run(opts)
+    except (SampleError, ModelLoadError) as e:
+        typer.echo(f"flux-sample: error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"wrote {len(written)} image(s) to {output_dir}")
+
+
+def main() -> None:
+    app(args=sys.argv[1:], prog_name="flux-sample")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Does the demo follow its prompts? Score sample PNGs against the demo grammar.
+
+For each image whose prompt (from its PNG text chunk) is `a {color} {shape} on a {background}
+background`: the background is the demo background nearest to the image's border pixels; the
+colour is the demo colour nearest to the median of the pixels that differ clearly from that
+background. Writes a JSON report and a labelled grid (prompt beside its samples).
+
+    python -m sample.evaluate SAMPLES_DIR --report metrics/demo_samples.json --grid docs/demo_samples.png
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from shared.demo_grammar import BACKGROUNDS, COLORS, parse_caption
+
+FOREGROUND_DISTANCE = 100.0   # RGB distance from the background that counts as foreground
+
+
+def _nearest(rgb: np.ndarray, palette: dict) -> str:
+    return min(palette, key=lambda name: float(np.linalg.norm(rgb - np.array(palette[name], dtype=float))))
+
+
+def judge(image: np.ndarray) -> dict:
+    """Background and dominant foreground colour of an RGB uint8 image, by the demo's palettes."""
+    px = image.astype(float)
+    border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
+    background = _nearest(np.median(border, axis=0), BACKGROUNDS)
+    flat = px.reshape(-1, 3)
+    far = np.linalg.norm(flat - np.array(BACKGROUNDS[background], dtype=float), axis=1) > FOREGROUND_DISTANCE
+    colour = _nearest(np.median(flat[far], axis=0), COLORS) if far.any() else None
+    return {"background": background, "color": colour, "foreground_share": float(far.mean())}
+
+
+def evaluate(samples_dir) -> dict:
+    rows = []
+    for path in sorted(Path(samples_dir).glob("*.png")):
+        with Image.open(path) as img:
+            prompt = img.text.get("prompt", "") if hasattr(img, "text") else ""
+            pixels = np.asarray(img.convert("RGB"))
+        parsed = parse_caption(prompt)
+        if parsed is None:
+            continue
+        color, _, background = parsed
+        seen = judge(pixels)
+        rows.append({"file": path.name, "prompt": prompt, "seed": img.text.get("seed"), **{f"seen_{k}": v for k, v in
+                    seen.items()}, "color_ok": seen["color"] == color, "background_ok": seen["background"] == background})
+    n = len(rows)
+    return {
+        "samples": n,
+        "color_accuracy": sum(r["color_ok"] for r in rows) / n if n else 0.0,
+        "background_accuracy": sum(r["background_ok"] for r in rows) / n if n else 0.0,
+        "chance_color": 1 / len(COLORS), "chance_background": 1 / len(BACKGROUNDS),
+        "images": rows,
+    }
+
+
+def labelled_grid(samples_dir, report: dict, cell: int = 96) -> Image.Image:
+    """One row per prompt: the prompt's text, then its samples, each marked by whether it was judged right."""
+    by_prompt: dict[str, list[dict]] = {}
+    for row in report["images"]:
+        by_prompt.setdefault(row["prompt"], []).append(row)
+    cols = max((len(v) for v in by_prompt.values()), default=1)
+    text_w = 300
+    grid = Image.new("RGB", (text_w + cols * (cell + 4), max(1, len(by_prompt)) * (cell + 4)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (prompt, rows) in enumerate(by_prompt.items()):
+        y = r * (cell + 4)
+        draw.text((6, y + cell // 2 - 6), prompt, fill="black")
+        for c, row in enumerate(rows):
+            with Image.open(Path(samples_dir) / row["file"]) as img:
+                tile = img.convert("RGB").resize((cell, cell), Image.NEAREST)
+            x = text_w + c * (cell + 4)
+            grid.paste(tile, (x, y))
+            ok = row["color_ok"] and row["background_ok"]
+            draw.rectangle((x, y + cell - 6, x + cell - 1, y + cell - 1), fill=(40, 170, 60) if ok else (200, 40, 40))
+    return grid
+
+
+def _atomic_save(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m sample.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("samples_dir", type=Path, help="folder of flux-sample PNGs")
+    parser.add_argument("--report", type=Path, required=True, help="JSON report to write")
+    parser.add_argument("--grid", type=Path, help="labelled grid PNG to write")
+    args = parser.parse_args(argv)
+    if not args.samples_dir.is_dir():
+        print(f"error: {args.samples_dir}: no such folder", file=sys.stderr)
+        return 2
+    report = evaluate(args.samples_dir)
+    if report["samples"] == 0:
+        print(f"error: {args.samples_dir}: no PNG with a demo-grammar prompt", file=sys.stderr)
+        return 2
+    _atomic_save(args.report, lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+    if args.grid:
+        grid = labelled_grid(args.samples_dir, report)
+        _atomic_save(args.grid, lambda p: grid.save(p, format="PNG"))
+    print(f"{report['samples']} samples: colour {report['color_accuracy']:.0%} (chance {report['chance_color']:.0%}), "
+          f"background {report['background_accuracy']:.0%} (chance {report['chance_background']:.0%})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

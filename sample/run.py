@@ -1,0 +1,207 @@
+"""One flux-sample run: check everything, encode the prompts, load the transformer, denoise, write PNGs.
+
+Order matters for memory and for failing early: all inputs are checked from configs and file headers
+first (nothing loaded, nothing written); the text encoders run once over every prompt and leave memory
+before the transformer loads (T5-XXL and the 12B transformer never sit on the GPU together).
+"""
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from shared.models import ModelLoadError, load_clip, load_t5, load_transformer, load_vae
+
+from . import output
+from .loop import PromptEncoding, TextBatch, configure_speed, decode, denoise, encode_all, initial_noise
+from .resolve import (SampleError, check_fit, conventions, part_config, read_prompts, resolve_lora,
+                      resolve_transformer)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SampleOptions:
+    model: str
+    output: Path
+    prompts: list[str] | None = None
+    prompts_file: Path | None = None
+    transformer: str | None = None
+    lora: str | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: int | None = None
+    width: int | None = None
+    height: int | None = None
+    guidance: float | None = None
+    cfg_scale: float | None = None
+    batch_size: int = 1
+    grid: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    t5_mode: str | None = None
+    t5_max_length: int | None = None
+    compile: bool = False
+    attention_backend: str = "default"
+    cudnn_sdpa: bool = True
+    fuse_qkv: bool = False
+    progress: bool = True
+
+
+def _device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise SampleError(f"unknown device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SampleError(f"device {device!r} asked for, but no CUDA GPU is available")
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    if dtype not in DTYPES:
+        raise SampleError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    return dev, DTYPES[dtype]
+
+
+@dataclass
+class Plan:
+    """Everything checked: what to load and how to sample."""
+    prompts: list[str]
+    source: object
+    lora: object          # resolve.LoraSource | None
+    conv: object
+    width: int
+    height: int
+    steps: int
+    guidance: float | None
+    cfg_scale: float
+    t5_mode: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def plan(opts: SampleOptions) -> Plan:
+    """Check every input without loading weights or writing anything; raise SampleError naming the problem."""
+    prompts = read_prompts(opts.prompts, opts.prompts_file)
+    if opts.output.exists() and not opts.output.is_dir():
+        raise SampleError(f"{opts.output}: exists and is not a folder")
+    if opts.batch_size < 1:
+        raise SampleError(f"--batch-size must be at least 1, got {opts.batch_size}")
+    if not opts.seeds:
+        raise SampleError("no seeds")
+    device, dtype = _device_dtype(opts.device, opts.dtype)
+    source = resolve_transformer(opts.model, opts.transformer)
+    lora, lora_info = resolve_lora(opts.lora)
+    vae_cfg = part_config(opts.model, "vae")
+    t5_cfg = part_config(opts.model, "text_encoder_2")
+    clip_cfg = part_config(opts.model, "text_encoder")
+    label = opts.transformer or f"{opts.model} (transformer)"
+    check_fit(source.config, vae_cfg, t5_cfg, clip_cfg, label)
+    conv = conventions(opts.model, source.config, {**source.info, **lora_info}, vae_cfg)
+    width, height = opts.width or conv.resolution, opts.height or conv.resolution
+    if width <= 0 or height <= 0 or width % 16 or height % 16:
+        raise SampleError(f"width and height must be positive multiples of 16, got {width}x{height}")
+    steps = opts.steps or conv.steps
+    if steps < 1:
+        raise SampleError(f"--steps must be at least 1, got {steps}")
+    cfg = conv.cfg_scale if opts.cfg_scale is None else opts.cfg_scale
+    if cfg < 1.0:
+        raise SampleError(f"--cfg-scale must be 1 (off) or more, got {cfg}")
+    t5_mode = opts.t5_mode or conv.t5_mode
+    if t5_mode not in ("padded", "trimmed"):
+        raise SampleError(f"unknown T5 mode {t5_mode!r}; choose padded or trimmed")
+    guidance = (conv.guidance if opts.guidance is None else opts.guidance) if conv.guidance_embeds else None
+    return Plan(prompts, source, lora, conv, width, height, steps, guidance, cfg, t5_mode, device, dtype)
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def encode(opts: SampleOptions, p: Plan) -> tuple[list[PromptEncoding], PromptEncoding | None, int]:
+    t5_tok, t5 = load_t5(opts.model, p.dtype, p.device)
+    clip_tok, clip = load_clip(opts.model, p.dtype, p.device)
+    max_len = opts.t5_max_length or p.conv.t5_max_length or min(512, int(t5_tok.model_max_length))
+    texts = p.prompts + ([""] if p.cfg_scale > 1.0 else [])
+    enc = encode_all(texts, t5_tok, t5, clip_tok, clip, t5_mode=p.t5_mode, t5_max_length=max_len,
+                     batch_size=max(1, opts.batch_size))
+    del t5, clip
+    _release_memory()
+    return enc[:len(p.prompts)], (enc[-1] if p.cfg_scale > 1.0 else None), max_len
+
+
+def load_sampling_transformer(src, lora, dtype, device, *, compile_blocks: bool = False,
+                              attention_backend: str = "default", cudnn_sdpa: bool = True, fuse_qkv: bool = False):
+    """The transformer of a resolved source, the LoRA adapter merged in, set up for speed."""
+    if src.kind == "bfl":
+        from .bfl import load_bfl_transformer
+        try:
+            model = load_bfl_transformer(Path(src.path), src.config, dtype, device)
+        except ValueError as e:
+            raise SampleError(f"{src.path}: {e}") from None
+    else:
+        part = "transformer" if src.kind == "model" else None
+        model = load_transformer(src.path, dtype, device, part=part)
+    if lora is not None:
+        # Merged: the loop then runs plain Linear layers (and compiles) as without an adapter.
+        try:
+            if lora.kind == "peft":
+                from peft import PeftModel
+                model = PeftModel.from_pretrained(model, str(lora.folder), is_trainable=False).merge_and_unload()
+            else:
+                model.load_lora_adapter(str(lora.folder), weight_name=lora.weight_name, prefix=None,
+                                        use_safetensors=True)
+                model.fuse_lora()
+                model.unload_lora()
+        except Exception as e:  # noqa: BLE001 -- an adapter for another model: one line, not a trace
+            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise SampleError(f"{lora.folder}: cannot apply the LoRA adapter ({msg})") from e
+    return configure_speed(model.eval(), compile_blocks=compile_blocks, attention_backend=attention_backend,
+                           cudnn_sdpa=cudnn_sdpa, fuse_qkv=fuse_qkv)
+
+
+def run(opts: SampleOptions) -> list[Path]:
+    """Sample every (prompt, seed); returns the PNG paths written."""
+    p = plan(opts)
+    try:
+        cond, empty, max_len = encode(opts, p)
+        transformer = load_sampling_transformer(p.source, p.lora, p.dtype, p.device, compile_blocks=opts.compile,
+                                                attention_backend=opts.attention_backend, cudnn_sdpa=opts.cudnn_sdpa,
+                                                fuse_qkv=opts.fuse_qkv)
+        vae = load_vae(opts.model, p.dtype, p.device)
+    except ModelLoadError as e:
+        raise SampleError(str(e)) from None
+    jobs = [(i, s) for i in range(len(p.prompts)) for s in opts.seeds]
+    meta = {"model": opts.model, "transformer": opts.transformer or f"{opts.model}/transformer",
+            "lora": opts.lora or "", "steps": p.steps, "guidance": p.guidance, "cfg_scale": p.cfg_scale,
+            "width": p.width, "height": p.height, "t5_mode": p.t5_mode, "t5_max_length": max_len,
+            "shift_schedule": p.conv.shift, "dtype": str(p.dtype).removeprefix("torch."), "software": "flux-sample"}
+    written, entries, images = [], [], []
+    batches = [jobs[i:i + opts.batch_size] for i in range(0, len(jobs), opts.batch_size)]
+    bar = tqdm(total=len(jobs), desc="images", unit="img", disable=not opts.progress)
+    steps_bar = tqdm(total=p.steps * len(batches), desc="steps", unit="step", leave=False, disable=not opts.progress)
+    for batch in batches:
+        text = TextBatch.collate([cond[i] for i, _ in batch])
+        uncond = TextBatch.collate([empty] * len(batch)) if empty is not None else None
+        noise = initial_noise([s for _, s in batch], p.height, p.width, p.device, p.dtype)
+        x0 = denoise(transformer, noise, text, height_px=p.height, width_px=p.width, steps=p.steps,
+                     shift=p.conv.shift, guidance=p.guidance, cfg_scale=p.cfg_scale, uncond=uncond, progress=steps_bar)
+        pixels = decode(vae, x0, p.height, p.width).numpy()
+        for (i, seed), img in zip(batch, pixels):
+            path = opts.output / output.image_name(i, p.prompts[i], seed)
+            output.save_png(img, path, {"prompt": p.prompts[i], "seed": seed, **meta})
+            written.append(path)
+            entries.append({"file": path.name, "prompt": p.prompts[i], "seed": seed})
+            images.append(img)
+            bar.update(1)
+    steps_bar.close()
+    bar.close()
+    if opts.grid:
+        output.save_png(output.make_grid(images, len(opts.seeds)), opts.output / output.GRID_NAME, meta)
+    output.write_index(opts.output, entries)
+    return written

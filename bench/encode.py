@@ -142,9 +142,10 @@ def bench_components(model: Path, device: str, a) -> None:
     t5_tok = AutoTokenizer.from_pretrained(model / "tokenizer_2")
     t5 = T5EncoderModel.from_pretrained(model / "text_encoder_2", dtype=dt).to(device).eval()
     caps = captions(bs, 20, 40)
-    for label, kw in (("padded-256", dict(padding="max_length", max_length=256)),
-                      ("padded-512", dict(padding="max_length", max_length=512)),
-                      ("trimmed", dict(padding="longest", max_length=512))):
+    baseline_t5 = {"padded-256": dict(padding="max_length", max_length=256),
+                   "padded-512": dict(padding="max_length", max_length=512),
+                   "trimmed": dict(padding="longest", max_length=512)}
+    for label, kw in ((m, baseline_t5[m]) for m in a.modes):
         def run_t5():
             ids = t5_tok(caps, truncation=True, return_tensors="pt", **kw)
             mask = ids.attention_mask.to(device) if label == "trimmed" else None
@@ -165,32 +166,63 @@ def bench_components(model: Path, device: str, a) -> None:
     del clip
     torch.cuda.empty_cache() if device.startswith("cuda") else None
 
-    # The project's path: Encoders (bf16 weights, uint8 pinned pixels, channels_last, optional compile).
+    # The project's path: Encoders (T5 wholly in bf16, uint8 pinned pixels, pinned token ids),
+    # loaded once; the T5 mode switches between rows, as a run's options would set it.
+    from preprocess.encode import set_t5_wo_dtype
     pin = pix_u8.pin_memory() if device.startswith("cuda") else pix_u8
-    for compile_ in ([False, True] if a.compile else [False]):
-        for mode, length in (("padded", 256), ("padded", 512), ("trimmed", 512)):
-            enc = Encoders(str(model), device, EncodeOptions(t5_mode=mode, t5_max_length=length, compile=compile_))
-            tag = f"{'compile ' if compile_ else ''}{mode}{'-' + str(length) if mode == 'padded' else ''}"
-            with torch.inference_mode():
-                if mode == "padded" and length == 256:
-                    s = timed(lambda: enc.encode_pixels(pin), device, a.iters)
-                    record("VAE", f"project {'compile ' if compile_ else ''}{res}px", bs / s, "img/s", f"batch {bs}")
-                    s = timed(lambda: enc.clip(enc.clip_tok(caps, padding="max_length", max_length=77,
-                                                            truncation=True, return_tensors="pt")
-                                               .input_ids.to(device)).pooler_output, device, a.iters)
-                    record("CLIP", f"project {'compile ' if compile_ else ''}".strip(), bs / s, "prompts/s")
+    enc = Encoders(str(model), device, EncodeOptions(t5_mode="padded", t5_max_length=256))
+    with torch.inference_mode():
+        s = timed(lambda: enc.encode_pixels(pin), device, a.iters)
+        record("VAE", f"project {res}px", bs / s, "img/s", f"batch {bs}")
+        s = timed(lambda: enc.clip(enc.clip_tok(caps, padding="max_length", max_length=77, truncation=True,
+                                                return_tensors="pt").input_ids.to(device)).pooler_output,
+                  device, a.iters)
+        record("CLIP", "project", bs / s, "prompts/s", f"batch {bs}")
 
-                def run_t5_project():
-                    ids = enc.t5_tok(caps, padding="max_length" if mode == "padded" else "longest",
-                                     max_length=length, truncation=True, return_tensors="pt")
-                    mask = ids.attention_mask.to(device) if mode == "trimmed" else None
-                    return enc.t5(ids.input_ids.to(device), attention_mask=mask)[0]
+    def use_mode(label):
+        enc.opts.t5_mode = "trimmed" if label == "trimmed" else "padded"
+        enc.t5_max_length = 512 if label == "trimmed" else int(label.split("-")[1])
+
+    def run_t5_project():
+        padded = enc.opts.t5_mode == "padded"
+        ids = enc.t5_tok(caps, padding="max_length" if padded else "longest", max_length=enc.t5_max_length,
+                         truncation=True, return_tensors="pt")
+        mask = None if padded else ids.attention_mask.to(device)
+        return enc.t5(ids.input_ids.to(device), attention_mask=mask)[0]
+
+    with torch.inference_mode():
+        for label in a.modes:
+            use_mode(label)
+            s = timed(run_t5_project, device, a.iters)
+            record("T5", f"project {label}", bs / s, "prompts/s", f"batch {bs}, wo {enc.t5_wo_dtype()}")
+            s = timed(lambda: enc.encode_batch(pin, caps).wait(), device, a.iters)
+            record("encode", f"project batch {label}", bs / s, "img/s", "VAE+T5+CLIP, no I/O")
+        # --t5-fp32-wo: the same weights with the FF down-projections in fp32 (TF32 matmuls).
+        set_t5_wo_dtype(enc.t5, torch.float32, enc.compute_dtype)
+        for label in a.modes:
+            use_mode(label)
+            s = timed(run_t5_project, device, a.iters)
+            record("T5", f"project fp32-wo {label}", bs / s, "prompts/s", f"batch {bs}, wo {enc.t5_wo_dtype()}")
+        set_t5_wo_dtype(enc.t5, enc.compute_dtype, enc.compute_dtype)
+        if a.compile:
+            # Only T5 (the bulk of the FLOPs), padded-256 static and trimmed dynamic: each compile
+            # costs about a minute.
+            eager_forward = enc.t5.forward
+            for label in [m for m in a.modes if m in ("padded-256", "trimmed")]:
+                use_mode(label)
+                enc.t5.forward = torch.compile(eager_forward, dynamic=label == "trimmed")
+                t0 = time.perf_counter()
+                run_t5_project()
+                sync(device)
+                compile_s = time.perf_counter() - t0
                 s = timed(run_t5_project, device, a.iters)
-                record("T5", f"project {tag}", bs / s, "prompts/s", f"batch {bs}")
+                record("T5", f"project compile {label}", bs / s, "prompts/s",
+                       f"batch {bs}, compiled in {compile_s:.0f}s")
                 s = timed(lambda: enc.encode_batch(pin, caps).wait(), device, a.iters)
-                record("encode", f"project batch {tag}", bs / s, "img/s", "VAE+T5+CLIP, no I/O")
-            del enc
-            torch.cuda.empty_cache() if device.startswith("cuda") else None
+                record("encode", f"project batch compile-T5 {label}", bs / s, "img/s", "VAE+T5+CLIP, no I/O")
+            enc.t5.forward = eager_forward
+    del enc
+    torch.cuda.empty_cache() if device.startswith("cuda") else None
 
 
 def bench_decode(shards: list[Path], a) -> None:
@@ -211,15 +243,15 @@ def bench_pipeline(model: Path, shards_glob: str, out_root: Path, device: str, a
     from preprocess.encode import EncodeOptions
     from preprocess.encode_run import run_encode
     caches = {}
-    modes = [("padded", 256), ("trimmed", 512)] + ([("padded", 512)] if not a.tiny else [])
-    for mode, length in modes:
-        tag = f"{mode}-{length}" if mode == "padded" else mode
+    for tag in a.modes:
+        mode, length = ("trimmed", 512) if tag == "trimmed" else ("padded", int(tag.split("-")[1]))
         out = out_root / f"cache-{tag}"
         if out.exists():
             import shutil
             shutil.rmtree(out)
         stats = run_encode(str(model), shards_glob, out, prep=PrepOptions(resolution=a.resolution),
-                           opts=EncodeOptions(t5_mode=mode, t5_max_length=length, compile=a.compile),
+                           opts=EncodeOptions(t5_mode=mode, t5_max_length=length,
+                                              compile=a.compile_pipeline and tag != "padded-512"),
                            batch_size=a.batch_size, num_workers=a.num_workers, rows_per_shard=a.rows_per_shard,
                            device=device, progress=False)
         record("pipeline", f"tar -> parquet {tag}", stats["rows"] / stats["seconds"], "img/s",
@@ -282,7 +314,13 @@ def main(argv=None):
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--rows-per-shard", type=int, default=1000)
     p.add_argument("--json-rows", type=int, default=None)
-    p.add_argument("--compile", action="store_true", help="also measure torch.compile'd encoders")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure torch.compile'd T5 (padded-256 static, trimmed dynamic) in components")
+    p.add_argument("--compile-pipeline", action="store_true",
+                   help="torch.compile T5 and VAE in the padded-256 and trimmed pipeline runs (minutes more)")
+    p.add_argument("--modes", default=None,
+                   help="T5 modes, comma list of padded-256, padded-512, trimmed (default: all three; "
+                        "tiny: padded-256,trimmed)")
     p.add_argument("--skip", default="", help="comma list of sections to skip: components,decode,pipeline,read")
     a = p.parse_args(argv)
     a.resolution = a.resolution or (64 if a.tiny else 256)
@@ -292,6 +330,11 @@ def main(argv=None):
     a.num_workers = a.num_workers if a.num_workers is not None else (1 if a.tiny else min(12, os.cpu_count() - 2))
     a.json_rows = a.json_rows or (32 if a.tiny else 64)
     a.image_sizes = [(96, 80), (80, 112)] if a.tiny else [(500, 375), (640, 480), (375, 500), (800, 533)]
+    a.modes = [m.strip() for m in (a.modes or ("padded-256,trimmed" if a.tiny else
+                                                "padded-256,trimmed,padded-512")).split(",") if m.strip()]
+    bad = [m for m in a.modes if m != "trimmed" and not (m.startswith("padded-") and m[7:].isdigit())]
+    if bad:
+        p.error(f"unknown --modes {bad}: use padded-N (N tokens) or trimmed")
     skip = set(filter(None, a.skip.split(",")))
     a.out.mkdir(parents=True, exist_ok=True)
     dev_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"

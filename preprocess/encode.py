@@ -2,8 +2,9 @@
 
 The hot path keeps the device busy: uint8 pixels travel (pinned, non-blocking) and become
 [-1, 1] floats on the device; outputs are cast to the storage dtype on the device and copied
-back without blocking; the caller waits on a batch's copy only after it has queued the next
-batch's work, so writing Parquet on the CPU overlaps the device's compute.
+back without blocking; token ids travel pinned too (a blocking host-to-device copy would wait
+for every queued kernel). A batch's copy is waited for by the writer thread (row_writer.py),
+so the main thread keeps queueing batches while Parquet is written.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shared.cache.schema import dtype_name as dtype_name_of
 from shared.cache.schema import torch_dtype
 from shared.models import load_clip, load_t5, load_vae, model_identity
 from shared.text import encode_prompts
@@ -36,6 +38,23 @@ class EncodeOptions:
     dtype: str = "bfloat16"               # storage dtype of every tensor column
     compute_dtype: str | None = None      # None: `dtype` on CUDA, float32 on CPU (CPU bf16 is slow)
     compile: bool = False                 # torch.compile the T5 and VAE encoders
+    # T5's FF down-projections (`wo`) are in transformers' `_keep_in_fp32_modules` (against fp16
+    # overflow). transformers 5 applies it to fp16 loads only, older versions to bf16 loads too,
+    # where a third of T5's FF matmuls then ran in fp32. bf16 has fp32's range, so by default the
+    # whole T5 runs in the compute dtype, whatever the version; True runs `wo` in fp32 (as older
+    # transformers did under diffusers' FluxPipeline; slower).
+    t5_fp32_wo: bool = False
+    channels_last: bool = False           # NHWC VAE input; measured slower on an H100 in bf16
+
+
+def set_t5_wo_dtype(t5, wo_dtype: torch.dtype, compute_dtype: torch.dtype) -> None:
+    """Put all of T5 in `compute_dtype`, then its FF down-projections `wo` in `wo_dtype`
+    (T5's FF casts its input to wo's dtype itself)."""
+    t5.to(compute_dtype)
+    if wo_dtype != compute_dtype:
+        for name, module in t5.named_modules():
+            if name.endswith(".wo"):
+                module.to(wo_dtype)
 
 
 class Encoders:
@@ -50,13 +69,17 @@ class Encoders:
         self.store_dtype = torch_dtype(dtype_name(opts.dtype))
         self.vae = load_vae(model, self.compute_dtype, self.device)
         self.t5_tok, self.t5 = load_t5(model, self.compute_dtype, self.device)
+        set_t5_wo_dtype(self.t5, torch.float32 if opts.t5_fp32_wo else self.compute_dtype, self.compute_dtype)
         self.clip_tok, self.clip = load_clip(model, self.compute_dtype, self.device)
         for m in (self.vae, self.t5, self.clip):
             m.requires_grad_(False)
         tok_max = getattr(self.t5_tok, "model_max_length", 512)
         self.t5_max_length = opts.t5_max_length or (tok_max if 0 < tok_max <= 512 else 512)
-        # Convolutions in bf16 on a GPU run fastest in NHWC; on a CPU it only costs conversions.
-        self.channels_last = self.device.type == "cuda"
+        if self.device.type == "cuda":
+            # TF32 for whatever still runs in fp32 (T5's `wo` with t5_fp32_wo, an fp32 compute dtype).
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.channels_last = opts.channels_last and self.device.type == "cuda"
         if self.channels_last:
             self.vae.to(memory_format=torch.channels_last)
         self.vae_encoder = self.vae.encoder
@@ -67,6 +90,11 @@ class Encoders:
                            "clip": model_identity(model, "text_encoder")}
 
     # -- facts for the manifest -------------------------------------------------------------
+    def t5_wo_dtype(self) -> str:
+        """The dtype T5's FF down-projections run in (see EncodeOptions.t5_fp32_wo)."""
+        dtypes = {m.weight.dtype for name, m in self.t5.named_modules() if name.endswith(".wo")}
+        return dtype_name_of(dtypes.pop()) if len(dtypes) == 1 else self.compute_dtype_name
+
     def dims(self) -> dict:
         return {"latent_channels": int(self.vae.config.latent_channels),
                 "t5_dim": int(self.t5.config.d_model), "clip_dim": int(self.clip.config.hidden_size)}

@@ -28,6 +28,10 @@ def encode_command(
     dtype: str = typer.Option("bf16", help="Storage dtype of the tensors: bf16, fp16 or fp32."),
     compute_dtype: str = typer.Option("", help="Encoder weights' dtype; default: --dtype on CUDA, fp32 on CPU."),
     compile: bool = typer.Option(False, help="torch.compile the T5 and VAE encoders (GPU)."),
+    t5_fp32_wo: bool = typer.Option(False, help="Keep T5's FF down-projections (wo) in fp32 as transformers "
+                                                "loads them (bit-closer to diffusers' FluxPipeline, slower); "
+                                                "default: all of T5 in the compute dtype."),
+    channels_last: bool = typer.Option(False, help="NHWC VAE input on CUDA (measured slower on an H100)."),
     jpeg_draft: bool = typer.Option(True, help="Let libjpeg decode large JPEGs at a reduced scale (faster)."),
     rows_per_shard: int = typer.Option(1000, help="Rows per output Parquet shard at most."),
     device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu (with several processes, cuda means "
@@ -46,7 +50,8 @@ def encode_command(
         raise typer.BadParameter("--t5-mode must be padded or trimmed")
     prep = PrepOptions(resolution=resolution, buckets=buckets, min_size=min_size, jpeg_draft=jpeg_draft)
     opts = EncodeOptions(t5_mode=t5_mode, t5_max_length=t5_max_length or None, store_logvar=store_logvar,
-                         dtype=dtype, compute_dtype=compute_dtype or None, compile=compile)
+                         dtype=dtype, compute_dtype=compute_dtype or None, compile=compile,
+                         t5_fp32_wo=t5_fp32_wo, channels_last=channels_last)
     try:
         stats = run_encode(model, input, output, prep=prep, opts=opts, batch_size=batch_size,
                            num_workers=num_workers, rows_per_shard=rows_per_shard, device=device,

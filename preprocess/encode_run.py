@@ -18,6 +18,7 @@ from shared.cache.schema import EMPTY_PROMPT_NAME
 from .decode import PrepOptions, ShardBatches, worker_init
 from .encode import EncodeOptions, Encoders, dtype_name
 from .progress import (check_or_write_settings, finish_if_complete, read_done, remove_orphans, write_done)
+from .row_writer import RowWriterThread
 from .sources import resolve_inputs
 
 CROP_RULE = "resize short side to target (ceil), center crop"
@@ -47,7 +48,8 @@ def run_settings(enc: Encoders, prep: PrepOptions, opts: EncodeOptions) -> dict:
         "image": {"resolution": prep.resolution, "buckets": prep.bucket_list(), "crop": CROP_RULE,
                   "min_size": prep.min_size, "jpeg_draft": prep.jpeg_draft},
         "t5": {"mode": opts.t5_mode, "max_length": enc.t5_max_length},
-        "dtypes": dtypes, "compute_dtype": enc.compute_dtype_name, "dims": enc.dims(), "vae": enc.vae_factors(),
+        "dtypes": dtypes, "compute_dtype": enc.compute_dtype_name, "t5_wo_dtype": enc.t5_wo_dtype(),
+        "dims": enc.dims(), "vae": enc.vae_factors(),
     }
 
 
@@ -112,19 +114,17 @@ def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: 
             bar.update(len(item["keys"]))
             bar.set_postfix(skipped=stats["skipped"], shards=f"{stats['shards_done']}/{len(todo)}", refresh=False)
 
-    pending = None
+    # Rows are written by one thread, in order, while this one queues the next batches.
+    writer = RowWriterThread(write, max_pending=2)
     t_start = time.perf_counter()
     try:
         for item in batches:
             stats["decode_s"] += item["decode_s"]
             host = enc.encode_batch(item["pixels"], item["captions"]) if item["pixels"] is not None else None
-            if pending is not None:
-                write(*pending)      # the previous batch's rows, while the device works on this one
-            pending = (item, host)
-        if pending is not None:
-            write(*pending)
-            pending = None
+            writer.submit(item, host)
+        writer.finish()
     except BaseException:
+        writer.cancel()              # the batch being written ends; queued ones are dropped
         for st in states.values():   # finished output shards of unfinished inputs become orphans
             st.writer.abort()
         raise
@@ -147,13 +147,11 @@ def package_version() -> str:
 
 def _write_rows(writer: CacheWriter, item: dict, out: dict, t5_mode: str) -> None:
     lengths = out["t5_len"].tolist()
+    t5 = out["t5"] if t5_mode == "padded" else [out["t5"][i, :n] for i, n in enumerate(lengths)]
     sizes = item["sizes"].tolist()
-    logvar = out.get("latent_logvar")
-    for i, key in enumerate(item["keys"]):
-        t5 = out["t5"][i] if t5_mode == "padded" else out["t5"][i, :lengths[i]]
-        writer.add(key=key, caption=item["captions"][i], latent=out["latent"][i], t5=t5, t5_len=lengths[i],
-                   clip=out["clip"][i], width=sizes[i][0], height=sizes[i][1],
-                   latent_logvar=None if logvar is None else logvar[i])
+    writer.add_batch(keys=item["keys"], captions=item["captions"], latent=out["latent"], t5=t5, t5_len=lengths,
+                     clip=out["clip"], widths=[s[0] for s in sizes], heights=[s[1] for s in sizes],
+                     latent_logvar=out.get("latent_logvar"))
 
 
 def _progress_bar(enabled: bool, rank: int, todo: int, already: int):

@@ -21,7 +21,7 @@ SETTINGS_NAME = "settings.json"
 DONE_DIR = "done"
 # What must match between runs writing into one cache; anything else (batch size, workers,
 # rows per shard, device) may change across a resume.
-SETTINGS_KEYS = ("encoders", "image", "t5", "dtypes", "compute_dtype", "dims", "vae")
+SETTINGS_KEYS = ("encoders", "image", "t5", "dtypes", "compute_dtype", "t5_wo_dtype", "dims", "vae")
 
 
 class SettingsMismatch(Exception):
@@ -125,6 +125,7 @@ def build_manifest(out_dir: Path, command: str, version: str) -> dict:
         "shards": shards, "rows": rows, "skipped": dict(sorted(skipped.items())),
         "empty_prompt": EMPTY_PROMPT_NAME, "encoders": settings["encoders"], "vae": settings["vae"],
         "image": settings["image"], "compute_dtype": settings["compute_dtype"],
+        "t5_wo_dtype": settings.get("t5_wo_dtype"),
         "inputs_done": [{"id": k, "url": v["url"], "rows": v["rows"]} for k, v in done.items()],
         "command": command, "version": version,
     }

@@ -24,13 +24,21 @@ def encode_prompts(prompts: list[str], t5_tokenizer, t5, clip_tokenizer, clip, *
     padding = "max_length" if t5_mode == "padded" else "longest"
     t5_in = t5_tokenizer(prompts, padding=padding, max_length=t5_max_length, truncation=True,
                          return_tensors="pt")
-    ids = t5_in.input_ids.to(device)
-    mask = t5_in.attention_mask.to(device)
+    ids = _to_device(t5_in.input_ids, device)
+    mask = _to_device(t5_in.attention_mask, device)
     if t5_mode == "padded":
         t5_out = t5(ids, output_hidden_states=False)[0]
     else:
         t5_out = t5(ids, attention_mask=mask, output_hidden_states=False)[0]
     clip_in = clip_tokenizer(prompts, padding="max_length", max_length=clip_tokenizer.model_max_length,
                              truncation=True, return_tensors="pt")
-    pooled = clip(clip_in.input_ids.to(device), output_hidden_states=False).pooler_output
+    pooled = clip(_to_device(clip_in.input_ids, device), output_hidden_states=False).pooler_output
     return {"t5": t5_out, "t5_len": mask.sum(1), "t5_mask": mask.bool(), "clip": pooled}
+
+
+def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Host -> device without waiting for the device: a blocking copy from pageable memory
+    synchronizes the stream (waiting for every queued kernel); a pinned one does not."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -137,3 +137,54 @@ def test_bad_shapes_refused(tmp_path):
     with pytest.raises(ValueError, match="bad shapes"):
         w.add(key="x", caption="", latent=torch.zeros(16, 4), t5=torch.zeros(3, 8), t5_len=3,
               clip=torch.zeros(12), width=1, height=1)
+
+
+def _layout(folder):
+    """Every shard's name, row-group sizes and rows."""
+    out = {}
+    for p in sorted(folder.glob("*.parquet")):
+        pf = pq.ParquetFile(p)
+        out[p.name] = ([pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)],
+                       pf.read().to_pylist())
+    return out
+
+
+@pytest.mark.parametrize("trimmed", [False, True])
+def test_add_batch_equals_adding_rows_one_by_one(tmp_path, trimmed):
+    """The batch path (tensors [B, ...] or lists) splits row groups and shards exactly as `add`."""
+    rows = _rows(11, trimmed=trimmed, dtype=torch.float32)
+    for r in rows:
+        r["latent_logvar"] = -r["latent"]
+    dtypes = {**dict.fromkeys(("latent", "t5", "clip"), "bfloat16"), "latent_logvar": "float16"}
+    limits = dict(rows_per_shard=5, row_group_rows=3, row_group_bytes=3000)
+    with CacheWriter(tmp_path / "one", "p", dtypes, **limits) as w:
+        for r in rows:
+            w.add(**r)
+    with CacheWriter(tmp_path / "batch", "p", dtypes, **limits) as w:
+        for lo, hi in ((0, 4), (4, 5), (5, 11)):
+            part = rows[lo:hi]
+
+            def col(c):
+                values = [r[c] for r in part]
+                return values if trimmed and c == "t5" else torch.stack(values)
+            w.add_batch(keys=[r["key"] for r in part], captions=[r["caption"] for r in part],
+                        latent=col("latent"), t5=col("t5"), clip=col("clip"), latent_logvar=col("latent_logvar"),
+                        t5_len=[r["t5_len"] for r in part], widths=[r["width"] for r in part],
+                        heights=[r["height"] for r in part])
+    one, batch = _layout(tmp_path / "one"), _layout(tmp_path / "batch")
+    assert len(one) == 3 and [g for g, _ in one.values()][0] != [5]   # several shards, several row groups
+    assert batch == one
+
+
+def test_add_batch_does_not_alias_the_callers_tensors(tmp_path):
+    rows = _rows(2, trimmed=False, dtype=torch.float32)
+    dtypes = dict.fromkeys(("latent", "t5", "clip"), "float32")
+    latent = torch.stack([r["latent"] for r in rows])
+    w = CacheWriter(tmp_path, "p", dtypes, row_group_rows=100)
+    w.add_batch(keys=["a", "b"], captions=["", ""], latent=latent, t5=torch.stack([r["t5"] for r in rows]),
+                clip=torch.stack([r["clip"] for r in rows]), t5_len=[1, 1], widths=[1, 1], heights=[1, 1])
+    expected = latent.clone()
+    latent.zero_()          # the caller reuses its buffer before the row group is written
+    w.close()
+    reader_rows = pq.read_table(tmp_path / "p-00000.parquet").to_pylist()
+    assert reader_rows[0]["latent"] == tensor_to_bytes(expected[0], "float32")

@@ -173,6 +173,7 @@ def run_trainer(cfg_overrides: dict, args, cache: Path, device) -> dict:
     trainer.accelerator.free_memory()
     del trainer
     AcceleratorState._reset_state(reset_partial_state=True)
+    torch._dynamo.reset()   # each row compiles its own graphs
     return {"images_per_s": sum(r["images_per_s"] for r in timed) / len(timed),
             "data_wait": sum(r["data_wait"] for r in timed) / len(timed)}
 
@@ -240,6 +241,7 @@ def main(argv=None):
             except torch.OutOfMemoryError:
                 from accelerate.state import AcceleratorState
                 AcceleratorState._reset_state(reset_partial_state=True)
+                torch._dynamo.reset()
                 rows.append({"row": kind, "text": name, "error": "out of memory"})
                 print(f"{kind} {name}: out of memory", flush=True)
                 gc.collect()

@@ -74,7 +74,11 @@ class Trainer:
         if run.grad_checkpointing:
             model.enable_gradient_checkpointing()
         if run.compile:
-            model.compile_repeated_blocks(fullgraph=False)
+            # Static shapes: inductor's dynamic-shape backward failed on Flux blocks when the text
+            # length changed (torch 2.11, H100). Each (batch, text length) compiles once instead;
+            # collate() keeps the lengths few, and the cache limit leaves room for them all.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            model.compile_repeated_blocks(fullgraph=False, dynamic=False)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.settings = StepSettings(
             sampler=cfg.flow.sampler, logit_mean=cfg.flow.logit_mean, logit_std=cfg.flow.logit_std,

@@ -99,12 +99,18 @@ def _common_dir(urls: list[str]) -> str:
 
 
 def resolve_inputs(spec: str, folder_shard_samples: int = FOLDER_SHARD_SAMPLES) -> list[InputShard]:
-    """The input shards an input spec names, in a stable order (sorted as given)."""
+    """The input shards an input spec names, in a stable order (sorted as given).
+
+    A folder holding .tar files means those shards; any other folder is read as images with
+    sidecar captions."""
     parts = [p for p in spec.split("::") if p]
     if not parts:
         raise InputError("empty input spec")
     if len(parts) == 1 and "://" not in parts[0] and Path(parts[0]).is_dir():
-        return _folder_shards(Path(parts[0]), folder_shard_samples)
+        folder = Path(parts[0])
+        if not any(folder.glob("*.tar")):
+            return _folder_shards(folder, folder_shard_samples)
+        parts = [str(folder / "*.tar")]   # a folder of tar shards (what `flux-prep demo-data` writes)
     urls: list[str] = []
     for part in parts:
         for pattern in _expand_braces(part):

@@ -49,6 +49,8 @@ def test_input_specs_brace_glob_list_and_missing(tmp_path):
     brace = resolve_inputs(str(tmp_path / "x-{00000..00002}.tar"))
     glob = resolve_inputs(str(tmp_path / "x-*.tar"))
     assert [s.id for s in brace] == [s.id for s in glob] == ["x-00000", "x-00001", "x-00002"]
+    folder = resolve_inputs(str(tmp_path))   # a folder of tar shards means its shards
+    assert [(s.id, s.url, s.files) for s in folder] == [(s.id, s.url, s.files) for s in glob]
     joined = resolve_inputs(f"{tmp_path / 'x-00000.tar'}::{tmp_path / 'x-00002.tar'}")
     assert [s.id for s in joined] == ["x-00000", "x-00002"]
     with pytest.raises(InputError):

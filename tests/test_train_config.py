@@ -27,6 +27,10 @@ def test_params_yaml_train_section_and_demo_config(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("encode: {batch: 3}\ntrain:\n  data: {train_cache: /c}\n  run: {epochs: 2}\n")
     assert load_config(path).run.epochs == 2.0
+    # other stages' sections may share names with the trainer's (model, data): still the train section
+    path.write_text("model: {path: x}\ndata: {size: 64}\ntrain:\n  data: {train_cache: /c}\n  run: {max_steps: 5}\n")
+    assert load_config(path).run.max_steps == 5 and load_config(path).data.train_cache == "/c"
+    assert load_config(REPO / "params.yaml").data.train_cache == "data/cache/train"
     demo = load_config(REPO / "train/configs/demo.yaml")
     assert demo.data.expected_t5_mode == "trimmed" and demo.run.precision == "no"
 

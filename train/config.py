@@ -212,9 +212,12 @@ def load_yaml(path) -> dict:
     tree = yaml.safe_load(path.read_text()) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: a config is a mapping of sections")
-    sections = {f.name for f in dataclasses.fields(TrainConfig)}
-    if "train" in tree and not (set(tree) & sections):
+    # `train` is no section of the trainer's config, so a file that has one is a pipeline's
+    # params.yaml (whose other sections belong to other stages): read that section alone.
+    if "train" in tree:
         tree = tree["train"] or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: its train section is not a mapping")
     return tree
 
 

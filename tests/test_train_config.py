@@ -64,3 +64,20 @@ def test_model_from_a_folder_random_or_pretrained(tiny_model):
     assert len(random.transformer_blocks) == 1
     again = build_transformer(ModelConfig(name="tiny"), seed=1)
     assert torch.equal(again.x_embedder.weight, build_transformer(ModelConfig(name="tiny"), seed=1).x_embedder.weight)
+
+
+@pytest.mark.parametrize("path", ["params.yaml", "configs/params/cc12m-schnell.yaml", "configs/params/dev-lora.yaml"])
+def test_pipeline_params_presets_hold_every_key_dvc_reads(path):
+    """Each params preset is a valid trainer config and has every key dvc.yaml interpolates."""
+    import re
+
+    import yaml
+    params = yaml.safe_load((REPO / path).read_text())
+    cfg = load_config(REPO / path)
+    assert cfg.data.expected_t5_mode == params["encode"]["t5_mode"]
+    dvc_text = (REPO / "dvc.yaml").read_text()
+    for ref in set(re.findall(r"\$\{([a-z_.]+)\}", dvc_text)) - {"key", "item"}:
+        node = params
+        for part in ref.split("."):
+            assert isinstance(node, dict) and part in node, f"{path} lacks {ref} (used in dvc.yaml)"
+            node = node[part]

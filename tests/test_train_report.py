@@ -1,0 +1,112 @@
+"""train.report: a run's metrics.jsonl -> DVC's summary (metrics) and loss curve (plots)."""
+import csv
+import io
+import json
+
+import pytest
+
+from train.report import loss_curve_csv, main, read_records, summarize
+
+# What the trainer logs (train/loop.py): validation records carry val/loss and its per-timestep
+# parts (val/loss_t{i}_{n}); training records carry loss, lr and images_per_s.
+RECORDS = [
+    {"step": 0, "val/loss_t0_2": 1.8, "val/loss_t1_2": 1.2, "val/loss": 1.5},
+    {"step": 10, "loss": 1.4, "lr": 1e-3, "images_per_s": 2.0},
+    {"step": 20, "loss": 1.0, "lr": 1e-3, "images_per_s": 100.0},   # first half: warm-up, left out of the speed
+    {"step": 20, "val/loss_t0_2": 0.9, "val/loss_t1_2": 0.7, "val/loss": 0.8},
+    {"step": 30, "loss": 0.6, "lr": 5e-4, "images_per_s": 10.0},
+    {"step": 40, "loss": 0.5, "lr": 1e-4, "images_per_s": 12.0},
+    {"step": 40, "val/loss_t0_2": 0.5, "val/loss_t1_2": 0.3, "val/loss": 0.4},
+]
+
+
+def _write_run(run_dir, records, blank_lines=False):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    sep = "\n\n" if blank_lines else "\n"
+    (run_dir / "metrics.jsonl").write_text(sep.join(json.dumps(r) for r in records) + "\n")
+    return run_dir
+
+
+def test_summarize_first_and_last_validation_and_speed_after_warmup():
+    s = summarize(RECORDS)
+    assert s["steps"] == 40
+    assert s["val_loss_start"] == 1.5
+    assert s["val_loss"] == 0.4
+    assert s["val_loss_per_t"] == {"loss_t0_2": 0.5, "loss_t1_2": 0.3}   # from the last validation only
+    assert s["train_loss"] == 0.5
+    assert s["images_per_s"] == pytest.approx(11.0)   # mean of the second half of training records: 10, 12
+
+
+def test_summarize_without_speed_reports_none():
+    records = [{"step": 5, "loss": 0.9}, {"step": 5, "val/loss": 0.7}]
+    s = summarize(records)
+    assert s["images_per_s"] is None
+    assert s["val_loss"] == s["val_loss_start"] == 0.7
+    assert s["val_loss_per_t"] == {}
+
+
+@pytest.mark.parametrize("records", [
+    [],
+    [{"step": 10, "loss": 1.0}],                 # no validation
+    [{"step": 0, "val/loss": 1.0}],              # no training
+])
+def test_summarize_refuses_records_missing_a_kind(records):
+    with pytest.raises(ValueError, match="no validation or no training"):
+        summarize(records)
+
+
+def test_loss_curve_merges_train_and_validation_by_step():
+    rows = list(csv.DictReader(io.StringIO(loss_curve_csv(RECORDS))))
+    assert [r["step"] for r in rows] == ["0", "10", "20", "30", "40"]
+    assert rows[0] == {"step": "0", "loss": "", "val_loss": "1.5"}
+    assert rows[1] == {"step": "10", "loss": "1.4", "val_loss": ""}
+    assert rows[2] == {"step": "20", "loss": "1.0", "val_loss": "0.8"}
+    assert rows[4] == {"step": "40", "loss": "0.5", "val_loss": "0.4"}
+
+
+def test_loss_curve_sorts_steps_logged_out_of_order():
+    records = [{"step": 30, "loss": 0.3}, {"step": 10, "loss": 0.9}, {"step": 20, "val/loss": 0.5}]
+    rows = list(csv.DictReader(io.StringIO(loss_curve_csv(records))))
+    assert [(r["step"], r["loss"], r["val_loss"]) for r in rows] == [("10", "0.9", ""), ("20", "", "0.5"),
+                                                                      ("30", "0.3", "")]
+
+
+def test_read_records_skips_blank_lines(tmp_path):
+    run = _write_run(tmp_path / "run", RECORDS, blank_lines=True)
+    assert read_records(run) == RECORDS
+
+
+def test_main_writes_summary_and_curve(tmp_path, capsys):
+    run = _write_run(tmp_path / "run", RECORDS)
+    summary, curve = tmp_path / "metrics" / "train.json", tmp_path / "metrics" / "loss.csv"
+    assert main([str(run), "--summary", str(summary), "--curve", str(curve)]) == 0
+    assert json.loads(summary.read_text()) == summarize(RECORDS)
+    assert curve.read_bytes() == loss_curve_csv(RECORDS).encode()
+    assert "1.5000 -> 0.4000 in 40 steps" in capsys.readouterr().out
+
+
+def test_main_missing_run_dir_is_a_one_line_error(tmp_path, capsys):
+    summary, curve = tmp_path / "train.json", tmp_path / "loss.csv"
+    assert main([str(tmp_path / "absent"), "--summary", str(summary), "--curve", str(curve)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "metrics.jsonl" in err and "\n" not in err
+    assert not summary.exists() and not curve.exists()
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", json.dumps({"step": 10, "loss": 1.0}) + "\n"])
+def test_main_empty_or_unvalidated_run_is_a_one_line_error(tmp_path, capsys, content):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(content)
+    summary, curve = tmp_path / "train.json", tmp_path / "loss.csv"
+    assert main([str(run), "--summary", str(summary), "--curve", str(curve)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "no validation or no training" in err and "\n" not in err
+    assert not summary.exists() and not curve.exists()
+
+
+def test_main_run_dir_without_metrics_file(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()   # the trainer has not logged yet
+    assert main([str(run), "--summary", str(tmp_path / "s.json"), "--curve", str(tmp_path / "c.csv")]) == 2
+    assert "has the run finished?" in capsys.readouterr().err

@@ -10,7 +10,6 @@ background. Writes a JSON report and a labelled grid (prompt beside its samples)
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -18,6 +17,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from shared.demo_grammar import BACKGROUNDS, COLORS, parse_caption
+
+from .output import write_atomic
 
 FOREGROUND_DISTANCE = 100.0   # RGB distance from the background that counts as foreground
 
@@ -66,7 +67,7 @@ def labelled_grid(samples_dir, report: dict, cell: int = 96) -> Image.Image:
     for row in report["images"]:
         by_prompt.setdefault(row["prompt"], []).append(row)
     cols = max((len(v) for v in by_prompt.values()), default=1)
-    text_w = 300
+    text_w = 230
     grid = Image.new("RGB", (text_w + cols * (cell + 4), max(1, len(by_prompt)) * (cell + 4)), "white")
     draw = ImageDraw.Draw(grid)
     for r, (prompt, rows) in enumerate(by_prompt.items()):
@@ -80,13 +81,6 @@ def labelled_grid(samples_dir, report: dict, cell: int = 96) -> Image.Image:
             ok = row["color_ok"] and row["background_ok"]
             draw.rectangle((x, y + cell - 6, x + cell - 1, y + cell - 1), fill=(40, 170, 60) if ok else (200, 40, 40))
     return grid
-
-
-def _atomic_save(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     if report["samples"] == 0:
         print(f"error: {args.samples_dir}: no PNG with a demo-grammar prompt", file=sys.stderr)
         return 2
-    _atomic_save(args.report, lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+    write_atomic(args.report, lambda fh: fh.write((json.dumps(report, indent=2) + "\n").encode()))
     if args.grid:
         grid = labelled_grid(args.samples_dir, report)
-        _atomic_save(args.grid, lambda p: grid.save(p, format="PNG"))
+        write_atomic(args.grid, lambda fh: grid.save(fh, format="PNG"))
     print(f"{report['samples']} samples: colour {report['color_accuracy']:.0%} (chance {report['chance_color']:.0%}), "
           f"background {report['background_accuracy']:.0%} (chance {report['chance_background']:.0%})")
     return 0

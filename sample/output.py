@@ -28,12 +28,16 @@ def image_name(prompt_index: int, prompt: str, seed: int) -> str:
     return f"{prompt_index:04d}-{slug(prompt)}-seed{seed}.png"
 
 
-def _atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
+    """Call `write(file)` on a temp file beside `path`, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; outputs are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -46,7 +50,7 @@ def save_png(image: np.ndarray | Image.Image, path: Path, metadata: dict) -> Non
     info = PngInfo()
     for k, v in metadata.items():
         info.add_text(k, v if isinstance(v, str) else json.dumps(v))
-    _atomic(Path(path), lambda fh: img.save(fh, format="PNG", pnginfo=info))
+    write_atomic(Path(path), lambda fh: img.save(fh, format="PNG", pnginfo=info))
 
 
 def read_png_text(path: Path) -> dict:
@@ -66,4 +70,4 @@ def make_grid(images: list[np.ndarray], columns: int) -> Image.Image:
 
 def write_index(out_dir: Path, entries: list[dict]) -> None:
     data = json.dumps({"samples": entries}, indent=2).encode()
-    _atomic(Path(out_dir) / INDEX_NAME, lambda fh: fh.write(data))
+    write_atomic(Path(out_dir) / INDEX_NAME, lambda fh: fh.write(data))

@@ -1,6 +1,7 @@
 """flux-sample end to end on the tiny model: PNGs with metadata, the trainer's conventions, BFL single
 files, LoRA adapters, and bad input refused with one line, a non-zero exit and nothing written."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,9 @@ def test_pngs_with_metadata_grid_and_index(base_images, tiny_model):
     index = json.loads((base_images / INDEX_NAME).read_text())["samples"]
     assert [e["file"] for e in index] == [p.name for p in pngs]
     assert not list(base_images.glob(".*tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in [*pngs, base_images / INDEX_NAME])
     assert np.abs(pixels(pngs[0]) - pixels(pngs[1])).max() > 0   # seeds differ
 
 

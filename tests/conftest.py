@@ -1,6 +1,10 @@
 """Shared fixtures: the tiny model folder and the demo data, built once per test session, offline."""
 import os
+import sys
 
+# The suite runs as `.venv/bin/python -m pytest` without an activated venv: put that venv's console
+# scripts (accelerate, flux-prep, flux-sample, dvc) first on PATH so subprocess tests find them.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

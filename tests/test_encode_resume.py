@@ -3,7 +3,6 @@ ending with exactly the rows of one clean run."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -91,8 +90,6 @@ def test_kill_9_then_rerun_gives_the_clean_rows(tiny_model, demo_data, clean_run
 
 
 def test_two_processes_equal_one(tiny_model, demo_data, clean_run, tmp_path):
-    if shutil.which("accelerate") is None:
-        pytest.skip("accelerate's launcher is not installed")
     out = tmp_path / "cache"
     # accelerate's --cpu launcher starts a single process; --multi_gpu starts torchrun's N
     # processes, which on a machine without GPUs run on the CPU (--device cpu).

@@ -186,7 +186,8 @@ def bench_components(model: Path, device: str, a) -> None:
     def run_t5_project():
         padded = enc.opts.t5_mode == "padded"
         ids = enc.t5_tok(caps, padding="max_length" if padded else "longest", max_length=enc.t5_max_length,
-                         truncation=True, return_tensors="pt")
+                         truncation=True, pad_to_multiple_of=None if padded else enc.t5_pad_multiple,
+                         return_tensors="pt")
         mask = None if padded else ids.attention_mask.to(device)
         return enc.t5(ids.input_ids.to(device), attention_mask=mask)[0]
 
@@ -205,12 +206,14 @@ def bench_components(model: Path, device: str, a) -> None:
             record("T5", f"project fp32-wo {label}", bs / s, "prompts/s", f"batch {bs}, wo {enc.t5_wo_dtype()}")
         set_t5_wo_dtype(enc.t5, enc.compute_dtype, enc.compute_dtype)
         if a.compile:
-            # Only T5 (the bulk of the FLOPs), padded-256 static and trimmed dynamic: each compile
-            # costs about a minute.
+            # Only T5 (the bulk of the FLOPs), as Encoders compiles it: static shapes, trimmed text
+            # in length buckets. Each compile costs about a minute.
+            from preprocess.encode import T5_PAD_MULTIPLE
             eager_forward = enc.t5.forward
+            enc.t5_pad_multiple = T5_PAD_MULTIPLE
             for label in [m for m in a.modes if m in ("padded-256", "trimmed")]:
                 use_mode(label)
-                enc.t5.forward = torch.compile(eager_forward, dynamic=label == "trimmed")
+                enc.t5.forward = torch.compile(eager_forward, dynamic=False)
                 t0 = time.perf_counter()
                 run_t5_project()
                 sync(device)
@@ -220,7 +223,7 @@ def bench_components(model: Path, device: str, a) -> None:
                        f"batch {bs}, compiled in {compile_s:.0f}s")
                 s = timed(lambda: enc.encode_batch(pin, caps).wait(), device, a.iters)
                 record("encode", f"project batch compile-T5 {label}", bs / s, "img/s", "VAE+T5+CLIP, no I/O")
-            enc.t5.forward = eager_forward
+            enc.t5.forward, enc.t5_pad_multiple = eager_forward, None
     del enc
     torch.cuda.empty_cache() if device.startswith("cuda") else None
 
@@ -315,7 +318,7 @@ def main(argv=None):
     p.add_argument("--rows-per-shard", type=int, default=1000)
     p.add_argument("--json-rows", type=int, default=None)
     p.add_argument("--compile", action="store_true",
-                   help="also measure torch.compile'd T5 (padded-256 static, trimmed dynamic) in components")
+                   help="also measure torch.compile'd T5 (static shapes, trimmed in length buckets) in components")
     p.add_argument("--compile-pipeline", action="store_true",
                    help="torch.compile T5 and VAE in the padded-256 and trimmed pipeline runs (minutes more)")
     p.add_argument("--modes", default=None,

@@ -30,6 +30,9 @@ def dtype_name(alias: str) -> str:
         raise ValueError(f"unknown dtype {alias!r}; use bf16, fp16 or fp32") from None
 
 
+T5_PAD_MULTIPLE = 32   # trimmed text length buckets of a compiled T5
+
+
 @dataclass
 class EncodeOptions:
     t5_mode: str = "padded"
@@ -83,9 +86,14 @@ class Encoders:
         if self.channels_last:
             self.vae.to(memory_format=torch.channels_last)
         self.vae_encoder = self.vae.encoder
+        # Static shapes when compiled: trimmed text is padded to a multiple of T5_PAD_MULTIPLE,
+        # so T5 compiles once per length bucket. Dynamic shapes recompiled for new lengths and
+        # ran trimmed encoding at 22 img/s on an H100 (docs/BENCHMARKS.md, run B).
+        self.t5_pad_multiple = T5_PAD_MULTIPLE if opts.compile else None
         if opts.compile:
-            self.vae_encoder = torch.compile(self.vae.encoder)
-            self.t5.forward = torch.compile(self.t5.forward, dynamic=opts.t5_mode == "trimmed")
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self.vae_encoder = torch.compile(self.vae.encoder, dynamic=False)
+            self.t5.forward = torch.compile(self.t5.forward, dynamic=False)
         self.identities = {"vae": model_identity(model, "vae"), "t5": model_identity(model, "text_encoder_2"),
                            "clip": model_identity(model, "text_encoder")}
 
@@ -119,7 +127,8 @@ class Encoders:
     @torch.inference_mode()
     def encode_text(self, captions: list[str]) -> dict:
         return encode_prompts(captions, self.t5_tok, self.t5, self.clip_tok, self.clip, t5_mode=self.opts.t5_mode,
-                              t5_max_length=self.t5_max_length, device=self.device)
+                              t5_max_length=self.t5_max_length, device=self.device,
+                              pad_to_multiple_of=self.t5_pad_multiple)
 
     @torch.inference_mode()
     def encode_batch(self, pixels_u8: torch.Tensor, captions: list[str]) -> "HostBatch":

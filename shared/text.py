@@ -8,7 +8,7 @@ from .cache.schema import T5_MODES
 
 @torch.no_grad()
 def encode_prompts(prompts: list[str], t5_tokenizer, t5, clip_tokenizer, clip, *, t5_mode: str = "padded",
-                   t5_max_length: int = 512, device=None) -> dict:
+                   t5_max_length: int = 512, device=None, pad_to_multiple_of: int | None = None) -> dict:
     """Encode prompts as FLUX does.
 
     Returns t5 [B, L, D] (L = t5_max_length when padded, the longest prompt when
@@ -17,13 +17,16 @@ def encode_prompts(prompts: list[str], t5_tokenizer, t5, clip_tokenizer, clip, *
 
     padded: T5 sees `t5_max_length` tokens with no attention mask (FLUX.1's convention).
     trimmed: T5 sees each prompt's real tokens only (attention mask), and only those are kept.
+    `pad_to_multiple_of` (trimmed only) rounds the batch's text length up, so that a compiled T5
+    meets few shapes; the masked padding leaves the real tokens' encodings unchanged.
     """
     if t5_mode not in T5_MODES:
         raise ValueError(f"unknown T5 mode {t5_mode!r}; choose one of {', '.join(T5_MODES)}")
     device = device if device is not None else t5.device
     padding = "max_length" if t5_mode == "padded" else "longest"
+    multiple = pad_to_multiple_of if t5_mode == "trimmed" else None
     t5_in = t5_tokenizer(prompts, padding=padding, max_length=t5_max_length, truncation=True,
-                         return_tensors="pt")
+                         pad_to_multiple_of=multiple, return_tensors="pt")
     ids = _to_device(t5_in.input_ids, device)
     mask = _to_device(t5_in.attention_mask, device)
     if t5_mode == "padded":

@@ -136,3 +136,20 @@ def test_random_vae_option(tmp_path):
     with torch.no_grad():
         decoded = vae.decode(vae.encode(x).latent_dist.mean).sample
     assert not torch.allclose(decoded, x, atol=0.3)
+
+
+def test_trimmed_length_buckets_leave_real_tokens_unchanged(tiny_model):
+    """pad_to_multiple_of rounds the trimmed batch up (for a compiled T5); masked padding changes nothing."""
+    t5_tok, t5 = load_t5(str(tiny_model))
+    clip_tok, clip = load_clip(str(tiny_model))
+    prompts = ["a red circle on a white background", "a blue square"]
+    plain = encode_prompts(prompts, t5_tok, t5, clip_tok, clip, t5_mode="trimmed", t5_max_length=32)
+    bucketed = encode_prompts(prompts, t5_tok, t5, clip_tok, clip, t5_mode="trimmed", t5_max_length=32,
+                              pad_to_multiple_of=16)
+    assert plain["t5"].shape[1] < 16 and bucketed["t5"].shape[1] == 16
+    assert torch.equal(bucketed["t5_len"], plain["t5_len"])
+    for i, n in enumerate(plain["t5_len"].tolist()):
+        assert torch.allclose(bucketed["t5"][i, :n], plain["t5"][i, :n], atol=1e-5)
+    padded = encode_prompts(prompts, t5_tok, t5, clip_tok, clip, t5_mode="padded", t5_max_length=32,
+                            pad_to_multiple_of=16)
+    assert padded["t5"].shape[1] == 32   # padded mode keeps FLUX's max_length

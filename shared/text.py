@@ -24,11 +24,12 @@ def encode_prompts(prompts: list[str], t5_tokenizer, t5, clip_tokenizer, clip, *
         raise ValueError(f"unknown T5 mode {t5_mode!r}; choose one of {', '.join(T5_MODES)}")
     device = device if device is not None else t5.device
     padding = "max_length" if t5_mode == "padded" else "longest"
-    multiple = pad_to_multiple_of if t5_mode == "trimmed" else None
     t5_in = t5_tokenizer(prompts, padding=padding, max_length=t5_max_length, truncation=True,
-                         pad_to_multiple_of=multiple, return_tensors="pt")
-    ids = _to_device(t5_in.input_ids, device)
-    mask = _to_device(t5_in.attention_mask, device)
+                         return_tensors="pt")
+    ids, mask = t5_in.input_ids, t5_in.attention_mask
+    if t5_mode == "trimmed" and pad_to_multiple_of:
+        ids, mask = _pad_to_bucket(ids, mask, pad_to_multiple_of, t5_max_length, t5_tokenizer.pad_token_id)
+    ids, mask = _to_device(ids, device), _to_device(mask, device)
     if t5_mode == "padded":
         t5_out = t5(ids, output_hidden_states=False)[0]
     else:
@@ -37,6 +38,18 @@ def encode_prompts(prompts: list[str], t5_tokenizer, t5, clip_tokenizer, clip, *
                              truncation=True, return_tensors="pt")
     pooled = clip(_to_device(clip_in.input_ids, device), output_hidden_states=False).pooler_output
     return {"t5": t5_out, "t5_len": mask.sum(1), "t5_mask": mask.bool(), "clip": pooled}
+
+
+def _pad_to_bucket(ids: torch.Tensor, mask: torch.Tensor, multiple: int, max_length: int, pad_id: int):
+    """Pad [B, L] ids and mask up to L rounded to `multiple`, never past `max_length` (which need
+    not be a multiple itself: the tokenizer's own pad_to_multiple_of refuses that)."""
+    length = ids.shape[1]
+    target = max(length, min(-(-length // multiple) * multiple, max_length))
+    extra = target - length
+    if extra <= 0:
+        return ids, mask
+    return (torch.nn.functional.pad(ids, (0, extra), value=pad_id),
+            torch.nn.functional.pad(mask, (0, extra), value=0))
 
 
 def _to_device(t: torch.Tensor, device) -> torch.Tensor:

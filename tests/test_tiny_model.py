@@ -153,3 +153,7 @@ def test_trimmed_length_buckets_leave_real_tokens_unchanged(tiny_model):
     padded = encode_prompts(prompts, t5_tok, t5, clip_tok, clip, t5_mode="padded", t5_max_length=32,
                             pad_to_multiple_of=16)
     assert padded["t5"].shape[1] == 32   # padded mode keeps FLUX's max_length
+    # a max length that is no multiple of the bucket caps the padding instead of failing
+    capped = encode_prompts(prompts, t5_tok, t5, clip_tok, clip, t5_mode="trimmed", t5_max_length=10,
+                            pad_to_multiple_of=16)
+    assert capped["t5"].shape[1] == 10 and capped["t5_len"].tolist() == plain["t5_len"].tolist()  # 8 rounds to 16, capped at 10

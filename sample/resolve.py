@@ -197,7 +197,7 @@ def conventions(model: str, tcfg: dict, info: dict, vae_cfg: dict) -> Convention
         shift=shift,
         steps=int(_get(info, "default_steps") or (28 if shift else 4)),
         guidance_embeds=guidance_embeds,
-        guidance=float(_get(info, "guidance") or DEFAULT_GUIDANCE),
+        guidance=float(DEFAULT_GUIDANCE if _get(info, "guidance") is None else _get(info, "guidance")),
         cfg_scale=float(cfg),
         resolution=max(16, int(resolution) // 16 * 16),
     )

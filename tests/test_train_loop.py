@@ -63,6 +63,7 @@ def test_final_loads_with_from_pretrained_and_records_conventions(tmp_path, cach
     info = json.loads((final / TRAINING_INFO).read_text())
     assert info["t5_mode"] == "trimmed" and info["t5_max_length"] == 32
     assert {"shift_schedule", "default_steps", "guidance_dropout", "base_model"} <= set(info)
+    assert info["resolution"] == 64 and info["guidance"] is None   # the cache's size; tiny has no guidance embedding
     assert not (tmp_path / "run/final.tmp").exists()
 
 

@@ -41,6 +41,7 @@ def write_cache(out_dir, n: int, *, t5_mode: str = "trimmed", sizes=((8, 8),), r
         "t5": {"mode": t5_mode, "max_length": MAX_LEN}, "shards": [s.to_dict() for s in shards], "rows": n,
         "skipped": {}, "empty_prompt": "empty_prompt.safetensors",
         "vae": {"scaling_factor": 0.3611, "shift_factor": 0.1159},
+        "image": {"resolution": 64, "buckets": None, "crop": "center", "min_size": 0},
     })
     return out_dir
 

@@ -156,11 +156,15 @@ class Trainer:
 
     def save_final(self) -> Path | None:
         m = self.train_reader.manifest
+        guidance_embeds = bool(self.accelerator.unwrap_model(self.model).config.guidance_embeds)
         info = {
             "t5_mode": m["t5"]["mode"], "t5_max_length": m["t5"]["max_length"],
             **sampling_conventions(self.cfg.model),
             "guidance_dropout": self.cfg.flow.guidance_dropout,
-            "guidance_embeds": bool(self.accelerator.unwrap_model(self.model).config.guidance_embeds),
+            "guidance_embeds": guidance_embeds,
+            # what the sampler should default to: the guidance value trained with, the image size
+            "guidance": self.cfg.model.guidance if guidance_embeds else None,
+            "resolution": m.get("image", {}).get("resolution"),
             "base_model": self.cfg.model.name, "init": self.cfg.model.init,
             "timestep_sampler": self.cfg.flow.sampler, "steps_trained": self.step,
             "lora": {"rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha or self.cfg.lora.rank,

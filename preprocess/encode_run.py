@@ -19,7 +19,7 @@ from .decode import PrepOptions, ShardBatches, worker_init
 from .encode import EncodeOptions, Encoders, dtype_name
 from .progress import (check_or_write_settings, finish_if_complete, read_done, remove_orphans, write_done)
 from .row_writer import RowWriterThread
-from .sources import resolve_inputs
+from .sources import InputError, resolve_inputs
 
 CROP_RULE = "resize short side to target (ceil), center crop"
 
@@ -70,6 +70,11 @@ def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: 
     mine = shards[rank::world]
     out_dir.mkdir(parents=True, exist_ok=True)
     done = read_done(out_dir)
+    for shard in mine:
+        recorded = done.get(shard.id, {}).get("content")
+        if recorded is not None and recorded != shard.content():
+            raise InputError(f"input shard {shard.id} holds other samples than when it was encoded into {out_dir} "
+                             "(files added or removed?); encode into a new output folder")
     todo = [s for s in mine if s.id not in done]
     remove_orphans(out_dir, [s.id for s in todo], sweep_json_temps=rank == 0)
 
@@ -105,9 +110,9 @@ def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: 
             stats["rows"] += len(item["keys"])
         if item["end"]:
             outputs = [s.to_dict() for s in st.writer.close()]
-            url = next(s.url for s in todo if s.id == item["shard"])
-            write_done(out_dir, item["shard"], {"shard": item["shard"], "url": url, "outputs": outputs,
-                                                 "rows": st.rows, "skipped": st.skipped})
+            shard = next(s for s in todo if s.id == item["shard"])
+            write_done(out_dir, item["shard"], {"shard": item["shard"], "url": shard.url, "content": shard.content(),
+                                                 "outputs": outputs, "rows": st.rows, "skipped": st.skipped})
             del states[item["shard"]]
             stats["shards_done"] += 1
         if bar is not None:

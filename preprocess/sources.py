@@ -8,6 +8,8 @@ tar, or a fixed run of files of a folder. Iterating a shard yields `RawSample`s 
 """
 from __future__ import annotations
 
+import hashlib
+
 import json
 import os
 import re
@@ -42,6 +44,13 @@ class InputShard:
     id: str                  # stable, unique, file-name safe: names the done-record and output shards
     url: str                 # tar path/URL, or the folder
     files: tuple = ()        # folder shards: the sample keys (relative paths without extension)
+
+    def content(self) -> str:
+        """What this shard holds, for its done-record: a folder shard's ids are positions in the
+        sorted file list, so the same id can come to mean other files if the folder changes."""
+        if not self.files:
+            return self.url
+        return "files-sha256:" + hashlib.sha256("\n".join(self.files).encode()).hexdigest()
 
 
 @dataclass

@@ -121,3 +121,24 @@ def test_buckets_record_latent_size(tiny_model, tmp_path):
              for k, h, w in zip(g["key"], g["latent_h"], g["latent_w"])}
     assert sizes == {"w": (6, 12), "s": (8, 8)}
     assert reader.manifest["image"]["buckets"][0] == [32, 128]
+
+
+def test_a_changed_image_folder_is_refused_on_resume(tiny_model, tmp_path):
+    """Folder shards are runs of the sorted file list: after files are added, a done shard id would
+    name other samples, so the rerun refuses instead of skipping or duplicating them."""
+    from encode_inputs import image_bytes
+
+    from preprocess.sources import InputError
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("b", "c"):
+        (folder / f"{name}.jpg").write_bytes(image_bytes((40, 40)))
+        (folder / f"{name}.txt").write_text(f"image {name}")
+    out = tmp_path / "cache"
+    assert _encode(tiny_model, str(folder), out)["rows"] == 2
+    assert _encode(tiny_model, str(folder), out)["shards_skipped_done"] == 1      # unchanged: a no-op
+    (folder / "a.jpg").write_bytes(image_bytes((40, 40)))
+    (folder / "a.txt").write_text("image a")
+    with pytest.raises(InputError, match="holds other samples than when it was encoded"):
+        _encode(tiny_model, str(folder), out)
+    assert set(read_rows(out)) == {"b", "c"}

@@ -208,7 +208,7 @@ def bench_components(model: Path, device: str, a) -> None:
         if a.compile:
             # Only T5 (the bulk of the FLOPs), as Encoders compiles it: static shapes, trimmed text
             # in length buckets. Each compile costs about a minute.
-            from preprocess.encode import T5_PAD_MULTIPLE
+            from shared.text import T5_PAD_MULTIPLE
             eager_forward = enc.t5.forward
             enc.t5_pad_multiple = T5_PAD_MULTIPLE
             for label in [m for m in a.modes if m in ("padded-256", "trimmed")]:

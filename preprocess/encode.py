@@ -15,7 +15,7 @@ import torch
 from shared.cache.schema import dtype_name as dtype_name_of
 from shared.cache.schema import torch_dtype
 from shared.models import load_clip, load_t5, load_vae, model_identity
-from shared.text import encode_prompts
+from shared.text import T5_PAD_MULTIPLE, encode_prompts
 
 from .images import to_model_range
 
@@ -28,9 +28,6 @@ def dtype_name(alias: str) -> str:
         return DTYPE_ALIASES[alias]
     except KeyError:
         raise ValueError(f"unknown dtype {alias!r}; use bf16, fp16 or fp32") from None
-
-
-T5_PAD_MULTIPLE = 32   # trimmed text length buckets of a compiled T5
 
 
 @dataclass

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.latents import LATENT_CHANNELS, image_ids, latent_size, pack_latents, text_ids, unpack_latents
+from shared.latents import (LATENT_CHANNELS, image_ids, joint_attention_mask, latent_size, pack_latents, text_ids,
+                            unpack_latents)
 from shared.schedules import sampling_sigmas
 from shared.text import encode_prompts
 
@@ -86,14 +87,6 @@ def initial_noise(seeds: list[int], height_px: int, width_px: int, device, dtype
     return pack_latents(noise)
 
 
-def _attention_mask(text: TextBatch, image_tokens: int) -> dict | None:
-    """joint_attention_kwargs masking padded text keys; text comes first in FLUX's joint sequence."""
-    if text.mask is None:
-        return None
-    full = torch.cat([text.mask, text.mask.new_ones(text.mask.shape[0], image_tokens)], dim=1)
-    return {"attention_mask": full[:, None, None, :]}
-
-
 @torch.no_grad()
 def denoise(transformer, noise: torch.Tensor, text: TextBatch, *, height_px: int, width_px: int, steps: int,
             shift: bool = True, guidance: float | None = None, cfg_scale: float = 1.0,
@@ -114,7 +107,8 @@ def denoise(transformer, noise: torch.Tensor, text: TextBatch, *, height_px: int
     reps = 2 if use_cfg else 1
     img_ids = image_ids(h, w, device=device, dtype=dtype)
     txt_ids = text_ids(text.t5.shape[1], device=device, dtype=dtype)
-    attn_kwargs = _attention_mask(text, n)
+    mask = joint_attention_mask(text.mask, n)
+    attn_kwargs = None if mask is None else {"attention_mask": mask}
     t5 = text.t5.to(dtype) if text.mask is None else (text.t5 * text.mask[..., None]).to(dtype)
     clip = text.clip.to(dtype)
     if transformer.config.guidance_embeds:

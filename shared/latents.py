@@ -61,6 +61,15 @@ def text_ids(length: int, device=None, dtype=torch.float32) -> torch.Tensor:
     return torch.zeros(length, 3, device=device, dtype=dtype)
 
 
+def joint_attention_mask(text_mask: torch.Tensor | None, image_tokens: int) -> torch.Tensor | None:
+    """[B, L] text mask (True = real token) -> [B, 1, 1, L + S] bool over FLUX's joint sequence,
+    text first, for `joint_attention_kwargs={"attention_mask": ...}`; None when nothing is masked."""
+    if text_mask is None:
+        return None
+    image = torch.ones(text_mask.shape[0], image_tokens, dtype=torch.bool, device=text_mask.device)
+    return torch.cat([text_mask.bool(), image], dim=1)[:, None, None, :]
+
+
 def latent_size(height_px: int, width_px: int) -> tuple[int, int]:
     """Pixel size -> latent size, checking that the image packs into whole 2x2 patches."""
     step = VAE_DOWNSAMPLE * 2

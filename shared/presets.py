@@ -5,7 +5,7 @@ same classes at toy sizes so that every stage runs on a CPU in seconds.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,6 @@ class Preset:
     default_steps: int          # sampling steps the model is made for
     shift_schedule: bool        # whether sampling shifts the schedule by image-token count
     hub_id: str | None = None   # where the real weights live
-    extra: dict = field(default_factory=dict)
 
 
 _FLUX_TRANSFORMER = dict(

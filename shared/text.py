@@ -5,6 +5,10 @@ import torch
 
 from .cache.schema import T5_MODES
 
+# Trimmed T5 batches are padded to a multiple of this where a compiled model reads them (encode
+# --compile, the trainer), so that it meets a few text lengths instead of a new one nearly every batch.
+T5_PAD_MULTIPLE = 32
+
 
 @torch.no_grad()
 def encode_prompts(prompts: list[str], t5_tokenizer, t5, clip_tokenizer, clip, *, t5_mode: str = "padded",

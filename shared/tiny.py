@@ -12,6 +12,7 @@ import torch
 
 from .latents import LATENT_CHANNELS, VAE_SCALE, VAE_SHIFT
 from .presets import get_preset
+from .schedules import BASE_SEQ_LEN, BASE_SHIFT, MAX_SEQ_LEN, MAX_SHIFT
 from .tiny_vae import set_pooling_weights
 
 # Words of the demo grammar get whole-word tokens; anything else falls back to characters.
@@ -102,8 +103,8 @@ def build_tiny_pipeline(seed: int = 0, guidance_embeds: bool = False, vae: str =
     seeded(4)
     transformer = FluxTransformer2DModel(**cfg)
     scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096)
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=BASE_SHIFT, max_shift=MAX_SHIFT,
+        base_image_seq_len=BASE_SEQ_LEN, max_image_seq_len=MAX_SEQ_LEN)
     return FluxPipeline(scheduler=scheduler, vae=autoencoder, text_encoder=clip, tokenizer=clip_tok,
                         text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from shared.latents import (image_ids, latent_size, pack_latents, scale_latents, text_ids, unpack_latents,
-                            unscale_latents)
+from shared.latents import (image_ids, joint_attention_mask, latent_size, pack_latents, scale_latents, text_ids,
+                            unpack_latents, unscale_latents)
 
 
 def test_pack_unpack_round_trip_and_patch_layout():
@@ -48,3 +48,11 @@ def test_latent_size_checks_multiples_of_16():
     assert latent_size(256, 512) == (32, 64)
     with pytest.raises(ValueError, match="multiples of 16"):
         latent_size(250, 256)
+
+
+def test_joint_attention_mask_puts_text_first_then_image():
+    m = joint_attention_mask(torch.tensor([[True, False], [True, True]]), 3)
+    assert m.shape == (2, 1, 1, 5) and m.dtype == torch.bool
+    assert m[0].flatten().tolist() == [True, False, True, True, True]
+    assert m[1].all()
+    assert joint_attention_mask(None, 3) is None

@@ -6,7 +6,8 @@ import torch
 from train_caches import set_manifest, write_cache
 
 from shared.cache import CacheError
-from train.data import TEXT_PAD_MULTIPLE, CacheStream, StreamPosition, collate, train_loader, validation_batches
+from shared.text import T5_PAD_MULTIPLE
+from train.data import CacheStream, StreamPosition, collate, train_loader, validation_batches
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def test_trimmed_batches_pad_text_and_mask_it():
     items = [{"key": str(n), "latent": torch.zeros(16, 4, 4), "t5": torch.ones(n, 8), "clip": torch.zeros(8),
               "t5_len": n} for n in (2, 5)]
     batch = collate(items, "trimmed")
-    width = TEXT_PAD_MULTIPLE   # the longest caption (5) rounded up
+    width = T5_PAD_MULTIPLE   # the longest caption (5) rounded up
     assert batch["t5"].shape == (2, width, 8)
     assert batch["t5_mask"].tolist() == [[True] * 2 + [False] * (width - 2), [True] * 5 + [False] * (width - 5)]
     assert batch["t5"][0, 2:].abs().sum() == 0 and batch["t5"][1, 5:].abs().sum() == 0

@@ -4,8 +4,8 @@ import torch
 
 from shared.latents import pack_latents
 from shared.presets import transformer_config
-from train.step import (EmptyPrompt, StepSettings, draw, drop_text, joint_mask, summarize_validation,
-                        training_loss, validation_sums)
+from train.step import (EmptyPrompt, StepSettings, draw, drop_text, summarize_validation, training_loss,
+                        validation_sums)
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +56,6 @@ def test_padding_content_does_not_change_the_loss(model):
     c = training_loss(model, {k: v for k, v in other.items() if k != "t5_mask"}, settings,
                       torch.Generator().manual_seed(1), None)
     assert abs((a - c).item()) > 1e-4
-
-
-def test_joint_mask_puts_text_first_then_image():
-    m = joint_mask(torch.tensor([[True, False]]), 3)
-    assert m.shape == (1, 1, 1, 5) and m.flatten().tolist() == [True, False, True, True, True]
 
 
 def test_guidance_dropout_uses_empty_prompt():

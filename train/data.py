@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shared.cache import CacheError, CacheReader, check_t5_mode
+from shared.text import T5_PAD_MULTIPLE
 
 
 def open_cache(cache_dir, expected_t5_mode: str | None = None, where: str = "cache") -> CacheReader:
@@ -30,14 +31,9 @@ def open_cache(cache_dir, expected_t5_mode: str | None = None, where: str = "cac
     return reader
 
 
-# Trimmed T5 is padded per batch up to a multiple of this, so that a compiled model meets a few
-# text lengths (and compiles once for each) instead of a new length nearly every batch.
-TEXT_PAD_MULTIPLE = 32
-
-
 def collate(items: list[dict], t5_mode: str) -> dict:
     """Samples of one latent size -> a batch. Trimmed T5 is zero-padded to the batch's longest
-    caption, rounded up to TEXT_PAD_MULTIPLE, with a mask (True = real token); padded T5 has no
+    caption, rounded up to T5_PAD_MULTIPLE, with a mask (True = real token); padded T5 has no
     mask (FLUX attends to all of it)."""
     batch = {
         "key": [it["key"] for it in items],
@@ -49,7 +45,7 @@ def collate(items: list[dict], t5_mode: str) -> dict:
         batch["t5"] = torch.stack([it["t5"] for it in items])
     else:
         longest = max(it["t5"].shape[0] for it in items)
-        longest = -(-longest // TEXT_PAD_MULTIPLE) * TEXT_PAD_MULTIPLE
+        longest = -(-longest // T5_PAD_MULTIPLE) * T5_PAD_MULTIPLE
         t5 = items[0]["t5"].new_zeros(len(items), longest, items[0]["t5"].shape[1])
         mask = torch.zeros(len(items), longest, dtype=torch.bool)
         for i, it in enumerate(items):

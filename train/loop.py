@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from shared.latents import VAE_SCALE, VAE_SHIFT
 from shared.models import ModelLoadError
 
 from . import checkpoint as ckpt
@@ -84,7 +86,7 @@ class Trainer:
             sampler=cfg.flow.sampler, logit_mean=cfg.flow.logit_mean, logit_std=cfg.flow.logit_std,
             guidance_dropout=cfg.flow.guidance_dropout,
             guidance=cfg.model.guidance if model.config.guidance_embeds else None,
-            vae_shift=vae.get("shift_factor", 0.1159), vae_scale=vae.get("scaling_factor", 0.3611))
+            vae_shift=vae.get("shift_factor", VAE_SHIFT), vae_scale=vae.get("scaling_factor", VAE_SCALE))
         fused = cfg.optim.fused if cfg.optim.fused is not None else self.device.type == "cuda"
         optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                       weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps, fused=fused)
@@ -223,7 +225,7 @@ class Trainer:
                 images += len(batch["key"])
                 batch = to_device(batch, self.device)
                 last = k == run.grad_accum - 1
-                with acc.no_sync(self.model) if not last else _nullcontext():
+                with acc.no_sync(self.model) if not last else nullcontext():
                     loss = training_loss(self.model, batch, self.settings, self.generator, self.empty)
                     acc.backward(loss / run.grad_accum)
                 loss_sum += loss.detach()
@@ -292,14 +294,6 @@ class Trainer:
         self.log({"step": self.step, **result})
         self.accelerator.print(f"step {self.step}: validation loss {result['val/loss']:.5f}")
         return result
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _flat_hparams(cfg: TrainConfig) -> dict:

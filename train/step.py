@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.latents import VAE_SCALE, VAE_SHIFT, image_ids, pack_latents, scale_latents, text_ids
+from shared.latents import (VAE_SCALE, VAE_SHIFT, image_ids, joint_attention_mask, pack_latents, scale_latents,
+                            text_ids)
 from shared.schedules import sample_timesteps, validation_timesteps
 
 from .data import sample_seed
@@ -57,21 +58,13 @@ def drop_text(batch: dict, empty: EmptyPrompt, drop: torch.Tensor) -> tuple:
     return t5, clip, mask
 
 
-def joint_mask(t5_mask: torch.Tensor | None, image_tokens: int) -> torch.Tensor | None:
-    """[B, L] text mask -> [B, 1, 1, L + S] bool (True = attend) over FLUX's text-then-image sequence."""
-    if t5_mask is None:
-        return None
-    ones = torch.ones(t5_mask.shape[0], image_tokens, dtype=torch.bool, device=t5_mask.device)
-    return torch.cat([t5_mask, ones], dim=1)[:, None, None, :]
-
-
 def predict(model, x_t: torch.Tensor, t: torch.Tensor, t5: torch.Tensor, clip: torch.Tensor,
             t5_mask: torch.Tensor | None, guidance: float | None) -> torch.Tensor:
     """The transformer's velocity for a [B, C, h, w] x_t, packed: [B, hw/4, 4C]."""
     b, _, h, w = x_t.shape
     device = x_t.device
     packed = pack_latents(x_t)
-    mask = joint_mask(t5_mask, packed.shape[1])
+    mask = joint_attention_mask(t5_mask, packed.shape[1])
     out = model(
         hidden_states=packed,
         encoder_hidden_states=t5,

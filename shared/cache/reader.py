@@ -103,9 +103,9 @@ class CacheReader:
             raise CacheError(f"{path}: shard schema version {version}, expected {SCHEMA_VERSION}")
         return pf
 
-    def read_row_group(self, pf: pq.ParquetFile, index: int, columns: list[str] | None = None) -> dict:
+    def read_row_group(self, pf: pq.ParquetFile, index: int) -> dict:
         try:
-            table = pf.read_row_group(index, columns=columns)
+            table = pf.read_row_group(index)
         except Exception as e:
             raise CacheError(f"row group {index} unreadable ({e})") from None
         return decode_table(table, self.manifest)

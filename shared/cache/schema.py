@@ -12,9 +12,8 @@ EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
 SHARD_SUFFIX = ".parquet"
 T5_MODES = ("padded", "trimmed")
 
-# Columns holding tensors, and whether a cache may leave them out.
+# Columns holding tensors (latent_logvar may be all null: a cache without it).
 TENSOR_COLUMNS = ("latent", "latent_logvar", "t5", "clip")
-OPTIONAL_COLUMNS = ("latent_logvar",)
 
 ARROW_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),

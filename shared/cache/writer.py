@@ -39,7 +39,7 @@ class CacheWriter:
     """
 
     def __init__(self, out_dir, prefix: str, dtypes: dict[str, str], *, rows_per_shard: int = 1000,
-                 row_group_rows: int = 256, row_group_bytes: int = 64 << 20, first_index: int = 0):
+                 row_group_rows: int = 256, row_group_bytes: int = 64 << 20):
         if rows_per_shard < 1 or row_group_rows < 1:
             raise ValueError("rows_per_shard and row_group_rows must be positive")
         self.out_dir = Path(out_dir)
@@ -49,7 +49,7 @@ class CacheWriter:
         self.rows_per_shard = rows_per_shard
         self.row_group_rows = row_group_rows
         self.row_group_bytes = row_group_bytes
-        self.next_index = first_index
+        self.next_index = 0
         self.shards: list[ShardInfo] = []
         self._pending: list[pa.RecordBatch] = []   # slices of added batches, not yet written
         self._pending_rows = 0

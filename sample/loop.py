@@ -32,9 +32,12 @@ class TextBatch:
     mask: torch.Tensor | None
 
     @staticmethod
-    def collate(items: list[PromptEncoding]) -> "TextBatch":
-        """Stack prompts, padding trimmed T5 states with zeros to the longest and masking the padding."""
+    def collate(items: list[PromptEncoding], pad_multiple: int | None = None) -> "TextBatch":
+        """Stack prompts, padding trimmed T5 states with zeros to the longest (rounded up to
+        `pad_multiple`, for a compiled transformer) and masking the padding."""
         longest = max(e.t5.shape[0] for e in items)
+        if pad_multiple:
+            longest = -(-longest // pad_multiple) * pad_multiple
         t5 = items[0].t5.new_zeros(len(items), longest, items[0].t5.shape[1])
         mask = torch.zeros(len(items), longest, dtype=torch.bool, device=t5.device)
         for i, e in enumerate(items):

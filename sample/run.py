@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from shared.models import ModelLoadError, load_clip, load_t5, load_transformer, load_vae
+from shared.text import T5_PAD_MULTIPLE
 
 from . import output
 from .loop import PromptEncoding, TextBatch, configure_speed, decode, denoise, encode_all, initial_noise
@@ -177,6 +178,8 @@ def run(opts: SampleOptions) -> list[Path]:
     except ModelLoadError as e:
         raise SampleError(str(e)) from None
     jobs = [(i, s) for i in range(len(p.prompts)) for s in opts.seeds]
+    # A compiled transformer meets trimmed text in a few length buckets, not one shape per prompt.
+    pad_multiple = T5_PAD_MULTIPLE if opts.compile and p.t5_mode == "trimmed" else None
     meta = {"model": opts.model, "transformer": opts.transformer or f"{opts.model}/transformer",
             "lora": opts.lora or "", "steps": p.steps, "guidance": p.guidance, "cfg_scale": p.cfg_scale,
             "width": p.width, "height": p.height, "t5_mode": p.t5_mode, "t5_max_length": max_len,
@@ -186,8 +189,8 @@ def run(opts: SampleOptions) -> list[Path]:
     bar = tqdm(total=len(jobs), desc="images", unit="img", disable=not opts.progress)
     steps_bar = tqdm(total=p.steps * len(batches), desc="steps", unit="step", leave=False, disable=not opts.progress)
     for batch in batches:
-        text = TextBatch.collate([cond[i] for i, _ in batch])
-        uncond = TextBatch.collate([empty] * len(batch)) if empty is not None else None
+        text = TextBatch.collate([cond[i] for i, _ in batch], pad_multiple)
+        uncond = TextBatch.collate([empty] * len(batch), pad_multiple) if empty is not None else None
         noise = initial_noise([s for _, s in batch], p.height, p.width, p.device, p.dtype)
         x0 = denoise(transformer, noise, text, height_px=p.height, width_px=p.width, steps=p.steps,
                      shift=p.conv.shift, guidance=p.guidance, cfg_scale=p.cfg_scale, uncond=uncond, progress=steps_bar)

@@ -88,6 +88,11 @@ def test_trimmed_batch_masks_padding(tiny_model):
         alone = denoise(transformer, initial_noise([seed], 32, 32, "cpu", torch.float32),
                         TextBatch.collate([enc[i]]), **run)
         assert torch.allclose(together[i], alone[0], atol=1e-5), i
+    # length buckets (for a compiled transformer): more masked padding, the same images
+    bucketed = TextBatch.collate(enc, pad_multiple=16)
+    assert bucketed.t5.shape[1] == 16 and batch.t5.shape[1] < 16
+    x_bucket = denoise(transformer, initial_noise([0, 1], 32, 32, "cpu", torch.float32), bucketed, **run)
+    assert torch.allclose(x_bucket, together, atol=1e-5)
     padded = encode_all(prompts[:1], t5_tok, t5, clip_tok, clip, t5_mode="padded", t5_max_length=32)
     x_pad = denoise(transformer, initial_noise([0], 32, 32, "cpu", torch.float32), TextBatch.collate(padded), **run)
     assert (x_pad[0] - together[0]).abs().max() > 1e-4

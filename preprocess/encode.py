@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.cache.schema import dtype_name as dtype_name_of
-from shared.cache.schema import torch_dtype
+from shared.cache.schema import dtype_name, torch_dtype
 from shared.models import load_clip, load_t5, load_vae, model_identity
 from shared.text import T5_PAD_MULTIPLE, encode_prompts
 
@@ -23,7 +22,8 @@ DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bflo
                  "float16": "float16", "float32": "float32"}
 
 
-def dtype_name(alias: str) -> str:
+def canonical_dtype(alias: str) -> str:
+    """bf16/fp16/fp32 (or the full names) -> the cache's dtype name."""
     try:
         return DTYPE_ALIASES[alias]
     except KeyError:
@@ -64,9 +64,9 @@ class Encoders:
         self.device = torch.device(device)
         self.opts = opts
         compute = opts.compute_dtype or (opts.dtype if self.device.type == "cuda" else "float32")
-        self.compute_dtype_name = dtype_name(compute)
+        self.compute_dtype_name = canonical_dtype(compute)
         self.compute_dtype = torch_dtype(self.compute_dtype_name)
-        self.store_dtype = torch_dtype(dtype_name(opts.dtype))
+        self.store_dtype = torch_dtype(canonical_dtype(opts.dtype))
         self.vae = load_vae(model, self.compute_dtype, self.device)
         self.t5_tok, self.t5 = load_t5(model, self.compute_dtype, self.device)
         set_t5_wo_dtype(self.t5, torch.float32 if opts.t5_fp32_wo else self.compute_dtype, self.compute_dtype)
@@ -98,7 +98,7 @@ class Encoders:
     def t5_wo_dtype(self) -> str:
         """The dtype T5's FF down-projections run in (see EncodeOptions.t5_fp32_wo)."""
         dtypes = {m.weight.dtype for name, m in self.t5.named_modules() if name.endswith(".wo")}
-        return dtype_name_of(dtypes.pop()) if len(dtypes) == 1 else self.compute_dtype_name
+        return dtype_name(dtypes.pop()) if len(dtypes) == 1 else self.compute_dtype_name
 
     def dims(self) -> dict:
         return {"latent_channels": int(self.vae.config.latent_channels),

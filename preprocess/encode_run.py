@@ -16,7 +16,7 @@ from shared.cache.files import atomic_write_bytes
 from shared.cache.schema import EMPTY_PROMPT_NAME
 
 from .decode import PrepOptions, ShardBatches, worker_init
-from .encode import EncodeOptions, Encoders, dtype_name
+from .encode import EncodeOptions, Encoders, canonical_dtype
 from .progress import (check_or_write_settings, finish_if_complete, read_done, remove_orphans, write_done)
 from .row_writer import RowWriterThread
 from .sources import InputError, resolve_inputs
@@ -39,7 +39,7 @@ def pick_device(device: str | None, local_rank: int) -> str:
 
 
 def run_settings(enc: Encoders, prep: PrepOptions, opts: EncodeOptions) -> dict:
-    store = dtype_name(opts.dtype)
+    store = canonical_dtype(opts.dtype)
     dtypes = {"latent": store, "t5": store, "clip": store}
     if opts.store_logvar:
         dtypes["latent_logvar"] = store
@@ -84,11 +84,12 @@ def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: 
                         prefetch_factor=4 if num_workers else None)
     batches = iter(loader) if todo else iter(())
     enc = Encoders(model, device, opts)
-    check_or_write_settings(out_dir, run_settings(enc, prep, opts))
+    settings = run_settings(enc, prep, opts)
+    check_or_write_settings(out_dir, settings)
     if not (out_dir / EMPTY_PROMPT_NAME).is_file():
         atomic_write_bytes(out_dir / EMPTY_PROMPT_NAME, save_safetensors(enc.empty_prompt()))
 
-    dtypes = run_settings(enc, prep, opts)["dtypes"]
+    dtypes = settings["dtypes"]
     states: dict[str, _ShardState] = {}
     stats = {"rows": 0, "skipped": 0, "shards_done": 0, "decode_s": 0.0}
     bar = _progress_bar(progress, rank, len(todo), len(mine) - len(todo))

@@ -14,9 +14,14 @@ import torch
 
 from shared.cache.schema import dtype_name, torch_dtype
 from shared.models import load_clip, load_t5, load_vae, model_identity
+from shared.t5_fused import FusedT5Encoder
 from shared.text import T5_PAD_MULTIPLE, encode_prompts
 
 from .images import to_model_range
+
+# Attention of the compiled fused T5 (shared/t5_fused.py ATTENTION). H100, T5-XXL at padded-256,
+# batch 64 (bench/encode.py --compile): efficient 250 prompts/s, flex 221, sdpa (lowered to math) 202.
+COMPILED_T5_ATTENTION = "efficient"
 
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16",
                  "float16": "float16", "float32": "float32"}
@@ -45,6 +50,10 @@ class EncodeOptions:
     # transformers did under diffusers' FluxPipeline; slower).
     t5_fp32_wo: bool = False
     channels_last: bool = False           # NHWC VAE input; measured slower on an H100 in bf16
+    # "fused": shared/t5_fused.py (q/k/v and the gated FF's inputs as one matmul each, one SDPA call
+    # with T5's position bias); "transformers": the library's T5EncoderModel forward. Same function;
+    # t5_fp32_wo needs "transformers".
+    t5_impl: str = "fused"
 
 
 def set_t5_wo_dtype(t5, wo_dtype: torch.dtype, compute_dtype: torch.dtype) -> None:
@@ -73,12 +82,20 @@ class Encoders:
         self.clip_tok, self.clip = load_clip(model, self.compute_dtype, self.device)
         for m in (self.vae, self.t5, self.clip):
             m.requires_grad_(False)
+        if opts.t5_impl not in ("fused", "transformers"):
+            raise ValueError(f"unknown t5_impl {opts.t5_impl!r}; use fused or transformers")
+        self.t5_impl = ("fused" if opts.t5_impl == "fused" and not opts.t5_fp32_wo and FusedT5Encoder.supports(self.t5)
+                        else "transformers")
+        if self.t5_impl == "fused":
+            self.t5 = FusedT5Encoder(self.t5, release_source=True)
         tok_max = getattr(self.t5_tok, "model_max_length", 512)
         self.t5_max_length = opts.t5_max_length or (tok_max if 0 < tok_max <= 512 else 512)
         if self.device.type == "cuda":
             # TF32 for whatever still runs in fp32 (T5's `wo` with t5_fp32_wo, an fp32 compute dtype).
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+            # The VAE meets one input shape (or one per aspect bucket): let cuDNN pick its fastest convs.
+            torch.backends.cudnn.benchmark = True
         self.channels_last = opts.channels_last and self.device.type == "cuda"
         if self.channels_last:
             self.vae.to(memory_format=torch.channels_last)
@@ -87,16 +104,23 @@ class Encoders:
         # so T5 compiles once per length bucket. Dynamic shapes recompiled for new lengths and
         # ran trimmed encoding at 22 img/s on an H100 (docs/BENCHMARKS.md, run B).
         self.t5_pad_multiple = T5_PAD_MULTIPLE if opts.compile else None
+        self.pad_batches = opts.compile   # short batches run at full size (see encode_batch)
         if opts.compile:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             self.vae_encoder = torch.compile(self.vae.encoder, dynamic=False)
-            self.t5.forward = torch.compile(self.t5.forward, dynamic=False)
+            if self.t5_impl == "fused":
+                self.t5.attention = COMPILED_T5_ATTENTION
+                self.t5.blocks = torch.compile(self.t5.blocks, dynamic=False)
+            else:
+                self.t5.forward = torch.compile(self.t5.forward, dynamic=False)
         self.identities = {"vae": model_identity(model, "vae"), "t5": model_identity(model, "text_encoder_2"),
                            "clip": model_identity(model, "text_encoder")}
 
     # -- facts for the manifest -------------------------------------------------------------
     def t5_wo_dtype(self) -> str:
         """The dtype T5's FF down-projections run in (see EncodeOptions.t5_fp32_wo)."""
+        if self.t5_impl == "fused":
+            return dtype_name(self.t5.dtype)
         dtypes = {m.weight.dtype for name, m in self.t5.named_modules() if name.endswith(".wo")}
         return dtype_name(dtypes.pop()) if len(dtypes) == 1 else self.compute_dtype_name
 
@@ -128,15 +152,23 @@ class Encoders:
                               pad_to_multiple_of=self.t5_pad_multiple)
 
     @torch.inference_mode()
-    def encode_batch(self, pixels_u8: torch.Tensor, captions: list[str]) -> "HostBatch":
-        """Queue a batch's work; returns host tensors whose copy completes by `HostBatch.wait()`."""
+    def encode_batch(self, pixels_u8: torch.Tensor, captions: list[str], pad_to: int | None = None) -> "HostBatch":
+        """Queue a batch's work; returns host tensors whose copy completes by `HostBatch.wait()`.
+
+        `pad_to`: run a short batch (an input shard's last images) at this size, so that a compiled
+        encoder meets one batch shape instead of compiling again for each remainder; the padding
+        rows are dropped before the copy back."""
+        n = len(captions)
+        if self.pad_batches and pad_to and n < pad_to:
+            pixels_u8 = torch.cat([pixels_u8, pixels_u8[:1].expand(pad_to - n, -1, -1, -1)])
+            captions = list(captions) + [""] * (pad_to - n)
         mean, logvar = self.encode_pixels(pixels_u8)
         text = self.encode_text(captions)
         st = self.store_dtype
-        out = {"latent": mean.to(st).contiguous(), "t5": text["t5"].to(st), "clip": text["clip"].to(st),
-               "t5_len": text["t5_len"].to(torch.int32)}
+        out = {"latent": mean[:n].to(st).contiguous(), "t5": text["t5"][:n].to(st), "clip": text["clip"][:n].to(st),
+               "t5_len": text["t5_len"][:n].to(torch.int32)}
         if self.opts.store_logvar:
-            out["latent_logvar"] = logvar.to(st).contiguous()
+            out["latent_logvar"] = logvar[:n].to(st).contiguous()
         return HostBatch.copy_from(out)
 
     @torch.inference_mode()

@@ -32,6 +32,8 @@ def encode_command(
                                                 "loads them (bit-closer to diffusers' FluxPipeline, slower); "
                                                 "default: all of T5 in the compute dtype."),
     channels_last: bool = typer.Option(False, help="NHWC VAE input on CUDA (measured slower on an H100)."),
+    t5_impl: str = typer.Option("fused", help="fused: the project's T5 forward (fused projections, one SDPA call "
+                                             "per layer; same function, faster); transformers: the library's."),
     jpeg_draft: bool = typer.Option(True, help="Let libjpeg decode large JPEGs at a reduced scale (faster)."),
     rows_per_shard: int = typer.Option(1000, help="Rows per output Parquet shard at most."),
     device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu (with several processes, cuda means "
@@ -51,7 +53,7 @@ def encode_command(
     prep = PrepOptions(resolution=resolution, buckets=buckets, min_size=min_size, jpeg_draft=jpeg_draft)
     opts = EncodeOptions(t5_mode=t5_mode, t5_max_length=t5_max_length or None, store_logvar=store_logvar,
                          dtype=dtype, compute_dtype=compute_dtype or None, compile=compile,
-                         t5_fp32_wo=t5_fp32_wo, channels_last=channels_last)
+                         t5_fp32_wo=t5_fp32_wo, channels_last=channels_last, t5_impl=t5_impl)
     try:
         stats = run_encode(model, input, output, prep=prep, opts=opts, batch_size=batch_size,
                            num_workers=num_workers, rows_per_shard=rows_per_shard, device=device,

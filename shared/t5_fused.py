@@ -1,0 +1,152 @@
+"""T5 encoder forward with fused projections, for encoding many prompts fast.
+
+The same function as transformers' `T5EncoderModel` (FLUX's text_encoder_2), over the same
+weights, with less traffic per layer: q/k/v are one matmul, the gated FF's two input projections
+are one matmul, attention is one `scaled_dot_product_attention` call with T5's relative position
+bias (and the padding mask) as its additive mask, and the position bias is computed once per
+length. The layer norms keep T5's numerics (mean square in fp32, cast, then the weight).
+
+Only the encoder's inference forward is covered; `FusedT5Encoder.supports(t5)` says whether a
+model's configuration is one it can run (gated GELU/ReLU FF, as T5 v1.1 and FLUX's T5-XXL).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# How attention runs: sdpa (eager; under torch.compile it became unfused math), flex (compiled
+# flex attention), efficient / cudnn (those SDPA kernels named directly; CUDA only, sdpa elsewhere).
+ATTENTION = ("sdpa", "flex", "efficient", "cudnn")
+ACTIVATIONS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+               "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+               "gelu": F.gelu, "relu": F.relu}
+
+
+class FusedT5Encoder(nn.Module):
+    """Built from a transformers T5EncoderModel (weights copied in fused form); call it as the
+    original: `encoder(input_ids, attention_mask=None)[0]` is the last hidden state."""
+
+    @staticmethod
+    def supports(t5) -> bool:
+        cfg = t5.config
+        return bool(getattr(cfg, "is_gated_act", False)) and cfg.dense_act_fn in ACTIVATIONS
+
+    def __init__(self, t5, release_source: bool = False, attention: str = "sdpa"):
+        """`release_source`: free each source projection once copied (the source model can then no
+        longer run; saves T5-XXL's 6 GB of q/k/v/wi weights while both exist). `attention`: "sdpa"
+        (eager) or "flex" (for torch.compile, see `_flex`)."""
+        super().__init__()
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, not {attention!r}")
+        self.attention = attention
+        if not self.supports(t5):
+            raise ValueError(f"FusedT5Encoder runs gated {sorted(ACTIVATIONS)} feed-forwards only, "
+                             f"not {t5.config.dense_act_fn!r} (is_gated_act={t5.config.is_gated_act})")
+        cfg = t5.config
+        self.config = cfg
+        self.heads, self.head_dim, self.eps = cfg.num_heads, cfg.d_kv, cfg.layer_norm_epsilon
+        self.act = ACTIVATIONS[cfg.dense_act_fn]
+        enc = t5.encoder
+        self.embed = enc.embed_tokens
+        self.position = enc.block[0].layer[0].SelfAttention   # holds relative_attention_bias and compute_bias
+        self.attn_norm, self.qkv, self.out, self.ff_norm, self.ff_in, self.ff_out = (nn.ParameterList() for _ in range(6))
+        with torch.no_grad():
+            for block in enc.block:
+                attn, ff = block.layer[0], block.layer[-1].DenseReluDense
+                self.attn_norm.append(attn.layer_norm.weight)
+                sa = attn.SelfAttention
+                self.qkv.append(nn.Parameter(torch.cat([sa.q.weight, sa.k.weight, sa.v.weight]), requires_grad=False))
+                self.out.append(sa.o.weight)
+                self.ff_norm.append(block.layer[-1].layer_norm.weight)
+                self.ff_in.append(nn.Parameter(torch.cat([ff.wi_0.weight, ff.wi_1.weight]), requires_grad=False))
+                self.ff_out.append(ff.wo.weight)
+                if release_source:
+                    for lin in (sa.q, sa.k, sa.v, ff.wi_0, ff.wi_1):
+                        lin.weight = nn.Parameter(lin.weight.new_empty(0), requires_grad=False)
+        self.final_norm = enc.final_layer_norm.weight
+        self._bias: dict = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.final_norm.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.final_norm.dtype
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # T5LayerNorm: no mean, no bias; mean square in fp32, cast to the weight's dtype, then scale.
+        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(weight.dtype)
+
+    def position_bias(self, length: int) -> torch.Tensor:
+        """[1, heads, length, length] relative position bias, computed once per length."""
+        key = (length, self.device, self.dtype)
+        if key not in self._bias:
+            with torch.no_grad():
+                self._bias[key] = self.position.compute_bias(length, length, self.device).to(self.dtype)
+        return self._bias[key]
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_ignored):
+        x = self.embed(input_ids)
+        key_pad = None
+        if attention_mask is not None:   # padding keys get the dtype's lowest value, as transformers does
+            key_pad = (1.0 - attention_mask.to(x.dtype)) * torch.finfo(x.dtype).min
+        return (self.blocks(x, self.position_bias(input_ids.shape[1])[0], key_pad),)
+
+    def blocks(self, x: torch.Tensor, bias: torch.Tensor, key_pad: torch.Tensor | None) -> torch.Tensor:
+        """Embedded tokens [B, L, D], position bias [H, L, L], additive key padding [B, L] or None
+        -> last hidden state. The part worth compiling: no Python state, static shapes per length."""
+        b, length = x.shape[:2]
+        attend = getattr(self, "_" + (self.attention if x.device.type == "cuda" or self.attention == "flex" else "sdpa"))
+        for i in range(len(self.qkv)):
+            h = self._norm(x, self.attn_norm[i])
+            q, k, v = (F.linear(h, self.qkv[i]).view(b, length, 3, self.heads, self.head_dim)
+                       .permute(2, 0, 3, 1, 4).unbind(0))
+            a = attend(q, k, v, bias, key_pad)
+            x = _clamp_fp16(x + F.linear(a.transpose(1, 2).reshape(b, length, -1), self.out[i]))
+            gate, lin = F.linear(self._norm(x, self.ff_norm[i]), self.ff_in[i]).chunk(2, dim=-1)
+            x = _clamp_fp16(x + F.linear(self.act(gate) * lin, self.ff_out[i]))
+        return self._norm(x, self.final_norm)
+
+    @staticmethod
+    def _sdpa(q, k, v, bias, key_pad):
+        mask = bias[None] if key_pad is None else bias[None] + key_pad[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)   # T5 does not scale scores
+
+    @staticmethod
+    def _efficient(q, k, v, bias, key_pad):
+        # The memory-efficient SDPA kernel named directly (CUDA only): it takes an additive bias.
+        b, h, length = q.shape[:3]
+        mask = (bias[None] if key_pad is None else bias[None] + key_pad[:, None, None, :]).expand(b, h, length, length)
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, mask, False, scale=1.0)[0]
+
+    @staticmethod
+    def _cudnn(q, k, v, bias, key_pad):
+        b, h, length = q.shape[:3]
+        mask = (bias[None] if key_pad is None else bias[None] + key_pad[:, None, None, :]).expand(b, h, length, length)
+        return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, mask, False, scale=1.0)[0]
+
+    @staticmethod
+    def _flex(q, k, v, bias, key_pad):
+        # Under torch.compile, SDPA with an additive mask was lowered to unfused math (scores
+        # materialized, a fifth of T5's time on an H100); flex attention adds the bias inside one
+        # fused kernel. Eager flex attention is a slow reference: use it compiled only.
+        from torch.nn.attention.flex_attention import flex_attention
+        if key_pad is None:
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score + bias[h, q_idx, kv_idx]
+        else:
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score + bias[h, q_idx, kv_idx] + key_pad[b, kv_idx]
+        return flex_attention(q, k, v, score_mod=score_mod, scale=1.0)
+
+
+def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
+    """transformers' T5 clamps fp16 activations short of inf (T5 overflows fp16); other dtypes pass."""
+    if x.dtype != torch.float16:
+        return x
+    top = torch.finfo(torch.float16).max
+    limit = torch.where(torch.isinf(x).any(), top - 1000, top)
+    return x.clamp(-limit, limit)

@@ -1,0 +1,100 @@
+"""The fused T5 forward (shared/t5_fused.py) computes what transformers' T5EncoderModel computes."""
+import pytest
+import torch
+from transformers import T5Config, T5EncoderModel
+
+from preprocess.encode import EncodeOptions, Encoders
+from shared.models import load_t5
+from shared.t5_fused import FusedT5Encoder
+
+CAPTIONS = ["a red circle on a white background", "blue", "a long caption " + "with many words " * 6]
+
+
+def _inputs(tok, padding="longest", max_length=32):
+    return tok(CAPTIONS, padding=padding, max_length=max_length, truncation=True, return_tensors="pt")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_matches_transformers_in_fp32(tiny_model, masked):
+    tok, t5 = load_t5(str(tiny_model), torch.float32, torch.device("cpu"))
+    fused = FusedT5Encoder(t5)
+    ids = _inputs(tok, padding="longest" if masked else "max_length")
+    mask = ids.attention_mask if masked else None
+    with torch.no_grad():
+        ref = t5(ids.input_ids, attention_mask=mask)[0]
+    out = fused(ids.input_ids, attention_mask=mask)[0]
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_matches_transformers_in_bf16_within_rounding(tiny_model):
+    tok, t5 = load_t5(str(tiny_model), torch.bfloat16, torch.device("cpu"))
+    fused = FusedT5Encoder(t5)
+    ids = _inputs(tok)
+    with torch.no_grad():
+        ref = t5(ids.input_ids, attention_mask=ids.attention_mask)[0].float()
+    out = fused(ids.input_ids, attention_mask=ids.attention_mask)[0].float()
+    assert out.dtype == torch.float32 and fused.dtype == torch.bfloat16
+    # bf16 keeps 8 bits of mantissa: differences of a few units in the last place, not more.
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+def test_release_source_frees_the_copied_weights_and_keeps_the_function(tiny_model):
+    tok, t5 = load_t5(str(tiny_model), torch.float32, torch.device("cpu"))
+    ids = _inputs(tok)
+    with torch.no_grad():
+        ref = t5(ids.input_ids, attention_mask=ids.attention_mask)[0]
+    fused = FusedT5Encoder(t5, release_source=True)
+    block = t5.encoder.block[1]
+    assert block.layer[0].SelfAttention.q.weight.numel() == 0
+    assert block.layer[-1].DenseReluDense.wi_0.weight.numel() == 0
+    torch.testing.assert_close(fused(ids.input_ids, attention_mask=ids.attention_mask)[0], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_non_gated_t5_is_refused_with_the_reason():
+    t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=16, d_ff=32, d_kv=4, num_heads=4, num_layers=1,
+                                 feed_forward_proj="relu"))
+    assert not FusedT5Encoder.supports(t5)
+    with pytest.raises(ValueError, match="gated"):
+        FusedT5Encoder(t5)
+
+
+def test_encoders_use_the_fused_forward_unless_told_otherwise(tiny_model):
+    assert Encoders(str(tiny_model), "cpu", EncodeOptions()).t5_impl == "fused"
+    assert Encoders(str(tiny_model), "cpu", EncodeOptions(t5_impl="transformers")).t5_impl == "transformers"
+    assert Encoders(str(tiny_model), "cpu", EncodeOptions(t5_fp32_wo=True)).t5_impl == "transformers"
+    with pytest.raises(ValueError, match="t5_impl"):
+        Encoders(str(tiny_model), "cpu", EncodeOptions(t5_impl="fast"))
+
+
+@pytest.mark.parametrize("mode", ["padded", "trimmed"])
+def test_a_short_batch_padded_to_full_size_gives_the_same_rows(tiny_model, mode):
+    enc = Encoders(str(tiny_model), "cpu", EncodeOptions(t5_mode=mode, t5_max_length=32))
+    pixels = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    plain = enc.encode_batch(pixels, CAPTIONS).wait()
+    enc.pad_batches = True          # what --compile turns on
+    padded = enc.encode_batch(pixels, CAPTIONS, pad_to=8).wait()
+    assert padded.keys() == plain.keys()
+    for name in plain:
+        assert padded[name].shape[0] == 3
+        if name == "t5" and mode == "trimmed":   # the padding rows' empty captions do not lengthen the batch
+            assert padded[name].shape == plain[name].shape
+        torch.testing.assert_close(padded[name], plain[name], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["flex", "efficient", "cudnn"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_every_attention_path_matches_sdpa(tiny_model, masked, attention):
+    """flex runs here as its eager reference; the CUDA-only kernels fall back to SDPA on a CPU."""
+    tok, t5 = load_t5(str(tiny_model), torch.float32, torch.device("cpu"))
+    ids = _inputs(tok, padding="longest" if masked else "max_length")
+    mask = ids.attention_mask if masked else None
+    sdpa = FusedT5Encoder(t5)(ids.input_ids, attention_mask=mask)[0]
+    other = FusedT5Encoder(t5, attention=attention)(ids.input_ids, attention_mask=mask)[0]
+    torch.testing.assert_close(other, sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_an_unknown_attention_is_refused(tiny_model):
+    _, t5 = load_t5(str(tiny_model), torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="attention must be one of"):
+        FusedT5Encoder(t5, attention="fast")

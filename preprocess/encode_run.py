@@ -49,6 +49,7 @@ def run_settings(enc: Encoders, prep: PrepOptions, opts: EncodeOptions) -> dict:
                   "min_size": prep.min_size, "jpeg_draft": prep.jpeg_draft},
         "t5": {"mode": opts.t5_mode, "max_length": enc.t5_max_length},
         "dtypes": dtypes, "compute_dtype": enc.compute_dtype_name, "t5_wo_dtype": enc.t5_wo_dtype(),
+        "t5_impl": enc.t5_impl,   # recorded, not compared: both implementations compute the same function
         "dims": enc.dims(), "vae": enc.vae_factors(),
     }
 
@@ -109,6 +110,8 @@ def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: 
             _write_rows(st.writer, item, host.wait(), opts.t5_mode)
             st.rows += len(item["keys"])
             stats["rows"] += len(item["keys"])
+            if "first_batch_s" not in stats:   # model warm-up (compilation, cuDNN autotuning) ends here
+                stats["first_batch_s"], stats["first_batch_rows"] = time.perf_counter() - t_start, stats["rows"]
         if item["end"]:
             outputs = [s.to_dict() for s in st.writer.close()]
             shard = next(s for s in todo if s.id == item["shard"])
@@ -121,13 +124,26 @@ def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: 
             bar.set_postfix(skipped=stats["skipped"], shards=f"{stats['shards_done']}/{len(todo)}", refresh=False)
 
     # Rows are written by one thread, in order, while this one queues the next batches.
-    writer = RowWriterThread(write, max_pending=2)
+    writer = RowWriterThread(write, max_pending=4)   # room for the writer's fsync bursts
     t_start = time.perf_counter()
+    # Where the main thread waits says what bounds a run: data (decoding), queueing the encoders'
+    # work (the device, once its queue is full), or the writer.
+    waits = {"wait_data_s": 0.0, "queue_encode_s": 0.0, "wait_writer_s": 0.0}
     try:
-        for item in batches:
+        while True:
+            t0 = time.perf_counter()
+            item = next(batches, None)
+            t1 = time.perf_counter()
+            waits["wait_data_s"] += t1 - t0
+            if item is None:
+                break
             stats["decode_s"] += item["decode_s"]
-            host = enc.encode_batch(item["pixels"], item["captions"]) if item["pixels"] is not None else None
+            host = (enc.encode_batch(item["pixels"], item["captions"], pad_to=batch_size)
+                    if item["pixels"] is not None else None)
+            t2 = time.perf_counter()
             writer.submit(item, host)
+            waits["queue_encode_s"] += t2 - t1
+            waits["wait_writer_s"] += time.perf_counter() - t2
         writer.finish()
     except BaseException:
         writer.cancel()              # the batch being written ends; queued ones are dropped
@@ -138,6 +154,7 @@ def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: 
         if bar is not None:
             bar.close()
     stats["seconds"] = time.perf_counter() - t_start
+    stats.update(waits)
     complete = finish_if_complete(out_dir, [s.id for s in shards], command, package_version())
     stats.update(rank=rank, world=world, manifest_written=complete, shards_skipped_done=len(mine) - len(todo))
     return stats
@@ -157,7 +174,7 @@ def _write_rows(writer: CacheWriter, item: dict, out: dict, t5_mode: str) -> Non
     sizes = item["sizes"].tolist()
     writer.add_batch(keys=item["keys"], captions=item["captions"], latent=out["latent"], t5=t5, t5_len=lengths,
                      clip=out["clip"], widths=[s[0] for s in sizes], heights=[s[1] for s in sizes],
-                     latent_logvar=out.get("latent_logvar"))
+                     latent_logvar=out.get("latent_logvar"), copy=False)   # `out` is this batch's own host copy
 
 
 def _progress_bar(enabled: bool, rank: int, todo: int, already: int):

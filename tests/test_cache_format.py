@@ -188,3 +188,17 @@ def test_add_batch_does_not_alias_the_callers_tensors(tmp_path):
     w.close()
     reader_rows = pq.read_table(tmp_path / "p-00000.parquet").to_pylist()
     assert reader_rows[0]["latent"] == tensor_to_bytes(expected[0], "float32")
+
+
+def test_add_batch_without_copy_writes_the_same_shard(tmp_path):
+    rows = _rows(3, trimmed=False, dtype=torch.bfloat16)
+    dtypes = dict.fromkeys(("latent", "t5", "clip"), "bfloat16")
+    shas = []
+    for copy in (True, False):
+        w = CacheWriter(tmp_path / str(copy), "p", dtypes, row_group_rows=2)
+        w.add_batch(keys=["a", "b", "c"], captions=["x", "y", "z"], latent=torch.stack([r["latent"] for r in rows]),
+                    t5=torch.stack([r["t5"] for r in rows]), clip=torch.stack([r["clip"] for r in rows]),
+                    t5_len=[1, 1, 1], widths=[8, 8, 8], heights=[8, 8, 8], copy=copy)
+        [shard] = w.close()
+        shas.append(shard.sha256)
+    assert shas[0] == shas[1]

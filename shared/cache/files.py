@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -34,6 +35,40 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+class HashingFile(io.RawIOBase):
+    """A file opened for writing that hashes what passes through it, so that a shard's sha256
+    needs no second read of the file (2 GB per 1000 rows at padded-256)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self._f = open(path, "wb")
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self._hash.update(data)
+        n = self._f.write(data)
+        self.size += n
+        return n
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+
+    def close(self) -> None:
+        super().close()   # flushes first
+        self._f.close()
+
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -166,66 +166,66 @@ def bench_components(model: Path, device: str, a) -> None:
     del clip
     torch.cuda.empty_cache() if device.startswith("cuda") else None
 
-    # The project's path: Encoders (T5 wholly in bf16, uint8 pinned pixels, pinned token ids),
-    # loaded once; the T5 mode switches between rows, as a run's options would set it.
-    from preprocess.encode import set_t5_wo_dtype
+    # The project's path: Encoders (fused T5 wholly in bf16, cuDNN autotuned VAE, uint8 pinned pixels,
+    # pinned token ids), loaded once; the T5 mode switches between rows, as a run's options would set it.
     pin = pix_u8.pin_memory() if device.startswith("cuda") else pix_u8
-    enc = Encoders(str(model), device, EncodeOptions(t5_mode="padded", t5_max_length=256))
-    with torch.inference_mode():
-        s = timed(lambda: enc.encode_pixels(pin), device, a.iters)
-        record("VAE", f"project {res}px", bs / s, "img/s", f"batch {bs}")
-        s = timed(lambda: enc.clip(enc.clip_tok(caps, padding="max_length", max_length=77, truncation=True,
-                                                return_tensors="pt").input_ids.to(device)).pooler_output,
-                  device, a.iters)
-        record("CLIP", "project", bs / s, "prompts/s", f"batch {bs}")
+    compiled = (False, True) if a.compile else (False,)
+    for compile_ in compiled:
+        tag = "project compile" if compile_ else "project"
+        enc = Encoders(str(model), device, EncodeOptions(t5_mode="padded", t5_max_length=256, compile=compile_))
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            enc.encode_pixels(pin)
+            sync(device)
+            s = timed(lambda: enc.encode_pixels(pin), device, a.iters)
+            record("VAE", f"{tag} {res}px", bs / s, "img/s", f"batch {bs}, first call {time.perf_counter() - t0:.0f}s")
+            if not compile_:
+                s = timed(lambda: enc.clip(enc.clip_tok(caps, padding="max_length", max_length=77, truncation=True,
+                                                        return_tensors="pt").input_ids.to(device)).pooler_output,
+                          device, a.iters)
+                record("CLIP", tag, bs / s, "prompts/s", f"batch {bs}")
 
-    def use_mode(label):
-        enc.opts.t5_mode = "trimmed" if label == "trimmed" else "padded"
-        enc.t5_max_length = 512 if label == "trimmed" else int(label.split("-")[1])
+            def use_mode(label):
+                enc.opts.t5_mode = "trimmed" if label == "trimmed" else "padded"
+                enc.t5_max_length = 512 if label == "trimmed" else int(label.split("-")[1])
 
-    def run_t5_project():
-        padded = enc.opts.t5_mode == "padded"
-        ids = enc.t5_tok(caps, padding="max_length" if padded else "longest", max_length=enc.t5_max_length,
-                         truncation=True, pad_to_multiple_of=None if padded else enc.t5_pad_multiple,
-                         return_tensors="pt")
-        mask = None if padded else ids.attention_mask.to(device)
-        return enc.t5(ids.input_ids.to(device), attention_mask=mask)[0]
+            def run_t5_project():   # T5 alone, tokenized and bucketed as Encoders.encode_text does
+                from shared.text import _pad_to_bucket
+                padded = enc.opts.t5_mode == "padded"
+                tok = enc.t5_tok(caps, padding="max_length" if padded else "longest", max_length=enc.t5_max_length,
+                                 truncation=True, return_tensors="pt")
+                ids, mask = tok.input_ids, tok.attention_mask
+                if not padded and enc.t5_pad_multiple:
+                    ids, mask = _pad_to_bucket(ids, mask, enc.t5_pad_multiple, enc.t5_max_length,
+                                               enc.t5_tok.pad_token_id)
+                return enc.t5(ids.to(device), attention_mask=None if padded else mask.to(device))[0]
 
-    with torch.inference_mode():
-        for label in a.modes:
-            use_mode(label)
-            s = timed(run_t5_project, device, a.iters)
-            record("T5", f"project {label}", bs / s, "prompts/s", f"batch {bs}, wo {enc.t5_wo_dtype()}")
-            s = timed(lambda: enc.encode_batch(pin, caps).wait(), device, a.iters)
-            record("encode", f"project batch {label}", bs / s, "img/s", "VAE+T5+CLIP, no I/O")
-        # --t5-fp32-wo: the same weights with the FF down-projections in fp32 (TF32 matmuls).
-        set_t5_wo_dtype(enc.t5, torch.float32, enc.compute_dtype)
-        for label in a.modes:
-            use_mode(label)
-            s = timed(run_t5_project, device, a.iters)
-            record("T5", f"project fp32-wo {label}", bs / s, "prompts/s", f"batch {bs}, wo {enc.t5_wo_dtype()}")
-        set_t5_wo_dtype(enc.t5, enc.compute_dtype, enc.compute_dtype)
-        if a.compile:
-            # Only T5 (the bulk of the FLOPs), as Encoders compiles it: static shapes, trimmed text
-            # in length buckets. Each compile costs about a minute.
-            from shared.text import T5_PAD_MULTIPLE
-            eager_forward = enc.t5.forward
-            enc.t5_pad_multiple = T5_PAD_MULTIPLE
-            for label in [m for m in a.modes if m in ("padded-256", "trimmed")]:
+            if compile_ and device.startswith("cuda"):
+                # The compiled T5's attention kernel (preprocess.encode.COMPILED_T5_ATTENTION picks one).
+                from shared.t5_fused import ATTENTION
+                chosen, blocks = enc.t5.attention, type(enc.t5).blocks.__get__(enc.t5)
+                use_mode("padded-256")
+                for attention in ATTENTION:
+                    enc.t5.attention = attention
+                    enc.t5.blocks = torch.compile(blocks, dynamic=False)
+                    s = timed(run_t5_project, device, a.iters)
+                    record("T5", f"compile padded-256 attention={attention}", bs / s, "prompts/s", f"batch {bs}")
+                enc.t5.attention, enc.t5.blocks = chosen, torch.compile(blocks, dynamic=False)
+            for label in a.modes:
+                if compile_ and label == "padded-512":
+                    continue
                 use_mode(label)
-                enc.t5.forward = torch.compile(eager_forward, dynamic=False)
                 t0 = time.perf_counter()
                 run_t5_project()
                 sync(device)
-                compile_s = time.perf_counter() - t0
+                first = time.perf_counter() - t0
                 s = timed(run_t5_project, device, a.iters)
-                record("T5", f"project compile {label}", bs / s, "prompts/s",
-                       f"batch {bs}, compiled in {compile_s:.0f}s")
+                record("T5", f"{tag} {label}", bs / s, "prompts/s",
+                       f"batch {bs}, T5 {enc.t5_impl}, first call {first:.0f}s")
                 s = timed(lambda: enc.encode_batch(pin, caps).wait(), device, a.iters)
-                record("encode", f"project batch compile-T5 {label}", bs / s, "img/s", "VAE+T5+CLIP, no I/O")
-            enc.t5.forward, enc.t5_pad_multiple = eager_forward, None
-    del enc
-    torch.cuda.empty_cache() if device.startswith("cuda") else None
+                record("encode", f"{tag} batch {label}", bs / s, "img/s", "VAE+T5+CLIP, no I/O")
+        del enc
+        torch.cuda.empty_cache() if device.startswith("cuda") else None
 
 
 def bench_decode(shards: list[Path], a) -> None:
@@ -249,16 +249,21 @@ def bench_pipeline(model: Path, shards_glob: str, out_root: Path, device: str, a
     for tag in a.modes:
         mode, length = ("trimmed", 512) if tag == "trimmed" else ("padded", int(tag.split("-")[1]))
         out = out_root / f"cache-{tag}"
-        if out.exists():
-            import shutil
-            shutil.rmtree(out)
-        stats = run_encode(str(model), shards_glob, out, prep=PrepOptions(resolution=a.resolution),
-                           opts=EncodeOptions(t5_mode=mode, t5_max_length=length,
-                                              compile=a.compile_pipeline and tag != "padded-512"),
-                           batch_size=a.batch_size, num_workers=a.num_workers, rows_per_shard=a.rows_per_shard,
-                           device=device, progress=False)
-        record("pipeline", f"tar -> parquet {tag}", stats["rows"] / stats["seconds"], "img/s",
-               f"{a.num_workers} workers, {stats['rows']} rows")
+        for workers in a.worker_list:
+            if out.exists():
+                import shutil
+                shutil.rmtree(out)
+            stats = run_encode(str(model), shards_glob, out, prep=PrepOptions(resolution=a.resolution),
+                               opts=EncodeOptions(t5_mode=mode, t5_max_length=length,
+                                                  compile=a.compile_pipeline and tag != "padded-512"),
+                               batch_size=a.batch_size, num_workers=workers, rows_per_shard=a.rows_per_shard,
+                               device=device, progress=False)
+            record("pipeline", f"tar -> parquet {tag}", stats["rows"] / stats["seconds"], "img/s",
+                   f"{workers} workers, {stats['rows']} rows, first batch (warm-up) {stats['first_batch_s']:.0f}s")
+            steady = (stats["rows"] - stats["first_batch_rows"]) / (stats["seconds"] - stats["first_batch_s"])
+            record("pipeline", f"tar -> parquet {tag}, after batch 1", steady, "img/s",
+                   "main thread waited: " + ", ".join(f"{k[:-2]} {100 * stats[k] / stats['seconds']:.0f}%"
+                                                      for k in ("wait_data_s", "queue_encode_s", "wait_writer_s")))
         caches[tag] = out
         m = json.loads((out / "manifest.json").read_text())
         record("disk", f"bytes/sample {tag}", sum(s["bytes"] for s in m["shards"]) / m["rows"] / 1024, "KiB")
@@ -314,11 +319,11 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--samples", type=int, default=None, help="images in the pipeline run")
-    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--num-workers", default=None, help="decode workers; a comma list runs the pipeline for each")
     p.add_argument("--rows-per-shard", type=int, default=1000)
     p.add_argument("--json-rows", type=int, default=None)
     p.add_argument("--compile", action="store_true",
-                   help="also measure torch.compile'd T5 (static shapes, trimmed in length buckets) in components")
+                   help="also measure the compiled encoders (T5 and VAE, static shapes) in components")
     p.add_argument("--compile-pipeline", action="store_true",
                    help="torch.compile T5 and VAE in the padded-256 and trimmed pipeline runs (minutes more)")
     p.add_argument("--modes", default=None,
@@ -330,7 +335,8 @@ def main(argv=None):
     a.batch_size = a.batch_size or (8 if a.tiny else 64)
     a.iters = a.iters or (2 if a.tiny else 5)
     a.samples = a.samples or (96 if a.tiny else 4096)
-    a.num_workers = a.num_workers if a.num_workers is not None else (1 if a.tiny else min(12, os.cpu_count() - 2))
+    a.worker_list = ([int(w) for w in a.num_workers.split(",")] if a.num_workers is not None
+                     else [1 if a.tiny else min(12, os.cpu_count() - 2)])
     a.json_rows = a.json_rows or (32 if a.tiny else 64)
     a.image_sizes = [(96, 80), (80, 112)] if a.tiny else [(500, 375), (640, 480), (375, 500), (800, 533)]
     a.modes = [m.strip() for m in (a.modes or ("padded-256,trimmed" if a.tiny else

@@ -131,11 +131,12 @@ def run_baseline(cfg: dict, args, txt_len: int, latent_hw: int, device) -> dict:
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def step():
-        with amp:
-            pred = model(hidden_states=x, encoder_hidden_states=t5, pooled_projections=clip, timestep=t,
-                         img_ids=img, txt_ids=txt, return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred.float(), target)
-        loss.backward()
+        for _ in range(args.grad_accum):
+            with amp:
+                pred = model(hidden_states=x, encoder_hidden_states=t5, pooled_projections=clip, timestep=t,
+                             img_ids=img, txt_ids=txt, return_dict=False)[0]
+            loss = torch.nn.functional.mse_loss(pred.float(), target)
+            (loss / args.grad_accum).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -148,7 +149,7 @@ def run_baseline(cfg: dict, args, txt_len: int, latent_hw: int, device) -> dict:
     sync(device)
     elapsed = time.perf_counter() - start
     del model, opt
-    return {"images_per_s": b * args.steps / elapsed, "data_wait": 0.0}
+    return {"images_per_s": b * args.grad_accum * args.steps / elapsed, "data_wait": 0.0}
 
 
 def run_trainer(cfg_overrides: dict, args, cache: Path, device) -> dict:
@@ -164,6 +165,7 @@ def run_trainer(cfg_overrides: dict, args, cache: Path, device) -> dict:
         "data.shuffle_buffer": 4 * args.batch_size, "model.name": "flux-schnell" if not args.tiny else "tiny",
         "model.overrides": cfg_overrides, "run.output_dir": out, "run.max_steps": steps, "run.log_every": window,
         "run.precision": args.precision, "run.compile": args.compile, "run.grad_checkpointing": args.grad_checkpointing,
+        "run.grad_accum": args.grad_accum,
         "run.tensorboard": False, "run.progress": False, "run.save_final": False, "flow.guidance_dropout": 0.1,
         "optim.lr": 1e-5})
     trainer = Trainer(cfg)
@@ -187,6 +189,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (compile, allocator)")
     p.add_argument("--compile", action="store_true", help="torch.compile each repeated block")
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--precision", default=None, choices=["bf16", "no"])
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--samples", type=int, default=None, help="rows per synthetic cache")
@@ -220,7 +223,8 @@ def main(argv=None):
     chosen = args.text.split(",") if args.text else list(settings)
     rows = []
     print(f"model: {params / 1e9:.2f}B params, {img_tokens} image tokens, batch {args.batch_size}, "
-          f"compile={args.compile}, grad_checkpointing={args.grad_checkpointing}, device={args.device}", flush=True)
+          f"grad_accum={args.grad_accum}, compile={args.compile}, grad_checkpointing={args.grad_checkpointing}, "
+          f"device={args.device}", flush=True)
     for name in chosen:
         mode, length = settings[name]
         cache, lengths = write_cache(Path(args.cache_root), f"{name}-{latent_hw}-{args.samples}", mode, length,

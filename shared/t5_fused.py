@@ -99,7 +99,10 @@ class FusedT5Encoder(nn.Module):
         """Embedded tokens [B, L, D], position bias [H, L, L], additive key padding [B, L] or None
         -> last hidden state. The part worth compiling: no Python state, static shapes per length."""
         b, length = x.shape[:2]
-        attend = getattr(self, "_" + (self.attention if x.device.type == "cuda" or self.attention == "flex" else "sdpa"))
+        attention = self.attention
+        if attention in ("efficient", "cudnn") and (x.device.type != "cuda" or length % 16):
+            attention = "sdpa"   # those kernels run on CUDA, with the bias rows 16-element aligned
+        attend = getattr(self, "_" + attention)
         for i in range(len(self.qkv)):
             h = self._norm(x, self.attn_norm[i])
             q, k, v = (F.linear(h, self.qkv[i]).view(b, length, 3, self.heads, self.head_dim)

@@ -14,6 +14,7 @@ import torch
 
 from shared.cache.schema import dtype_name, torch_dtype
 from shared.models import load_clip, load_t5, load_vae, model_identity
+from shared.precision import canonical_dtype
 from shared.t5_fused import FusedT5Encoder
 from shared.text import T5_PAD_MULTIPLE, encode_prompts
 
@@ -22,17 +23,6 @@ from .images import to_model_range
 # Attention of the compiled fused T5 (shared/t5_fused.py ATTENTION). H100, T5-XXL at padded-256,
 # batch 64 (bench/encode.py --compile): efficient 250 prompts/s, flex 221, sdpa (lowered to math) 202.
 COMPILED_T5_ATTENTION = "efficient"
-
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16",
-                 "float16": "float16", "float32": "float32"}
-
-
-def canonical_dtype(alias: str) -> str:
-    """bf16/fp16/fp32 (or the full names) -> the cache's dtype name."""
-    try:
-        return DTYPE_ALIASES[alias]
-    except KeyError:
-        raise ValueError(f"unknown dtype {alias!r}; use bf16, fp16 or fp32") from None
 
 
 @dataclass

@@ -7,16 +7,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from safetensors.torch import save as save_safetensors
 from torch.utils.data import DataLoader
 
 from shared.cache import CacheWriter
 from shared.cache.files import atomic_write_bytes
 from shared.cache.schema import EMPTY_PROMPT_NAME
+from shared.devices import resolve_device
+from shared.precision import canonical_dtype
 
 from .decode import PrepOptions, ShardBatches, worker_init
-from .encode import EncodeOptions, Encoders, canonical_dtype
+from .encode import EncodeOptions, Encoders
 from .progress import (check_or_write_settings, finish_if_complete, read_done, remove_orphans, write_done)
 from .row_writer import RowWriterThread
 from .sources import InputError, resolve_inputs
@@ -28,14 +29,6 @@ def dist_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) as set by accelerate launch / torchrun; (0, 1, 0) alone."""
     env = os.environ
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
-
-
-def pick_device(device: str | None, local_rank: int) -> str:
-    if device in (None, "", "auto"):
-        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        return f"cuda:{local_rank}"
-    return device
 
 
 def run_settings(enc: Encoders, prep: PrepOptions, opts: EncodeOptions) -> dict:
@@ -65,7 +58,7 @@ def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: 
     """Encode this rank's share of the input shards; returns a summary for this rank."""
     out_dir = Path(output)
     rank, world, local_rank = dist_env()
-    device = pick_device(device, local_rank)
+    device = resolve_device(device, local_rank)
     command = command or " ".join(sys.argv)
     shards = resolve_inputs(input_spec)
     mine = shards[rank::world]
@@ -81,7 +74,7 @@ def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: 
 
     # Workers start decoding while the models load.
     loader = DataLoader(ShardBatches(todo, prep, batch_size), batch_size=None, num_workers=num_workers,
-                        pin_memory=device.startswith("cuda"), worker_init_fn=worker_init,
+                        pin_memory=device.type == "cuda", worker_init_fn=worker_init,
                         prefetch_factor=4 if num_workers else None)
     batches = iter(loader) if todo else iter(())
     enc = Encoders(model, device, opts)

@@ -13,15 +13,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from shared.devices import DeviceError, resolve_device
 from shared.models import ModelLoadError, load_clip, load_t5, load_transformer, load_vae
+from shared.precision import DTYPE_ALIASES, resolve_dtype
 from shared.text import T5_PAD_MULTIPLE
 
 from . import output
 from .loop import PromptEncoding, TextBatch, configure_speed, decode, denoise, encode_all, initial_noise
 from .resolve import (SampleError, check_fit, conventions, part_config, read_prompts, resolve_lora,
                       resolve_transformer)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -52,19 +52,17 @@ class SampleOptions:
 
 
 def _device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    """auto device: the GPU when CUDA is available, else the CPU; auto dtype: bfloat16 on a GPU, float32 on the CPU."""
     try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise SampleError(f"unknown device {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SampleError(f"device {device!r} asked for, but no CUDA GPU is available")
+        dev = resolve_device(device)
+    except DeviceError as e:
+        raise SampleError(str(e)) from None
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
-    if dtype not in DTYPES:
-        raise SampleError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
-    return dev, DTYPES[dtype]
+    try:
+        return dev, resolve_dtype(dtype)
+    except ValueError:
+        raise SampleError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPE_ALIASES)}") from None
 
 
 @dataclass

@@ -142,3 +142,12 @@ def test_a_changed_image_folder_is_refused_on_resume(tiny_model, tmp_path):
     with pytest.raises(InputError, match="holds other samples than when it was encoded"):
         _encode(tiny_model, str(folder), out)
     assert set(read_rows(out)) == {"b", "c"}
+
+
+def test_cuda_without_a_gpu_refused_before_anything_is_written(tiny_model, bad_inputs, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "cache"
+    with pytest.raises(ValueError, match="no CUDA GPU is available"):
+        run_encode(str(tiny_model), str(bad_inputs / "bad-*.tar"), out, prep=PrepOptions(resolution=32),
+                   opts=EncodeOptions(), device="cuda", progress=False)
+    assert not out.exists()

@@ -187,6 +187,9 @@ BAD = {
     "empty prompts file": (lambda m, t: ["--model", m, "--prompts-file", _touch(t / "prompts.txt")], "empty"),
     "unknown lora": (lambda m, t: ["--model", m, "--lora", t / "nope"], "LoRA"),
     "pickled lora": (lambda m, t: ["--model", m, "--lora", _pickle_lora(t)], "pickled"),
+    "unknown dtype": (lambda m, t: ["--model", m, "--dtype", "int8"],
+                      "unknown dtype 'int8'; choose one of auto, bf16, fp16, fp32, bfloat16, float16, float32"),
+    "unknown device": (lambda m, t: ["--model", m, "--device", "gpu"], "unknown device 'gpu'"),
 }
 
 
@@ -223,6 +226,20 @@ def test_bad_input_one_line_error_nothing_written(case, tiny_model, tmp_path):
     lines = [ln for ln in r.output.splitlines() if ln.startswith("flux-sample: error:")]
     assert len(lines) == 1 and expected in lines[0], r.output
     assert not out.exists()
+
+
+def test_device_and_dtype_auto(monkeypatch):
+    from sample.resolve import SampleError
+    from sample.run import _device_dtype
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _device_dtype("auto", "auto") == (torch.device("cpu"), torch.float32)
+    assert _device_dtype("cpu", "bf16") == (torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(SampleError, match="'cuda' asked for, but no CUDA GPU is available"):
+        _device_dtype("cuda", "auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert _device_dtype("auto", "auto") == (torch.device("cuda", 0), torch.bfloat16)
+    assert _device_dtype("cuda", "float16") == (torch.device("cuda", 0), torch.float16)
 
 
 def test_console_script_reports_errors(tmp_path):

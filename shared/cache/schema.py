@@ -6,6 +6,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..precision import DTYPES
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
@@ -29,12 +31,9 @@ ARROW_SCHEMA = pa.schema([
     pa.field("height", pa.int32(), nullable=False),
 ])
 
-# Storage dtypes a cache may use, by name. bf16 has no numpy type: it travels as int16 bits.
-_TORCH_DTYPES = {
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-}
+# Storage dtypes a cache may use, by name (part of the contract: named here, mapped in shared/precision.py).
+# bf16 has no numpy type: it travels as int16 bits.
+_TORCH_DTYPES = {name: DTYPES[name] for name in ("bfloat16", "float16", "float32")}
 _BITS_DTYPES = {torch.bfloat16: torch.int16}
 
 

@@ -41,6 +41,7 @@ def test_params_yaml_train_section_and_demo_config(tmp_path):
     (["--run.max_steps", "ten"], "run.max_steps"),
     (["--flow.sampler", "gaussian"], "flow.sampler"),
     (["--data.batch_size"], "needs a value"),
+    (["--data.val_noise_cache_mb", "-1"], "val_noise_cache_mb"),
 ])
 def test_bad_options_name_themselves(args, message):
     with pytest.raises(ConfigError, match=message):

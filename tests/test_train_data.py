@@ -83,6 +83,28 @@ def test_trimmed_batches_pad_text_and_mask_it():
     assert longer["t5"].shape[1] == 2 * width
 
 
+def test_worker_batches_are_built_in_shared_memory_with_the_same_values(cache, monkeypatch):
+    import train.data as data
+    # A DataLoader worker hands its batches over through shared memory: collate builds them there.
+    items = [it[3] for _, b in itertools.islice(CacheStream(cache, batch_size=4).epoch_batches(0, 0, 1), 2)
+             for it in b]
+    here = collate(items[:4], "trimmed")
+    monkeypatch.setattr(data, "get_worker_info", lambda: object())
+    in_worker = collate(items[:4], "trimmed")
+    assert in_worker["t5"].is_shared() and in_worker["latent"].is_shared() and not here["t5"].is_shared()
+    assert here.keys() == in_worker.keys()
+    assert all(torch.equal(here[k], in_worker[k]) for k in here if torch.is_tensor(here[k]))
+    assert in_worker["t5"][~in_worker["t5_mask"]].abs().sum() == 0   # the padding is zero, not stale memory
+    monkeypatch.undo()
+    # And through a real worker the trainer gets the very batches the main process would build.
+    def first(num_workers, n=8):
+        stream = CacheStream(cache, batch_size=4, seed=2, shuffle_buffer=5)
+        return list(itertools.islice(train_loader(stream, num_workers=num_workers, pin_memory=False), n))
+    for a, b in zip(first(0), first(1), strict=True):
+        assert a["key"] == b["key"] and a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a if k != "key")
+
+
 def test_corrupt_shard_error_names_it(tmp_path):
     cache = write_cache(tmp_path / "c", 20, rows_per_shard=10)
     shard = sorted(cache.glob("*.parquet"))[1]

@@ -67,6 +67,24 @@ def test_final_loads_with_from_pretrained_and_records_conventions(tmp_path, cach
     assert not (tmp_path / "run/final.tmp").exists()
 
 
+def test_validation_passes_agree_and_draw_the_noise_once(tmp_path, caches):
+    from train.step import summarize_validation, validation_sums
+    trainer = Trainer(tiny_config(tmp_path, *caches, **{"data.val_batch_size": 3}))
+    trainer.model.eval()
+    first = trainer.validate()
+    assert len(trainer._val_batches) == 3 and trainer.val_noise.draws == 3 * 8
+    assert trainer.validate() == first and trainer.val_noise.draws == 3 * 8   # reused, not drawn again
+    # The same value as drawing the noise afresh (the code before the cache).
+    fresh = validation_sums(trainer.model, trainer._val_batches, trainer.settings, trainer.device)
+    assert summarize_validation(fresh) == first
+    # With no room for it the noise is drawn on each pass, with the same values.
+    uncached = Trainer(tiny_config(tmp_path / "b", *caches, **{"data.val_batch_size": 3,
+                                                              "data.val_noise_cache_mb": 0}))
+    uncached.model.eval()
+    assert uncached.validate() == first and uncached.validate() == first
+    assert uncached.val_noise.draws == 2 * 3 * 8 and uncached.val_noise.bytes == 0
+
+
 def test_lora_saves_only_the_adapter(tmp_path, caches):
     cfg = tiny_config(tmp_path, *caches, **{"run.max_steps": 3, "lora.rank": 4, "run.checkpoint_every": 2})
     trainer = Trainer(cfg)

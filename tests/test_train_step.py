@@ -4,8 +4,8 @@ import torch
 
 from shared.latents import pack_latents
 from shared.presets import transformer_config
-from train.step import (EmptyPrompt, StepSettings, draw, drop_text, summarize_validation, training_loss,
-                        validation_sums)
+from train.step import (EmptyPrompt, StepSettings, ValidationNoise, draw, drop_text, summarize_validation,
+                        training_loss, validation_sums)
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +86,30 @@ def test_validation_is_identical_on_rerun_and_in_any_batching(model):
     summary = summarize_validation(first)
     assert len([k for k in summary if k.startswith("val/loss_t")]) == 8
     assert summary["val/loss"] == pytest.approx(sum(summary[f"val/loss_t{i}_8"] for i in range(8)) / 8)
+
+
+def test_validation_noise_is_drawn_once_and_reused_with_the_same_values(model, monkeypatch):
+    import train.step as step
+    batches = [make_batch(b=3, seed=1), make_batch(b=2, h=6, w=4, seed=2)]
+    for i, b in enumerate(batches):
+        b["key"] = [f"s{i}-{j}" for j in range(len(b["key"]))]
+    settings = StepSettings()
+    reference = validation_sums(model, batches, settings, "cpu")   # no cache: drawn on every pass
+    drawn = []
+    real = step.validation_noise
+    monkeypatch.setattr(step, "validation_noise", lambda *a: drawn.append(a[0]) or real(*a))
+
+    cache = ValidationNoise(1 << 20)
+    first = validation_sums(model, batches, settings, "cpu", noise=cache)
+    assert len(drawn) == 2 * 8 and cache.draws == 16                  # each (batch, timestep) once
+    assert cache.bytes == 8 * 4 * (3 * 16 * 8 * 6 + 2 * 16 * 6 * 4)  # 32 bytes per latent value
+    again = validation_sums(model, batches, settings, "cpu", noise=cache)
+    assert len(drawn) == 16 and cache.draws == 16                     # the second pass drew nothing
+    assert torch.equal(first, reference) and torch.equal(again, reference)
+
+    # Past the cap the rest is drawn again on each pass: the first batch fits, the second does not.
+    capped = ValidationNoise(8 * 4 * 3 * 16 * 8 * 6)
+    drawn.clear()
+    assert torch.equal(validation_sums(model, batches, settings, "cpu", noise=capped), reference)
+    assert torch.equal(validation_sums(model, batches, settings, "cpu", noise=capped), reference)
+    assert capped.draws == 16 + 8 and [k[0] for k in drawn[16:]] == ["s1-0"] * 8

@@ -33,6 +33,8 @@ class DataConfig:
     prefetch_factor: int = 2
     val_batch_size: int = 8
     val_max_samples: int | None = None    # cap on validation samples (None: the whole cache)
+    val_noise_cache_mb: int = 1024        # host memory per process for the fixed validation noise, drawn
+    #                                       once and reused (32 bytes per latent value); past it, drawn each pass
 
 
 @dataclass
@@ -259,6 +261,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("set run.max_steps or run.epochs")
     if cfg.data.batch_size < 1 or cfg.run.grad_accum < 1:
         raise ConfigError("data.batch_size and run.grad_accum must be at least 1")
+    if cfg.data.val_noise_cache_mb < 0:
+        raise ConfigError("data.val_noise_cache_mb must be at least 0 (0: draw the noise on each pass)")
     if not 0.0 <= cfg.flow.guidance_dropout <= 1.0:
         raise ConfigError("flow.guidance_dropout is a probability in [0, 1]")
 

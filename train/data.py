@@ -14,6 +14,7 @@ resumed run sees exactly the batches an uninterrupted run would have seen next.
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -31,26 +32,42 @@ def open_cache(cache_dir, expected_t5_mode: str | None = None, where: str = "cac
     return reader
 
 
+def _batch_tensor(like: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """An uninitialized contiguous tensor for a batch. In a DataLoader worker it is allocated in shared
+    memory, the way the batch reaches the trainer: a private tensor would be copied there whole when
+    the worker hands it over (torch's default_collate allocates likewise). Each call is a new buffer,
+    written once here and never again by the worker."""
+    if get_worker_info() is None:
+        return like.new_empty(shape)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * like.element_size())
+    return like.new_empty(0).set_(storage, 0, shape)
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(tensors, out=_batch_tensor(tensors[0], (len(tensors), *tensors[0].shape)))
+
+
 def collate(items: list[dict], t5_mode: str) -> dict:
     """Samples of one latent size -> a batch. Trimmed T5 is zero-padded to the batch's longest
     caption, rounded up to T5_PAD_MULTIPLE, with a mask (True = real token); padded T5 has no
     mask (FLUX attends to all of it)."""
     batch = {
         "key": [it["key"] for it in items],
-        "latent": torch.stack([it["latent"] for it in items]),
-        "clip": torch.stack([it["clip"] for it in items]),
+        "latent": _stack([it["latent"] for it in items]),
+        "clip": _stack([it["clip"] for it in items]),
         "t5_len": torch.tensor([it["t5_len"] for it in items], dtype=torch.int64),
     }
     if t5_mode == "padded":
-        batch["t5"] = torch.stack([it["t5"] for it in items])
+        batch["t5"] = _stack([it["t5"] for it in items])
     else:
         longest = max(it["t5"].shape[0] for it in items)
         longest = -(-longest // T5_PAD_MULTIPLE) * T5_PAD_MULTIPLE
-        t5 = items[0]["t5"].new_zeros(len(items), longest, items[0]["t5"].shape[1])
+        t5 = _batch_tensor(items[0]["t5"], (len(items), longest, items[0]["t5"].shape[1]))
         mask = torch.zeros(len(items), longest, dtype=torch.bool)
         for i, it in enumerate(items):
             n = it["t5"].shape[0]
             t5[i, :n] = it["t5"]
+            t5[i, n:] = 0
             mask[i, :n] = True
         batch["t5"], batch["t5_mask"] = t5, mask
     return batch

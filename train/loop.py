@@ -18,7 +18,8 @@ from .config import TrainConfig
 from .data import CacheStream, StreamPosition, open_cache, train_loader, validation_batches
 from .model import (EMA, add_lora, build_transformer, check_cache_fits, load_lora_state_dict, lora_state_dict,
                     sampling_conventions)
-from .step import (EmptyPrompt, StepSettings, summarize_validation, to_device, training_loss, validation_sums)
+from .step import (EmptyPrompt, StepSettings, ValidationNoise, summarize_validation, to_device, training_loss,
+                   validation_sums)
 
 
 def lr_factor(step: int, warmup: int, total: int, kind: str, min_ratio: float) -> float:
@@ -111,6 +112,8 @@ class Trainer:
         if cfg.flow.guidance_dropout > 0:
             self.empty = EmptyPrompt(self.train_reader.empty_prompt(), self.device)
         self._val_batches = None
+        # The fixed validation noise, drawn on the first pass and reused (the same values).
+        self.val_noise = ValidationNoise(cfg.data.val_noise_cache_mb << 20)
 
     # -- pieces -----------------------------------------------------------------------------
     def resume(self) -> None:
@@ -148,9 +151,10 @@ class Trainer:
         batches = self._val_batches
         # Every rank must run the same number of forwards (FSDP gathers weights in each).
         most = int(acc.gather(torch.tensor([len(batches)], device=self.device)).max())
-        sums = validation_sums(self.model, batches, self.settings, self.device)
+        sums = validation_sums(self.model, batches, self.settings, self.device, noise=self.val_noise)
         for _ in range(most - len(batches)):
-            validation_sums(self.model, batches[:1] or self._any_batch(), self.settings, self.device)
+            validation_sums(self.model, batches[:1] or self._any_batch(), self.settings, self.device,
+                            noise=self.val_noise)
         return summarize_validation(acc.reduce(sums, reduction="sum"))
 
     def _any_batch(self) -> list:

@@ -119,24 +119,64 @@ def to_device(batch: dict, device) -> dict:
             for k, v in batch.items()}
 
 
+def validation_noise(keys: list[str], shape: tuple, i: int) -> torch.Tensor:
+    """[B, *shape] float32 on the CPU: each sample's fixed noise at validation timestep i, drawn from a
+    seed fixed by the sample's key and i, so the same on every rerun and at any world size."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(k, i)))
+                        for k in keys])
+
+
+class ValidationNoise:
+    """The fixed validation noise, drawn once per (batch, timestep) and reused by later passes.
+
+    Memory: a batch's noise at all n timesteps is n x its latents' element count in float32, i.e.
+    8 x 4 = 32 bytes per latent value: 16x the batch's latents cached in bf16 (2 MiB per 512-px sample,
+    whose latent is 16 x 64 x 64). It is kept on the host, not the device, whose memory training needs;
+    the copy to the device each pass is what the old per-pass draw did anyway. Entries are kept in
+    first-seen order until `max_bytes` is reached; the rest are drawn again on each pass (the same
+    values, at the old CPU cost). Cached tensors are only read (the loss builds new tensors from them).
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max(0, int(max_bytes))
+        self.bytes = 0
+        self.draws = 0          # (batch, timestep) noises drawn: once each if all fit under max_bytes
+        self._cache: dict = {}
+
+    def get(self, keys: list[str], shape: tuple, i: int) -> torch.Tensor:
+        # Keyed by exactly what validation_noise depends on, so a hit is the very same tensor.
+        entry = (tuple(keys), tuple(shape), i)
+        noise = self._cache.get(entry)
+        if noise is None:
+            noise = validation_noise(keys, shape, i)
+            self.draws += 1
+            size = noise.numel() * noise.element_size()
+            if self.bytes + size <= self.max_bytes:
+                self._cache[entry] = noise
+                self.bytes += size
+        return noise
+
+
 @torch.no_grad()
-def validation_sums(model, batches, settings: StepSettings, device, n_timesteps: int = 8) -> torch.Tensor:
+def validation_sums(model, batches, settings: StepSettings, device, n_timesteps: int = 8,
+                    noise: ValidationNoise | None = None) -> torch.Tensor:
     """[2, n_timesteps] float64: summed per-sample loss at each fixed t = i/n, and the sample count.
 
     Noise is drawn on the CPU from a seed fixed by each sample's key and timestep index, so the
-    value is the same on every rerun and at any world size (sum over ranks, then divide)."""
+    value is the same on every rerun and at any world size (sum over ranks, then divide). With
+    `noise` (a ValidationNoise kept across passes) it is drawn once and reused, with the same values."""
     sums = torch.zeros(2, n_timesteps, dtype=torch.float64, device=device)
     ts = validation_timesteps(n_timesteps)
     for batch in batches:
         batch = to_device(batch, device)
-        b = len(batch["key"])
+        keys = batch["key"]
+        b = len(keys)
         shape = tuple(batch["latent"].shape[1:])
         for i, t_value in enumerate(ts.tolist()):
-            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(k, i)))
-                                 for k in batch["key"]]).to(device)
+            n = noise.get(keys, shape, i) if noise is not None else validation_noise(keys, shape, i)
             t = torch.full((b,), t_value, device=device)
             loss = flow_matching_loss(model, batch["latent"], batch["t5"], batch["clip"], batch.get("t5_mask"),
-                                      t, noise, settings)
+                                      t, n.to(device), settings)
             sums[0, i] += loss.double().sum()
             sums[1, i] += b
     return sums

@@ -37,6 +37,10 @@ def write_config(root: Path, cache: Path, steps: int, resume: str | None) -> Pat
 
 
 def main() -> int:
+    import torch
+    if not torch.cuda.is_available():
+        print("bench/fsdp_smoke.py needs a CUDA GPU: accelerate runs CPU processes without FSDP")
+        return 2
     from train_caches import write_cache
     state_dict_type = sys.argv[1] if len(sys.argv) > 1 else "SHARDED_STATE_DICT"
     root = Path(tempfile.gettempdir()) / "flux-fsdp-smoke"

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import polars as pl
 import pyarrow.parquet as pq
 
 from shared.cache import CacheError, read_manifest, sha256_file
 from shared.cache.schema import ARROW_SCHEMA, EMPTY_PROMPT_NAME, SCHEMA_VERSION, SHARD_SUFFIX
 
 
-def _quantiles(series: pl.Series) -> str:
+def _quantiles(series) -> str:
     if series.len() == 0:
         return "n/a"
     q = [series.quantile(p, interpolation="nearest") for p in (0.5, 0.9)]
@@ -18,6 +17,7 @@ def _quantiles(series: pl.Series) -> str:
 
 
 def inspect_cache(cache_dir) -> str:
+    import polars as pl   # here, not at the top: `verify` needs no polars (the GPU image lacks it)
     cache = Path(cache_dir)
     manifest = read_manifest(cache)
     shards = [cache / s["path"] for s in manifest["shards"]]

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 # How attention runs: sdpa (eager; under torch.compile it became unfused math), flex (compiled
-# flex attention), efficient / cudnn (those SDPA kernels named directly; CUDA only, sdpa elsewhere).
-ATTENTION = ("sdpa", "flex", "efficient", "cudnn")
+# flex attention), efficient (the memory-efficient SDPA kernel named directly; CUDA only, sdpa elsewhere).
+ATTENTION = ("sdpa", "flex", "efficient")
 ACTIVATIONS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
                "gelu": F.gelu, "relu": F.relu}
@@ -99,51 +99,45 @@ class FusedT5Encoder(nn.Module):
         """Embedded tokens [B, L, D], position bias [H, L, L], additive key padding [B, L] or None
         -> last hidden state. The part worth compiling: no Python state, static shapes per length."""
         b, length = x.shape[:2]
-        attention = self.attention
-        if attention in ("efficient", "cudnn") and (x.device.type != "cuda" or length % 16):
-            attention = "sdpa"   # those kernels run on CUDA, with the bias rows 16-element aligned
-        attend = getattr(self, "_" + attention)
+        attend = self._attention(bias, key_pad, b, length)
         for i in range(len(self.qkv)):
             h = self._norm(x, self.attn_norm[i])
             q, k, v = (F.linear(h, self.qkv[i]).view(b, length, 3, self.heads, self.head_dim)
                        .permute(2, 0, 3, 1, 4).unbind(0))
-            a = attend(q, k, v, bias, key_pad)
+            a = attend(q, k, v)
             x = _clamp_fp16(x + F.linear(a.transpose(1, 2).reshape(b, length, -1), self.out[i]))
             gate, lin = F.linear(self._norm(x, self.ff_norm[i]), self.ff_in[i]).chunk(2, dim=-1)
             x = _clamp_fp16(x + F.linear(self.act(gate) * lin, self.ff_out[i]))
         return self._norm(x, self.final_norm)
 
-    @staticmethod
-    def _sdpa(q, k, v, bias, key_pad):
+    def _attention(self, bias, key_pad, b: int, length: int):
+        """attend(q, k, v) for every layer, with what it needs built once per forward (not per layer)."""
+        if self.attention == "flex":
+            return lambda q, k, v: _flex(q, k, v, bias, key_pad)
+        # T5's additive mask: position bias, plus the lowest value at padding keys.
         mask = bias[None] if key_pad is None else bias[None] + key_pad[:, None, None, :]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)   # T5 does not scale scores
+        if self.attention == "efficient" and mask.device.type == "cuda" and length % 16 == 0:
+            # The memory-efficient SDPA kernel named directly: under torch.compile, SDPA with an
+            # additive mask was lowered to unfused math (scores materialized, a fifth of T5's time
+            # on an H100). The kernel runs on CUDA, with bias rows 16-element aligned.
+            mask = mask.expand(b, self.heads, length, length)
+            return lambda q, k, v: torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, mask, False, scale=1.0)[0]
+        # T5 does not scale its attention scores.
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
 
-    @staticmethod
-    def _efficient(q, k, v, bias, key_pad):
-        # The memory-efficient SDPA kernel named directly (CUDA only): it takes an additive bias.
-        b, h, length = q.shape[:3]
-        mask = (bias[None] if key_pad is None else bias[None] + key_pad[:, None, None, :]).expand(b, h, length, length)
-        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, mask, False, scale=1.0)[0]
 
-    @staticmethod
-    def _cudnn(q, k, v, bias, key_pad):
-        b, h, length = q.shape[:3]
-        mask = (bias[None] if key_pad is None else bias[None] + key_pad[:, None, None, :]).expand(b, h, length, length)
-        return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, mask, False, scale=1.0)[0]
-
-    @staticmethod
-    def _flex(q, k, v, bias, key_pad):
-        # Under torch.compile, SDPA with an additive mask was lowered to unfused math (scores
-        # materialized, a fifth of T5's time on an H100); flex attention adds the bias inside one
-        # fused kernel. Eager flex attention is a slow reference: use it compiled only.
-        from torch.nn.attention.flex_attention import flex_attention
-        if key_pad is None:
-            def score_mod(score, b, h, q_idx, kv_idx):
-                return score + bias[h, q_idx, kv_idx]
-        else:
-            def score_mod(score, b, h, q_idx, kv_idx):
-                return score + bias[h, q_idx, kv_idx] + key_pad[b, kv_idx]
-        return flex_attention(q, k, v, score_mod=score_mod, scale=1.0)
+def _flex(q, k, v, bias, key_pad):
+    # Flex attention adds the bias inside one fused kernel; its eager form is a slow reference, so
+    # it is meant for torch.compile.
+    from torch.nn.attention.flex_attention import flex_attention
+    if key_pad is None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias[h, q_idx, kv_idx]
+    else:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias[h, q_idx, kv_idx] + key_pad[b, kv_idx]
+    return flex_attention(q, k, v, score_mod=score_mod, scale=1.0)
 
 
 def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,8 @@ class Encoders:
     """VAE, T5 and CLIP of a FLUX model, loaded once, ready to encode batches."""
 
     def __init__(self, model: str, device: str, opts: EncodeOptions):
+        if opts.t5_impl not in ("fused", "transformers"):   # before minutes of model loading
+            raise ValueError(f"unknown t5_impl {opts.t5_impl!r}; use fused or transformers")
         self.device = torch.device(device)
         self.opts = opts
         compute = opts.compute_dtype or (opts.dtype if self.device.type == "cuda" else "float32")
@@ -72,8 +74,6 @@ class Encoders:
         self.clip_tok, self.clip = load_clip(model, self.compute_dtype, self.device)
         for m in (self.vae, self.t5, self.clip):
             m.requires_grad_(False)
-        if opts.t5_impl not in ("fused", "transformers"):
-            raise ValueError(f"unknown t5_impl {opts.t5_impl!r}; use fused or transformers")
         self.t5_impl = ("fused" if opts.t5_impl == "fused" and not opts.t5_fp32_wo and FusedT5Encoder.supports(self.t5)
                         else "transformers")
         if self.t5_impl == "fused":

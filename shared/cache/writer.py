@@ -167,10 +167,10 @@ class CacheWriter:
             return
         self._writer.close()
         self._file.close()
-        commit_file(self._tmp, self._final)
-        size = self._final.stat().st_size
+        size = self._tmp.stat().st_size   # checked before the rename: a short shard never takes its final name
         if size != self._file.size:
-            raise OSError(f"{self._final}: {size} bytes on disk, {self._file.size} written")
+            raise OSError(f"{self._tmp}: {size} bytes on disk, {self._file.size} written")
+        commit_file(self._tmp, self._final)
         self.shards.append(ShardInfo(path=self._final.name, rows=self._shard_rows, bytes=size,
                                      sha256=self._file.sha256()))
         self._writer = self._file = self._tmp = self._final = None

@@ -165,11 +165,28 @@ def run_trainer(cfg_overrides: dict, args, cache: Path, device) -> dict:
         "data.shuffle_buffer": 4 * args.batch_size, "model.name": "flux-schnell" if not args.tiny else "tiny",
         "model.overrides": cfg_overrides, "run.output_dir": out, "run.max_steps": steps, "run.log_every": window,
         "run.precision": args.precision, "run.compile": args.compile, "run.grad_checkpointing": args.grad_checkpointing,
-        "run.grad_accum": args.grad_accum,
+        "run.grad_accum": args.grad_accum, "run.cudnn_sdpa": args.cudnn_sdpa,
         "run.tensorboard": False, "run.progress": False, "run.save_final": False, "flow.guidance_dropout": 0.1,
         "optim.lr": 1e-5})
     trainer = Trainer(cfg)
-    trainer.train()
+    on_batch = None
+    if args.profile:
+        # Profile two whole optimizer steps after the untimed window (compilation is done by then).
+        from kernels import KernelTimes
+        first = window * args.grad_accum
+        span = 2 * args.grad_accum
+        seen, prof = [0], KernelTimes()
+
+        def on_batch(batch):
+            if seen[0] == first:
+                prof.__enter__()
+            elif seen[0] == first + span:
+                prof.__exit__(None, None, None)
+                images = span * args.batch_size
+                print(prof.report(f"trainer {args.profile_label}, {images} images", per=images, per_unit="/image"),
+                      flush=True)
+            seen[0] += 1
+    trainer.train(on_batch=on_batch)
     records = [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if "images_per_s" in r][1:]      # drop the warmup window
     trainer.accelerator.free_memory()
@@ -197,6 +214,10 @@ def main(argv=None):
     p.add_argument("--rows", default="baseline,trainer", help="comma list: baseline, trainer")
     p.add_argument("--cache-root", default=os.path.join(tempfile.gettempdir(), "flux-bench-caches"))
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--profile", action="store_true",
+                   help="print GPU time by kernel kind over two steps of each trainer row (CUDA)")
+    p.add_argument("--cudnn-sdpa", action="store_true",
+                   help="let attention use cuDNN's SDPA (run.cudnn_sdpa; off by default, see train/config.py)")
     args = p.parse_args(argv)
     tiny = args.tiny
     args.batch_size = args.batch_size or (4 if tiny else 16)
@@ -207,7 +228,8 @@ def main(argv=None):
     args.samples = args.samples or (64 if tiny else 512)
     device = torch.device(args.device)
     if device.type == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(False)   # its backward crashed under autocast with Flux (torch 2.11)
+        # cuDNN's SDPA backward crashed under autocast with Flux (torch 2.11): off unless asked for.
+        torch.backends.cuda.enable_cudnn_sdp(args.cudnn_sdpa)
         torch.backends.cuda.matmul.allow_tf32 = True
     cfg = model_config(tiny)
     overrides = {} if tiny else {"num_layers": 4, "num_single_layers": 8}
@@ -240,6 +262,7 @@ def main(argv=None):
                     result = run_baseline(cfg, args, base_len, latent_hw, device)
                     txt, sq = base_len, (img_tokens + base_len) ** 2
                 else:
+                    args.profile_label = name
                     result = run_trainer(overrides, args, cache, device)
                     txt, sq = mean_txt, mean_sq
             except torch.OutOfMemoryError:

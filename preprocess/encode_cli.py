@@ -36,6 +36,8 @@ def encode_command(
                                              "per layer; same function, faster); transformers: the library's."),
     jpeg_draft: bool = typer.Option(True, help="Let libjpeg decode large JPEGs at a reduced scale (faster)."),
     rows_per_shard: int = typer.Option(1000, help="Rows per output Parquet shard at most."),
+    writer_threads: int = typer.Option(2, min=1, help="Threads writing output shards (each input shard's rows "
+                                                      "by one thread); more help on slow or network storage."),
     device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu (with several processes, cuda means "
                                             "cuda:LOCAL_RANK)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -57,6 +59,7 @@ def encode_command(
     try:
         stats = run_encode(model, input, output, prep=prep, opts=opts, batch_size=batch_size,
                            num_workers=num_workers, rows_per_shard=rows_per_shard, device=device,
+                           writer_threads=writer_threads,
                            command=" ".join(["flux-prep", *sys.argv[1:]]), progress=progress)
     except (SettingsMismatch, InputError, ModelLoadError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from shared.precision import canonical_dtype
 from .decode import PrepOptions, ShardBatches, worker_init
 from .encode import EncodeOptions, Encoders
 from .progress import (check_or_write_settings, finish_if_complete, read_done, remove_orphans, write_done)
-from .row_writer import RowWriterThread
+from .row_writer import RowWriterPool
 from .sources import InputError, resolve_inputs
 
 CROP_RULE = "resize short side to target (ceil), center crop"
@@ -54,8 +55,10 @@ class _ShardState:
 
 def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: EncodeOptions,
                batch_size: int = 64, num_workers: int = 4, rows_per_shard: int = 1000,
-               device: str | None = None, command: str | None = None, progress: bool = True) -> dict:
-    """Encode this rank's share of the input shards; returns a summary for this rank."""
+               device: str | None = None, command: str | None = None, progress: bool = True,
+               writer_threads: int = 2) -> dict:
+    """Encode this rank's share of the input shards; returns a summary for this rank.
+    `writer_threads`: threads writing output shards, each input shard's rows by one thread."""
     out_dir = Path(output)
     rank, world, local_rank = dist_env()
     device = resolve_device(device, local_rank)
@@ -94,30 +97,38 @@ def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: 
                                                        row_group_rows=min(256, rows_per_shard)))
         return states[shard_id]
 
-    def write(item, host):
-        st = state_of(item["shard"])
-        for reason, n in item["skips"].items():
-            st.skipped[reason] = st.skipped.get(reason, 0) + n
-            stats["skipped"] += n
+    shared = threading.Lock()   # over `states`, `stats` and the bar: several writer threads update them
+
+    def write(item, host):   # runs in a writer thread; an input shard's items all in the same one
+        with shared:
+            st = state_of(item["shard"])
+            for reason, n in item["skips"].items():
+                st.skipped[reason] = st.skipped.get(reason, 0) + n
+                stats["skipped"] += n
         if host is not None:
             _write_rows(st.writer, item, host.wait(), opts.t5_mode)
             st.rows += len(item["keys"])
-            stats["rows"] += len(item["keys"])
-            if "first_batch_s" not in stats:   # model warm-up (compilation, cuDNN autotuning) ends here
-                stats["first_batch_s"], stats["first_batch_rows"] = time.perf_counter() - t_start, stats["rows"]
+            with shared:
+                stats["rows"] += len(item["keys"])
+                if "first_batch_s" not in stats:   # model warm-up (compilation, cuDNN autotuning) ends here
+                    stats["first_batch_s"], stats["first_batch_rows"] = time.perf_counter() - t_start, stats["rows"]
         if item["end"]:
             outputs = [s.to_dict() for s in st.writer.close()]
             shard = next(s for s in todo if s.id == item["shard"])
             write_done(out_dir, item["shard"], {"shard": item["shard"], "url": shard.url, "content": shard.content(),
                                                  "outputs": outputs, "rows": st.rows, "skipped": st.skipped})
-            del states[item["shard"]]
-            stats["shards_done"] += 1
+            with shared:
+                del states[item["shard"]]
+                stats["shards_done"] += 1
         if bar is not None:
-            bar.update(len(item["keys"]))
-            bar.set_postfix(skipped=stats["skipped"], shards=f"{stats['shards_done']}/{len(todo)}", refresh=False)
+            with shared:
+                bar.update(len(item["keys"]))
+                bar.set_postfix(skipped=stats["skipped"], shards=f"{stats['shards_done']}/{len(todo)}",
+                                refresh=False)
 
-    # Rows are written by one thread, in order, while this one queues the next batches.
-    writer = RowWriterThread(write, max_pending=4)   # room for the writer's fsync bursts
+    # Rows are written by background threads, each input shard's in order, while this one queues
+    # the next batches. Each thread holds up to 4 batches: room for its fsync bursts.
+    writer = RowWriterPool(write, threads=writer_threads, max_pending=4)
     t_start = time.perf_counter()
     # Where the main thread waits says what bounds a run: data (decoding), queueing the encoders'
     # work (the device, once its queue is full), or the writer.
@@ -134,7 +145,7 @@ def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: 
             host = (enc.encode_batch(item["pixels"], item["captions"], pad_to=batch_size)
                     if item["pixels"] is not None else None)
             t2 = time.perf_counter()
-            writer.submit(item, host)
+            writer.submit(item["shard"], item, host, last=item["end"])
             waits["queue_encode_s"] += t2 - t1
             waits["wait_writer_s"] += time.perf_counter() - t2
         writer.finish()

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 # How attention runs: sdpa (eager; under torch.compile it became unfused math), flex (compiled
-# flex attention), efficient (the memory-efficient SDPA kernel named directly; CUDA only, sdpa elsewhere).
-ATTENTION = ("sdpa", "flex", "efficient")
+# flex attention), efficient / cudnn (the memory-efficient or cuDNN SDPA kernel named directly;
+# CUDA only, sdpa elsewhere). bench/encode.py --compile measures each.
+ATTENTION = ("sdpa", "flex", "efficient", "cudnn")
 ACTIVATIONS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
                "gelu": F.gelu, "relu": F.relu}
@@ -90,14 +91,20 @@ class FusedT5Encoder(nn.Module):
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_ignored):
         x = self.embed(input_ids)
-        key_pad = None
+        bias, key_pad = self.position_bias(input_ids.shape[1]), None
         if attention_mask is not None:   # padding keys get the dtype's lowest value, as transformers does
             key_pad = (1.0 - attention_mask.to(x.dtype)) * torch.finfo(x.dtype).min
-        return (self.blocks(x, self.position_bias(input_ids.shape[1])[0], key_pad),)
+            if self.attention != "flex":
+                # T5's additive mask, built here rather than inside a compiled `blocks`: there, inductor
+                # gave the sum a layout the memory-efficient kernel refused ("last dimension must be
+                # contiguous", H100, torch 2.11).
+                bias, key_pad = (bias + key_pad[:, None, None, :]).contiguous(), None
+        return (self.blocks(x, bias, key_pad),)
 
     def blocks(self, x: torch.Tensor, bias: torch.Tensor, key_pad: torch.Tensor | None) -> torch.Tensor:
-        """Embedded tokens [B, L, D], position bias [H, L, L], additive key padding [B, L] or None
-        -> last hidden state. The part worth compiling: no Python state, static shapes per length."""
+        """Embedded tokens [B, L, D], additive attention bias [1 or B, H, L, L] (position bias, plus
+        the padding where `forward` added it), additive key padding [B, L] or None (flex attention
+        only) -> last hidden state. The part worth compiling: no Python state, static shapes per length."""
         b, length = x.shape[:2]
         attend = self._attention(bias, key_pad, b, length)
         for i in range(len(self.qkv)):
@@ -113,14 +120,16 @@ class FusedT5Encoder(nn.Module):
     def _attention(self, bias, key_pad, b: int, length: int):
         """attend(q, k, v) for every layer, with what it needs built once per forward (not per layer)."""
         if self.attention == "flex":
-            return lambda q, k, v: _flex(q, k, v, bias, key_pad)
-        # T5's additive mask: position bias, plus the lowest value at padding keys.
-        mask = bias[None] if key_pad is None else bias[None] + key_pad[:, None, None, :]
-        if self.attention == "efficient" and mask.device.type == "cuda" and length % 16 == 0:
-            # The memory-efficient SDPA kernel named directly: under torch.compile, SDPA with an
-            # additive mask was lowered to unfused math (scores materialized, a fifth of T5's time
-            # on an H100). The kernel runs on CUDA, with bias rows 16-element aligned.
+            return lambda q, k, v: _flex(q, k, v, bias[0], key_pad)
+        mask = bias   # T5's additive mask: position bias, plus the lowest value at padding keys
+        if self.attention in ("efficient", "cudnn") and mask.device.type == "cuda" and length % 16 == 0:
+            # An SDPA kernel named directly: under torch.compile, SDPA with an additive mask was
+            # lowered to unfused math (scores materialized, a fifth of T5's time on an H100). The
+            # kernels run on CUDA, with bias rows 16-element aligned.
             mask = mask.expand(b, self.heads, length, length)
+            if self.attention == "cudnn":
+                return lambda q, k, v: torch.ops.aten._scaled_dot_product_cudnn_attention(
+                    q, k, v, mask, False, scale=1.0)[0]
             return lambda q, k, v: torch.ops.aten._scaled_dot_product_efficient_attention(
                 q, k, v, mask, False, scale=1.0)[0]
         # T5 does not scale its attention scores.

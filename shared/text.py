@@ -8,6 +8,8 @@ from .cache.schema import T5_MODES
 # Trimmed T5 batches are padded to a multiple of this where a compiled model reads them (encode
 # --compile, the trainer), so that it meets a few text lengths instead of a new one nearly every batch.
 T5_PAD_MULTIPLE = 32
+# CLIP's input is cut after the pooled token, at a multiple of this (see clip_pooled).
+CLIP_CUT_MULTIPLE = 16
 
 
 @torch.no_grad()
@@ -40,8 +42,25 @@ def encode_prompts(prompts: list[str], t5_tokenizer, t5, clip_tokenizer, clip, *
         t5_out = t5(ids, attention_mask=mask, output_hidden_states=False)[0]
     clip_in = clip_tokenizer(prompts, padding="max_length", max_length=clip_tokenizer.model_max_length,
                              truncation=True, return_tensors="pt")
-    pooled = clip(_to_device(clip_in.input_ids, device), output_hidden_states=False).pooler_output
+    pooled = clip_pooled(clip, clip_in.input_ids, clip_tokenizer.eos_token_id, device)
     return {"t5": t5_out, "t5_len": mask.sum(1), "t5_mask": mask.bool(), "clip": pooled}
+
+
+def clip_pooled(clip, ids: torch.Tensor, eos_id: int | None, device, multiple: int = CLIP_CUT_MULTIPLE) -> torch.Tensor:
+    """CLIP's pooled output for [B, 77] token ids, running only the positions up to the pooled one.
+
+    CLIP's text transformer is causal: a position sees only those before it, so the pooled
+    token's state (the end-of-text token's; older configs pool at the largest token id) does
+    not depend on the padding after it. FLUX pads every prompt to 77 tokens, while captions
+    are mostly 20-40: the cut skips about half of CLIP's work. The cut is at a multiple of
+    `multiple` (a compiled CLIP meets a few shapes), past both candidate pooled positions."""
+    last = ids.to(torch.int64).argmax(dim=1)             # pooled position in configs with eos_token_id 2
+    if eos_id is not None:
+        is_eos = ids == eos_id
+        last = torch.maximum(last, torch.where(is_eos.any(1), is_eos.int().argmax(dim=1), ids.shape[1] - 1))
+    keep = int(last.max()) + 1
+    keep = min(ids.shape[1], -(-keep // multiple) * multiple)
+    return clip(_to_device(ids[:, :keep].contiguous(), device), output_hidden_states=False).pooler_output
 
 
 def _pad_to_bucket(ids: torch.Tensor, mask: torch.Tensor, multiple: int, max_length: int, pad_id: int):

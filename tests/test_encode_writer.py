@@ -11,7 +11,7 @@ from preprocess.decode import PrepOptions
 from preprocess.encode import EncodeOptions, Encoders
 from preprocess.encode_run import run_encode
 from preprocess.progress import SettingsMismatch
-from preprocess.row_writer import RowWriterThread
+from preprocess.row_writer import RowWriterPool, RowWriterThread
 
 
 def test_jobs_are_written_in_order_and_the_queue_is_bounded():
@@ -79,6 +79,48 @@ def test_cancel_drops_queued_jobs_and_lets_the_current_one_end():
     threading.Timer(0.2, gate.set).start()      # job 0 ends only after cancel has emptied the queue
     w.cancel()
     assert written == [0]
+
+
+def test_pool_keeps_each_keys_order_and_writes_keys_side_by_side():
+    written, gate, lock = [], threading.Event(), threading.Lock()
+
+    def write(key, i):
+        if key == "a":
+            gate.wait(5)             # shard a's writing is slow...
+        with lock:
+            written.append((key, i))
+
+    pool = RowWriterPool(write, threads=2, max_pending=8)
+    for i in range(3):
+        pool.submit("a", "a", i, last=i == 2)
+        pool.submit("b", "b", i, last=i == 2)
+    deadline = time.time() + 5
+    while len(written) < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    assert written == [("b", 0), ("b", 1), ("b", 2)]   # ...and shard b's went on beside it
+    gate.set()
+    pool.finish()
+    assert [i for k, i in written if k == "a"] == [0, 1, 2]
+    assert sorted(written) == [(k, i) for k in "ab" for i in range(3)]
+
+
+def test_pool_raises_one_threads_error_at_the_next_submit_of_any_key():
+    def write(key, i):
+        if key == "bad":
+            raise OSError("disk full")
+
+    pool = RowWriterPool(write, threads=2)
+    pool.submit("bad", "bad", 0)
+    with pytest.raises(OSError, match="disk full"):
+        for i in range(200):
+            pool.submit("good", "good", i)
+            time.sleep(0.01)
+    pool.cancel()
+    pool2 = RowWriterPool(write, threads=3)
+    pool2.submit("good", "good", 0)
+    pool2.submit("bad", "bad", 0)
+    with pytest.raises(OSError, match="disk full"):
+        pool2.finish()
 
 
 def test_t5_wo_dtype_follows_the_option(tiny_model):

@@ -82,7 +82,7 @@ def test_a_short_batch_padded_to_full_size_gives_the_same_rows(tiny_model, mode)
         torch.testing.assert_close(padded[name], plain[name], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["flex", "efficient"])
+@pytest.mark.parametrize("attention", ["flex", "efficient", "cudnn"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_every_attention_path_matches_sdpa(tiny_model, masked, attention):
     """flex runs here as its eager reference; the CUDA-only kernels fall back to SDPA on a CPU."""

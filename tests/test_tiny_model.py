@@ -157,3 +157,31 @@ def test_trimmed_length_buckets_leave_real_tokens_unchanged(tiny_model):
     capped = encode_prompts(prompts, t5_tok, t5, clip_tok, clip, t5_mode="trimmed", t5_max_length=10,
                             pad_to_multiple_of=16)
     assert capped["t5"].shape[1] == 10 and capped["t5_len"].tolist() == plain["t5_len"].tolist()  # 8 rounds to 16, capped at 10
+
+
+@pytest.mark.parametrize("legacy_eos", [False, True])
+def test_clip_runs_only_up_to_the_pooled_token_with_the_same_result(tiny_model, legacy_eos):
+    from shared.text import clip_pooled
+    clip_tok, clip = load_clip(str(tiny_model))
+    if legacy_eos:   # older CLIP configs say eos_token_id 2: transformers then pools at the largest token id
+        for module in (clip, getattr(clip, "text_model", None)):   # where each transformers version reads it
+            if module is not None and hasattr(module, "eos_token_id"):
+                module.eos_token_id = 2
+        clip.config.eos_token_id = 2
+    prompts = ["a red circle", "", "a blue square on a green field " * 3, "dog " * 200]   # the last is truncated
+    ids = clip_tok(prompts, padding="max_length", max_length=clip_tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids
+    seen = []
+    hook = clip.register_forward_pre_hook(lambda m, args, kw: seen.append(kw.get("input_ids", args[0] if args else None).shape[1]),
+                                          with_kwargs=True)
+    try:
+        full = clip(ids).pooler_output
+        assert seen.pop() == 77
+        for batch in ([0, 1, 2, 3], [0, 1], [1]):
+            got = clip_pooled(clip, ids[batch], clip_tok.eos_token_id, "cpu")
+            assert torch.allclose(got, full[batch], atol=1e-5), batch
+        cut = seen
+    finally:
+        hook.remove()
+    assert cut[0] == 77            # the truncated prompt's end-of-text token is the last position
+    assert cut[1] < 77 and cut[1] % 16 == 0 and cut[2] == 16

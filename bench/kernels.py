@@ -1,0 +1,87 @@
+"""GPU time by kernel kind, from torch.profiler: where a benchmark's device time goes.
+
+`KernelTimes` profiles CUDA kernels only (no shapes, no stacks: little overhead) while enabled,
+and sorts each kernel into a kind by its name. Kernels of several streams may overlap, so the
+kinds' sum can exceed the wall time; `busy` over the wall time is still a fair sign of how
+much the device idles when most work runs on one stream.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+# First match wins: cuBLAS/cuDNN names carry "gemm" or H100's nvjet/xmma; attention kernels
+# name flash, fmha or attention; inductor's fused kernels start with triton_.
+KINDS = (
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "gemv", "sm90_", "sm80_")),
+    ("convolution", ("conv", "implicit", "winograd", "cudnn")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("triton (fused)", ("triton",)),
+    ("copy", ("memcpy", "memset")),
+    ("eager elementwise/reduce", ("elementwise", "reduce", "vectorized", "index", "cat", "copy")),
+)
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+class KernelTimes:
+    """with KernelTimes() as k: ...; then k.seconds (kind -> GPU s), k.wall, k.top (slowest kernels)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and torch.cuda.is_available()
+        self.seconds: dict[str, float] = {}
+        self.top: list[tuple[str, float, int]] = []
+        self.wall = 0.0
+
+    def __enter__(self):
+        if self.enabled:
+            torch.cuda.synchronize()
+            self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            self._prof.__enter__()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if not self.enabled:
+            return False
+        torch.cuda.synchronize()
+        self.wall = time.perf_counter() - self._t0
+        self._prof.__exit__(*exc)
+        per_name: dict[str, list] = {}
+        for evt in self._prof.events():
+            if evt.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            s = evt.device_time_total / 1e6 if hasattr(evt, "device_time_total") else evt.cuda_time_total / 1e6
+            entry = per_name.setdefault(evt.name, [0.0, 0])
+            entry[0] += s
+            entry[1] += 1
+        for name, (s, n) in per_name.items():
+            kind = kind_of(name)
+            self.seconds[kind] = self.seconds.get(kind, 0.0) + s
+        self.top = sorted(((n, s, c) for n, (s, c) in per_name.items()), key=lambda x: -x[1])[:12]
+        return False
+
+    @property
+    def busy(self) -> float:
+        return sum(self.seconds.values())
+
+    def report(self, title: str, per: float = 1.0, per_unit: str = "") -> str:
+        """A table of the kinds (share of kernel time, ms per `per` units) and the slowest kernels."""
+        if not self.enabled or not self.seconds:
+            return f"{title}: no CUDA kernels profiled"
+        busy = self.busy
+        lines = [f"{title}: kernels {busy:.3f} s over {self.wall:.3f} s wall ({100 * busy / self.wall:.0f}% busy)",
+                 f"| kind | share | ms{per_unit} |", "|---|---:|---:|"]
+        for kind, s in sorted(self.seconds.items(), key=lambda x: -x[1]):
+            lines.append(f"| {kind} | {100 * s / busy:.1f}% | {1e3 * s / per:.3f} |")
+        lines.append("slowest kernels (total s, calls):")
+        lines += [f"  {s:8.3f}  {c:6d}  {kind_of(n):<14} {n[:110]}" for n, s, c in self.top]
+        return "\n".join(lines)

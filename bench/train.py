@@ -165,7 +165,7 @@ def run_trainer(cfg_overrides: dict, args, cache: Path, device) -> dict:
         "data.shuffle_buffer": 4 * args.batch_size, "model.name": "flux-schnell" if not args.tiny else "tiny",
         "model.overrides": cfg_overrides, "run.output_dir": out, "run.max_steps": steps, "run.log_every": window,
         "run.precision": args.precision, "run.compile": args.compile, "run.grad_checkpointing": args.grad_checkpointing,
-        "run.grad_accum": args.grad_accum, "run.cudnn_sdpa": args.cudnn_sdpa,
+        "run.grad_accum": args.grad_accum,
         "run.tensorboard": False, "run.progress": False, "run.save_final": False, "flow.guidance_dropout": 0.1,
         "optim.lr": 1e-5})
     trainer = Trainer(cfg)
@@ -216,8 +216,6 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--profile", action="store_true",
                    help="print GPU time by kernel kind over two steps of each trainer row (CUDA)")
-    p.add_argument("--cudnn-sdpa", action="store_true",
-                   help="let attention use cuDNN's SDPA (run.cudnn_sdpa; off by default, see train/config.py)")
     args = p.parse_args(argv)
     tiny = args.tiny
     args.batch_size = args.batch_size or (4 if tiny else 16)
@@ -228,8 +226,7 @@ def main(argv=None):
     args.samples = args.samples or (64 if tiny else 512)
     device = torch.device(args.device)
     if device.type == "cuda":
-        # cuDNN's SDPA backward crashed under autocast with Flux (torch 2.11): off unless asked for.
-        torch.backends.cuda.enable_cudnn_sdp(args.cudnn_sdpa)
+        torch.backends.cuda.enable_cudnn_sdp(False)   # its backward crashed under autocast with Flux (torch 2.11)
         torch.backends.cuda.matmul.allow_tf32 = True
     cfg = model_config(tiny)
     overrides = {} if tiny else {"num_layers": 4, "num_single_layers": 8}

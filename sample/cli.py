@@ -33,7 +33,8 @@ def sample(
     batch_size: int = typer.Option(1, help="Images per forward pass."),
     grid: bool = typer.Option(False, help="Also write grid.png (rows: prompts, columns: seeds)."),
     device: str = typer.Option("auto", help="cuda, cuda:N, cpu, or auto."),
-    dtype: str = typer.Option("auto", help="bfloat16 (default on GPU), float32 (default on CPU), float16."),
+    dtype: str = typer.Option("auto", help="auto: bfloat16 on a GPU, float32 on the CPU; or bfloat16 (bf16), "
+                                           "float16 (fp16), float32 (fp32)."),
     t5_mode: Optional[str] = typer.Option(None, help="padded or trimmed (default: the model's saved convention)."),
     t5_max_length: Optional[int] = typer.Option(None, help="T5 tokens (default: the model's, else 512)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile each transformer block (GPU)."),

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from shared.cache.schema import dtype_name
 from shared.devices import DeviceError, resolve_device
 from shared.models import ModelLoadError, load_clip, load_t5, load_transformer, load_vae
 from shared.precision import DTYPE_ALIASES, resolve_dtype
@@ -181,7 +182,7 @@ def run(opts: SampleOptions) -> list[Path]:
     meta = {"model": opts.model, "transformer": opts.transformer or f"{opts.model}/transformer",
             "lora": opts.lora or "", "steps": p.steps, "guidance": p.guidance, "cfg_scale": p.cfg_scale,
             "width": p.width, "height": p.height, "t5_mode": p.t5_mode, "t5_max_length": max_len,
-            "shift_schedule": p.conv.shift, "dtype": str(p.dtype).removeprefix("torch."), "software": "flux-sample"}
+            "shift_schedule": p.conv.shift, "dtype": dtype_name(p.dtype), "software": "flux-sample"}
     written, entries, images = [], [], []
     batches = [jobs[i:i + opts.batch_size] for i in range(0, len(jobs), opts.batch_size)]
     bar = tqdm(total=len(jobs), desc="images", unit="img", disable=not opts.progress)

@@ -21,7 +21,8 @@ from shared.text import T5_PAD_MULTIPLE, encode_prompts
 from .images import to_model_range
 
 # Attention of the compiled fused T5 (shared/t5_fused.py ATTENTION). H100, T5-XXL at padded-256,
-# batch 64 (bench/encode.py --compile): efficient 250 prompts/s, flex 221, sdpa (lowered to math) 202.
+# batch 64 (bench/encode.py --compile): efficient 251 prompts/s, cudnn 251, flex 222, sdpa (lowered to
+# math) 199.
 COMPILED_T5_ATTENTION = "efficient"
 
 

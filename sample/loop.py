@@ -14,7 +14,7 @@ import torch
 from shared.latents import (LATENT_CHANNELS, image_ids, joint_attention_mask, latent_size, pack_latents, text_ids,
                             unpack_latents)
 from shared.schedules import sampling_sigmas
-from shared.text import encode_prompts
+from shared.text import encode_prompts, round_up
 
 
 @dataclass
@@ -37,7 +37,7 @@ class TextBatch:
         `pad_multiple`, for a compiled transformer) and masking the padding."""
         longest = max(e.t5.shape[0] for e in items)
         if pad_multiple:
-            longest = -(-longest // pad_multiple) * pad_multiple
+            longest = round_up(longest, pad_multiple)
         t5 = items[0].t5.new_zeros(len(items), longest, items[0].t5.shape[1])
         mask = torch.zeros(len(items), longest, dtype=torch.bool, device=t5.device)
         for i, e in enumerate(items):

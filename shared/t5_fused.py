@@ -121,19 +121,19 @@ class FusedT5Encoder(nn.Module):
         """attend(q, k, v) for every layer, with what it needs built once per forward (not per layer)."""
         if self.attention == "flex":
             return lambda q, k, v: _flex(q, k, v, bias[0], key_pad)
-        mask = bias   # T5's additive mask: position bias, plus the lowest value at padding keys
-        if self.attention in ("efficient", "cudnn") and mask.device.type == "cuda" and length % 16 == 0:
+        # `bias` is T5's whole additive mask: position bias, plus the lowest value at padding keys.
+        if self.attention in ("efficient", "cudnn") and bias.device.type == "cuda" and length % 16 == 0:
             # An SDPA kernel named directly: under torch.compile, SDPA with an additive mask was
             # lowered to unfused math (scores materialized, a fifth of T5's time on an H100). The
             # kernels run on CUDA, with bias rows 16-element aligned.
-            mask = mask.expand(b, self.heads, length, length)
+            mask = bias.expand(b, self.heads, length, length)
             if self.attention == "cudnn":
                 return lambda q, k, v: torch.ops.aten._scaled_dot_product_cudnn_attention(
                     q, k, v, mask, False, scale=1.0)[0]
             return lambda q, k, v: torch.ops.aten._scaled_dot_product_efficient_attention(
                 q, k, v, mask, False, scale=1.0)[0]
         # T5 does not scale its attention scores.
-        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
 
 
 def _flex(q, k, v, bias, key_pad):

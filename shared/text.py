@@ -14,6 +14,11 @@ T5_PAD_MULTIPLE = 16
 CLIP_CUT_MULTIPLE = 16
 
 
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is at least `n`."""
+    return -(-n // multiple) * multiple
+
+
 @torch.no_grad()
 def encode_prompts(prompts: list[str], t5_tokenizer, t5, clip_tokenizer, clip, *, t5_mode: str = "padded",
                    t5_max_length: int = 512, device=None, pad_to_multiple_of: int | None = None) -> dict:
@@ -55,13 +60,13 @@ def clip_pooled(clip, ids: torch.Tensor, eos_id: int | None, device, multiple: i
     token's state (the end-of-text token's; older configs pool at the largest token id) does
     not depend on the padding after it. FLUX pads every prompt to 77 tokens, while captions
     are mostly 20-40: the cut skips about half of CLIP's work. The cut is at a multiple of
-    `multiple` (a compiled CLIP meets a few shapes), past both candidate pooled positions."""
+    `multiple` (so CLIP meets five lengths at most), past both candidate pooled positions."""
     last = ids.to(torch.int64).argmax(dim=1)             # pooled position in configs with eos_token_id 2
     if eos_id is not None:
         is_eos = ids == eos_id
         last = torch.maximum(last, torch.where(is_eos.any(1), is_eos.int().argmax(dim=1), ids.shape[1] - 1))
     keep = int(last.max()) + 1
-    keep = min(ids.shape[1], -(-keep // multiple) * multiple)
+    keep = min(ids.shape[1], round_up(keep, multiple))
     return clip(_to_device(ids[:, :keep].contiguous(), device), output_hidden_states=False).pooler_output
 
 
@@ -69,7 +74,7 @@ def _pad_to_bucket(ids: torch.Tensor, mask: torch.Tensor, multiple: int, max_len
     """Pad [B, L] ids and mask up to L rounded to `multiple`, never past `max_length` (which need
     not be a multiple itself: the tokenizer's own pad_to_multiple_of refuses that)."""
     length = ids.shape[1]
-    target = max(length, min(-(-length // multiple) * multiple, max_length))
+    target = max(length, min(round_up(length, multiple), max_length))
     extra = target - length
     if extra <= 0:
         return ids, mask

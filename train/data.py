@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shared.cache import CacheError, CacheReader, check_t5_mode
-from shared.text import T5_PAD_MULTIPLE
+from shared.text import T5_PAD_MULTIPLE, round_up
 
 
 def open_cache(cache_dir, expected_t5_mode: str | None = None, where: str = "cache") -> CacheReader:
@@ -60,8 +60,7 @@ def collate(items: list[dict], t5_mode: str) -> dict:
     if t5_mode == "padded":
         batch["t5"] = _stack([it["t5"] for it in items])
     else:
-        longest = max(it["t5"].shape[0] for it in items)
-        longest = -(-longest // T5_PAD_MULTIPLE) * T5_PAD_MULTIPLE
+        longest = round_up(max(it["t5"].shape[0] for it in items), T5_PAD_MULTIPLE)
         t5 = _batch_tensor(items[0]["t5"], (len(items), longest, items[0]["t5"].shape[1]))
         mask = torch.zeros(len(items), longest, dtype=torch.bool)
         for i, it in enumerate(items):

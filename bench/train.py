@@ -128,7 +128,7 @@ def run_baseline(cfg: dict, args, txt_len: int, latent_hw: int, device) -> dict:
     clip = torch.randn(b, cfg["pooled_projection_dim"], device=device)
     t = torch.rand(b, device=device)
     img, txt = image_ids(latent_hw, latent_hw, device=device), text_ids(txt_len, device=device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision != "no")   # fp8: bf16 here
 
     def step():
         for _ in range(args.grad_accum):
@@ -194,7 +194,8 @@ def run_trainer(cfg_overrides: dict, args, cache: Path, device) -> dict:
     AcceleratorState._reset_state(reset_partial_state=True)
     torch._dynamo.reset()   # each row compiles its own graphs
     return {"images_per_s": sum(r["images_per_s"] for r in timed) / len(timed),
-            "data_wait": sum(r["data_wait"] for r in timed) / len(timed)}
+            "data_wait": sum(r["data_wait"] for r in timed) / len(timed),
+            "losses": [round(r["loss"], 4) for r in records if "loss" in r]}   # same seed and data in every row
 
 
 def main(argv=None):
@@ -207,7 +208,8 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile each repeated block")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--precision", default=None, choices=["bf16", "no"])
+    p.add_argument("--precision", default=None, choices=["bf16", "fp8", "no"],
+                   help="trainer rows (fp8: float8 linears, torchao); the baseline row stays bf16")
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--samples", type=int, default=None, help="rows per synthetic cache")
     p.add_argument("--text", default=None, help="comma list of text settings (default: all)")
@@ -266,17 +268,18 @@ def main(argv=None):
                 from accelerate.state import AcceleratorState
                 AcceleratorState._reset_state(reset_partial_state=True)
                 torch._dynamo.reset()
-                rows.append({"row": kind, "text": name, "error": "out of memory"})
+                rows.append({"row": kind, "text": name, "precision": args.precision, "error": "out of memory"})
                 print(f"{kind} {name}: out of memory", flush=True)
                 gc.collect()
                 torch.cuda.empty_cache()
                 continue
             flops = linear_flops_per_image(meta, img_tokens, txt) + attention_flops_per_image(cfg, img_tokens, sq)
             ips = result["images_per_s"]
-            row = {"row": kind, "text": name, "images_per_s": ips, "tokens_per_s": ips * (img_tokens + txt),
+            row = {"row": kind, "text": name, "precision": "bf16" if kind == "baseline" and args.precision == "fp8"
+                   else args.precision, "images_per_s": ips, "tokens_per_s": ips * (img_tokens + txt),
                    "mfu": ips * flops / peak if peak else None, "tflops": ips * flops / 1e12,
                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-                   "data_wait": result["data_wait"]}
+                   "data_wait": result["data_wait"], "losses": result.get("losses")}
             rows.append(row)
             print(json.dumps(row), flush=True)
             gc.collect()
@@ -288,15 +291,15 @@ def main(argv=None):
 
 
 def print_table(rows):
-    head = f"{'row':<9} {'text':<11} {'img/s':>8} {'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>8} {'data wait':>9}"
+    head = f"{'row':<9} {'text':<11} {'prec':<5} {'img/s':>8} {'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>8} {'data wait':>9}"
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         if "error" in r:
-            print(f"{r['row']:<9} {r['text']:<11} {r['error']}")
+            print(f"{r['row']:<9} {r['text']:<11} {r.get('precision', ''):<5} {r['error']}")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
-        print(f"{r['row']:<9} {r['text']:<11} {r['images_per_s']:>8.1f} {r['tokens_per_s']:>10.0f} "
+        print(f"{r['row']:<9} {r['text']:<11} {r['precision']:<5} {r['images_per_s']:>8.1f} {r['tokens_per_s']:>10.0f} "
               f"{r['tflops']:>8.2f} {mfu:>6} {mem:>8} {100 * r['data_wait']:>8.1f}%")
 
 

@@ -89,7 +89,9 @@ class RunConfig:
     max_steps: int | None = None          # optimizer steps; None: from epochs
     epochs: float | None = None           # used when max_steps is None
     grad_accum: int = 1
-    precision: str = "bf16"               # bf16|no
+    # bf16: autocast; fp8: bf16 autocast plus float8 matmuls in the blocks' linear layers (torchao,
+    # `pip install -e .[fp8]`; for H100-class GPUs, with compile); no: fp32
+    precision: str = "bf16"
     grad_checkpointing: bool = False
     compile: bool = False                 # torch.compile each repeated block
     cudnn_sdpa: bool = False              # cuDNN attention: its backward crashed under autocast with Flux (torch 2.11)
@@ -126,7 +128,7 @@ CHOICES = {
     ("model", "init"): ("random", "pretrained"),
     ("schedule", "kind"): ("constant", "cosine"),
     ("flow", "sampler"): ("uniform", "logit_normal", "flux_shift"),
-    ("run", "precision"): ("bf16", "no"),
+    ("run", "precision"): ("bf16", "fp8", "no"),
     ("data", "expected_t5_mode"): (None, "padded", "trimmed"),
 }
 
@@ -274,5 +276,8 @@ def help_text() -> str:
         for f in dataclasses.fields(section):
             default = getattr(section, f.name)
             shown = "<regex>" if f.name == "targets" else repr(default)
+            choices = CHOICES.get((sec.name, f.name))
+            if choices:
+                shown += "   (" + " | ".join(str(c) for c in choices) + ")"
             lines.append(f"  --{sec.name}.{f.name} {shown}")
     return "\n".join(lines)

@@ -16,8 +16,8 @@ from shared.models import ModelLoadError
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import CacheStream, StreamPosition, open_cache, train_loader, validation_batches
-from .model import (EMA, add_lora, build_transformer, check_cache_fits, load_lora_state_dict, lora_state_dict,
-                    sampling_conventions)
+from .model import (EMA, add_lora, build_transformer, check_cache_fits, convert_to_float8, load_lora_state_dict,
+                    lora_state_dict, sampling_conventions)
 from .step import (EmptyPrompt, StepSettings, ValidationNoise, summarize_validation, to_device, training_loss,
                    validation_sums)
 
@@ -49,7 +49,7 @@ class Trainer:
         if run.deterministic:
             torch.use_deterministic_algorithms(True)
         self.accelerator = acc = Accelerator(
-            mixed_precision="bf16" if run.precision == "bf16" else "no",
+            mixed_precision="bf16" if run.precision in ("bf16", "fp8") else "no",
             log_with="tensorboard" if run.tensorboard else None,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
         )
@@ -64,6 +64,9 @@ class Trainer:
         manifest = self.train_reader.manifest
         vae = manifest.get("vae", {})
 
+        if run.precision == "fp8" and cfg.lora.rank > 0:
+            raise ModelLoadError("run.precision fp8 and LoRA cannot be combined; use bf16 for LoRA")
+
         from accelerate.utils import DistributedType
         # FSDP shards the weights after prepare(): build on the host there, on the device otherwise.
         init_device = "cpu" if acc.distributed_type == DistributedType.FSDP else self.device
@@ -74,6 +77,8 @@ class Trainer:
             raise ModelLoadError("LoRA and EMA are not supported with FSDP yet; train them with DDP")
         if self.lora:
             add_lora(model, cfg.lora)
+        if run.precision == "fp8":
+            convert_to_float8(model)
         if run.grad_checkpointing:
             model.enable_gradient_checkpointing()
         if run.compile:

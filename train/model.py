@@ -52,6 +52,40 @@ def build_transformer(cfg: ModelConfig, seed: int = 0, device="cpu"):
         return FluxTransformer2DModel(**config)
 
 
+# Linear layers left out of float8 (see convert_to_float8): the first and last layers, by name, and
+# the per-sample modulation and embedding layers (one row per image, names with "norm" or under
+# time_text_embed).
+FLOAT8_KEEP = ("x_embedder", "proj_out")
+
+
+def float8_layer(name: str, module) -> bool:
+    """Whether convert_to_float8 gives this linear layer float8 matmuls."""
+    if not isinstance(module, torch.nn.Linear) or name in FLOAT8_KEEP:
+        return False
+    if "norm" in name or name.startswith("time_text_embed"):
+        return False
+    return module.in_features % 16 == 0 and module.out_features % 16 == 0   # float8 GEMM alignment
+
+
+def convert_to_float8(model) -> int:
+    """Give the transformer's token-wise linear layers float8 matmuls (torchao's Float8Linear,
+    dynamic tensorwise scales) and return how many. Weights, gradients and optimizer states stay
+    fp32: only each matmul's inputs are scaled and cast to float8, output in bf16. The first and
+    last layers and the per-sample modulation layers stay bf16 (`float8_layer`). Meant for
+    H100-class GPUs with torch.compile, which fuses the scaling into the neighbouring kernels."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as e:
+        raise ModelLoadError("run.precision fp8 needs torchao: pip install -e '.[fp8]'") from e
+    names = {id(m): n for n, m in model.named_modules()}
+    before = sum(1 for n, m in model.named_modules() if float8_layer(n, m))
+    if before == 0:
+        raise ModelLoadError("run.precision fp8: no linear layer of this model has float8-aligned sizes")
+    convert_to_float8_training(model, config=Float8LinearConfig(),
+                               module_filter_fn=lambda m, fqn: float8_layer(names.get(id(m), fqn), m))
+    return before
+
+
 def sampling_conventions(cfg: ModelConfig) -> dict:
     """shift_schedule / default_steps of the model being trained (for flux_prep.json)."""
     if cfg.name in PRESETS:

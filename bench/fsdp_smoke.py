@@ -1,7 +1,7 @@
 """FSDP smoke test of the trainer on one GPU: prepare, sharded checkpoint, resume, final save, on the
 tiny model (accelerate gives no FSDP to CPU processes, so the CPU tests cannot cover this path).
 
-    python bench/fsdp_smoke.py [SHARDED_STATE_DICT|FULL_STATE_DICT]      # on a GPU
+    python bench/fsdp_smoke.py [SHARDED_STATE_DICT|FULL_STATE_DICT] [bf16|fp8]     # on a GPU
 
 Runs `accelerate launch --use_fsdp --fsdp_version 2 ... train` for 4 steps (a checkpoint every 2),
 then again to 6 steps with `--resume auto`, prints the losses and the files written, and loads
@@ -24,11 +24,11 @@ FSDP_FLAGS = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "T
               "--fsdp_transformer_layer_cls_to_wrap", "FluxTransformerBlock,FluxSingleTransformerBlock"]
 
 
-def write_config(root: Path, cache: Path, steps: int, resume: str | None) -> Path:
+def write_config(root: Path, cache: Path, steps: int, resume: str | None, precision: str) -> Path:
     import yaml
     cfg = {"data": {"train_cache": str(cache), "batch_size": 4, "num_workers": 1, "shuffle_buffer": 4},
            "model": {"name": "tiny"},
-           "run": {"output_dir": str(root / "run"), "precision": "bf16", "log_every": 1, "tensorboard": False,
+           "run": {"output_dir": str(root / "run"), "precision": precision, "log_every": 1, "tensorboard": False,
                    "progress": False, "max_steps": steps, "checkpoint_every": 2, "resume": resume},
            "flow": {"guidance_dropout": 0.2}}
     path = root / "cfg.yaml"
@@ -43,6 +43,7 @@ def main() -> int:
         return 2
     from train_caches import write_cache
     state_dict_type = sys.argv[1] if len(sys.argv) > 1 else "SHARDED_STATE_DICT"
+    precision = sys.argv[2] if len(sys.argv) > 2 else "bf16"
     root = Path(tempfile.gettempdir()) / "flux-fsdp-smoke"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir()
@@ -52,7 +53,7 @@ def main() -> int:
         proc = subprocess.run(["accelerate", "launch", "--num_processes", "1", "--num_machines", "1",
                                "--mixed_precision", "bf16", "--dynamo_backend", "no", *FSDP_FLAGS,
                                "--fsdp_state_dict_type", state_dict_type,
-                               "train", "--config", str(write_config(root, cache, steps, resume))],
+                               "train", "--config", str(write_config(root, cache, steps, resume, precision))],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         said = [ln for ln in proc.stdout.splitlines() if "resumed" in ln or "wrote" in ln]
         print(f"run to step {steps} (resume={resume}): exit {proc.returncode} {said}")

@@ -165,7 +165,7 @@ def run_trainer(cfg_overrides: dict, args, cache: Path, device) -> dict:
         "data.shuffle_buffer": 4 * args.batch_size, "model.name": "flux-schnell" if not args.tiny else "tiny",
         "model.overrides": cfg_overrides, "run.output_dir": out, "run.max_steps": steps, "run.log_every": window,
         "run.precision": args.precision, "run.compile": args.compile, "run.grad_checkpointing": args.grad_checkpointing,
-        "run.grad_accum": args.grad_accum,
+        "run.grad_accum": args.grad_accum, "run.masked_attention": args.masked_attention,
         "run.tensorboard": False, "run.progress": False, "run.save_final": False, "flow.guidance_dropout": 0.1,
         "optim.lr": 1e-5})
     trainer = Trainer(cfg)
@@ -210,6 +210,8 @@ def main(argv=None):
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--precision", default=None, choices=["bf16", "fp8", "no"],
                    help="trainer rows (fp8: float8 linears, torchao); the baseline row stays bf16")
+    p.add_argument("--masked-attention", default="auto", choices=["auto", "sdpa", "flex"],
+                   help="trainer rows, trimmed text: how the padding is masked (run.masked_attention)")
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--samples", type=int, default=None, help="rows per synthetic cache")
     p.add_argument("--text", default=None, help="comma list of text settings (default: all)")

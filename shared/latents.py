@@ -70,6 +70,19 @@ def joint_attention_mask(text_mask: torch.Tensor | None, image_tokens: int) -> t
     return torch.cat([text_mask.bool(), image], dim=1)[:, None, None, :]
 
 
+def flex_block_mask(joint_mask: torch.Tensor):
+    """joint_attention_mask's [B, 1, 1, S] bool mask as a flex-attention BlockMask, for diffusers'
+    "flex" attention backend: the same keys are masked, but one flash-style kernel skips whole
+    blocks of padding instead of the memory-efficient kernel reading a mask value per score."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    keep = joint_mask[:, 0, 0, :]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return keep[b, kv_idx]
+    batch, length = keep.shape
+    return create_block_mask(mask_mod, batch, None, length, length, device=keep.device)
+
+
 def latent_size(height_px: int, width_px: int) -> tuple[int, int]:
     """Pixel size -> latent size, checking that the image packs into whole 2x2 patches."""
     step = VAE_DOWNSAMPLE * 2

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from train_caches import read_metrics, set_manifest, tiny_config, write_cache
 
 from shared.cache import CacheError
-from shared.models import TRAINING_INFO
+from shared.models import TRAINING_INFO, ModelLoadError
 from train.loop import Trainer, train
 
 
@@ -111,6 +111,13 @@ def test_wrong_cache_refused_before_step_one(tmp_path):
     with pytest.raises(CacheError, match="schema version"):
         Trainer(tiny_config(tmp_path, padded))
     assert not (tmp_path / "run").exists()
+
+
+def test_flex_masking_needs_cuda_and_auto_picks_sdpa_on_cpu(tmp_path, caches):
+    with pytest.raises(ModelLoadError, match="masked_attention flex needs a CUDA device"):
+        Trainer(tiny_config(tmp_path, *caches, **{"run.masked_attention": "flex"}))
+    trainer = Trainer(tiny_config(tmp_path, *caches, **{"run.compile": False}))   # auto
+    assert trainer.settings.flex_mask is False
 
 
 def test_corrupt_shard_stops_the_run_naming_it(tmp_path, capsys):

@@ -4,6 +4,7 @@ import torch
 
 from shared.latents import pack_latents
 from shared.presets import transformer_config
+from train.model import use_flex_attention
 from train.step import (EmptyPrompt, StepSettings, ValidationNoise, draw, drop_text, summarize_validation,
                         training_loss, validation_sums)
 
@@ -56,6 +57,29 @@ def test_padding_content_does_not_change_the_loss(model):
     c = training_loss(model, {k: v for k, v in other.items() if k != "t5_mask"}, settings,
                       torch.Generator().manual_seed(1), None)
     assert abs((a - c).item()) > 1e-4
+
+
+def test_flex_block_mask_masks_what_the_sdpa_mask_masks():
+    """run.masked_attention flex: the same loss as the boolean SDPA mask (forward: flex attention has
+    no CPU backward), and padding content still has no effect."""
+    import copy
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    sdpa = FluxTransformer2DModel(**transformer_config("tiny")).eval()
+    flex = copy.deepcopy(sdpa)
+    use_flex_attention(flex)
+    batch = make_batch(length=9)
+    batch["t5_mask"] = torch.tensor([[True] * 4 + [False] * 5, [True] * 9, [True] * 6 + [False] * 3])
+    other = dict(batch, t5=batch["t5"].clone())
+    other["t5"][~batch["t5_mask"]] = 100.0 * torch.randn(int((~batch["t5_mask"]).sum()), 64)
+    with torch.no_grad():
+        ref = training_loss(sdpa, batch, StepSettings(), torch.Generator().manual_seed(1), None)
+        got = training_loss(flex, batch, StepSettings(flex_mask=True), torch.Generator().manual_seed(1), None)
+        padded = training_loss(flex, other, StepSettings(flex_mask=True), torch.Generator().manual_seed(1), None)
+        unmasked = training_loss(flex, {k: v for k, v in other.items() if k != "t5_mask"}, StepSettings(),
+                                 torch.Generator().manual_seed(1), None)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert abs((padded - got).item()) < 1e-5 and abs((unmasked - got).item()) > 1e-4
 
 
 def test_guidance_dropout_uses_empty_prompt():

@@ -94,6 +94,10 @@ class RunConfig:
     precision: str = "bf16"
     grad_checkpointing: bool = False
     compile: bool = False                 # torch.compile each repeated block
+    # How trimmed text's padding is masked in attention: sdpa (a boolean mask; PyTorch picks the
+    # memory-efficient kernel), flex (flex attention skipping padded blocks; CUDA), or auto (flex on
+    # CUDA with compile, else sdpa)
+    masked_attention: str = "auto"
     cudnn_sdpa: bool = False              # cuDNN attention: its backward crashed under autocast with Flux (torch 2.11)
     seed: int = 0
     log_every: int = 10
@@ -129,6 +133,7 @@ CHOICES = {
     ("schedule", "kind"): ("constant", "cosine"),
     ("flow", "sampler"): ("uniform", "logit_normal", "flux_shift"),
     ("run", "precision"): ("bf16", "fp8", "no"),
+    ("run", "masked_attention"): ("auto", "sdpa", "flex"),
     ("data", "expected_t5_mode"): (None, "padded", "trimmed"),
 }
 

@@ -17,7 +17,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import CacheStream, StreamPosition, open_cache, train_loader, validation_batches
 from .model import (EMA, add_lora, build_transformer, check_cache_fits, convert_to_float8, load_lora_state_dict,
-                    lora_state_dict, sampling_conventions)
+                    lora_state_dict, sampling_conventions, use_flex_attention)
 from .step import (EmptyPrompt, StepSettings, ValidationNoise, summarize_validation, to_device, training_loss,
                    validation_sums)
 
@@ -66,6 +66,13 @@ class Trainer:
 
         if run.precision == "fp8" and cfg.lora.rank > 0:
             raise ModelLoadError("run.precision fp8 and LoRA cannot be combined; use bf16 for LoRA")
+        masking = run.masked_attention
+        if masking == "auto":   # flex attention is fast compiled on CUDA only
+            masking = "flex" if self.device.type == "cuda" and run.compile else "sdpa"
+        if masking == "flex" and self.device.type != "cuda":
+            raise ModelLoadError("run.masked_attention flex needs a CUDA device (flex attention has no CPU backward)")
+        # Only trimmed caches have text padding to mask; padded text keeps the flash kernel.
+        flex_mask = masking == "flex" and self.train_reader.t5_mode == "trimmed"
 
         from accelerate.utils import DistributedType
         # FSDP shards the weights after prepare(): build on the host there, on the device otherwise.
@@ -79,6 +86,8 @@ class Trainer:
             add_lora(model, cfg.lora)
         if run.precision == "fp8":
             convert_to_float8(model)
+        if flex_mask:
+            use_flex_attention(model)
         if run.grad_checkpointing:
             model.enable_gradient_checkpointing()
         if run.compile:
@@ -90,7 +99,7 @@ class Trainer:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.settings = StepSettings(
             sampler=cfg.flow.sampler, logit_mean=cfg.flow.logit_mean, logit_std=cfg.flow.logit_std,
-            guidance_dropout=cfg.flow.guidance_dropout,
+            guidance_dropout=cfg.flow.guidance_dropout, flex_mask=flex_mask,
             guidance=cfg.model.guidance if model.config.guidance_embeds else None,
             vae_shift=vae.get("shift_factor", VAE_SHIFT), vae_scale=vae.get("scaling_factor", VAE_SCALE))
         fused = cfg.optim.fused if cfg.optim.fused is not None else self.device.type == "cuda"

@@ -86,6 +86,16 @@ def convert_to_float8(model) -> int:
     return before
 
 
+def use_flex_attention(model) -> None:
+    """Run this model's attention through diffusers' "flex" backend (for BlockMask masks), leaving
+    the process-wide default as it was: `set_attention_backend` also makes its backend the default
+    of every other diffusers model in the process (a validation or benchmark model built later)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    default = _AttentionBackendRegistry._active_backend
+    model.set_attention_backend("flex")
+    _AttentionBackendRegistry.set_active_backend(default)
+
+
 def sampling_conventions(cfg: ModelConfig) -> dict:
     """shift_schedule / default_steps of the model being trained (for flux_prep.json)."""
     if cfg.name in PRESETS:

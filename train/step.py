@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.latents import (VAE_SCALE, VAE_SHIFT, image_ids, joint_attention_mask, pack_latents, scale_latents,
-                            text_ids)
+from shared.latents import (VAE_SCALE, VAE_SHIFT, flex_block_mask, image_ids, joint_attention_mask, pack_latents,
+                            scale_latents, text_ids)
 from shared.schedules import sample_timesteps, validation_timesteps
 
 from .data import sample_seed
@@ -25,6 +25,7 @@ class StepSettings:
     guidance: float | None = None        # set for guidance-distilled models (guidance_embeds=True)
     vae_shift: float = VAE_SHIFT
     vae_scale: float = VAE_SCALE
+    flex_mask: bool = False              # text padding masked through flex attention (run.masked_attention)
 
 
 class EmptyPrompt:
@@ -59,12 +60,15 @@ def drop_text(batch: dict, empty: EmptyPrompt, drop: torch.Tensor) -> tuple:
 
 
 def predict(model, x_t: torch.Tensor, t: torch.Tensor, t5: torch.Tensor, clip: torch.Tensor,
-            t5_mask: torch.Tensor | None, guidance: float | None) -> torch.Tensor:
-    """The transformer's velocity for a [B, C, h, w] x_t, packed: [B, hw/4, 4C]."""
+            t5_mask: torch.Tensor | None, guidance: float | None, flex_mask: bool = False) -> torch.Tensor:
+    """The transformer's velocity for a [B, C, h, w] x_t, packed: [B, hw/4, 4C]. `flex_mask`: the
+    text padding goes to the model as a flex-attention BlockMask (its attention backend is "flex")."""
     b, _, h, w = x_t.shape
     device = x_t.device
     packed = pack_latents(x_t)
     mask = joint_attention_mask(t5_mask, packed.shape[1])
+    if mask is not None and flex_mask:
+        mask = flex_block_mask(mask)
     out = model(
         hidden_states=packed,
         encoder_hidden_states=t5,
@@ -87,7 +91,7 @@ def flow_matching_loss(model, latent: torch.Tensor, t5: torch.Tensor, clip: torc
     tb = t.view(-1, 1, 1, 1)
     x_t = (1.0 - tb) * x0 + tb * noise
     target = pack_latents(noise - x0)
-    pred = predict(model, x_t, t, t5.float(), clip.float(), t5_mask, settings.guidance)
+    pred = predict(model, x_t, t, t5.float(), clip.float(), t5_mask, settings.guidance, settings.flex_mask)
     return (pred.float() - target).pow(2).mean(dim=(1, 2))
 
 

@@ -7,8 +7,10 @@ Rows: `baseline` = FluxTransformer2DModel, eager, autocast bf16, AdamW, random t
 device (no data loading, no masks); `trainer` = train.loop.Trainer streaming a synthetic cache of the
 right shapes (written first under --cache-root, reused on reruns). Text: padded to 256 or 512 T5
 positions (FLUX-exact), or trimmed (20-40 real tokens, padded per batch and masked).
-MFU = model FLOPs / (time x peak); model FLOPs = 6 x (matmul weights each token passes through) x
-tokens + attention (12 x S^2 x width per layer), counting real tokens only.
+`--precision fp8` runs the trainer rows with float8 matmuls (run.precision fp8, torchao); the
+baseline stays bf16. MFU = model FLOPs / (time x bf16 peak) in every precision; model FLOPs =
+6 x (matmul weights each token passes through) x tokens + attention (12 x S^2 x width per layer),
+counting real tokens only.
 """
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from shared.presets import transformer_config  # noqa: E402
+from train.model import per_sample_layer  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 
@@ -54,7 +55,7 @@ def linear_flops_per_image(model, img_tokens: int, txt_tokens: float) -> float:
         if not isinstance(mod, torch.nn.Linear):
             continue
         w = mod.in_features * mod.out_features
-        if "norm" in name or name.startswith(("time_text_embed", "norm_out")):
+        if per_sample_layer(name):
             tokens = 1                                           # per-sample modulation, not per token
         elif name.startswith("context_embedder") or (name.startswith("transformer_blocks")
                                                      and any(k in name for k in ("add_", "ff_context"))):

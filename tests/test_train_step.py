@@ -59,14 +59,11 @@ def test_padding_content_does_not_change_the_loss(model):
     assert abs((a - c).item()) > 1e-4
 
 
-def test_flex_block_mask_masks_what_the_sdpa_mask_masks():
+def test_flex_block_mask_masks_what_the_sdpa_mask_masks(model):
     """run.masked_attention flex: the same loss as the boolean SDPA mask (forward: flex attention has
     no CPU backward), and padding content still has no effect."""
     import copy
-    from diffusers import FluxTransformer2DModel
-    torch.manual_seed(0)
-    sdpa = FluxTransformer2DModel(**transformer_config("tiny")).eval()
-    flex = copy.deepcopy(sdpa)
+    sdpa, flex = model, copy.deepcopy(model)
     use_flex_attention(flex)
     batch = make_batch(length=9)
     batch["t5_mask"] = torch.tensor([[True] * 4 + [False] * 5, [True] * 9, [True] * 6 + [False] * 3])

@@ -52,17 +52,20 @@ def build_transformer(cfg: ModelConfig, seed: int = 0, device="cpu"):
         return FluxTransformer2DModel(**config)
 
 
-# Linear layers left out of float8 (see convert_to_float8): the first and last layers, by name, and
-# the per-sample modulation and embedding layers (one row per image, names with "norm" or under
-# time_text_embed).
+# Linear layers left out of float8 (see convert_to_float8), besides the per-sample ones: the first
+# and last layers, by name.
 FLOAT8_KEEP = ("x_embedder", "proj_out")
+
+
+def per_sample_layer(name: str) -> bool:
+    """Whether a Flux linear layer sees one row per image, not per token: the modulation layers of
+    the norms and the timestep/guidance/CLIP embedding."""
+    return "norm" in name or name.startswith("time_text_embed")
 
 
 def float8_layer(name: str, module) -> bool:
     """Whether convert_to_float8 gives this linear layer float8 matmuls."""
-    if not isinstance(module, torch.nn.Linear) or name in FLOAT8_KEEP:
-        return False
-    if "norm" in name or name.startswith("time_text_embed"):
+    if not isinstance(module, torch.nn.Linear) or name in FLOAT8_KEEP or per_sample_layer(name):
         return False
     return module.in_features % 16 == 0 and module.out_features % 16 == 0   # float8 GEMM alignment
 
@@ -77,13 +80,11 @@ def convert_to_float8(model) -> int:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as e:
         raise ModelLoadError("run.precision fp8 needs torchao: pip install -e '.[fp8]'") from e
-    names = {id(m): n for n, m in model.named_modules()}
-    before = sum(1 for n, m in model.named_modules() if float8_layer(n, m))
-    if before == 0:
+    count = sum(1 for n, m in model.named_modules() if float8_layer(n, m))
+    if count == 0:
         raise ModelLoadError("run.precision fp8: no linear layer of this model has float8-aligned sizes")
-    convert_to_float8_training(model, config=Float8LinearConfig(),
-                               module_filter_fn=lambda m, fqn: float8_layer(names.get(id(m), fqn), m))
-    return before
+    convert_to_float8_training(model, config=Float8LinearConfig(), module_filter_fn=lambda m, fqn: float8_layer(fqn, m))
+    return count
 
 
 def use_flex_attention(model) -> None:

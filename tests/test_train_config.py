@@ -82,3 +82,15 @@ def test_pipeline_params_presets_hold_every_key_dvc_reads(path):
         for part in ref.split("."):
             assert isinstance(node, dict) and part in node, f"{path} lacks {ref} (used in dvc.yaml)"
             node = node[part]
+
+
+def test_help_lists_every_key_and_the_choices_of_closed_ones():
+    from train.config import CHOICES, TrainConfig, help_text
+    text = help_text()
+    for section, keys in TrainConfig().to_dict().items():
+        assert all(f"--{section}.{key} " in text for key in keys)
+    assert "--run.precision 'bf16'   (bf16 | fp8 | no)" in text
+    assert "--run.masked_attention 'auto'   (auto | sdpa | flex)" in text
+    for (section, key), choices in CHOICES.items():
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith(f"--{section}.{key} "))
+        assert " | ".join(map(str, choices)) in line

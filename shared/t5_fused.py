@@ -17,8 +17,12 @@ from torch import nn
 
 # How attention runs: sdpa (eager; under torch.compile it became unfused math), flex (compiled
 # flex attention), efficient / cudnn (the memory-efficient or cuDNN SDPA kernel named directly;
-# CUDA only, sdpa elsewhere). bench/encode.py --compile measures each.
-ATTENTION = ("sdpa", "flex", "efficient", "cudnn")
+# CUDA only, sdpa elsewhere), auto (flex from FLEX_MIN_LENGTH tokens, efficient below; sdpa off
+# CUDA). bench/t5_attention.py measures each kernel, bench/encode.py --compile each in T5.
+ATTENTION = ("sdpa", "flex", "efficient", "cudnn", "auto")
+# H100, T5-XXL's attention at batch 64 (bench/t5_attention.py, docs/BENCHMARKS.md): at 256 tokens
+# flex 0.135 ms per image, memory-efficient 0.309; at 48 tokens flex 0.066, memory-efficient 0.026.
+FLEX_MIN_LENGTH = 128
 ACTIVATIONS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
                "gelu": F.gelu, "relu": F.relu}
@@ -35,8 +39,8 @@ class FusedT5Encoder(nn.Module):
 
     def __init__(self, t5, release_source: bool = False, attention: str = "sdpa"):
         """`release_source`: free each source projection once copied (the source model can then no
-        longer run; saves T5-XXL's 6 GB of q/k/v/wi weights while both exist). `attention`: "sdpa"
-        (eager) or "flex" (for torch.compile, see `_flex`)."""
+        longer run; saves T5-XXL's 6 GB of q/k/v/wi weights while both exist). `attention`: one of
+        ATTENTION; sdpa for eager runs, the others meant for torch.compile."""
         super().__init__()
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, not {attention!r}")
@@ -88,13 +92,25 @@ class FusedT5Encoder(nn.Module):
                 self._bias[key] = self.position.compute_bias(length, length, self.device).to(self.dtype)
         return self._bias[key]
 
+    def position_table(self, length: int) -> torch.Tensor:
+        """[heads, 2 * length - 1]: T5's position bias by key - query distance (entry d + length - 1),
+        which is all it depends on. Flex attention looks it up per score: 64 heads x 511 values stay in
+        cache where the full [heads, L, L] bias (8 MB at 256 tokens) would be gathered from memory."""
+        key = ("table", length, self.device, self.dtype)
+        if key not in self._bias:
+            bias = self.position_bias(length)[0]
+            distance = torch.arange(1 - length, length, device=bias.device)
+            self._bias[key] = bias[:, (-distance).clamp(min=0), distance.clamp(min=0)].contiguous()
+        return self._bias[key]
+
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_ignored):
-        x = self.embed(input_ids)
-        bias, key_pad = self.position_bias(input_ids.shape[1]), None
+        x, length = self.embed(input_ids), input_ids.shape[1]
+        flex = self.kernel(length, x.device) == "flex"
+        bias, key_pad = (self.position_table(length) if flex else self.position_bias(length)), None
         if attention_mask is not None:   # padding keys get the dtype's lowest value, as transformers does
             key_pad = (1.0 - attention_mask.to(x.dtype)) * torch.finfo(x.dtype).min
-            if self.attention != "flex":
+            if not flex:
                 # T5's additive mask, built here rather than inside a compiled `blocks`: there, inductor
                 # gave the sum a layout the memory-efficient kernel refused ("last dimension must be
                 # contiguous", H100, torch 2.11).
@@ -103,8 +119,9 @@ class FusedT5Encoder(nn.Module):
 
     def blocks(self, x: torch.Tensor, bias: torch.Tensor, key_pad: torch.Tensor | None) -> torch.Tensor:
         """Embedded tokens [B, L, D], additive attention bias [1 or B, H, L, L] (position bias, plus
-        the padding where `forward` added it), additive key padding [B, L] or None (flex attention
-        only) -> last hidden state. The part worth compiling: no Python state, static shapes per length."""
+        the padding where `forward` added it; for flex attention the [H, 2L - 1] `position_table`),
+        additive key padding [B, L] or None (flex attention only) -> last hidden state. The part
+        worth compiling: no Python state, static shapes per length."""
         b, length = x.shape[:2]
         attend = self._attention(bias, key_pad, b, length)
         for i in range(len(self.qkv)):
@@ -117,17 +134,26 @@ class FusedT5Encoder(nn.Module):
             x = _clamp_fp16(x + F.linear(self.act(gate) * lin, self.ff_out[i]))
         return self._norm(x, self.final_norm)
 
+    def kernel(self, length: int, device: torch.device) -> str:
+        """The attention kernel at this text length: `attention`, with auto resolved."""
+        if self.attention != "auto":
+            return self.attention
+        if device.type != "cuda":
+            return "sdpa"
+        return "flex" if length >= FLEX_MIN_LENGTH else "efficient"
+
     def _attention(self, bias, key_pad, b: int, length: int):
         """attend(q, k, v) for every layer, with what it needs built once per forward (not per layer)."""
-        if self.attention == "flex":
-            return lambda q, k, v: _flex(q, k, v, bias[0], key_pad)
+        kernel = self.kernel(length, bias.device)
+        if kernel == "flex":
+            return lambda q, k, v: _flex(q, k, v, bias, key_pad)
         # `bias` is T5's whole additive mask: position bias, plus the lowest value at padding keys.
-        if self.attention in ("efficient", "cudnn") and bias.device.type == "cuda" and length % 16 == 0:
+        if kernel in ("efficient", "cudnn") and bias.device.type == "cuda" and length % 16 == 0:
             # An SDPA kernel named directly: under torch.compile, SDPA with an additive mask was
             # lowered to unfused math (scores materialized, a fifth of T5's time on an H100). The
             # kernels run on CUDA, with bias rows 16-element aligned.
             mask = bias.expand(b, self.heads, length, length)
-            if self.attention == "cudnn":
+            if kernel == "cudnn":
                 return lambda q, k, v: torch.ops.aten._scaled_dot_product_cudnn_attention(
                     q, k, v, mask, False, scale=1.0)[0]
             return lambda q, k, v: torch.ops.aten._scaled_dot_product_efficient_attention(
@@ -136,17 +162,24 @@ class FusedT5Encoder(nn.Module):
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
 
 
-def _flex(q, k, v, bias, key_pad):
+# Flex attention's tile for T5's heads (64 dims): on an H100 at 256 tokens, batch 64, its default tile
+# ran T5-XXL's attention at 0.201 ms per image, this one at 0.135 (bench/t5_attention.py).
+FLEX_KERNEL_OPTIONS = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+
+
+def _flex(q, k, v, table, key_pad):
     # Flex attention adds the bias inside one fused kernel; its eager form is a slow reference, so
-    # it is meant for torch.compile.
+    # it is meant for torch.compile. `table`: position_table, indexed by key - query distance.
     from torch.nn.attention.flex_attention import flex_attention
+    offset = q.shape[2] - 1
     if key_pad is None:
         def score_mod(score, b, h, q_idx, kv_idx):
-            return score + bias[h, q_idx, kv_idx]
+            return score + table[h, kv_idx - q_idx + offset]
     else:
         def score_mod(score, b, h, q_idx, kv_idx):
-            return score + bias[h, q_idx, kv_idx] + key_pad[b, kv_idx]
-    return flex_attention(q, k, v, score_mod=score_mod, scale=1.0)
+            return score + table[h, kv_idx - q_idx + offset] + key_pad[b, kv_idx]
+    options = FLEX_KERNEL_OPTIONS if q.is_cuda and q.shape[-1] == 64 else None
+    return flex_attention(q, k, v, score_mod=score_mod, scale=1.0, kernel_options=options)
 
 
 def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:

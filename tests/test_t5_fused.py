@@ -82,7 +82,7 @@ def test_a_short_batch_padded_to_full_size_gives_the_same_rows(tiny_model, mode)
         torch.testing.assert_close(padded[name], plain[name], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["flex", "efficient", "cudnn"])
+@pytest.mark.parametrize("attention", ["flex", "efficient", "cudnn", "auto"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_every_attention_path_matches_sdpa(tiny_model, masked, attention):
     """flex runs here as its eager reference; the CUDA-only kernels fall back to SDPA on a CPU."""
@@ -92,6 +92,27 @@ def test_every_attention_path_matches_sdpa(tiny_model, masked, attention):
     sdpa = FusedT5Encoder(t5)(ids.input_ids, attention_mask=mask)[0]
     other = FusedT5Encoder(t5, attention=attention)(ids.input_ids, attention_mask=mask)[0]
     torch.testing.assert_close(other, sdpa, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [1, 7, 48])
+def test_the_position_table_holds_the_bias_of_every_query_key_pair(tiny_model, length):
+    _, t5 = load_t5(str(tiny_model), torch.float32, torch.device("cpu"))
+    enc = FusedT5Encoder(t5)
+    bias, table = enc.position_bias(length)[0], enc.position_table(length)
+    assert table.shape == (t5.config.num_heads, 2 * length - 1)
+    q, k = torch.meshgrid(torch.arange(length), torch.arange(length), indexing="ij")
+    torch.testing.assert_close(table[:, k - q + length - 1], bias, atol=0, rtol=0)
+
+
+def test_auto_attention_picks_flex_for_long_text_on_cuda_only(tiny_model):
+    from shared.t5_fused import FLEX_MIN_LENGTH
+    _, t5 = load_t5(str(tiny_model), torch.float32, torch.device("cpu"))
+    enc = FusedT5Encoder(t5, attention="auto")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert enc.kernel(FLEX_MIN_LENGTH, cuda) == enc.kernel(512, cuda) == "flex"
+    assert enc.kernel(FLEX_MIN_LENGTH - 16, cuda) == "efficient"
+    assert enc.kernel(512, cpu) == "sdpa"
+    assert FusedT5Encoder(t5, attention="cudnn").kernel(16, cuda) == "cudnn"
 
 
 def test_an_unknown_attention_is_refused(tiny_model):

@@ -259,8 +259,11 @@ def bench_pipeline(model: Path, shards_glob: str, out_root: Path, device: str, a
     for tag in a.modes:
         mode, length = ("trimmed", 512) if tag == "trimmed" else ("padded", int(tag.split("-")[1]))
         out = out_root / f"cache-{tag}"
-        runs = [(w, t) for w in a.worker_list for t in a.writer_list]
-        for workers, writer_threads in runs:
+        runs = [(w, t, att) for w in a.worker_list for t in a.writer_list for att in a.attention_list]
+        for workers, writer_threads, attention in runs:
+            if attention:   # the compiled T5's attention kernel for this run (the project's default otherwise)
+                import preprocess.encode
+                preprocess.encode.COMPILED_T5_ATTENTION = attention
             if out.exists():
                 import shutil
                 shutil.rmtree(out)
@@ -277,9 +280,11 @@ def bench_pipeline(model: Path, shards_glob: str, out_root: Path, device: str, a
                                      per_unit="/image"), flush=True)
             record("pipeline", f"tar -> parquet {tag}", stats["rows"] / stats["seconds"], "img/s",
                    f"{workers} workers, {writer_threads} writer threads, {stats['rows']} rows, "
+                   f"{'T5 attention ' + attention + ', ' if attention else ''}"
                    f"first batch (warm-up) {stats['first_batch_s']:.0f}s")
             steady = (stats["rows"] - stats["first_batch_rows"]) / (stats["seconds"] - stats["first_batch_s"])
-            record("pipeline", f"tar -> parquet {tag}, {writer_threads} writers, after batch 1", steady, "img/s",
+            record("pipeline", f"tar -> parquet {tag}, {writer_threads} writers{', ' + attention if attention else ''}"
+                   ", after batch 1", steady, "img/s",
                    "main thread waited: " + ", ".join(f"{k[:-2]} {100 * stats[k] / stats['seconds']:.0f}%"
                                                       for k in ("wait_data_s", "queue_encode_s", "wait_writer_s")))
         caches[tag] = out
@@ -339,6 +344,9 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=None, help="images in the pipeline run")
     p.add_argument("--num-workers", default=None, help="decode workers; a comma list runs the pipeline for each")
     p.add_argument("--writer-threads", default="2", help="output writer threads; a comma list runs each")
+    p.add_argument("--t5-attention", default="",
+                   help="comma list of the compiled T5's attention kernels (shared/t5_fused.py ATTENTION) to run "
+                        "the pipeline with, each in turn (default: the project's choice)")
     p.add_argument("--rows-per-shard", type=int, default=1000)
     p.add_argument("--json-rows", type=int, default=None)
     p.add_argument("--compile", action="store_true",
@@ -361,6 +369,10 @@ def main(argv=None):
     a.worker_list = ([int(w) for w in a.num_workers.split(",")] if a.num_workers is not None
                      else [1 if a.tiny else min(12, os.cpu_count() - 2)])
     a.writer_list = [int(t) for t in a.writer_threads.split(",")]
+    a.attention_list = [t.strip() for t in a.t5_attention.split(",") if t.strip()] or [None]
+    from shared.t5_fused import ATTENTION
+    if set(a.attention_list) - {None} - set(ATTENTION):
+        p.error(f"--t5-attention: choose from {', '.join(ATTENTION)}")
     a.json_rows = a.json_rows or (32 if a.tiny else 64)
     a.image_sizes = [(96, 80), (80, 112)] if a.tiny else [(500, 375), (640, 480), (375, 500), (800, 533)]
     a.modes = [m.strip() for m in (a.modes or ("padded-256,trimmed" if a.tiny else

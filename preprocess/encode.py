@@ -20,10 +20,11 @@ from shared.text import T5_PAD_MULTIPLE, encode_prompts
 
 from .images import to_model_range
 
-# Attention of the compiled fused T5 (shared/t5_fused.py ATTENTION). H100, T5-XXL at padded-256,
-# batch 64 (bench/encode.py --compile): efficient 251 prompts/s, cudnn 251, flex 222, sdpa (lowered to
-# math) 199.
-COMPILED_T5_ATTENTION = "efficient"
+# Attention of the compiled fused T5 (shared/t5_fused.py ATTENTION): auto runs flex attention at
+# long text (padded-256 and -512) and the memory-efficient kernel at short trimmed text. H100,
+# pipeline runs, same call (bench/encode.py --t5-attention, docs/BENCHMARKS.md): padded-256
+# efficient 191.9 img/s, flex 200.0, cudnn 194.8; trimmed efficient 608.0, flex 592.8, cudnn 607.3.
+COMPILED_T5_ATTENTION = "auto"
 
 
 @dataclass

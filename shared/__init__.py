@@ -4,3 +4,7 @@ flow-matching schedules, prompt encoding and the Parquet cache contract.
 This package imports no stage (preprocess, train, sample)."""
 
 __version__ = "0.1.0"
+
+from .quiet import quiet_torchao_imports
+
+quiet_torchao_imports()

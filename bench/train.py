@@ -296,7 +296,8 @@ def main(argv=None):
 
 
 def print_table(rows):
-    head = f"{'row':<9} {'text':<11} {'prec':<5} {'img/s':>8} {'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>8} {'data wait':>9}"
+    head = (f"{'row':<9} {'text':<11} {'prec':<5} {'img/s':>8} {'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
+            f"{'mem GiB':>8} {'data wait':>9}")
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         if "error" in r:

@@ -1,11 +1,15 @@
 """bench/kernels.py's steady-state busy share: overlapping kernels count once, gaps show."""
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from kernels import tail_busy  # noqa: E402
+# Loaded by path: bench/ on sys.path would shadow the `sample` package with bench/sample.py.
+_spec = importlib.util.spec_from_file_location(
+    "bench_kernels", Path(__file__).resolve().parents[1] / "bench" / "kernels.py")
+_kernels = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_kernels)
+tail_busy = _kernels.tail_busy
 
 
 def test_overlaps_count_once_and_gaps_show():

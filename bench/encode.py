@@ -278,13 +278,13 @@ def bench_pipeline(model: Path, shards_glob: str, out_root: Path, device: str, a
             if a.profile:   # whole run, warm-up included: ms/image x steady img/s ~ the device's busy share
                 print(kernels.report(f"pipeline {tag}, {stats['rows']} images", per=stats["rows"],
                                      per_unit="/image"), flush=True)
+            kernel_note = f", T5 attention {attention}" if attention else ""
             record("pipeline", f"tar -> parquet {tag}", stats["rows"] / stats["seconds"], "img/s",
-                   f"{workers} workers, {writer_threads} writer threads, {stats['rows']} rows, "
-                   f"{'T5 attention ' + attention + ', ' if attention else ''}"
+                   f"{workers} workers, {writer_threads} writer threads, {stats['rows']} rows{kernel_note}, "
                    f"first batch (warm-up) {stats['first_batch_s']:.0f}s")
             steady = (stats["rows"] - stats["first_batch_rows"]) / (stats["seconds"] - stats["first_batch_s"])
-            record("pipeline", f"tar -> parquet {tag}, {writer_threads} writers{', ' + attention if attention else ''}"
-                   ", after batch 1", steady, "img/s",
+            record("pipeline", f"tar -> parquet {tag}, {writer_threads} writers{kernel_note}, after batch 1", steady,
+                   "img/s",
                    "main thread waited: " + ", ".join(f"{k[:-2]} {100 * stats[k] / stats['seconds']:.0f}%"
                                                       for k in ("wait_data_s", "queue_encode_s", "wait_writer_s")))
         caches[tag] = out

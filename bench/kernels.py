@@ -47,14 +47,13 @@ def tail_busy(spans: list[tuple[float, float]], tail: float) -> float:
     spans = sorted(spans)
     end = max(e for _, e in spans)
     lo = end - tail * (end - spans[0][0])
-    busy, cur_s, cur_e = 0.0, None, None
+    busy, cur_s, cur_e = 0.0, lo, lo   # the run of overlapping spans being merged
     for s, e in spans:
         s, e = max(s, lo), max(e, lo)
-        if cur_e is None or s > cur_e:
-            busy += 0.0 if cur_e is None else cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
+        if s > cur_e:                   # a gap: the merged run ends
+            busy += cur_e - cur_s
+            cur_s = s
+        cur_e = max(cur_e, e)
     busy += cur_e - cur_s
     return busy / (end - lo) if end > lo else 0.0
 
@@ -83,21 +82,20 @@ class KernelTimes:
         torch.cuda.synchronize()
         self.wall = time.perf_counter() - self._t0
         self._prof.__exit__(*exc)
-        per_name: dict[str, list] = {}
+        per_name: dict[str, list] = {}   # name -> [seconds, calls, kind]
         spans = []
         for evt in self._prof.events():
             if evt.device_type != torch.autograd.DeviceType.CUDA:
                 continue
-            if kind_of(evt.name) != "copy":
-                spans.append((evt.time_range.start, evt.time_range.end))
             s = evt.device_time_total / 1e6 if hasattr(evt, "device_time_total") else evt.cuda_time_total / 1e6
-            entry = per_name.setdefault(evt.name, [0.0, 0])
+            entry = per_name.get(evt.name) or per_name.setdefault(evt.name, [0.0, 0, kind_of(evt.name)])
             entry[0] += s
             entry[1] += 1
-        for name, (s, n) in per_name.items():
-            kind = kind_of(name)
+            if entry[2] != "copy":
+                spans.append((evt.time_range.start, evt.time_range.end))
+        for s, _, kind in per_name.values():
             self.seconds[kind] = self.seconds.get(kind, 0.0) + s
-        self.top = sorted(((n, s, c) for n, (s, c) in per_name.items()), key=lambda x: -x[1])[:12]
+        self.top = sorted(((n, s, c) for n, (s, c, _) in per_name.items()), key=lambda x: -x[1])[:12]
         self.tail_busy = tail_busy(spans, TAIL)
         return False
 

@@ -58,8 +58,7 @@ def kernels(q, k, v, table, key_pad):
         f"flex, position table, tile {FLEX_KERNEL_OPTIONS}": lambda: flex(q, k, v, table, key_pad),
     }
     if full is not None:
-        rows["flex, position table, default tile"] = lambda: plain_flex(
-            q, k, v, scale=1.0, score_mod=lambda s, b_, h, qi, ki: s + table[h, ki - qi + length - 1])
+        rows["flex, position table, default tile"] = lambda: flex(q, k, v, table, None, kernel_options=None)
         rows["flex, full [H, L, L] bias, default tile"] = lambda: plain_flex(q, k, v, scale=1.0, score_mod=gather_mod)
         rows["flash, no bias (floor)"] = lambda: torch.ops.aten._scaled_dot_product_flash_attention(
             q, k, v, scale=1.0)[0]

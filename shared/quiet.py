@@ -19,18 +19,20 @@ _NOISE = {
 
 
 class _DropMessages(logging.Filter):
-    def __init__(self, starts: tuple[str, ...]):
+    """Drops the records whose message contains any of `fragments`."""
+
+    def __init__(self, fragments: tuple[str, ...]):
         super().__init__()
-        self.starts = starts
+        self.fragments = fragments
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not any(s in message for s in self.starts)
+        return not any(f in message for f in self.fragments)
 
 
 def quiet_torchao_imports() -> None:
     """Attach the filters (once per logger)."""
-    for name, starts in _NOISE.items():
+    for name, fragments in _NOISE.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
-            logger.addFilter(_DropMessages(starts))
+            logger.addFilter(_DropMessages(fragments))

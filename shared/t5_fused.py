@@ -167,9 +167,10 @@ class FusedT5Encoder(nn.Module):
 FLEX_KERNEL_OPTIONS = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
 
 
-def _flex(q, k, v, table, key_pad):
+def _flex(q, k, v, table, key_pad, kernel_options: dict | None = FLEX_KERNEL_OPTIONS):
     # Flex attention adds the bias inside one fused kernel; its eager form is a slow reference, so
     # it is meant for torch.compile. `table`: position_table, indexed by key - query distance.
+    # `kernel_options` (CUDA, 64-dim heads): None leaves flex its default tile.
     from torch.nn.attention.flex_attention import flex_attention
     offset = q.shape[2] - 1
     if key_pad is None:
@@ -178,7 +179,7 @@ def _flex(q, k, v, table, key_pad):
     else:
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + table[h, kv_idx - q_idx + offset] + key_pad[b, kv_idx]
-    options = FLEX_KERNEL_OPTIONS if q.is_cuda and q.shape[-1] == 64 else None
+    options = kernel_options if q.is_cuda and q.shape[-1] == 64 else None
     return flex_attention(q, k, v, score_mod=score_mod, scale=1.0, kernel_options=options)
 
 

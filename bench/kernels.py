@@ -5,9 +5,14 @@ and sorts each kernel into a kind by its name. Kernels of several streams may ov
 kinds' sum can exceed the wall time; `busy` over the wall time is still a fair sign of how
 much the device idles when most work runs on one stream. `tail_busy` measures idling directly:
 the share of the run's last part (past warm-up) in which some compute kernel runs.
+
+`ClockSampler` samples the GPU's SM clock and board power by nvidia-smi: a board at its power cap
+runs every kernel at a lower clock, which is what moves a GPU-bound figure between machines.
 """
 from __future__ import annotations
 
+import subprocess
+import threading
 import time
 
 import torch
@@ -117,3 +122,51 @@ class KernelTimes:
         lines.append("slowest kernels (total s, calls):")
         lines += [f"  {s:8.3f}  {c:6d}  {kind_of(n):<14} {n[:110]}" for n, s, c in self.top]
         return "\n".join(lines)
+
+
+class ClockSampler:
+    """Samples one GPU's SM clock (MHz), board power (W) and whether its software power cap holds
+    the clock down, every `period_ms`, by nvidia-smi, until `stop()`. Without nvidia-smi (or on a
+    driver that lacks these fields) it samples nothing."""
+
+    QUERY = "--query-gpu=clocks.sm,power.draw,clocks_event_reasons.sw_power_cap"
+
+    def __init__(self, index: int, period_ms: int = 200, command: list[str] | None = None):
+        """`command`: what prints "clock, power, Active|Not Active" lines instead of nvidia-smi (tests)."""
+        self.samples: list[tuple[float, float, float, bool]] = []   # (perf_counter time, MHz, W, capped)
+        cmd = command or ["nvidia-smi", f"--id={index}", self.QUERY, "--format=csv,noheader,nounits",
+                          f"-lms={period_ms}"]
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self.proc = None
+            return
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            fields = [f.strip() for f in line.split(",")]
+            try:
+                clock, power = float(fields[0]), float(fields[1])
+            except (ValueError, IndexError):   # "[N/A]" where a board does not report one
+                continue
+            self.samples.append((time.perf_counter(), clock, power, fields[2:3] == ["Active"]))
+
+    def stop(self, since: float | None = None) -> dict | None:
+        """{"mhz", "watts", "capped" (share of samples at the power cap), "samples"} over the samples
+        taken from perf_counter time `since` on (all if None); None if nothing was sampled."""
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+            self.reader.join(timeout=2)
+        return clock_means(self.samples, since)
+
+
+def clock_means(samples: list[tuple[float, float, float, bool]], since: float | None) -> dict | None:
+    kept = [s for s in samples if since is None or s[0] >= since]
+    if not kept:
+        return None
+    n = len(kept)
+    return {"mhz": sum(s[1] for s in kept) / n, "watts": sum(s[2] for s in kept) / n,
+            "capped": sum(s[3] for s in kept) / n, "samples": n}

@@ -25,3 +25,30 @@ def test_only_the_tail_is_looked_at():
 
 def test_nothing_profiled_is_zero():
     assert tail_busy([], 0.4) == 0.0
+
+
+def _sampled(lines: str, since=None):
+    sampler = _kernels.ClockSampler(0, command=["sh", "-c", f"printf '{lines}'"])
+    sampler.proc.wait()          # the fake source has printed everything
+    sampler.reader.join(timeout=5)
+    return sampler.stop(since), sampler
+
+
+def test_clock_sampler_means_and_power_cap_share():
+    clock, sampler = _sampled("1410, 697.5, Active\\n[N/A], [N/A], Not Active\\n1380, 690.5, Not Active\\n")
+    assert len(sampler.samples) == 2
+    assert (clock["mhz"], clock["watts"], clock["capped"]) == pytest.approx((1395.0, 694.0, 0.5))
+    assert clock["samples"] == 2
+
+
+def test_clock_means_keep_the_samples_since():
+    samples = [(0.0, 1980.0, 100.0, False), (5.0, 1500.0, 650.0, True), (10.0, 1400.0, 700.0, True)]
+    assert _kernels.clock_means(samples, 5.0) == pytest.approx({"mhz": 1450.0, "watts": 675.0, "capped": 1.0,
+                                                                 "samples": 2})
+    assert _kernels.clock_means(samples, None)["capped"] == pytest.approx(2 / 3)
+    assert _kernels.clock_means(samples, 11.0) is None
+
+
+def test_clock_sampler_without_a_source_samples_nothing():
+    assert _kernels.ClockSampler(0, command=["/nonexistent/nvidia-smi"]).stop() is None
+    assert _sampled("")[0] is None

@@ -267,7 +267,10 @@ def bench_pipeline(model: Path, shards_glob: str, out_root: Path, device: str, a
             if out.exists():
                 import shutil
                 shutil.rmtree(out)
-            from kernels import KernelTimes
+            from kernels import ClockSampler, KernelTimes
+            # The board's clock and power after the first batch (steady state): at its power cap an
+            # H100 slows every kernel, and that moves this figure between machines.
+            clocks = ClockSampler(torch.cuda.current_device()) if device.startswith("cuda") else None
             with KernelTimes(enabled=a.profile) as kernels:
                 stats = run_encode(str(model), shards_glob, out, prep=PrepOptions(resolution=a.resolution),
                                    opts=EncodeOptions(t5_mode=mode, t5_max_length=length,
@@ -275,6 +278,9 @@ def bench_pipeline(model: Path, shards_glob: str, out_root: Path, device: str, a
                                                       channels_last=a.channels_last),
                                    batch_size=a.batch_size, num_workers=workers, rows_per_shard=a.rows_per_shard,
                                    device=device, progress=False, writer_threads=writer_threads)
+                # run_encode's clock started stats["seconds"] before it returned (less its last bookkeeping)
+                clock = (clocks.stop(since=time.perf_counter() - stats["seconds"] + stats["first_batch_s"])
+                         if clocks else None)
             if a.profile:   # whole run, warm-up included: ms/image x steady img/s ~ the device's busy share
                 print(kernels.report(f"pipeline {tag}, {stats['rows']} images", per=stats["rows"],
                                      per_unit="/image"), flush=True)
@@ -286,7 +292,9 @@ def bench_pipeline(model: Path, shards_glob: str, out_root: Path, device: str, a
             record("pipeline", f"tar -> parquet {tag}, {writer_threads} writers{kernel_note}, after batch 1", steady,
                    "img/s",
                    "main thread waited: " + ", ".join(f"{k[:-2]} {100 * stats[k] / stats['seconds']:.0f}%"
-                                                      for k in ("wait_data_s", "queue_encode_s", "wait_writer_s")))
+                                                      for k in ("wait_data_s", "queue_encode_s", "wait_writer_s"))
+                   + (f"; SM clock {clock['mhz']:.0f} MHz, {clock['watts']:.0f} W, at power cap "
+                      f"{100 * clock['capped']:.0f}% of the time" if clock else ""))
         caches[tag] = out
         m = json.loads((out / "manifest.json").read_text())
         record("disk", f"bytes/sample {tag}", sum(s["bytes"] for s in m["shards"]) / m["rows"] / 1024, "KiB")

@@ -12,6 +12,7 @@ sample on disk per T5 mode, and cache read speed on one core vs. JSON lines of f
 from __future__ import annotations
 
 import argparse
+import collections
 import io
 import json
 import os
@@ -50,6 +51,26 @@ def timed(fn, device, iters, warmup=2) -> float:
         fn()
     sync(device)
     return (time.perf_counter() - t0) / iters
+
+
+def timed_for(fn, device, seconds: float, warmup: int = 2) -> float:
+    """Seconds per call of `fn`, called back to back for about `seconds` after warm-up calls: long
+    enough for a GPU's clock to settle under its power cap (a few calls measure a cooler board)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0, calls = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        calls += 1
+    sync(device)
+    return (time.perf_counter() - t0) / calls
+
+
+def clock_note(clock: dict | None) -> str:
+    """bench/kernels.py ClockSampler's means, for a row's note."""
+    return (f"; SM clock {clock['mhz']:.0f} MHz, {clock['watts']:.0f} W, at power cap {100 * clock['capped']:.0f}% "
+            "of the time" if clock else "")
 
 
 # -- the model folder -------------------------------------------------------------------------
@@ -234,6 +255,19 @@ def bench_components(model: Path, device: str, a) -> None:
                        f"batch {bs}, T5 {enc.t5_impl}, first call {first:.0f}s")
                 s = timed(lambda: enc.encode_batch(pin, caps).wait(), device, a.iters)
                 record("encode", f"{tag} batch {label}", bs / s, "img/s", "VAE+T5+CLIP, no I/O")
+                if a.encode_seconds and device.startswith("cuda"):
+                    # As the pipeline runs it: batches queued while earlier ones copy back, no wait each.
+                    from kernels import ClockSampler
+                    pending = collections.deque()
+
+                    def queue_batch():
+                        pending.append(enc.encode_batch(pin, caps))
+                        if len(pending) > 2:
+                            pending.popleft().wait()
+                    clocks = ClockSampler(torch.cuda.current_device())
+                    s = timed_for(queue_batch, device, a.encode_seconds)
+                    record("encode", f"{tag} batch {label}, {a.encode_seconds:g} s", bs / s, "img/s",
+                           "VAE+T5+CLIP, no I/O, batches queued back to back" + clock_note(clocks.stop()))
         del enc
         torch.cuda.empty_cache() if device.startswith("cuda") else None
 
@@ -259,11 +293,15 @@ def bench_pipeline(model: Path, shards_glob: str, out_root: Path, device: str, a
     for tag in a.modes:
         mode, length = ("trimmed", 512) if tag == "trimmed" else ("padded", int(tag.split("-")[1]))
         out = out_root / f"cache-{tag}"
-        runs = [(w, t, att) for w in a.worker_list for t in a.writer_list for att in a.attention_list]
-        for workers, writer_threads, attention in runs:
+        runs = [(w, t, att, wb) for w in a.worker_list for t in a.writer_list for att in a.attention_list
+                for wb in a.writeback_list]
+        for workers, writer_threads, attention, writeback in runs:
             if attention:   # the compiled T5's attention kernel for this run (the project's default otherwise)
                 import preprocess.encode
                 preprocess.encode.COMPILED_T5_ATTENTION = attention
+            if writeback is not None:   # the cache writer's early write-back for this run
+                import shared.cache.files
+                shared.cache.files.WRITEBACK_BYTES = writeback << 20
             if out.exists():
                 import shutil
                 shutil.rmtree(out)
@@ -278,13 +316,16 @@ def bench_pipeline(model: Path, shards_glob: str, out_root: Path, device: str, a
                                                       channels_last=a.channels_last),
                                    batch_size=a.batch_size, num_workers=workers, rows_per_shard=a.rows_per_shard,
                                    device=device, progress=False, writer_threads=writer_threads)
-                # run_encode's clock started stats["seconds"] before it returned (less its last bookkeeping)
-                clock = (clocks.stop(since=time.perf_counter() - stats["seconds"] + stats["first_batch_s"])
+                # The steady part: from the first batch written to the last, before the manifest is written.
+                until = time.perf_counter() - stats["manifest_s"]
+                clock = (clocks.stop(since=until - stats["seconds"] + stats["first_batch_s"], until=until)
                          if clocks else None)
             if a.profile:   # whole run, warm-up included: ms/image x steady img/s ~ the device's busy share
                 print(kernels.report(f"pipeline {tag}, {stats['rows']} images", per=stats["rows"],
                                      per_unit="/image"), flush=True)
             kernel_note = f", T5 attention {attention}" if attention else ""
+            if writeback is not None:
+                kernel_note += f", write-back every {writeback} MiB" if writeback else ", no early write-back"
             record("pipeline", f"tar -> parquet {tag}", stats["rows"] / stats["seconds"], "img/s",
                    f"{workers} workers, {writer_threads} writer threads, {stats['rows']} rows{kernel_note}, "
                    f"first batch (warm-up) {stats['first_batch_s']:.0f}s")
@@ -293,8 +334,7 @@ def bench_pipeline(model: Path, shards_glob: str, out_root: Path, device: str, a
                    "img/s",
                    "main thread waited: " + ", ".join(f"{k[:-2]} {100 * stats[k] / stats['seconds']:.0f}%"
                                                       for k in ("wait_data_s", "queue_encode_s", "wait_writer_s"))
-                   + (f"; SM clock {clock['mhz']:.0f} MHz, {clock['watts']:.0f} W, at power cap "
-                      f"{100 * clock['capped']:.0f}% of the time" if clock else ""))
+                   + clock_note(clock))
         caches[tag] = out
         m = json.loads((out / "manifest.json").read_text())
         record("disk", f"bytes/sample {tag}", sum(s["bytes"] for s in m["shards"]) / m["rows"] / 1024, "KiB")
@@ -355,6 +395,12 @@ def main(argv=None):
     p.add_argument("--t5-attention", default="",
                    help="comma list of the compiled T5's attention kernels (shared/t5_fused.py ATTENTION) to run "
                         "the pipeline with, each in turn (default: the project's choice)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where the pipeline runs write their caches (default: --out); a RAM disk there leaves "
+                        "the disk out of the pipeline's figure")
+    p.add_argument("--writeback-mib", default="",
+                   help="comma list of the cache writer's early write-back sizes (shared/cache/files.py "
+                        "WRITEBACK_BYTES, in MiB; 0: none) to run the pipeline with, each in turn")
     p.add_argument("--rows-per-shard", type=int, default=1000)
     p.add_argument("--json-rows", type=int, default=None)
     p.add_argument("--compile", action="store_true",
@@ -368,6 +414,9 @@ def main(argv=None):
                    help="the project's VAE on channels_last (NHWC) input, in components and pipeline runs")
     p.add_argument("--profile", action="store_true",
                    help="print the pipeline runs' GPU time by kernel kind (CUDA, torch.profiler)")
+    p.add_argument("--encode-seconds", type=float, default=0,
+                   help="CUDA: also run the no-I/O encode row for this many seconds, batches queued back to "
+                        "back, with the GPU's clock and power (the short row measures a cooler board)")
     p.add_argument("--skip", default="", help="comma list of sections to skip: components,decode,pipeline,read")
     a = p.parse_args(argv)
     a.resolution = a.resolution or (64 if a.tiny else 256)
@@ -378,6 +427,7 @@ def main(argv=None):
                      else [1 if a.tiny else min(12, os.cpu_count() - 2)])
     a.writer_list = [int(t) for t in a.writer_threads.split(",")]
     a.attention_list = [t.strip() for t in a.t5_attention.split(",") if t.strip()] or [None]
+    a.writeback_list = [int(x) for x in a.writeback_mib.split(",") if x.strip()] or [None]
     from shared.t5_fused import ATTENTION
     if set(a.attention_list) - {None} - set(ATTENTION):
         p.error(f"--t5-attention: choose from {', '.join(ATTENTION)}")
@@ -404,7 +454,7 @@ def main(argv=None):
         bench_decode(shards, a)
     caches = {}
     if "pipeline" not in skip:
-        caches = bench_pipeline(model, str(data / "*.tar"), a.out, a.device, a)
+        caches = bench_pipeline(model, str(data / "*.tar"), a.cache_dir or a.out, a.device, a)
     if "read" not in skip:
         for cache in caches.values():
             bench_read(cache, a.out, a)

@@ -153,18 +153,19 @@ class ClockSampler:
                 continue
             self.samples.append((time.perf_counter(), clock, power, fields[2:3] == ["Active"]))
 
-    def stop(self, since: float | None = None) -> dict | None:
+    def stop(self, since: float | None = None, until: float | None = None) -> dict | None:
         """{"mhz", "watts", "capped" (share of samples at the power cap), "samples"} over the samples
-        taken from perf_counter time `since` on (all if None); None if nothing was sampled."""
+        taken between perf_counter times `since` and `until` (None: no bound); None if none was."""
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait()
             self.reader.join(timeout=2)
-        return clock_means(self.samples, since)
+        return clock_means(self.samples, since, until)
 
 
-def clock_means(samples: list[tuple[float, float, float, bool]], since: float | None) -> dict | None:
-    kept = [s for s in samples if since is None or s[0] >= since]
+def clock_means(samples: list[tuple[float, float, float, bool]], since: float | None = None,
+                until: float | None = None) -> dict | None:
+    kept = [s for s in samples if (since is None or s[0] >= since) and (until is None or s[0] <= until)]
     if not kept:
         return None
     n = len(kept)

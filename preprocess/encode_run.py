@@ -159,7 +159,9 @@ def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: 
             bar.close()
     stats["seconds"] = time.perf_counter() - t_start
     stats.update(waits)
+    t_manifest = time.perf_counter()
     complete = finish_if_complete(out_dir, [s.id for s in shards], command, package_version())
+    stats["manifest_s"] = time.perf_counter() - t_manifest
     stats.update(rank=rank, world=world, manifest_written=complete, shards_skipped_done=len(mine) - len(todo))
     return stats
 

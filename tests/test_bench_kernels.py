@@ -47,6 +47,8 @@ def test_clock_means_keep_the_samples_since():
                                                                  "samples": 2})
     assert _kernels.clock_means(samples, None)["capped"] == pytest.approx(2 / 3)
     assert _kernels.clock_means(samples, 11.0) is None
+    assert _kernels.clock_means(samples, None, 5.0) == pytest.approx({"mhz": 1740.0, "watts": 375.0, "capped": 0.5,
+                                                                       "samples": 2})
 
 
 def test_clock_sampler_without_a_source_samples_nothing():

@@ -55,7 +55,7 @@ def timed(fn, device, iters, warmup=2) -> float:
 
 def timed_for(fn, device, seconds: float, warmup: int = 2) -> float:
     """Seconds per call of `fn`, called back to back for about `seconds` after warm-up calls: long
-    enough for a GPU's clock to settle under its power cap (a few calls measure a cooler board)."""
+    enough for a GPU's clock to settle under its power cap."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -306,8 +306,8 @@ def bench_pipeline(model: Path, shards_glob: str, out_root: Path, device: str, a
                 import shutil
                 shutil.rmtree(out)
             from kernels import ClockSampler, KernelTimes
-            # The board's clock and power after the first batch (steady state): at its power cap an
-            # H100 slows every kernel, and that moves this figure between machines.
+            # The board's clock and power after the first batch (steady state). An H100 kept busy
+            # sits at its power cap; one that often idles shows below it (docs/BENCHMARKS.md, run F).
             clocks = ClockSampler(torch.cuda.current_device()) if device.startswith("cuda") else None
             with KernelTimes(enabled=a.profile) as kernels:
                 stats = run_encode(str(model), shards_glob, out, prep=PrepOptions(resolution=a.resolution),
@@ -416,7 +416,7 @@ def main(argv=None):
                    help="print the pipeline runs' GPU time by kernel kind (CUDA, torch.profiler)")
     p.add_argument("--encode-seconds", type=float, default=0,
                    help="CUDA: also run the no-I/O encode row for this many seconds, batches queued back to "
-                        "back, with the GPU's clock and power (the short row measures a cooler board)")
+                        "back, with the GPU's clock and power (the short row waits for each of a few batches)")
     p.add_argument("--skip", default="", help="comma list of sections to skip: components,decode,pipeline,read")
     a = p.parse_args(argv)
     a.resolution = a.resolution or (64 if a.tiny else 256)

@@ -6,8 +6,8 @@ kinds' sum can exceed the wall time; `busy` over the wall time is still a fair s
 much the device idles when most work runs on one stream. `tail_busy` measures idling directly:
 the share of the run's last part (past warm-up) in which some compute kernel runs.
 
-`ClockSampler` samples the GPU's SM clock and board power by nvidia-smi: a board at its power cap
-runs every kernel at a lower clock, which is what moves a GPU-bound figure between machines.
+`ClockSampler` samples the GPU's SM clock and board power by nvidia-smi. A board at its power cap
+runs every kernel at a lower clock; a run that keeps the GPU busy holds it at the cap.
 """
 from __future__ import annotations
 

@@ -53,20 +53,6 @@ def timed(fn, device, iters, warmup=2) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def timed_for(fn, device, seconds: float, warmup: int = 2) -> float:
-    """Seconds per call of `fn`, called back to back for about `seconds` after warm-up calls: long
-    enough for a GPU's clock to settle under its power cap."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    t0, calls = time.perf_counter(), 0
-    while time.perf_counter() - t0 < seconds:
-        fn()
-        calls += 1
-    sync(device)
-    return (time.perf_counter() - t0) / calls
-
-
 def clock_note(clock: dict | None) -> str:
     """bench/kernels.py ClockSampler's means, for a row's note."""
     return (f"; SM clock {clock['mhz']:.0f} MHz, {clock['watts']:.0f} W, at power cap {100 * clock['capped']:.0f}% "
@@ -257,17 +243,16 @@ def bench_components(model: Path, device: str, a) -> None:
                 record("encode", f"{tag} batch {label}", bs / s, "img/s", "VAE+T5+CLIP, no I/O")
                 if a.encode_seconds and device.startswith("cuda"):
                     # As the pipeline runs it: batches queued while earlier ones copy back, no wait each.
-                    from kernels import ClockSampler
+                    from kernels import sustained
                     pending = collections.deque()
 
                     def queue_batch():
                         pending.append(enc.encode_batch(pin, caps))
                         if len(pending) > 2:
                             pending.popleft().wait()
-                    clocks = ClockSampler(torch.cuda.current_device())
-                    s = timed_for(queue_batch, device, a.encode_seconds)
+                    s, clock = sustained(queue_batch, a.encode_seconds, warmup=2)
                     record("encode", f"{tag} batch {label}, {a.encode_seconds:g} s", bs / s, "img/s",
-                           "VAE+T5+CLIP, no I/O, batches queued back to back" + clock_note(clocks.stop()))
+                           "VAE+T5+CLIP, no I/O, batches queued back to back" + clock_note(clock))
         del enc
         torch.cuda.empty_cache() if device.startswith("cuda") else None
 

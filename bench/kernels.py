@@ -7,7 +7,8 @@ much the device idles when most work runs on one stream. `tail_busy` measures id
 the share of the run's last part (past warm-up) in which some compute kernel runs.
 
 `ClockSampler` samples the GPU's SM clock and board power by nvidia-smi. A board at its power cap
-runs every kernel at a lower clock; a run that keeps the GPU busy holds it at the cap.
+runs every kernel at a lower clock; a run that keeps the GPU busy holds it at the cap. `sustained`
+times a call run back to back for some seconds, with the clock meanwhile.
 """
 from __future__ import annotations
 
@@ -171,3 +172,22 @@ def clock_means(samples: list[tuple[float, float, float, bool]], since: float | 
     n = len(kept)
     return {"mhz": sum(s[1] for s in kept) / n, "watts": sum(s[2] for s in kept) / n,
             "capped": sum(s[3] for s in kept) / n, "samples": n}
+
+
+def sustained(fn, seconds: float, warmup: int = 3) -> tuple[float, dict | None]:
+    """Seconds per call of `fn`, called back to back for about `seconds` after `warmup` calls (long
+    enough for a GPU's clock to settle under its power cap), and ClockSampler's means meanwhile
+    (None without a GPU or nvidia-smi). Waits for the current CUDA device, where there is one."""
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    clocks = ClockSampler(torch.cuda.current_device()) if cuda else None
+    t0, calls = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        calls += 1
+    sync()
+    elapsed = time.perf_counter() - t0
+    return elapsed / calls, clocks.stop() if clocks else None

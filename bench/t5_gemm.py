@@ -7,7 +7,7 @@ The fused T5 (shared/t5_fused.py) runs four matmuls per layer: q/k/v as one, the
 the gated FF's two input projections as one, the FF output. Each row runs one of them (cuBLAS, as
 inductor calls it) back to back for `--seconds`. It reports ms per call and TFLOP/s, and what
 nvidia-smi sampled meanwhile: the SM clock, the board power, and the share of samples in which the
-board's power cap held the clock down (bench/kernels.py ClockSampler; 0 where nvidia-smi is
+board's power cap held the clock down (bench/kernels.py sustained; 0 where nvidia-smi is
 missing). The last row runs a layer's four in turn, as the encoder does. Its ms per image over 24
 layers is the floor of T5's matmul time in the encode pipeline, at the clock this GPU sustains.
 """
@@ -15,33 +15,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
-from kernels import ClockSampler   # bench/kernels.py: this script's folder is on sys.path
+from kernels import sustained   # bench/kernels.py: this script's folder is on sys.path
 
 D_MODEL, D_FF, LAYERS = 4096, 10240, 24   # T5-XXL (FLUX's text_encoder_2); q/k/v inner width = d_model
 # name -> (in features, out features) of each fused matmul in a layer
 MATMULS = {"q/k/v": (D_MODEL, 3 * D_MODEL), "attention out": (D_MODEL, D_MODEL),
            "FF in (gate, linear)": (D_MODEL, 2 * D_FF), "FF out": (D_FF, D_MODEL)}
-
-
-def sustained_ms(fn, seconds: float) -> float:
-    """ms per call of `fn`, run back to back for about `seconds` (long enough for the clock to settle)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    t0, calls = time.perf_counter(), 0
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    while time.perf_counter() - t0 < seconds:
-        for _ in range(10):
-            fn()
-        calls += 10
-        torch.cuda.synchronize()   # keeps the host's clock honest; 10 calls hide the sync
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / calls
 
 
 def main(argv=None):
@@ -54,7 +35,6 @@ def main(argv=None):
         sys.exit("bench/t5_gemm.py measures CUDA matmuls: no CUDA device here")
     torch.manual_seed(0)
     rows = a.batch_size * a.length
-    dev = torch.cuda.current_device()
     print(f"# bench/t5_gemm.py on {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"{a.batch_size} x {a.length} tokens = {rows} rows, bf16, {a.seconds:g} s per row")
     print("| matmul | in -> out | ms/call | TFLOP/s | ms/image, 24 layers | SM clock, MHz | power, W "
@@ -73,9 +53,8 @@ def main(argv=None):
     measured = [(name, f"{k} -> {n}", calls[name], 2 * rows * k * n) for name, (k, n) in MATMULS.items()]
     measured.append(("a layer's four, in turn", "", layer, layer_flops))
     for name, shape, fn, flops in measured:
-        sampler = ClockSampler(dev)
-        ms = sustained_ms(fn, a.seconds)
-        c = sampler.stop() or {"mhz": 0, "watts": 0, "capped": 0}
+        seconds, c = sustained(fn, a.seconds)
+        ms, c = 1e3 * seconds, c or {"mhz": 0, "watts": 0, "capped": 0}
         print(f"| {name} | {shape} | {ms:.3f} | {flops / ms / 1e9:.1f} | {ms * LAYERS / a.batch_size:.3f} | "
               f"{c['mhz']:.0f} | {c['watts']:.0f} | {100 * c['capped']:.0f}% |", flush=True)
 

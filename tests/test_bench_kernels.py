@@ -1,5 +1,6 @@
 """bench/kernels.py's steady-state busy share: overlapping kernels count once, gaps show."""
 import importlib.util
+import time
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,11 @@ def test_clock_means_keep_the_samples_since():
 def test_clock_sampler_without_a_source_samples_nothing():
     assert _kernels.ClockSampler(0, command=["/nonexistent/nvidia-smi"]).stop() is None
     assert _sampled("")[0] is None
+
+
+def test_sustained_calls_back_to_back_for_the_time_given():
+    calls = []
+    seconds, _ = _kernels.sustained(lambda: calls.append(time.sleep(0.005)), 0.1, warmup=2)
+    timed = len(calls) - 2                                   # the warm-up calls are not timed
+    assert timed >= 5 and seconds >= 0.005
+    assert seconds * timed == pytest.approx(0.1, abs=0.05)   # about the time given, whole calls

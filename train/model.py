@@ -2,6 +2,8 @@
 plus the options that change the module (LoRA, activation checkpointing, compile) and the EMA."""
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -9,7 +11,8 @@ import torch
 from shared.models import ModelLoadError, load_transformer, read_training_info
 from shared.presets import PRESETS, get_preset, transformer_config
 
-from .config import LoraConfig, ModelConfig
+from .config import LoraConfig, ModelConfig, TrainConfig
+from .quantize import quantize_block
 
 
 def _transformer_folder(name: str) -> tuple[str, str | None]:
@@ -20,9 +23,11 @@ def _transformer_folder(name: str) -> tuple[str, str | None]:
     return name, "transformer"
 
 
-def build_transformer(cfg: ModelConfig, seed: int = 0, device="cpu"):
-    """The FluxTransformer2DModel to train, in float32 (mixed precision casts per op).
+def build_transformer(cfg: ModelConfig, seed: int = 0, device="cpu", dtype=torch.float32):
+    """The FluxTransformer2DModel to train, its weights in `dtype` (fp32, or bf16 for LoRA's frozen base
+    and for bf16 training); mixed precision casts per op.
 
+    Published weights load on the host straight into `dtype` (place() then moves them block by block).
     A random init is built directly on `device` (initialising billions of weights on the host is slow)."""
     from diffusers import FluxTransformer2DModel
     if cfg.init == "pretrained":
@@ -32,24 +37,70 @@ def build_transformer(cfg: ModelConfig, seed: int = 0, device="cpu"):
         if source is None:
             raise ModelLoadError(f"preset {cfg.name!r} has no published weights; use model.init: random")
         model, part = _transformer_folder(source)
-        return load_transformer(model, dtype=torch.float32, part=part)
-    if cfg.name in PRESETS:
-        config = transformer_config(cfg.name, **cfg.overrides)
-    else:
-        model, part = _transformer_folder(cfg.name)
-        try:
-            config = dict(FluxTransformer2DModel.load_config(model, **({"subfolder": part} if part else {})))
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"{cfg.name}: cannot read the transformer config: {str(e).splitlines()[0]}") from e
-        config = {k: v for k, v in config.items() if not k.startswith("_")}
-        unknown = set(cfg.overrides) - set(config)
-        if unknown:
-            raise ModelLoadError(f"unknown transformer option(s): {', '.join(sorted(unknown))}")
-        config.update(cfg.overrides)
+        return load_transformer(model, dtype=dtype, part=part)
+    config = _random_init_config(cfg)
     device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device, _default_dtype(dtype):
         torch.manual_seed(seed)
         return FluxTransformer2DModel(**config)
+
+
+def _random_init_config(cfg: ModelConfig) -> dict:
+    from diffusers import FluxTransformer2DModel
+    if cfg.name in PRESETS:
+        return transformer_config(cfg.name, **cfg.overrides)
+    model, part = _transformer_folder(cfg.name)
+    try:
+        config = dict(FluxTransformer2DModel.load_config(model, **({"subfolder": part} if part else {})))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{cfg.name}: cannot read the transformer config: {str(e).splitlines()[0]}") from e
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    unknown = set(cfg.overrides) - set(config)
+    if unknown:
+        raise ModelLoadError(f"unknown transformer option(s): {', '.join(sorted(unknown))}")
+    config.update(cfg.overrides)
+    return config
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Build the weights in `dtype` from the start: a 12B model built in fp32 and then cast would
+    need 48 GB for a moment."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def weights_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype the model's weights are kept in: bf16 for LoRA's frozen base (the adapter is cast to
+    fp32 by add_lora) and for model.weights_dtype bf16; else fp32."""
+    return torch.bfloat16 if cfg.lora.rank > 0 or cfg.model.weights_dtype == "bf16" else torch.float32
+
+
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+
+
+def transformer_blocks(model) -> list[torch.nn.Module]:
+    """The repeated blocks in the order the forward runs them: the double-stream ones, then the single."""
+    return [block for name in BLOCK_LISTS for block in getattr(model, name)]
+
+
+def place(model, device, quantize_base: str = "none", host_blocks=()) -> None:
+    """Move the model to `device` one block at a time, quantizing each block as it arrives, so that
+    weights loaded on the host never exist whole on the device in bf16. Blocks whose index is in
+    `host_blocks` stay where they are (the BlockOffloader takes them)."""
+    for name, child in model.named_children():
+        if name not in BLOCK_LISTS:
+            child.to(device)
+    for i, block in enumerate(transformer_blocks(model)):
+        if i in host_blocks:
+            continue
+        block.to(device)
+        if quantize_base != "none":
+            quantize_block(block, quantize_base)
 
 
 # Linear layers left out of float8 (see convert_to_float8), besides the per-sample ones: the first
@@ -145,13 +196,18 @@ def check_cache_fits(model, manifest: dict) -> None:
 
 
 def add_lora(model, cfg: LoraConfig) -> None:
-    """Freeze the model and add a LoRA adapter (peft) on the attention and MLP projections."""
+    """Freeze the model and add a LoRA adapter (peft) on the attention and MLP projections, its
+    weights in fp32 whatever the base's dtype (diffusers' cast_training_params)."""
+    from diffusers.training_utils import cast_training_params
     from peft import LoraConfig as PeftLoraConfig
     model.requires_grad_(False)
-    model.add_adapter(PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, init_lora_weights="gaussian",
-                                     target_modules=cfg.targets))
+    with warnings.catch_warnings():   # peft, on a torchao base: merging would need the quantizer (never merged here)
+        warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass.*")
+        model.add_adapter(PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, init_lora_weights="gaussian",
+                                         target_modules=cfg.targets))
     if not any(p.requires_grad for p in model.parameters()):
         raise ModelLoadError(f"LoRA targets matched no module: {cfg.targets}")
+    cast_training_params(model, dtype=torch.float32)
 
 
 def lora_state_dict(model) -> dict:

@@ -17,3 +17,13 @@ def tiny_model(tmp_path_factory):
     """A tiny FLUX folder in diffusers' layout (random weights, seed 0)."""
     from shared.tiny import write_tiny_model
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Accelerate's state is one per process, fixed by the first Accelerator: each test starts without
+    one, so that tests may train in bf16 autocast and in fp32 side by side."""
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

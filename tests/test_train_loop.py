@@ -86,7 +86,8 @@ def test_validation_passes_agree_and_draw_the_noise_once(tmp_path, caches):
 
 
 def test_lora_saves_only_the_adapter(tmp_path, caches):
-    cfg = tiny_config(tmp_path, *caches, **{"run.max_steps": 3, "lora.rank": 4, "run.checkpoint_every": 2})
+    cfg = tiny_config(tmp_path, *caches, **{"run.max_steps": 3, "lora.rank": 4, "run.checkpoint_every": 2,
+                                            "run.precision": "bf16"})
     trainer = Trainer(cfg)
     frozen = {k: v.clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()
               if "lora" not in k}
@@ -150,3 +151,12 @@ def test_tiny_model_learns(tmp_path):
     val = [m["val/loss"] for m in read_metrics(tmp_path / "run") if "val/loss" in m]
     assert len(val) == 2
     assert val[-1] < 0.75 * val[0], val
+
+
+def test_a_small_cache_trains_with_fewer_workers(tmp_path, capsys):
+    cache = write_cache(tmp_path / "small", 6, rows_per_shard=8, row_group_rows=8)   # one row group
+    trainer = Trainer(tiny_config(tmp_path, cache, **{"data.num_workers": 2, "run.max_steps": 3}))
+    assert trainer.num_workers == 1
+    assert "too few row groups for data.num_workers 2 per process: using 1" in capsys.readouterr().out
+    summary = trainer.train()
+    assert summary["step"] == 3

@@ -43,16 +43,25 @@ class ModelConfig:
     init: str = "random"                  # random: from the preset/config; pretrained: load the weights
     overrides: dict = field(default_factory=dict)   # transformer config changes, e.g. {num_layers: 4}
     guidance: float = 1.0                 # fed to the guidance embedding of guidance-distilled models
+    # Full training: the dtype the trainable weights are kept in (bf16 halves their memory; the
+    # optimizer rounds stochastically where it can). LoRA's frozen base is bf16 whatever this says.
+    weights_dtype: str = "fp32"
+    # LoRA: the frozen base's blocks stored quantized (torchao; the adapter trains in fp32 on top)
+    quantize_base: str = "none"
 
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"                   # adamw (torch), adamw8bit (torchao), adafactor (transformers)
     lr: float = 1e-4
     betas: tuple = (0.9, 0.999)
     weight_decay: float = 0.0
     eps: float = 1e-8
     fused: bool | None = None             # None: fused AdamW where the device supports it
     grad_clip: float = 1.0                # 0: no clipping
+    # Step each parameter as soon as its gradient is complete, then free the gradient, so the
+    # gradients of the whole model never exist at once (needs grad_clip 0, grad_accum 1, one process)
+    in_backward: bool = False
 
 
 @dataclass
@@ -93,6 +102,10 @@ class RunConfig:
     # `pip install -e .[fp8]`; for H100-class GPUs, with compile); no: fp32
     precision: str = "bf16"
     grad_checkpointing: bool = False
+    # Keep this many transformer blocks' weights in (pinned) host memory, each copied to the GPU just
+    # ahead of its use (frozen weights for LoRA; all of a block's weights with optim.in_backward).
+    # Needs grad_checkpointing. On a CPU the copies go between host buffers (for tests).
+    offload_blocks: int = 0
     compile: bool = False                 # torch.compile each repeated block
     # How trimmed text's padding is masked in attention: sdpa (a boolean mask; PyTorch picks the
     # memory-efficient kernel), flex (flex attention skipping padded blocks; CUDA), or auto (flex on
@@ -133,6 +146,9 @@ CHOICES = {
     ("schedule", "kind"): ("constant", "cosine"),
     ("flow", "sampler"): ("uniform", "logit_normal", "flux_shift"),
     ("run", "precision"): ("bf16", "fp8", "no"),
+    ("model", "weights_dtype"): ("fp32", "bf16"),
+    ("model", "quantize_base"): ("none", "float8", "int8", "nf4"),
+    ("optim", "name"): ("adamw", "adamw8bit", "adafactor"),
     ("run", "masked_attention"): ("auto", "sdpa", "flex"),
     ("data", "expected_t5_mode"): (None, "padded", "trimmed"),
 }
@@ -272,6 +288,53 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("data.val_noise_cache_mb must be at least 0 (0: draw the noise on each pass)")
     if not 0.0 <= cfg.flow.guidance_dropout <= 1.0:
         raise ConfigError("flow.guidance_dropout is a probability in [0, 1]")
+    validate_memory_options(cfg)
+
+
+def validate_memory_options(cfg: TrainConfig) -> None:
+    """Refuse the combinations of the memory options that cannot work, naming the keys."""
+    model, optim, run, lora = cfg.model, cfg.optim, cfg.run, cfg.lora.rank > 0
+    if lora and run.precision == "fp8":
+        raise ConfigError("run.precision fp8 and LoRA cannot be combined; use run.precision bf16 for LoRA")
+    if lora and run.precision != "bf16":
+        raise ConfigError(f"LoRA keeps its frozen base in bf16, computed under bf16 autocast: set run.precision "
+                          f"bf16 (not {run.precision!r})")
+    if model.quantize_base != "none" and not lora:
+        raise ConfigError("model.quantize_base quantizes LoRA's frozen base: it needs lora.rank > 0")
+    if lora and model.weights_dtype != "fp32":
+        raise ConfigError("model.weights_dtype is for full training; a LoRA adapter trains in fp32 on its "
+                          "bf16 (or quantized) base")
+    if model.weights_dtype == "bf16" and run.precision != "bf16":
+        raise ConfigError("model.weights_dtype bf16 needs run.precision bf16 (bf16 autocast)")
+    if optim.in_backward and optim.grad_clip > 0:
+        raise ConfigError("optim.in_backward steps each parameter as soon as its gradient is complete, before "
+                          "the others exist, so the total norm that optim.grad_clip needs is never known: set "
+                          "optim.grad_clip 0")
+    if optim.in_backward and run.grad_accum > 1:
+        raise ConfigError("optim.in_backward frees each gradient right after its step, so run.grad_accum > 1 "
+                          "has nothing to accumulate: use a larger data.batch_size")
+    if run.offload_blocks < 0:
+        raise ConfigError("run.offload_blocks is a number of blocks (0: none)")
+    if run.offload_blocks:
+        _validate_offload(cfg, lora)
+
+
+def _validate_offload(cfg: TrainConfig, lora: bool) -> None:
+    run = cfg.run
+    if not run.grad_checkpointing:
+        raise ConfigError("run.offload_blocks needs run.grad_checkpointing true: without it the forward's saved "
+                          "activations keep every block's weights on the GPU until the backward")
+    if not (lora or cfg.optim.in_backward):
+        raise ConfigError("run.offload_blocks with full training needs optim.in_backward true: an offloaded "
+                          "block's weights are on the GPU only during its backward, when they must be stepped")
+    if cfg.model.quantize_base != "none":
+        raise ConfigError("run.offload_blocks and model.quantize_base cannot be combined yet; pick one")
+    if run.compile:
+        raise ConfigError("run.offload_blocks and run.compile cannot be combined (the swap hooks run between "
+                          "the compiled blocks' calls)")
+    if cfg.ema.decay > 0 and not lora:
+        raise ConfigError("ema.decay with run.offload_blocks in full training is not supported: the EMA would "
+                          "need every weight on one device at each update")
 
 
 def help_text() -> str:

@@ -251,9 +251,26 @@ class StreamPosition:
         self.samples = int(state.get("samples", 0))
 
 
+def usable_workers(reader: CacheReader, num_workers: int, world_size: int) -> int:
+    """The DataLoader workers per process that the cache can feed. Each (process, worker) reads whole
+    row groups, so a small cache (a LoRA user's 20 images are one row group) feeds fewer workers than
+    asked, down to 0 (the main process reads). Footers are read only until there are enough."""
+    need, groups = world_size * max(1, num_workers), 0
+    for shard in reader.shards:
+        pf = reader.open_shard(shard)
+        groups += pf.num_row_groups
+        pf.close()
+        if groups >= need:
+            return num_workers
+    return min(num_workers, groups // world_size)
+
+
 def train_loader(stream: CacheStream, num_workers: int, pin_memory: bool, prefetch_factor: int = 2) -> DataLoader:
+    """The DataLoader over the stream. Its workers' seeds come from a generator of its own: drawn from
+    the global one, they would shift the numbers that stochastic rounding draws after a resume."""
     kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False} if num_workers > 0 else {}
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(stream.seed), **kwargs)
 
 
 # -- validation ------------------------------------------------------------------------------

@@ -9,15 +9,19 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 
 from shared.latents import VAE_SCALE, VAE_SHIFT
 from shared.models import ModelLoadError
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import CacheStream, StreamPosition, open_cache, train_loader, validation_batches
+from .data import CacheStream, StreamPosition, open_cache, train_loader, usable_workers, validation_batches
 from .model import (EMA, add_lora, build_transformer, check_cache_fits, convert_to_float8, load_lora_state_dict,
-                    lora_state_dict, sampling_conventions, use_flex_attention)
+                    lora_state_dict, place, sampling_conventions, transformer_blocks, use_flex_attention,
+                    weights_dtype)
+from .offload import BlockOffloader, spread
+from .optim import InBackwardOptimizer, make_optimizer
 from .step import (EmptyPrompt, StepSettings, ValidationNoise, summarize_validation, to_device, training_loss,
                    validation_sums)
 
@@ -39,51 +43,106 @@ def total_steps(cfg: TrainConfig, num_rows: int, world_size: int) -> int:
     return max(1, math.ceil(cfg.run.epochs * num_rows / per_step))
 
 
+def make_accelerator(run, out: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    return Accelerator(
+        mixed_precision="bf16" if run.precision in ("bf16", "fp8") else "no",
+        log_with="tensorboard" if run.tensorboard else None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+
+
+def check_launch(cfg: TrainConfig, num_processes: int, fsdp: bool) -> None:
+    """Refuse, before the model is built, the options that one launch or another cannot run."""
+    if fsdp and (cfg.lora.rank > 0 or cfg.ema.decay > 0):
+        raise ModelLoadError("LoRA and EMA are not supported with FSDP yet; train them with DDP")
+    if fsdp and (cfg.model.quantize_base != "none" or cfg.run.offload_blocks):
+        raise ModelLoadError("model.quantize_base and run.offload_blocks are for one GPU; FSDP shards the "
+                             "weights instead")
+    if num_processes > 1 and cfg.optim.in_backward:
+        raise ModelLoadError("optim.in_backward steps each parameter with its local gradient, before the "
+                             f"{num_processes} processes have averaged it: use one process (or FSDP without it)")
+    if num_processes > 1 and cfg.run.offload_blocks:
+        raise ModelLoadError("run.offload_blocks is for one process; with several GPUs use FSDP")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
         self.cfg = cfg
-        run = cfg.run
-        self.out = Path(run.output_dir)
-        if run.deterministic:
+        self.out = Path(cfg.run.output_dir)
+        if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.accelerator = acc = Accelerator(
-            mixed_precision="bf16" if run.precision in ("bf16", "fp8") else "no",
-            log_with="tensorboard" if run.tensorboard else None,
-            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
-        )
+        self.accelerator = acc = make_accelerator(cfg.run, self.out)
         self.device = acc.device
-        if self.device.type == "cuda" and not run.cudnn_sdpa:
+        # The global generators, the same on every rank: a LoRA adapter's init and stochastic rounding
+        # draw from them (the step's own draws come from self.generator). Checkpoints save and restore them.
+        set_seed(cfg.run.seed)
+        if self.device.type == "cuda" and not cfg.run.cudnn_sdpa:
             torch.backends.cuda.enable_cudnn_sdp(False)
-        # Refuse a wrong cache before building anything expensive.
+        self.lora = cfg.lora.rank > 0
+        # Refuse a wrong cache or launch before building anything expensive.
         self.train_reader = open_cache(cfg.data.train_cache, cfg.data.expected_t5_mode, "training cache")
         self.val_reader = None
         if cfg.data.val_cache:
             self.val_reader = open_cache(cfg.data.val_cache, self.train_reader.t5_mode, "validation cache")
-        manifest = self.train_reader.manifest
-        vae = manifest.get("vae", {})
+        check_launch(cfg, acc.num_processes, self._fsdp)
+        flex_mask = self._flex_mask()
+        model = self._build_model(flex_mask)
+        vae = self.train_reader.manifest.get("vae", {})
+        self.settings = StepSettings(
+            sampler=cfg.flow.sampler, logit_mean=cfg.flow.logit_mean, logit_std=cfg.flow.logit_std,
+            guidance_dropout=cfg.flow.guidance_dropout, flex_mask=flex_mask,
+            guidance=cfg.model.guidance if model.config.guidance_embeds else None,
+            vae_shift=vae.get("shift_factor", VAE_SHIFT), vae_scale=vae.get("scaling_factor", VAE_SCALE))
+        self.max_steps = total_steps(cfg, self.train_reader.num_rows, acc.num_processes)
+        self._prepare(model)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.run.seed * 1_000_003 + acc.process_index)
+        self.num_workers = usable_workers(self.train_reader, cfg.data.num_workers, acc.num_processes)
+        if self.num_workers < cfg.data.num_workers:
+            acc.print(f"the training cache has too few row groups for data.num_workers {cfg.data.num_workers} "
+                      f"per process: using {self.num_workers}")
+        self.position = StreamPosition(self.num_workers, acc.num_processes)
+        self.step = 0
+        self.empty = None
+        if cfg.flow.guidance_dropout > 0:
+            self.empty = EmptyPrompt(self.train_reader.empty_prompt(), self.device)
+        self._val_batches = None
+        # The fixed validation noise, drawn on the first pass and reused (the same values).
+        self.val_noise = ValidationNoise(cfg.data.val_noise_cache_mb << 20)
 
-        if run.precision == "fp8" and cfg.lora.rank > 0:
-            raise ModelLoadError("run.precision fp8 and LoRA cannot be combined; use bf16 for LoRA")
-        masking = run.masked_attention
+    @property
+    def _fsdp(self) -> bool:
+        from accelerate.utils import DistributedType
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def _flex_mask(self) -> bool:
+        """Whether trimmed text's padding is masked through flex attention (run.masked_attention)."""
+        masking = self.cfg.run.masked_attention
         if masking == "auto":   # flex attention is fast compiled on CUDA only
-            masking = "flex" if self.device.type == "cuda" and run.compile else "sdpa"
+            masking = "flex" if self.device.type == "cuda" and self.cfg.run.compile else "sdpa"
         if masking == "flex" and self.device.type != "cuda":
             raise ModelLoadError("run.masked_attention flex needs a CUDA device (flex attention has no CPU backward)")
         # Only trimmed caches have text padding to mask; padded text keeps the flash kernel.
-        flex_mask = masking == "flex" and self.train_reader.t5_mode == "trimmed"
+        return masking == "flex" and self.train_reader.t5_mode == "trimmed"
 
-        from accelerate.utils import DistributedType
+    def _build_model(self, flex_mask: bool):
+        """The transformer as it trains: built or loaded in its weights' dtype, placed block by block
+        (quantized, or left in host memory for the offloader), with LoRA, fp8, checkpointing, compile."""
+        cfg, run = self.cfg, self.cfg.run
         # FSDP shards the weights after prepare(): build on the host there, on the device otherwise.
-        init_device = "cpu" if acc.distributed_type == DistributedType.FSDP else self.device
-        model = build_transformer(cfg.model, seed=run.seed, device=init_device)
-        check_cache_fits(model, manifest)
-        self.lora = cfg.lora.rank > 0
-        if acc.distributed_type == DistributedType.FSDP and (cfg.lora.rank > 0 or cfg.ema.decay > 0):
-            raise ModelLoadError("LoRA and EMA are not supported with FSDP yet; train them with DDP")
+        model = build_transformer(cfg.model, seed=run.seed, device="cpu" if self._fsdp else self.device,
+                                  dtype=weights_dtype(cfg))
+        check_cache_fits(model, self.train_reader.manifest)
+        offloaded = spread(run.offload_blocks, len(transformer_blocks(model)))
+        if not self._fsdp:
+            place(model, self.device, cfg.model.quantize_base, host_blocks=set(offloaded))
         if self.lora:
             add_lora(model, cfg.lora)
+        self.offloader = None
+        if offloaded:
+            self.offloader = BlockOffloader(transformer_blocks(model), offloaded, self.device,
+                                            move_trainable=not self.lora)
         if run.precision == "fp8":
             convert_to_float8(model)
         if flex_mask:
@@ -96,38 +155,37 @@ class Trainer:
             # collate() keeps the lengths few, and the cache limit leaves room for them all.
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             model.compile_repeated_blocks(fullgraph=False, dynamic=False)
+        return model
+
+    def _prepare(self, model) -> None:
+        """The optimizer and LR schedule, accelerate's wrapping, and what checkpoints hold."""
+        cfg, acc = self.cfg, self.accelerator
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.settings = StepSettings(
-            sampler=cfg.flow.sampler, logit_mean=cfg.flow.logit_mean, logit_std=cfg.flow.logit_std,
-            guidance_dropout=cfg.flow.guidance_dropout, flex_mask=flex_mask,
-            guidance=cfg.model.guidance if model.config.guidance_embeds else None,
-            vae_shift=vae.get("shift_factor", VAE_SHIFT), vae_scale=vae.get("scaling_factor", VAE_SCALE))
-        fused = cfg.optim.fused if cfg.optim.fused is not None else self.device.type == "cuda"
-        optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                      weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps, fused=fused)
-        self.max_steps = total_steps(cfg, self.train_reader.num_rows, acc.num_processes)
+        params = [p for _, p in named]
+        if cfg.optim.in_backward:
+            optimizer = InBackwardOptimizer(params, lambda ps: make_optimizer(cfg.optim, ps, self.device))
+        else:
+            optimizer = make_optimizer(cfg.optim, params, self.device)
         s = cfg.schedule
         # Not passed to prepare(): accelerate would step it once per process.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda k: lr_factor(k, s.warmup_steps, self.max_steps, s.kind, s.min_lr_ratio))
         if self.lora:
             ckpt.register_lora_hooks(acc, lora_state_dict, load_lora_state_dict)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        # place() put the model where it trains (some blocks in host memory): accelerate must not move it.
+        placement = None if self._fsdp else [False, True]
+        if cfg.optim.in_backward:   # its steps happen in the backward: nothing for accelerate to wrap
+            self.model, self.optimizer = acc.prepare(model, device_placement=placement[:1]), optimizer
+        else:
+            self.model, self.optimizer = acc.prepare(model, optimizer, device_placement=placement)
         acc.register_for_checkpointing(self.scheduler)
         self.ema = EMA(named, cfg.ema.decay) if cfg.ema.decay > 0 else None
         if self.ema is not None:
             acc.register_for_checkpointing(self.ema)
+        if cfg.optim.in_backward:
+            acc.register_for_checkpointing(optimizer)
         # After prepare(): FSDP replaces the parameters with sharded ones.
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.generator = torch.Generator(device=self.device).manual_seed(run.seed * 1_000_003 + acc.process_index)
-        self.position = StreamPosition(cfg.data.num_workers, acc.num_processes)
-        self.step = 0
-        self.empty = None
-        if cfg.flow.guidance_dropout > 0:
-            self.empty = EmptyPrompt(self.train_reader.empty_prompt(), self.device)
-        self._val_batches = None
-        # The fixed validation noise, drawn on the first pass and reused (the same values).
-        self.val_noise = ValidationNoise(cfg.data.val_noise_cache_mb << 20)
 
     # -- pieces -----------------------------------------------------------------------------
     def resume(self) -> None:
@@ -174,7 +232,13 @@ class Trainer:
     def _any_batch(self) -> list:
         return list(validation_batches(self.val_reader, 1, 0, 1, 1))
 
+    def settle(self) -> None:
+        """Copies to host memory in flight are done: the weights read from here on are current."""
+        if self.offloader is not None:
+            self.offloader.synchronize()
+
     def save_final(self) -> Path | None:
+        self.settle()
         m = self.train_reader.manifest
         guidance_embeds = bool(self.accelerator.unwrap_model(self.model).config.guidance_embeds)
         info = {
@@ -194,6 +258,7 @@ class Trainer:
         return ckpt.save_final(self.accelerator, self.model, self.out, info, self.lora, self.ema)
 
     def save_checkpoint(self) -> Path:
+        self.settle()
         return ckpt.save_checkpoint(self.accelerator, self.out, self.step, {"data": self.position.state_dict()},
                                     self.generator, self.cfg.run.keep_checkpoints)
 
@@ -218,7 +283,7 @@ class Trainer:
                              shuffle_buffer=cfg.data.shuffle_buffer, expected_t5_mode=cfg.data.expected_t5_mode,
                              position=self.position.state_dict() if self.position.workers else None)
         stream.row_groups()   # every shard's footer, before step 1: a damaged shard stops the run here
-        loader = train_loader(stream, cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+        loader = train_loader(stream, self.num_workers, pin_memory=self.device.type == "cuda",
                               prefetch_factor=cfg.data.prefetch_factor)
         batches = iter(loader)
         bar = None
@@ -260,7 +325,7 @@ class Trainer:
             if self.step % run.log_every == 0 or self.step == self.max_steps:
                 mean_loss = (acc.reduce(loss_sum, reduction="mean") / micro).item()   # the one host sync
                 elapsed = time.perf_counter() - window_start
-                record = {"step": self.step, "loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
+                record = {"step": self.step, "loss": mean_loss, "lr": float(self.scheduler.get_last_lr()[0]),
                           "images_per_s": images * acc.num_processes / elapsed,
                           "data_wait": wait / elapsed, "epoch": self.position.epoch,
                           "samples": self.position.samples * acc.num_processes}
@@ -294,6 +359,7 @@ class Trainer:
     def _record(self, seen: list[str]) -> None:
         """This rank's consumed keys and a hash of its weights (ranks must agree on the weights)."""
         import hashlib
+        self.settle()
         h = hashlib.sha256()
         for name, t in sorted(self.accelerator.unwrap_model(self.model).state_dict().items()):
             h.update(name.encode())

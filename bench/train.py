@@ -29,10 +29,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from shared.presets import transformer_config  # noqa: E402
-from train.model import per_sample_layer  # noqa: E402
+from flops import PEAK_BF16, attention_flops_per_image, linear_flops_per_image  # noqa: E402 - beside this file
+from train_data import write_cache  # noqa: E402 - beside this file
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
+from shared.presets import transformer_config  # noqa: E402
 
 
 def model_config(tiny: bool) -> dict:
@@ -46,65 +46,6 @@ def text_settings(tiny: bool) -> dict:
     if tiny:
         return {"padded-32": ("padded", 32), "padded-64": ("padded", 64), "trimmed": ("trimmed", (5, 12))}
     return {"padded-256": ("padded", 256), "padded-512": ("padded", 512), "trimmed": ("trimmed", (20, 40))}
-
-
-def linear_flops_per_image(model, img_tokens: int, txt_tokens: float) -> float:
-    """6 x sum over linear layers of (weights x tokens through them): training FLOPs without attention."""
-    total = 0.0
-    for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.Linear):
-            continue
-        w = mod.in_features * mod.out_features
-        if per_sample_layer(name):
-            tokens = 1                                           # per-sample modulation, not per token
-        elif name.startswith("context_embedder") or (name.startswith("transformer_blocks")
-                                                     and any(k in name for k in ("add_", "ff_context"))):
-            tokens = txt_tokens                                  # text stream of the double blocks
-        elif name.startswith(("x_embedder", "proj_out")) or name.startswith("transformer_blocks"):
-            tokens = img_tokens                                  # image stream
-        else:
-            tokens = img_tokens + txt_tokens                     # single blocks: the joint sequence
-        total += 6 * w * tokens
-    return total
-
-
-def attention_flops_per_image(cfg: dict, img_tokens: int, mean_sq_seq: float) -> float:
-    width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    layers = cfg["num_layers"] + cfg["num_single_layers"]
-    return 12 * mean_sq_seq * width * layers
-
-
-def write_cache(root: Path, name: str, mode: str, length, n: int, latent_hw: int, dims: dict) -> tuple[Path, list]:
-    """A synthetic cache (random tensors, bf16) with the shapes of the real thing; reused when present."""
-    from shared.cache import CacheWriter, write_manifest
-    from safetensors.torch import save_file
-    out = root / name
-    lengths_file = out / "lengths.json"
-    if (out / "manifest.json").is_file() and lengths_file.is_file():
-        return out, json.loads(lengths_file.read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
-    max_length = length if mode == "padded" else length[1]
-    lengths = []
-    dtypes = {"latent": "bfloat16", "t5": "bfloat16", "clip": "bfloat16"}
-    with CacheWriter(out, "bench", dtypes, rows_per_shard=256, row_group_rows=32) as w:
-        for i in range(n):
-            real = length if mode == "padded" else int(torch.randint(length[0], length[1] + 1, (1,), generator=g))
-            lengths.append(real)
-            w.add(key=f"bench-{i:06d}", caption="synthetic",
-                  latent=torch.randn(16, latent_hw, latent_hw, generator=g),
-                  t5=torch.randn(real, dims["t5"], generator=g), t5_len=real,
-                  clip=torch.randn(dims["clip"], generator=g), width=latent_hw * 8, height=latent_hw * 8)
-        shards = w.close()
-    save_file({"t5": torch.zeros(max_length if mode == "padded" else 1, dims["t5"]),
-               "clip": torch.zeros(dims["clip"]), "t5_len": torch.tensor(1)}, str(out / "empty_prompt.safetensors"))
-    write_manifest(out, {"dtypes": dtypes, "dims": {"latent_channels": 16, "t5_dim": dims["t5"],
-                                                    "clip_dim": dims["clip"]},
-                         "t5": {"mode": mode, "max_length": max_length}, "shards": [s.to_dict() for s in shards],
-                         "rows": n, "skipped": {}, "empty_prompt": "empty_prompt.safetensors",
-                         "vae": {"scaling_factor": 0.3611, "shift_factor": 0.1159}})
-    lengths_file.write_text(json.dumps(lengths))
-    return out, lengths
 
 
 def sync(device):

@@ -1,0 +1,35 @@
+"""Model FLOPs of a FLUX transformer training step, for MFU: 6 x (matmul weights each token passes
+through) x tokens + attention (12 x S^2 x width per layer), counting real tokens only."""
+from __future__ import annotations
+
+import torch
+
+from train.model import per_sample_layer
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
+
+
+def linear_flops_per_image(model, img_tokens: int, txt_tokens: float) -> float:
+    """6 x sum over linear layers of (weights x tokens through them): training FLOPs without attention."""
+    total = 0.0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        w = mod.in_features * mod.out_features
+        if per_sample_layer(name):
+            tokens = 1                                           # per-sample modulation, not per token
+        elif name.startswith("context_embedder") or (name.startswith("transformer_blocks")
+                                                     and any(k in name for k in ("add_", "ff_context"))):
+            tokens = txt_tokens                                  # text stream of the double blocks
+        elif name.startswith(("x_embedder", "proj_out")) or name.startswith("transformer_blocks"):
+            tokens = img_tokens                                  # image stream
+        else:
+            tokens = img_tokens + txt_tokens                     # single blocks: the joint sequence
+        total += 6 * w * tokens
+    return total
+
+
+def attention_flops_per_image(cfg: dict, img_tokens: int, mean_sq_seq: float) -> float:
+    width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    layers = cfg["num_layers"] + cfg["num_single_layers"]
+    return 12 * mean_sq_seq * width * layers

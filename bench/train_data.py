@@ -1,0 +1,40 @@
+"""Synthetic caches for the trainer's benchmarks: random tensors with the shapes of the real thing."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def write_cache(root: Path, name: str, mode: str, length, n: int, latent_hw: int, dims: dict) -> tuple[Path, list]:
+    """A synthetic cache (random tensors, bf16) with the shapes of the real thing; reused when present."""
+    from shared.cache import CacheWriter, write_manifest
+    from safetensors.torch import save_file
+    out = root / name
+    lengths_file = out / "lengths.json"
+    if (out / "manifest.json").is_file() and lengths_file.is_file():
+        return out, json.loads(lengths_file.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    max_length = length if mode == "padded" else length[1]
+    lengths = []
+    dtypes = {"latent": "bfloat16", "t5": "bfloat16", "clip": "bfloat16"}
+    with CacheWriter(out, "bench", dtypes, rows_per_shard=256, row_group_rows=32) as w:
+        for i in range(n):
+            real = length if mode == "padded" else int(torch.randint(length[0], length[1] + 1, (1,), generator=g))
+            lengths.append(real)
+            w.add(key=f"bench-{i:06d}", caption="synthetic",
+                  latent=torch.randn(16, latent_hw, latent_hw, generator=g),
+                  t5=torch.randn(real, dims["t5"], generator=g), t5_len=real,
+                  clip=torch.randn(dims["clip"], generator=g), width=latent_hw * 8, height=latent_hw * 8)
+        shards = w.close()
+    save_file({"t5": torch.zeros(max_length if mode == "padded" else 1, dims["t5"]),
+               "clip": torch.zeros(dims["clip"]), "t5_len": torch.tensor(1)}, str(out / "empty_prompt.safetensors"))
+    write_manifest(out, {"dtypes": dtypes, "dims": {"latent_channels": 16, "t5_dim": dims["t5"],
+                                                    "clip_dim": dims["clip"]},
+                         "t5": {"mode": mode, "max_length": max_length}, "shards": [s.to_dict() for s in shards],
+                         "rows": n, "skipped": {}, "empty_prompt": "empty_prompt.safetensors",
+                         "vae": {"scaling_factor": 0.3611, "shift_factor": 0.1159}})
+    lengths_file.write_text(json.dumps(lengths))
+    return out, lengths

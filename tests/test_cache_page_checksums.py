@@ -41,7 +41,7 @@ def test_train_cli_stops_on_a_flipped_byte_naming_shard_and_row_group(tmp_path, 
     with pytest.raises(SystemExit) as e:   # 4 steps of 4 read every row group once
         main(["--data.train_cache", str(cache), "--model.name", "tiny", "--run.max_steps", "4",
               "--data.batch_size", "4", "--run.output_dir", str(tmp_path / "run"), "--run.precision", "no",
-              "--data.num_workers", "1", "--run.tensorboard", "false", "--run.progress", "false"])
+              "--data.num_workers", "0", "--run.tensorboard", "false", "--run.progress", "false"])
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert f"{shard.name}: row group 1 unreadable" in err and "CRC" in err

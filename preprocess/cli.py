@@ -50,18 +50,26 @@ def demo_data(
 def inspect(cache: Path = typer.Argument(..., help="Cache folder (shards + manifest.json).")):
     """Summarise a cache: rows, shards, bytes per sample by column, caption and T5 lengths, skips."""
     from preprocess.inspect_cache import inspect_cache
-    typer.echo(inspect_cache(cache))
+    from shared.cache import CacheError
+    try:
+        typer.echo(inspect_cache(cache))
+    except CacheError as e:   # a missing or damaged cache: verify's messages, one a line
+        for line in str(e).splitlines():
+            typer.echo(f"FAIL {line}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command("verify")
 def verify(cache: Path = typer.Argument(..., help="Cache folder (shards + manifest.json).")):
-    """Check schema, row counts and checksums of every shard; exit 1 naming the first bad shard."""
-    from preprocess.inspect_cache import verify_cache
+    """Check schema, row counts, checksums and unique keys of every shard; exit 1 naming each bad shard."""
+    from preprocess.verify import cache_warnings, verify_cache
     problems = verify_cache(cache)
     for p in problems:
         typer.echo(f"FAIL {p}", err=True)
     if problems:
         raise typer.Exit(1)
+    for w in cache_warnings(cache):
+        typer.echo(f"WARN {w}", err=True)
     typer.echo(f"{cache}: OK")
 
 

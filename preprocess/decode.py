@@ -46,13 +46,13 @@ def prepare_sample(sample, opts: PrepOptions, buckets):
     return sample.key, caption, prepared
 
 
-def _batch(shard_id, items, skips, end, decode_s):
+def _batch(shard: InputShard, items, skips, end, decode_s):
     if items:
         pixels = torch.stack([p.pixels for _, _, p in items])
         sizes = torch.tensor([[p.width, p.height] for _, _, p in items], dtype=torch.int32)
     else:
         pixels = sizes = None
-    return {"shard": shard_id, "pixels": pixels, "sizes": sizes, "keys": [k for k, _, _ in items],
+    return {"shard": shard.id, "pixels": pixels, "sizes": sizes, "keys": [shard.row_key(k) for k, _, _ in items],
             "captions": [c for _, c, _ in items], "skips": dict(skips), "end": end, "decode_s": decode_s}
 
 
@@ -73,17 +73,17 @@ def shard_batches(shard: InputShard, opts: PrepOptions, batch_size: int):
         group.append(out)
         if len(group) >= batch_size:
             decode_s += time.perf_counter() - t0
-            yield _batch(shard.id, group, skips, False, decode_s)
+            yield _batch(shard, group, skips, False, decode_s)
             pending[size], skips, decode_s = [], {}, 0.0
             t0 = time.perf_counter()
     decode_s += time.perf_counter() - t0
     rest = [(size, group) for size, group in sorted(pending.items()) if group]
     if not rest:
-        yield _batch(shard.id, [], skips, True, decode_s)
+        yield _batch(shard, [], skips, True, decode_s)
         return
     for i, (_, group) in enumerate(rest):
         last = i == len(rest) - 1
-        yield _batch(shard.id, group, skips if i == 0 else {}, last, decode_s if i == 0 else 0.0)
+        yield _batch(shard, group, skips if i == 0 else {}, last, decode_s if i == 0 else 0.0)
 
 
 class ShardBatches(IterableDataset):

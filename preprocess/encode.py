@@ -48,6 +48,17 @@ class EncodeOptions:
     t5_impl: str = "fused"
 
 
+# The model parts the encoders load (shared/models.py names them).
+ENCODER_PARTS = ("vae", "text_encoder_2", "tokenizer_2", "text_encoder", "tokenizer")
+
+
+def check_model(model: str) -> None:
+    """Refuse a model folder (or hub id) without the encoders' parts now, in a moment: before the
+    decoding workers start and before any output exists (loading finds it only after their start-up)."""
+    for part in ENCODER_PARTS:
+        model_identity(model, part)   # raises ModelLoadError naming a missing folder or part
+
+
 def set_t5_wo_dtype(t5, wo_dtype: torch.dtype, compute_dtype: torch.dtype) -> None:
     """Put all of T5 in `compute_dtype`, then its FF down-projections `wo` in `wo_dtype`
     (T5's FF casts its input to wo's dtype itself)."""

@@ -48,6 +48,7 @@ def encode_command(
     from .encode_run import run_encode
     from .progress import SettingsMismatch
     from .sources import InputError
+    from shared.cache import CacheError
     from shared.models import ModelLoadError
 
     if t5_mode not in ("padded", "trimmed"):
@@ -61,12 +62,26 @@ def encode_command(
                            num_workers=num_workers, rows_per_shard=rows_per_shard, device=device,
                            writer_threads=writer_threads,
                            command=" ".join(["flux-prep", *sys.argv[1:]]), progress=progress)
-    except (SettingsMismatch, InputError, ModelLoadError, ValueError) as e:
+    except (SettingsMismatch, InputError, ModelLoadError, CacheError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
+    _report(stats, output)
+
+
+def _report(stats: dict, output: Path) -> None:
+    """This rank's summary; exit 1 when the cache holds no row at all (naming the inputs that gave none)."""
     rate = stats["rows"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
     typer.echo(f"rank {stats['rank']}/{stats['world']}: {stats['rows']} rows, {stats['skipped']} skipped, "
-               f"{stats['shards_done']} input shards encoded ({stats['shards_skipped_done']} were done), "
-               f"{rate:.1f} img/s")
-    typer.echo(f"manifest written: {output / 'manifest.json'}" if stats["manifest_written"]
-               else "manifest not yet written: other ranks still have input shards to finish")
+               f"{stats['shards_done']} input shards encoded ({stats['shards_skipped_done']} were done, "
+               f"{stats['shards_reencoded']} changed and encoded again), {rate:.1f} img/s")
+    if stats["rank"] == 0:   # rank 0 writes it, once every rank is done
+        typer.echo(f"rank 0/{stats['world']}: manifest written: {output / 'manifest.json'} "
+                   f"({stats['cache_rows']} rows)")
+    if stats["cache_rows"] == 0:
+        named = "; ".join(f"{i['id']} ({i['url']}): {_skips(i['skipped'])}" for i in stats["inputs_without_rows"][:10])
+        typer.echo(f"error: {output} holds no rows: no input shard yielded a sample ({named})", err=True)
+        raise typer.Exit(1)
+
+
+def _skips(skipped: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "no sample"

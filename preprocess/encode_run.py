@@ -1,35 +1,33 @@
-"""One rank's encode run: its input shards -> output shards + done-records; the last rank to
-finish writes the manifest. See progress.py for why a kill at any moment is harmless."""
+"""One rank's encode run: its input shards -> output shards + done-records; once every rank is
+done, rank 0 writes the manifest. See progress.py for why a kill at any moment is harmless.
+
+Nothing is written before the inputs and the model folder are known to exist, and the first
+file written (the run's settings) waits until the encoders have loaded."""
 from __future__ import annotations
 
-import os
 import sys
-import threading
 import time
 from pathlib import Path
 
 from safetensors.torch import save as save_safetensors
 from torch.utils.data import DataLoader
 
-from shared.cache import CacheWriter
+from shared.cache import CacheError
 from shared.cache.files import atomic_write_bytes
 from shared.cache.schema import EMPTY_PROMPT_NAME
 from shared.devices import resolve_device
 from shared.precision import canonical_dtype
 
 from .decode import PrepOptions, ShardBatches, worker_init
-from .encode import EncodeOptions, Encoders
-from .progress import (check_or_write_settings, finish_if_complete, read_done, remove_orphans, write_done)
+from .encode import EncodeOptions, Encoders, check_model
+from .progress import (check_or_write_settings, check_progress_version, forget, plan_shards, remove_orphans,
+                       sweep_temps, write_cache_manifest)
+from .ranks import Ranks
 from .row_writer import RowWriterPool
-from .sources import InputError, resolve_inputs
+from .shard_output import ShardOutputs
+from .sources import InputShard, resolve_inputs
 
 CROP_RULE = "resize short side to target (ceil), center crop"
-
-
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) as set by accelerate launch / torchrun; (0, 1, 0) alone."""
-    env = os.environ
-    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
 def run_settings(enc: Encoders, prep: PrepOptions, opts: EncodeOptions) -> dict:
@@ -48,11 +46,6 @@ def run_settings(enc: Encoders, prep: PrepOptions, opts: EncodeOptions) -> dict:
     }
 
 
-class _ShardState:
-    def __init__(self, writer: CacheWriter):
-        self.writer, self.rows, self.skipped = writer, 0, {}
-
-
 def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: EncodeOptions,
                batch_size: int = 64, num_workers: int = 4, rows_per_shard: int = 1000,
                device: str | None = None, command: str | None = None, progress: bool = True,
@@ -60,21 +53,48 @@ def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: 
     """Encode this rank's share of the input shards; returns a summary for this rank.
     `writer_threads`: threads writing output shards, each input shard's rows by one thread."""
     out_dir = Path(output)
-    rank, world, local_rank = dist_env()
-    device = resolve_device(device, local_rank)
-    command = command or " ".join(sys.argv)
+    ranks = Ranks()
+    device = resolve_device(device, ranks.local_rank)
     shards = resolve_inputs(input_spec)
-    mine = shards[rank::world]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    done = read_done(out_dir)
-    for shard in mine:
-        recorded = done.get(shard.id, {}).get("content")
-        if recorded is not None and recorded != shard.content():
-            raise InputError(f"input shard {shard.id} holds other samples than when it was encoded into {out_dir} "
-                             "(files added or removed?); encode into a new output folder")
-    todo = [s for s in mine if s.id not in done]
-    remove_orphans(out_dir, [s.id for s in todo], sweep_json_temps=rank == 0)
+    check_model(model)
+    ranks.start()
+    try:
+        mine = shards[ranks.rank::ranks.world]
+        todo, changed = _start(out_dir, mine, ranks)
+        stats = _encode(model, out_dir, todo, device, prep=prep, opts=opts, batch_size=batch_size,
+                        num_workers=num_workers, rows_per_shard=rows_per_shard, writer_threads=writer_threads,
+                        progress=progress, already_done=len(mine) - len(todo), rank=ranks.rank)
+        t_manifest = time.perf_counter()
+        stats.update(_finish(out_dir, shards, ranks, command or " ".join(sys.argv)))
+        stats["manifest_s"] = time.perf_counter() - t_manifest
+    finally:
+        ranks.close()
+    stats.update(rank=ranks.rank, world=ranks.world, shards_skipped_done=len(mine) - len(todo),
+                 shards_reencoded=changed)
+    return stats
 
+
+def _start(out_dir: Path, mine: list[InputShard], ranks: Ranks) -> tuple[list[InputShard], int]:
+    """(this rank's shards to encode, how many of them changed since they were encoded).
+
+    Before the first barrier no rank writes anything; rank 0 sweeps temp files there, so each one
+    it deletes is a killed earlier run's, never another rank's write in flight."""
+    check_progress_version(out_dir)
+    todo, changed = plan_shards(out_dir, mine)
+    for _, message in changed:
+        print(f"rank {ranks.rank}: {message}", file=sys.stderr, flush=True)
+    forget(out_dir, [s.id for s, _ in changed])
+    if ranks.rank == 0:
+        sweep_temps(out_dir)
+    ranks.barrier()
+    remove_orphans(out_dir, [s.id for s in todo])
+    return todo, len(changed)
+
+
+def _encode(model: str, out_dir: Path, todo: list[InputShard], device, *, prep: PrepOptions, opts: EncodeOptions,
+            batch_size: int, num_workers: int, rows_per_shard: int, writer_threads: int, progress: bool,
+            already_done: int, rank: int) -> dict:
+    """Decode and encode `todo`, write its rows and done-records; returns this rank's counts."""
     # Workers start decoding while the models load.
     loader = DataLoader(ShardBatches(todo, prep, batch_size), batch_size=None, num_workers=num_workers,
                         pin_memory=device.type == "cuda", worker_init_fn=worker_init,
@@ -85,85 +105,63 @@ def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: 
     check_or_write_settings(out_dir, settings)
     if not (out_dir / EMPTY_PROMPT_NAME).is_file():
         atomic_write_bytes(out_dir / EMPTY_PROMPT_NAME, save_safetensors(enc.empty_prompt()))
-
-    dtypes = settings["dtypes"]
-    states: dict[str, _ShardState] = {}
-    stats = {"rows": 0, "skipped": 0, "shards_done": 0, "decode_s": 0.0}
-    bar = _progress_bar(progress, rank, len(todo), len(mine) - len(todo))
-
-    def state_of(shard_id):
-        if shard_id not in states:
-            states[shard_id] = _ShardState(CacheWriter(out_dir, shard_id, dtypes, rows_per_shard=rows_per_shard,
-                                                       row_group_rows=min(256, rows_per_shard)))
-        return states[shard_id]
-
-    shared = threading.Lock()   # over `states`, `stats` and the bar: several writer threads update them
-
-    def write(item, host):   # runs in a writer thread; an input shard's items all in the same one
-        with shared:
-            st = state_of(item["shard"])
-            for reason, n in item["skips"].items():
-                st.skipped[reason] = st.skipped.get(reason, 0) + n
-                stats["skipped"] += n
-        if host is not None:
-            _write_rows(st.writer, item, host.wait(), opts.t5_mode)
-            st.rows += len(item["keys"])
-            with shared:
-                stats["rows"] += len(item["keys"])
-                if "first_batch_s" not in stats:   # model warm-up (compilation, cuDNN autotuning) ends here
-                    stats["first_batch_s"], stats["first_batch_rows"] = time.perf_counter() - t_start, stats["rows"]
-        if item["end"]:
-            outputs = [s.to_dict() for s in st.writer.close()]
-            shard = next(s for s in todo if s.id == item["shard"])
-            write_done(out_dir, item["shard"], {"shard": item["shard"], "url": shard.url, "content": shard.content(),
-                                                 "outputs": outputs, "rows": st.rows, "skipped": st.skipped})
-            with shared:
-                del states[item["shard"]]
-                stats["shards_done"] += 1
-        if bar is not None:
-            with shared:
-                bar.update(len(item["keys"]))
-                bar.set_postfix(skipped=stats["skipped"], shards=f"{stats['shards_done']}/{len(todo)}",
-                                refresh=False)
-
+    bar = _progress_bar(progress, rank, len(todo), already_done)
+    outputs = ShardOutputs(out_dir, todo, settings["dtypes"], rows_per_shard=rows_per_shard, t5_mode=opts.t5_mode,
+                           bar=bar, rank=rank)
     # Rows are written by background threads, each input shard's in order, while this one queues
     # the next batches. Each thread holds up to 4 batches: room for its fsync bursts.
-    writer = RowWriterPool(write, threads=writer_threads, max_pending=4)
-    t_start = time.perf_counter()
-    # Where the main thread waits says what bounds a run: data (decoding), queueing the encoders'
-    # work (the device, once its queue is full), or the writer.
-    waits = {"wait_data_s": 0.0, "queue_encode_s": 0.0, "wait_writer_s": 0.0}
+    writer = RowWriterPool(outputs.write, threads=writer_threads, max_pending=4)
     try:
-        while True:
-            t0 = time.perf_counter()
-            item = next(batches, None)
-            t1 = time.perf_counter()
-            waits["wait_data_s"] += t1 - t0
-            if item is None:
-                break
-            stats["decode_s"] += item["decode_s"]
-            host = (enc.encode_batch(item["pixels"], item["captions"], pad_to=batch_size)
-                    if item["pixels"] is not None else None)
-            t2 = time.perf_counter()
-            writer.submit(item["shard"], item, host, last=item["end"])
-            waits["queue_encode_s"] += t2 - t1
-            waits["wait_writer_s"] += time.perf_counter() - t2
+        waits = _encode_loop(batches, enc, writer, outputs, batch_size)
         writer.finish()
     except BaseException:
-        writer.cancel()              # the batch being written ends; queued ones are dropped
-        for st in states.values():   # finished output shards of unfinished inputs become orphans
-            st.writer.abort()
+        writer.cancel()      # the batch being written ends; queued ones are dropped
+        outputs.abort()      # finished output shards of unfinished inputs become orphans
         raise
     finally:
         if bar is not None:
             bar.close()
-    stats["seconds"] = time.perf_counter() - t_start
-    stats.update(waits)
-    t_manifest = time.perf_counter()
-    complete = finish_if_complete(out_dir, [s.id for s in shards], command, package_version())
-    stats["manifest_s"] = time.perf_counter() - t_manifest
-    stats.update(rank=rank, world=world, manifest_written=complete, shards_skipped_done=len(mine) - len(todo))
-    return stats
+    return dict(outputs.stats, seconds=time.perf_counter() - outputs.t_start, **waits)
+
+
+def _encode_loop(batches, enc: Encoders, writer: RowWriterPool, outputs: ShardOutputs, batch_size: int) -> dict:
+    """Queue every batch's encoding and its write; returns where the main thread waited, which says
+    what bounds a run: data (decoding), queueing the encoders' work (the device, once its queue is
+    full), or the writer."""
+    waits = {"wait_data_s": 0.0, "queue_encode_s": 0.0, "wait_writer_s": 0.0}
+    outputs.t_start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        item = next(batches, None)
+        t1 = time.perf_counter()
+        waits["wait_data_s"] += t1 - t0
+        if item is None:
+            return waits
+        outputs.stats["decode_s"] += item["decode_s"]
+        host = (enc.encode_batch(item["pixels"], item["captions"], pad_to=batch_size)
+                if item["pixels"] is not None else None)
+        t2 = time.perf_counter()
+        writer.submit(item["shard"], item, host, last=item["end"])
+        waits["queue_encode_s"] += t2 - t1
+        waits["wait_writer_s"] += time.perf_counter() - t2
+
+
+def _finish(out_dir: Path, shards: list[InputShard], ranks: Ranks, command: str) -> dict:
+    """After every rank's done-records are written, rank 0 writes the manifest of this run's
+    input shards; every rank learns what it holds (or the error that stopped it)."""
+    ranks.barrier()
+    result = None
+    if ranks.rank == 0:
+        try:
+            manifest = write_cache_manifest(out_dir, shards, command, package_version())
+            result = {"rows": manifest["rows"], "without_rows": manifest["inputs_without_rows"]}
+        except Exception as e:
+            ranks.from_rank0({"error": f"{type(e).__name__}: {e}"})   # the other ranks stop too
+            raise
+    result = ranks.from_rank0(result)
+    if "error" in result:
+        raise CacheError(f"rank 0 could not write the manifest ({result['error']})")
+    return {"manifest_written": True, "cache_rows": result["rows"], "inputs_without_rows": result["without_rows"]}
 
 
 def package_version() -> str:
@@ -172,15 +170,6 @@ def package_version() -> str:
         return version("flux-prep")
     except PackageNotFoundError:
         return "unknown"
-
-
-def _write_rows(writer: CacheWriter, item: dict, out: dict, t5_mode: str) -> None:
-    lengths = out["t5_len"].tolist()
-    t5 = out["t5"] if t5_mode == "padded" else [out["t5"][i, :n] for i, n in enumerate(lengths)]
-    sizes = item["sizes"].tolist()
-    writer.add_batch(keys=item["keys"], captions=item["captions"], latent=out["latent"], t5=t5, t5_len=lengths,
-                     clip=out["clip"], widths=[s[0] for s in sizes], heights=[s[1] for s in sizes],
-                     latent_logvar=out.get("latent_logvar"), copy=False)   # `out` is this batch's own host copy
 
 
 def _progress_bar(enabled: bool, rank: int, todo: int, already: int):

@@ -1,12 +1,16 @@
-"""`flux-prep inspect` and `flux-prep verify`: what a cache holds, and whether it is intact."""
+"""`flux-prep inspect`: what a cache holds (`verify`, in verify.py, says whether it is intact)."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shared.cache import CacheError, read_manifest, sha256_file
-from shared.cache.schema import ARROW_SCHEMA, EMPTY_PROMPT_NAME, SCHEMA_VERSION, SHARD_SUFFIX
+from shared.cache import CacheError, read_manifest
+
+from .verify import shard_problems
+
+SMALL_COLUMNS = ["caption", "t5_len", "latent_h", "latent_w"]
 
 
 def _quantiles(series) -> str:
@@ -17,9 +21,13 @@ def _quantiles(series) -> str:
 
 
 def inspect_cache(cache_dir) -> str:
-    import polars as pl   # here, not at the top: `verify` needs no polars (the GPU image lacks it)
+    """A summary of the cache. A missing or damaged cache raises CacheError with verify's messages
+    (one per line), from the manifest and the shards' footers (no full read)."""
     cache = Path(cache_dir)
     manifest = read_manifest(cache)
+    problems = [p for e in manifest["shards"] for p in shard_problems(cache / e["path"], e, checksum=False)]
+    if problems:
+        raise CacheError("\n".join(problems))
     shards = [cache / s["path"] for s in manifest["shards"]]
     rows = sum(s["rows"] for s in manifest["shards"])
     lines = [f"cache      {cache}",
@@ -28,8 +36,14 @@ def inspect_cache(cache_dir) -> str:
              f"t5         {manifest['t5']['mode']}, max length {manifest['t5']['max_length']}",
              f"dtypes     {', '.join(f'{k}={v}' for k, v in manifest['dtypes'].items())}"]
     if rows == 0:
-        return "\n".join(lines + ["(no rows)"])
-    # Bytes on disk per sample, by column, from the Parquet footers (no data read).
+        lines.append("(no rows)")
+    else:
+        lines += _bytes_per_sample(shards, rows) + _distributions(shards)
+    return "\n".join(lines + _skips(manifest))
+
+
+def _bytes_per_sample(shards: list[Path], rows: int) -> list[str]:
+    """Bytes on disk per sample, by column, from the Parquet footers (no data read)."""
     col_bytes: dict[str, int] = {}
     for path in shards:
         meta = pq.ParquetFile(path).metadata
@@ -38,68 +52,42 @@ def inspect_cache(cache_dir) -> str:
             for c in range(group.num_columns):
                 col = group.column(c)
                 col_bytes[col.path_in_schema] = col_bytes.get(col.path_in_schema, 0) + col.total_compressed_size
-    lines.append("bytes/sample by column:")
+    lines = ["bytes/sample by column:"]
     for name, total in sorted(col_bytes.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {name:<14} {total / rows:>12,.0f}")
     lines.append(f"  {'total':<14} {sum(col_bytes.values()) / rows:>12,.0f}")
-    # Distributions, with polars over the small columns only.
-    df = pl.scan_parquet([str(p) for p in shards]).select(
+    return lines
+
+
+def _distributions(shards: list[Path]) -> list[str]:
+    """Caption, T5 and latent size distributions, from the small columns only (pages checked)."""
+    import polars as pl   # here, not at the top: `verify` needs no polars (the GPU image lacks it)
+    tables = []
+    for path in shards:
+        try:
+            tables.append(pq.ParquetFile(path, page_checksum_verification=True).read(columns=SMALL_COLUMNS))
+        except Exception as e:  # pyarrow raises several types for damaged pages
+            raise CacheError(f"{path}: unreadable ({e}); flux-prep verify checks every shard") from None
+    df = pl.from_arrow(pa.concat_tables(tables)).select(
         pl.col("caption").str.len_chars().alias("caption_chars"),
         pl.col("caption").str.split(" ").list.len().alias("caption_words"),
         pl.col("t5_len").cast(pl.Int32), pl.col("latent_h"), pl.col("latent_w"),
-    ).collect()
-    lines.append(f"caption chars  {_quantiles(df['caption_chars'])}")
-    lines.append(f"caption words  {_quantiles(df['caption_words'])}")
-    lines.append(f"t5_len         {_quantiles(df['t5_len'])}")
+    )
     sizes = df.group_by("latent_h", "latent_w").len().sort("len", descending=True)
-    lines.append("latent sizes   " + ", ".join(f"{h}x{w}: {n}" for h, w, n in sizes.iter_rows()))
+    return [f"caption chars  {_quantiles(df['caption_chars'])}",
+            f"caption words  {_quantiles(df['caption_words'])}",
+            f"t5_len         {_quantiles(df['t5_len'])}",
+            "latent sizes   " + ", ".join(f"{h}x{w}: {n}" for h, w, n in sizes.iter_rows())]
+
+
+def _skips(manifest: dict) -> list[str]:
+    """Samples skipped by reason, and the input shards that yielded no row, at any row count."""
     skipped = manifest.get("skipped", {})
-    lines.append(f"skipped        {sum(skipped.values())}" + "".join(f"\n  {k:<22} {v}" for k, v in
-                                                                   sorted(skipped.items())))
-    return "\n".join(lines)
-
-
-def verify_cache(cache_dir) -> list[str]:
-    """Every problem found, each naming the shard; an empty list means the cache is intact."""
-    cache = Path(cache_dir)
-    try:
-        manifest = read_manifest(cache)
-    except CacheError as e:
-        return [str(e)]
-    problems = []
-    listed = set()
-    total = 0
-    for entry in manifest["shards"]:
-        path = cache / entry["path"]
-        listed.add(path.name)
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-            continue
-        if path.stat().st_size != entry["bytes"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']} (truncated or altered)")
-            continue
-        if sha256_file(path) != entry["sha256"]:
-            problems.append(f"{path}: sha256 differs from the manifest (altered)")
-            continue
-        try:
-            pf = pq.ParquetFile(path)
-        except Exception as e:
-            problems.append(f"{path}: not readable as Parquet ({e})")
-            continue
-        if not pf.schema_arrow.remove_metadata().equals(ARROW_SCHEMA):
-            problems.append(f"{path}: columns differ from schema version {SCHEMA_VERSION}")
-        version = (pf.schema_arrow.metadata or {}).get(b"flux_prep_schema_version", b"?").decode()
-        if version != str(SCHEMA_VERSION):
-            problems.append(f"{path}: schema version {version}, expected {SCHEMA_VERSION}")
-        if pf.metadata.num_rows != entry["rows"]:
-            problems.append(f"{path}: {pf.metadata.num_rows} rows, manifest says {entry['rows']}")
-        total += pf.metadata.num_rows
-    if "rows" in manifest and total != manifest["rows"] and not problems:
-        problems.append(f"{cache}: shards hold {total} rows, manifest says {manifest['rows']}")
-    for path in sorted(cache.glob(f"*{SHARD_SUFFIX}")):
-        if path.name not in listed:
-            problems.append(f"{path}: shard not listed in the manifest")
-    empty = cache / manifest.get("empty_prompt", EMPTY_PROMPT_NAME)
-    if not empty.is_file():
-        problems.append(f"{empty}: empty-prompt encodings missing")
-    return problems
+    lines = [f"skipped        {sum(skipped.values())}"] + [f"  {k:<22} {v}" for k, v in sorted(skipped.items())]
+    empty = manifest.get("inputs_without_rows", [])
+    if empty:
+        lines.append(f"inputs without rows  {len(empty)}")
+        for item in empty:
+            why = ", ".join(f"{k} {v}" for k, v in sorted(item["skipped"].items())) or "no sample"
+            lines.append(f"  {item['id']} ({item['url']}): {why}")
+    return lines

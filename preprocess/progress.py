@@ -1,11 +1,16 @@
 """Resume bookkeeping: the run's settings, one done-record per input shard, orphan cleanup,
-and the manifest built from the done-records.
+and the manifest built from the done-records of the shards the current --input names.
 
 Exactly-once rests on one order of writes: an input shard's output shards are renamed into
 place first, its done-record is written (atomically) last. A shard without a done-record
 is not done, whatever files it left behind; a rerun deletes those files and encodes the
 shard again. Output names derive from the input shard's id, so every rank of every run
 knows which leftovers are its own, whatever the number of processes.
+
+A done-record keeps the input's fingerprint (size and mtime, or etag): an input replaced
+since (a download completed, a broken file fixed) is encoded again, its old rows removed
+first: the manifest goes, then the done-record, so a kill at any moment leaves a shard
+that is simply not done.
 """
 from __future__ import annotations
 
@@ -14,11 +19,16 @@ import re
 from pathlib import Path
 
 from shared.cache import atomic_write_json, write_manifest
-from shared.cache.schema import EMPTY_PROMPT_NAME
+from shared.cache.schema import EMPTY_PROMPT_NAME, MANIFEST_NAME
+
+from .sources import InputError, InputShard
 
 PROGRESS_DIR = "_progress"
 SETTINGS_NAME = "settings.json"
 DONE_DIR = "done"
+# 2: input-shard ids from the shard alone (folder/name), done-records with fingerprints. Version 1
+# ids depended on the whole --input spec, so its records cannot be matched to this run's shards.
+PROGRESS_VERSION = 2
 # What must match between runs writing into one cache; anything else (batch size, workers,
 # rows per shard, device) may change across a resume.
 SETTINGS_KEYS = ("encoders", "image", "t5", "dtypes", "compute_dtype", "t5_wo_dtype", "dims", "vae")
@@ -44,6 +54,14 @@ def _comparable(settings: dict) -> dict:
     return out
 
 
+def check_progress_version(out_dir: Path) -> None:
+    """Refuse a cache folder whose done-records an older flux-prep wrote (before anything is changed)."""
+    path = progress_dir(out_dir) / SETTINGS_NAME
+    if path.is_file() and json.loads(path.read_text()).get("progress_version") != PROGRESS_VERSION:
+        raise SettingsMismatch(f"{out_dir} was written by an older flux-prep, whose input-shard ids depended "
+                               "on the whole --input spec; encode into a new --output folder")
+
+
 def check_or_write_settings(out_dir: Path, settings: dict) -> None:
     """Record the run's settings on the first run; refuse a later run whose settings differ."""
     path = progress_dir(out_dir) / SETTINGS_NAME
@@ -58,27 +76,61 @@ def check_or_write_settings(out_dir: Path, settings: dict) -> None:
                 + "; ".join(diffs) + "). Use a new --output folder, or rerun with the cache's settings.")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, settings)
+    atomic_write_json(path, {**settings, "progress_version": PROGRESS_VERSION})
 
 
 def read_settings(out_dir: Path) -> dict:
     return json.loads((progress_dir(out_dir) / SETTINGS_NAME).read_text())
 
 
-def read_done(out_dir: Path) -> dict[str, dict]:
-    """Every done-record of the cache, by input shard id."""
-    folder = progress_dir(out_dir) / DONE_DIR
-    records = {}
-    if folder.is_dir():
-        for p in sorted(folder.glob("*.json")):
-            records[p.stem] = json.loads(p.read_text())
-    return records
-
-
-def write_done(out_dir: Path, shard_id: str, record: dict) -> None:
+def read_record(out_dir: Path, shard_id: str) -> dict | None:
+    """An input shard's done-record, read by its path (no folder listing: listings may be cached)."""
     path = done_path(out_dir, shard_id)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_done(out_dir: Path, shard: InputShard, record: dict) -> None:
+    """Mark `shard` done: `record` holds its outputs, rows and skips; its identity is added here."""
+    path = done_path(out_dir, shard.id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, record)
+    identity = {"shard": shard.id, "url": shard.url, "fingerprint": shard.fingerprint}
+    if shard.content() is not None:
+        identity["content"] = shard.content()
+    atomic_write_json(path, {**identity, **record})
+
+
+def plan_shards(out_dir: Path, shards: list[InputShard]) -> tuple[list[InputShard], list[tuple[InputShard, str]]]:
+    """(the shards to encode, (shard, message) for each done shard whose input changed since).
+
+    A changed input is encoded again; a folder shard whose sample list changed is refused, since
+    its id is a position in the folder's sorted file list (every later shard moved too)."""
+    todo, changed = [], []
+    for shard in shards:
+        rec = read_record(out_dir, shard.id)
+        if rec is not None and rec.get("content") != shard.content():
+            raise InputError(f"input shard {shard.id} holds other samples than when it was encoded into {out_dir} "
+                             "(files added or removed?); encode into a new output folder")
+        if rec is not None and rec.get("fingerprint") != shard.fingerprint:
+            changed.append((shard, f"input shard {shard.id} ({shard.url}) changed since it was encoded "
+                                   f"({_describe(rec.get('fingerprint'))} -> {_describe(shard.fingerprint)}): "
+                                   "encoding it again, its old rows removed"))
+        if rec is None or rec.get("fingerprint") != shard.fingerprint:
+            todo.append(shard)
+    return todo, changed
+
+
+def _describe(fingerprint: dict | None) -> str:
+    return ", ".join(f"{k} {v}" for k, v in (fingerprint or {}).items()) or "no fingerprint"
+
+
+def forget(out_dir: Path, shard_ids: list[str]) -> None:
+    """Un-mark done shards: the manifest first (it lists their rows), then their done-records;
+    their output shards are then orphans that `remove_orphans` deletes."""
+    if not shard_ids:
+        return
+    (Path(out_dir) / MANIFEST_NAME).unlink(missing_ok=True)
+    for shard_id in shard_ids:
+        done_path(out_dir, shard_id).unlink(missing_ok=True)
 
 
 def output_pattern(shard_id: str) -> re.Pattern:
@@ -87,11 +139,8 @@ def output_pattern(shard_id: str) -> re.Pattern:
     return re.compile(rf"^(\.)?{sid}-\d{{5}}\.parquet(\.\d+\.tmp)?$")
 
 
-def remove_orphans(out_dir: Path, shard_ids: list[str], sweep_json_temps: bool = False) -> list[str]:
-    """Delete output shards and temp files of the given input shards (none of them done).
-
-    `sweep_json_temps` (one rank only) also removes temp files of atomic JSON writes that a
-    killed process left (done-records, settings, manifest)."""
+def remove_orphans(out_dir: Path, shard_ids: list[str]) -> list[str]:
+    """Delete output shards and temp files of the given input shards (none of them done)."""
     out_dir = Path(out_dir)
     removed = []
     if out_dir.is_dir() and shard_ids:
@@ -100,22 +149,28 @@ def remove_orphans(out_dir: Path, shard_ids: list[str], sweep_json_temps: bool =
             if p.is_file() and any(pat.match(p.name) for pat in patterns):
                 p.unlink(missing_ok=True)
                 removed.append(p.name)
-    if sweep_json_temps:
-        for folder in (out_dir, progress_dir(out_dir), progress_dir(out_dir) / DONE_DIR):
-            if folder.is_dir():
-                for p in folder.glob(".*.tmp"):
-                    if not p.name.endswith(".parquet") and ".parquet." not in p.name:
-                        p.unlink(missing_ok=True)
-                        removed.append(p.name)
     return removed
 
 
-def build_manifest(out_dir: Path, command: str, version: str) -> dict:
-    """The manifest covering every done input shard."""
+def sweep_temps(out_dir: Path) -> list[str]:
+    """Delete every temp file of an atomic write (`.NAME.PID.tmp`) in the cache's folders.
+
+    Only safe while no process of this run has written anything: the encode calls it on rank 0
+    before the ranks' first barrier, so whatever it finds was left by a killed earlier run."""
+    removed = []
+    for folder in (Path(out_dir), progress_dir(out_dir), progress_dir(out_dir) / DONE_DIR):
+        if folder.is_dir():
+            for p in folder.glob(".*.tmp"):
+                p.unlink(missing_ok=True)
+                removed.append(p.name)
+    return removed
+
+
+def build_manifest(out_dir: Path, records: list[dict], command: str, version: str) -> dict:
+    """The manifest covering the given done-records (the current --input's shards, in its order)."""
     settings = read_settings(out_dir)
-    done = read_done(out_dir)
     shards, skipped, rows = [], {}, 0
-    for shard_id, rec in done.items():
+    for rec in records:
         shards += rec["outputs"]
         rows += rec["rows"]
         for reason, n in rec["skipped"].items():
@@ -126,15 +181,22 @@ def build_manifest(out_dir: Path, command: str, version: str) -> dict:
         "empty_prompt": EMPTY_PROMPT_NAME, "encoders": settings["encoders"], "vae": settings["vae"],
         "image": settings["image"], "compute_dtype": settings["compute_dtype"],
         "t5_wo_dtype": settings.get("t5_wo_dtype"),
-        "inputs_done": [{"id": k, "url": v["url"], "rows": v["rows"]} for k, v in done.items()],
+        "inputs_done": [{"id": r["shard"], "url": r["url"], "rows": r["rows"]} for r in records],
+        # Inputs that yielded no row (unreadable, empty, every sample skipped), named with their skips.
+        "inputs_without_rows": [{"id": r["shard"], "url": r["url"], "skipped": r["skipped"]}
+                                for r in records if r["rows"] == 0],
         "command": command, "version": version,
     }
 
 
-def finish_if_complete(out_dir: Path, all_shard_ids: list[str], command: str, version: str) -> bool:
-    """Write the manifest if every input shard of this run is done (the last rank to finish does)."""
-    done = read_done(out_dir)
-    if any(s not in done for s in all_shard_ids):
-        return False
-    write_manifest(out_dir, build_manifest(out_dir, command, version))
-    return True
+def write_cache_manifest(out_dir: Path, shards: list[InputShard], command: str, version: str) -> dict:
+    """Write the manifest of this run's input shards, every one of them done; returns it.
+    Raises InputError naming the shards without a done-record."""
+    records = [read_record(out_dir, s.id) for s in shards]
+    missing = [s.id for s, r in zip(shards, records) if r is None]
+    if missing:
+        raise InputError(f"{out_dir}: no manifest written: input shards not done: {', '.join(missing[:5])}"
+                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    manifest = build_manifest(out_dir, records, command, version)
+    write_manifest(out_dir, manifest)
+    return manifest

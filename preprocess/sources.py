@@ -5,13 +5,18 @@ An input spec names tar shards (a path, a glob, a brace pattern like
 of images with sidecar captions. The unit of work (and of resume) is an `InputShard`: one
 tar, or a fixed run of files of a folder. Iterating a shard yields `RawSample`s and
 `Skip`s; nothing in here raises on bad data, so one bad shard never stops a run.
+
+A shard's identity comes from the shard alone, never from the rest of the spec or from how
+its path was typed: a tar is `{its folder's name}/{its name}` (so two img2dataset folders'
+`00000.tar` are two shards), and its rows' keys carry that prefix, so two tars holding the
+same sample keys never write a key twice. Its fingerprint (size and mtime, or an object
+store's etag) tells a resumed run whether the file was replaced since it was encoded.
 """
 from __future__ import annotations
 
 import hashlib
 
 import json
-import os
 import re
 import tarfile
 import zlib
@@ -36,6 +41,7 @@ SKIP_TOO_SMALL = "too_small"
 SKIP_BOMB = "decompression_bomb"
 SKIP_TRUNCATED_TAR = "truncated_tar"        # the sample being read where a tar was cut off
 SKIP_BAD_SHARD = "unreadable_shard"         # not a tar at all
+SKIP_EMPTY_SHARD = "empty_shard"            # a readable tar without a single member
 SKIP_DUPLICATE_KEY = "duplicate_key"
 
 
@@ -44,13 +50,20 @@ class InputShard:
     id: str                  # stable, unique, file-name safe: names the done-record and output shards
     url: str                 # tar path/URL, or the folder
     files: tuple = ()        # folder shards: the sample keys (relative paths without extension)
+    namespace: str = ""      # tar shards: `folder/name`, the prefix of their rows' keys
+    # What a replaced file changes: size and mtime (or an object store's etag); see _fingerprint.
+    fingerprint: dict = field(default_factory=dict, compare=False, hash=False)
 
-    def content(self) -> str:
-        """What this shard holds, for its done-record: a folder shard's ids are positions in the
-        sorted file list, so the same id can come to mean other files if the folder changes."""
+    def content(self) -> str | None:
+        """A folder shard's sample list, for its done-record: its id is a position in the sorted
+        file list, so the same id can come to mean other files if the folder changes."""
         if not self.files:
-            return self.url
+            return None
         return "files-sha256:" + hashlib.sha256("\n".join(self.files).encode()).hexdigest()
+
+    def row_key(self, key: str) -> str:
+        """The cache key of one of this shard's samples (unique in the cache)."""
+        return f"{self.namespace}/{key}" if self.namespace else key
 
 
 @dataclass
@@ -93,18 +106,42 @@ def _safe_id(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "shard"
 
 
-def _tar_ids(urls: list[str]) -> list[str]:
-    """Shard ids: the file name without .tar, or the path from the common folder if names repeat."""
-    stems = [re.sub(r"\.(tar|tar\.gz|tgz)$", "", u.rstrip("/").rsplit("/", 1)[-1]) for u in urls]
-    if len(set(stems)) == len(stems):
-        return [_safe_id(s) for s in stems]
-    prefix_len = len(_common_dir(urls))
-    return [_safe_id(re.sub(r"\.(tar|tar\.gz|tgz)$", "", u[prefix_len:])) for u in urls]
+_TAR_SUFFIX = re.compile(r"\.(tar|tar\.gz|tgz)$")
+# fsspec info fields that change when an object is replaced, most specific first.
+_VERSION_FIELDS = ("ETag", "etag", "md5Hash", "md5", "crc32c", "generation", "mtime", "LastModified",
+                   "last_modified", "updated", "created")
 
 
-def _common_dir(urls: list[str]) -> str:
-    common = os.path.commonprefix(urls)
-    return common[: common.rfind("/") + 1]
+def _fingerprint(info: dict) -> dict:
+    """Size and the first version field fsspec reports (local files: mtime), JSON-ready."""
+    out = {"size": info.get("size")}
+    for name in _VERSION_FIELDS:
+        if info.get(name) is not None:
+            value = info[name]
+            out[name] = value if isinstance(value, (int, float, str)) else str(value)
+            break
+    return out
+
+
+def _tar_shard(url: str, fs_path: str, info: dict) -> InputShard:
+    """A tar's shard, named by its folder and file name: the same file however its path is typed
+    (fs_path is absolute for local files), and two folders' same-named tars are two shards."""
+    folder, _, name = fs_path.rstrip("/").rpartition("/")
+    parent = folder.rpartition("/")[2]
+    stem = _TAR_SUFFIX.sub("", name)
+    namespace = f"{parent}/{stem}" if parent else stem
+    return InputShard(id=_safe_id(namespace), url=url, namespace=namespace, fingerprint=_fingerprint(info))
+
+
+def _check_unique(shards: list[InputShard], spec: str) -> None:
+    seen: dict[str, InputShard] = {}
+    for s in shards:
+        if s.id in seen and seen[s.id].url == s.url:
+            raise InputError(f"{spec}: names {s.url} twice")
+        if s.id in seen:
+            raise InputError(f"{spec}: {seen[s.id].url} and {s.url} would be the same input shard {s.id!r} "
+                             "(same folder and file name); rename one of the folders")
+        seen[s.id] = s
 
 
 def resolve_inputs(spec: str, folder_shard_samples: int = FOLDER_SHARD_SAMPLES) -> list[InputShard]:
@@ -120,33 +157,47 @@ def resolve_inputs(spec: str, folder_shard_samples: int = FOLDER_SHARD_SAMPLES) 
         if not any(folder.glob("*.tar")):
             return _folder_shards(folder, folder_shard_samples)
         parts = [str(folder / "*.tar")]   # a folder of tar shards (what `flux-prep demo-data` writes)
-    urls: list[str] = []
+    shards: list[InputShard] = []
     for part in parts:
         for pattern in _expand_braces(part):
-            fs, path = fsspec.core.url_to_fs(pattern)
-            if any(c in path for c in "*?["):
-                found = sorted(fs.glob(path))
-                if not found:
-                    raise InputError(f"{pattern}: matches no files")
-                urls += [fs.unstrip_protocol(p) if "://" in pattern else p for p in found]
-            else:
-                if not fs.exists(path):
-                    raise InputError(f"{pattern}: no such file")
-                urls.append(pattern)
-    if len(set(urls)) != len(urls):
-        raise InputError(f"{spec}: names some shards twice")
-    return [InputShard(id=i, url=u) for i, u in zip(_tar_ids(urls), urls)]
+            shards += _tar_shards(pattern)
+    _check_unique(shards, spec)
+    return shards
+
+
+def _tar_shards(pattern: str) -> list[InputShard]:
+    """The tar shards one pattern names (a path or a glob; local or a URL)."""
+    fs, path = fsspec.core.url_to_fs(pattern)
+    if any(c in path for c in "*?["):
+        found = fs.glob(path, detail=True)
+        if not found:
+            raise InputError(f"{pattern}: matches no files")
+        return [_tar_shard(fs.unstrip_protocol(p) if "://" in pattern else p, p, found[p]) for p in sorted(found)]
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise InputError(f"{pattern}: no such file") from None
+    return [_tar_shard(pattern, path, info)]
 
 
 def _folder_shards(folder: Path, per_shard: int) -> list[InputShard]:
-    keys = sorted({str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*")
-                   if p.is_file() and p.suffix[1:].lower() in IMAGE_EXTS + CAPTION_EXTS
-                   and not p.name.startswith(".")})
+    by_key: dict[str, list[tuple[str, int, int]]] = {}   # key -> (file name, size, mtime) of its files
+    for p in folder.rglob("*"):
+        if p.suffix[1:].lower() in IMAGE_EXTS + CAPTION_EXTS and not p.name.startswith(".") and p.is_file():
+            st = p.stat()
+            by_key.setdefault(str(p.relative_to(folder).with_suffix("")), []).append(
+                (p.name, st.st_size, st.st_mtime_ns))
+    keys = sorted(by_key)
     if not keys:
         raise InputError(f"{folder}: no images or captions in this folder")
     base = _safe_id(folder.resolve().name)
-    return [InputShard(id=f"{base}-{i // per_shard:05d}", url=str(folder), files=tuple(keys[i:i + per_shard]))
-            for i in range(0, len(keys), per_shard)]
+    shards = []
+    for i in range(0, len(keys), per_shard):
+        run = keys[i:i + per_shard]
+        stats = hashlib.sha256(json.dumps([sorted(by_key[k]) for k in run]).encode()).hexdigest()
+        shards.append(InputShard(id=f"{base}-{i // per_shard:05d}", url=str(folder), files=tuple(run),
+                                 fingerprint={"files_stat_sha256": stats}))
+    return shards
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -215,6 +266,8 @@ def _iter_tar(url: str):
         return
     if current is not None:
         yield _dedupe(current, seen)
+    elif not seen:
+        yield Skip(key=url, reason=SKIP_EMPTY_SHARD)   # counted, so the shard is named as yielding nothing
 
 
 def _shard_error_reason(e: Exception) -> str:

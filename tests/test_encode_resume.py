@@ -89,8 +89,29 @@ def test_kill_9_then_rerun_gives_the_clean_rows(tiny_model, demo_data, clean_run
     assert CacheReader(out).manifest["rows"] == 360
 
 
+def _resume_from(clean, out, shard_ids) -> None:
+    """Make `out` a cache in which the given input shards are done: the clean run's settings,
+    done-records and output shards for them (ids and fingerprints do not depend on the output folder)."""
+    import shutil
+    (out / "_progress" / "done").mkdir(parents=True)
+    shutil.copy(clean / "_progress" / "settings.json", out / "_progress" / "settings.json")
+    shutil.copy(clean / "empty_prompt.safetensors", out / "empty_prompt.safetensors")
+    for shard_id in shard_ids:
+        shutil.copy(clean / "_progress" / "done" / f"{shard_id}.json", out / "_progress" / "done")
+        for p in clean.glob(f"{shard_id}-*.parquet"):
+            shutil.copy(p, out / p.name)
+
+
 def test_two_processes_equal_one(tiny_model, demo_data, clean_run, tmp_path):
+    """Rank 0's shards (every other one) are done already, so rank 0 reaches the end long before rank 1:
+    it waits at the barrier and then writes the manifest (it used to rely on being the last to finish
+    and seeing every done-record in a listing). Temp files of a killed earlier run are swept."""
     out = tmp_path / "cache"
+    ids = [r["id"] for r in CacheReader(clean_run).manifest["inputs_done"]]
+    _resume_from(clean_run, out, ids[0::2])
+    stale = [out / "_progress" / "done" / f".{ids[1]}.json.99999.tmp", out / f".{ids[1]}-00000.parquet.99999.tmp"]
+    for p in stale:
+        p.write_bytes(b"left by a killed run")
     # accelerate's --cpu launcher starts a single process; --multi_gpu starts torchrun's N
     # processes, which on a machine without GPUs run on the CPU (--device cpu).
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -98,7 +119,11 @@ def test_two_processes_equal_one(tiny_model, demo_data, clean_run, tmp_path):
            "-m", "preprocess", *encode_args(tiny_model, demo_data, out)]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "rank 0/2" in proc.stdout and "rank 1/2" in proc.stdout
+    assert "rank 0/2: 0 rows, 0 skipped, 0 input shards encoded (15 were done" in proc.stdout
+    assert "rank 1/2: 180 rows" in proc.stdout
+    assert proc.stdout.count("manifest written") == 1   # by rank 0, which finished first
+    assert f"rank 0/2: manifest written: {out / 'manifest.json'} (360 rows)" in proc.stdout
+    assert not any(p.exists() for p in stale)
     rows = raw_rows(out)
     clean = raw_rows(clean_run)
     assert rows.keys() == clean.keys()

@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from encode_inputs import BAD_EXPECTED_SKIPS, BAD_GOOD_KEYS, LONG_CAPTION, bad_members, truncated_tar, write_tar
+from encode_inputs import (BAD_EXPECTED_SKIPS, BAD_GOOD_KEYS, LONG_CAPTION, bad_members, good_members, truncated_tar,
+                           write_tar)
 
 from preprocess.decode import PrepOptions
 from preprocess.encode import EncodeOptions
 from preprocess.encode_run import run_encode
 from preprocess.images import prepare_image, to_model_range
 from preprocess.progress import SettingsMismatch
+from preprocess.verify import cache_warnings, verify_cache
 from shared.cache import CacheReader
-from shared.models import load_clip, load_t5, load_vae
+from shared.models import ModelLoadError, load_clip, load_t5, load_vae
 from shared.text import encode_prompts
 
 
@@ -55,11 +57,13 @@ def test_bad_inputs_rows_skips_and_values(tiny_model, bad_inputs, text_models, t
     reader = CacheReader(out)
     m = reader.manifest
     assert m["skipped"] == {**BAD_EXPECTED_SKIPS, "truncated_tar": 1}
-    assert [d["id"] for d in m["inputs_done"]] == ["bad-00000", "bad-00001"]
+    assert [d["id"] for d in m["inputs_done"]] == [f"{bad_inputs.name}_bad-00000", f"{bad_inputs.name}_bad-00001"]
     assert m["t5"] == {"mode": mode, "max_length": 32}
     assert set(m["dtypes"]) == {"latent", "t5", "clip", "latent_logvar"}
     rows = read_rows(out)
-    assert set(rows) == BAD_GOOD_KEYS | {f"cut{i:04d}" for i in range(4)}
+    prefix = f"{bad_inputs.name}/bad-0000"
+    assert set(rows) == {f"{prefix}0/{k}" for k in BAD_GOOD_KEYS} | {f"{prefix}1/cut{i:04d}" for i in range(4)}
+    rows = {k.rsplit("/", 1)[1]: row for k, row in rows.items()}
     assert rows["long"]["caption"] == LONG_CAPTION     # stored whole, truncated only by the tokenizer
     assert rows["jsoncap"]["caption"] == "caption from json"
 
@@ -84,7 +88,7 @@ def test_bad_inputs_rows_skips_and_values(tiny_model, bad_inputs, text_models, t
 def test_latents_are_the_vae_posterior_mean(tiny_model, bad_inputs, tmp_path):
     out = tmp_path / "cache"
     _encode(tiny_model, str(bad_inputs / "bad-00000.tar"), out)
-    rows = read_rows(out)
+    rows = {k.rsplit("/", 1)[1]: row for k, row in read_rows(out).items()}
     data = dict(bad_members())["good0000.jpg"]
     prepared = prepare_image(data, 32)
     vae = load_vae(str(tiny_model))
@@ -119,7 +123,7 @@ def test_buckets_record_latent_size(tiny_model, tmp_path):
     reader = CacheReader(out)
     sizes = {k: (int(h), int(w)) for shard in reader.shards for g in reader.iter_shard(shard)
              for k, h, w in zip(g["key"], g["latent_h"], g["latent_w"])}
-    assert sizes == {"w": (6, 12), "s": (8, 8)}
+    assert sizes == {f"{tmp_path.name}/wide-00000/w": (6, 12), f"{tmp_path.name}/wide-00000/s": (8, 8)}
     assert reader.manifest["image"]["buckets"][0] == [32, 128]
 
 
@@ -150,4 +154,76 @@ def test_cuda_without_a_gpu_refused_before_anything_is_written(tiny_model, bad_i
     with pytest.raises(ValueError, match="no CUDA GPU is available"):
         run_encode(str(tiny_model), str(bad_inputs / "bad-*.tar"), out, prep=PrepOptions(resolution=32),
                    opts=EncodeOptions(), device="cuda", progress=False)
+    assert not out.exists()
+
+
+def test_a_done_shard_stays_done_when_the_spec_grows_and_equal_keys_stay_apart(tiny_model, tmp_path):
+    """a/x-00000.tar, then a/x-00000.tar::b/x-00000.tar (two img2dataset-like folders: the same keys):
+    a is not encoded again, b's rows are kept apart by their shard's prefix, and no key is written twice."""
+    a = write_tar(tmp_path / "a/x-00000.tar", good_members("s", 3))
+    b = write_tar(tmp_path / "b/x-00000.tar", good_members("s", 2))
+    out = tmp_path / "cache"
+    assert _encode(tiny_model, str(a), out)["rows"] == 3
+    again = _encode(tiny_model, f"{a}::{b}", out)
+    assert again["shards_skipped_done"] == 1 and again["rows"] == 2
+    assert sorted(read_rows(out)) == [f"a/x-00000/s000{i}" for i in range(3)] + [f"b/x-00000/s000{i}" for i in range(2)]
+    assert verify_cache(out) == []
+    only_b = _encode(tiny_model, str(b), out)   # the manifest covers the shards of the current --input only
+    assert only_b["rows"] == 0 and sorted(read_rows(out)) == [f"b/x-00000/s000{i}" for i in range(2)]
+    assert verify_cache(out) == []
+    assert any("output of input shard a_x-00000" in w for w in cache_warnings(out))
+
+
+def test_the_same_tar_typed_relative_then_absolute_is_done(tiny_model, tmp_path, monkeypatch):
+    path = write_tar(tmp_path / "data/x-00000.tar", good_members("s", 2))
+    out = tmp_path / "cache"
+    monkeypatch.chdir(tmp_path)
+    assert _encode(tiny_model, "data/x-00000.tar", out)["rows"] == 2
+    again = _encode(tiny_model, str(path), out)
+    assert again["shards_skipped_done"] == 1 and again["rows"] == 0
+    assert len(read_rows(out)) == 2
+
+
+def test_a_replaced_input_is_encoded_again_its_old_rows_removed(tiny_model, tmp_path, capsys):
+    path = truncated_tar(tmp_path / "dl/x-00000.tar", n_complete=2)   # a download cut off
+    out = tmp_path / "cache"
+    assert _encode(tiny_model, str(path), out)["rows"] == 2
+    write_tar(path, good_members("cut", 5))                           # the complete file replaces it
+    again = _encode(tiny_model, str(path), out)
+    assert again["shards_reencoded"] == 1 and again["rows"] == 5
+    assert "input shard dl_x-00000" in capsys.readouterr().err
+    assert sorted(read_rows(out)) == [f"dl/x-00000/cut{i:04d}" for i in range(5)]
+    assert verify_cache(out) == []     # the first run's output shards are gone, not merely unlisted
+    assert _encode(tiny_model, str(path), out)["shards_skipped_done"] == 1
+
+
+def test_inputs_that_yield_nothing_are_named_the_run_exits_1_and_they_are_read_once_fixed(tiny_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from preprocess.cli import app
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "x-00000.tar").write_text("a caption file, renamed\n")
+    write_tar(raw / "x-00001.tar", [])
+    out = tmp_path / "cache"
+    args = ["encode", "--model", str(tiny_model), "--input", str(raw / "x-*.tar"), "--output", str(out),
+            "--resolution", "32", "--batch-size", "3", "--num-workers", "0", "--device", "cpu", "--no-progress"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 1, first.output
+    assert "holds no rows" in first.output
+    assert "raw_x-00000" in first.output and "unreadable_shard" in first.output
+    assert "raw_x-00001" in first.output and "empty_shard" in first.output
+    inspected = CliRunner().invoke(app, ["inspect", str(out)])
+    assert "unreadable_shard       1" in inspected.output and "empty_shard            1" in inspected.output
+    write_tar(raw / "x-00000.tar", good_members("s", 2))
+    fixed = CliRunner().invoke(app, args)
+    assert fixed.exit_code == 0, fixed.output
+    assert sorted(read_rows(out)) == ["raw/x-00000/s0000", "raw/x-00000/s0001"]
+
+
+def test_a_missing_model_folder_is_refused_leaving_no_output(bad_inputs, tmp_path):
+    out = tmp_path / "cache"
+    with pytest.raises(ModelLoadError, match="no such folder"):
+        run_encode(str(tmp_path / "no-model"), str(bad_inputs / "bad-*.tar"), out, prep=PrepOptions(resolution=32),
+                   opts=EncodeOptions(), num_workers=2, device="cpu", progress=False)
     assert not out.exists()

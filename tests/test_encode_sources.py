@@ -24,7 +24,7 @@ def test_bad_inputs_are_skipped_and_counted_by_reason(tmp_path):
     write_tar(tmp_path / "bad-00000.tar", bad_members())
     [shard] = resolve_inputs(str(tmp_path / "bad-00000.tar"))
     keys, skips = _run_shard(shard, resolution=32, min_size=16)
-    assert set(keys) == BAD_GOOD_KEYS
+    assert set(keys) == {f"{tmp_path.name}/bad-00000/{k}" for k in BAD_GOOD_KEYS}
     assert skips == BAD_EXPECTED_SKIPS
 
 
@@ -32,7 +32,7 @@ def test_truncated_tar_keeps_complete_samples(tmp_path):
     path = truncated_tar(tmp_path / "cut-00000.tar", n_complete=5)
     [shard] = resolve_inputs(str(path))
     keys, skips = _run_shard(shard, resolution=32)
-    assert keys == [f"cut{i:04d}" for i in range(5)]
+    assert keys == [f"{tmp_path.name}/cut-00000/cut{i:04d}" for i in range(5)]
     assert skips == {"truncated_tar": 1}
 
 
@@ -48,15 +48,43 @@ def test_input_specs_brace_glob_list_and_missing(tmp_path):
         write_tar(tmp_path / f"x-{i:05d}.tar", good_members(f"s{i}_", 1))
     brace = resolve_inputs(str(tmp_path / "x-{00000..00002}.tar"))
     glob = resolve_inputs(str(tmp_path / "x-*.tar"))
-    assert [s.id for s in brace] == [s.id for s in glob] == ["x-00000", "x-00001", "x-00002"]
+    ids = [f"{tmp_path.name}_x-{i:05d}" for i in range(3)]
+    assert [s.id for s in brace] == [s.id for s in glob] == ids
     folder = resolve_inputs(str(tmp_path))   # a folder of tar shards means its shards
     assert [(s.id, s.url, s.files) for s in folder] == [(s.id, s.url, s.files) for s in glob]
     joined = resolve_inputs(f"{tmp_path / 'x-00000.tar'}::{tmp_path / 'x-00002.tar'}")
-    assert [s.id for s in joined] == ["x-00000", "x-00002"]
+    assert [s.id for s in joined] == [ids[0], ids[2]]
+    with pytest.raises(InputError, match="names .* twice"):
+        resolve_inputs(f"{tmp_path / 'x-00000.tar'}::{tmp_path / 'x-00000.tar'}")
     with pytest.raises(InputError):
         resolve_inputs(str(tmp_path / "x-{00000..00003}.tar"))
     with pytest.raises(InputError):
         resolve_inputs(str(tmp_path / "y-*.tar"))
+
+
+def test_a_shards_identity_is_its_own_not_the_specs_or_the_typed_path(tmp_path, monkeypatch):
+    """The id, key prefix and fingerprint of a/x-00000.tar are the same alone, beside b/x-00000.tar, and
+    typed relative or absolute; two img2dataset-like folders' same-named tars are two shards."""
+    for folder, n in (("a", 2), ("b", 3)):
+        write_tar(tmp_path / folder / "x-00000.tar", good_members("s", n))
+    alone = resolve_inputs(str(tmp_path / "a/x-00000.tar"))
+    both = resolve_inputs(f"{tmp_path / 'a/x-00000.tar'}::{tmp_path / 'b/x-00000.tar'}")
+    monkeypatch.chdir(tmp_path / "a")
+    relative = resolve_inputs("x-00000.tar")
+    identity = [(s.id, s.namespace, s.fingerprint) for s in alone]
+    assert identity == [(s.id, s.namespace, s.fingerprint) for s in both[:1]]
+    assert identity == [(s.id, s.namespace, s.fingerprint) for s in relative]
+    assert [s.id for s in both] == ["a_x-00000", "b_x-00000"]
+    assert both[0].row_key("s0000") != both[1].row_key("s0000")
+    write_tar(tmp_path / "c/a/x-00000.tar", good_members("s", 1))   # another folder named a
+    with pytest.raises(InputError, match="c/a/x-00000.tar would be the same input shard"):
+        resolve_inputs(f"{tmp_path / 'a/x-00000.tar'}::{tmp_path / 'c/a/x-00000.tar'}")
+
+
+def test_an_empty_tar_is_one_counted_skip(tmp_path):
+    path = write_tar(tmp_path / "empty.tar", [])
+    [shard] = resolve_inputs(str(path))
+    assert [s.reason for s in iter_shard(shard)] == ["empty_shard"]
 
 
 def test_folder_of_images_with_sidecar_captions(tmp_path):

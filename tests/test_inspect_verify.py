@@ -87,3 +87,60 @@ def test_verify_wrong_row_count_in_manifest(cache):
 def test_verify_not_a_cache(tmp_path):
     result = _run("verify", tmp_path)
     assert result.exit_code == 1 and "no manifest.json" in result.output
+
+
+def _write_rows(folder, prefix, keys):
+    g = torch.Generator().manual_seed(len(prefix))
+    with CacheWriter(folder, prefix, DTYPES, rows_per_shard=8) as w:
+        for key in keys:
+            w.add(key=key, caption="a caption", latent=torch.randn(16, 4, 4, generator=g), t5=torch.randn(3, 8),
+                  t5_len=3, clip=torch.randn(12), width=64, height=64)
+    return w.shards
+
+
+def _manifest(shards, **extra):
+    return {"dtypes": DTYPES, "dims": {"latent_channels": 16, "t5_dim": 8, "clip_dim": 12},
+            "t5": {"mode": "trimmed", "max_length": 32}, "shards": [s.to_dict() for s in shards],
+            "rows": sum(s.rows for s in shards), "skipped": {}, "empty_prompt": "empty_prompt.safetensors", **extra}
+
+
+def test_manifest_writer_and_verify_refuse_a_repeated_key(tmp_path):
+    from shared.cache import CacheError, atomic_write_json
+    shards = _write_rows(tmp_path, "a", ["k0", "k1", "k2"]) + _write_rows(tmp_path, "b", ["k1", "k3"])
+    save_file({"t5": torch.zeros(1, 8), "clip": torch.zeros(12), "t5_len": torch.tensor(1)},
+              tmp_path / "empty_prompt.safetensors")
+    with pytest.raises(CacheError, match=r"repeat keys: key 'k1' is in 2 rows, of a-00000.parquet, b-00000.parquet"):
+        write_manifest(tmp_path, _manifest(shards))
+    assert not (tmp_path / "manifest.json").exists()
+    atomic_write_json(tmp_path / "manifest.json", {"schema_version": 1, **_manifest(shards)})   # an unchecked writer
+    result = _run("verify", tmp_path)
+    assert result.exit_code == 1
+    assert "key 'k1' is in 2 rows, of a-00000.parquet, b-00000.parquet" in result.output
+
+
+def test_empty_cache_verify_warns_and_inspect_shows_skips_by_reason(tmp_path):
+    save_file({"t5": torch.zeros(1, 8), "clip": torch.zeros(12), "t5_len": torch.tensor(1)},
+              tmp_path / "empty_prompt.safetensors")
+    gone = {"id": "raw_x-00000", "url": "raw/x-00000.tar", "skipped": {"unreadable_shard": 1}}
+    write_manifest(tmp_path, _manifest([], skipped={"unreadable_shard": 1}, inputs_without_rows=[gone]))
+    result = _run("verify", tmp_path)
+    assert result.exit_code == 0 and "OK" in result.output
+    assert "WARN" in result.output and "holds no rows" in result.output
+    assert "raw_x-00000 (raw/x-00000.tar) yielded no row (unreadable_shard 1)" in result.output
+    result = _run("inspect", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "rows       0" in result.output and "skipped        1" in result.output
+    assert "unreadable_shard" in result.output and "raw_x-00000 (raw/x-00000.tar)" in result.output
+
+
+def test_inspect_missing_or_damaged_cache_prints_verifys_messages(cache, tmp_path):
+    result = _run("inspect", tmp_path / "nowhere")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.output.strip() == f"FAIL {tmp_path / 'nowhere'}: no manifest.json; not a flux-prep cache, " \
+                                    "or its encode has not finished"
+    shard = cache / "part-000-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    inspected, verified = _run("inspect", cache), _run("verify", cache)
+    assert inspected.exit_code == 1 and isinstance(inspected.exception, SystemExit)
+    assert inspected.output.strip() == verified.output.strip()
+    assert "part-000-00001.parquet" in inspected.output and "truncated" in inspected.output

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from .files import atomic_write_json
+from .keys import KeyReadError, duplicate_keys
 from .schema import MANIFEST_NAME, SCHEMA_VERSION, T5_MODES
 
 
@@ -36,6 +37,13 @@ def read_manifest(cache_dir) -> dict:
 
 
 def write_manifest(cache_dir, manifest: dict) -> None:
+    """Write manifest.json, refusing shards that hold a key twice (a cache's keys are unique)."""
+    try:
+        repeated = duplicate_keys(cache_dir, [s["path"] for s in manifest["shards"]])
+    except KeyReadError as e:
+        raise CacheError(f"{cache_dir}: refusing to write the manifest: {e}") from None
+    if repeated:
+        raise CacheError(f"{cache_dir}: refusing to write a manifest whose shards repeat keys: " + "; ".join(repeated))
     manifest = {"schema_version": SCHEMA_VERSION, **manifest}
     atomic_write_json(manifest_path(cache_dir), manifest)
 

@@ -94,7 +94,9 @@ class CacheReader:
         if not path.is_file():
             raise CacheError(f"{path}: shard listed in the manifest is missing")
         try:
-            pf = pq.ParquetFile(path)
+            # Every page read is checked against the CRC the writer stored (shards without CRCs,
+            # written before the writer stored them, are read unchecked).
+            pf = pq.ParquetFile(path, page_checksum_verification=True)
         except Exception as e:  # pyarrow raises several types for damaged files
             raise CacheError(f"{path}: not a readable Parquet shard ({e})") from None
         meta = pf.schema_arrow.metadata or {}

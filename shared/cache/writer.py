@@ -158,6 +158,9 @@ class CacheWriter:
             compression={c: _COMPRESSION.get(c, "none") for c in ARROW_SCHEMA.names},
             use_dictionary=["key", "caption"],
             write_statistics=["latent_h", "latent_w", "t5_len", "width", "height"],
+            # A CRC per page: CacheReader checks them as it reads, so a flipped byte stops a reader
+            # at its row group without a full sha256 pass over the cache first.
+            write_page_checksum=True,
         )
         self._shard_rows = 0
 

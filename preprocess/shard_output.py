@@ -1,0 +1,87 @@
+"""Where encoded batches go: a CacheWriter per input shard being written, its done-record once its
+last batch is written, and the run's counts. `write` runs in the writer threads (row_writer.py),
+every batch of one input shard in the same thread, in order."""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+from shared.cache import CacheWriter
+
+from .progress import write_done
+from .sources import InputShard
+
+
+class _ShardState:
+    def __init__(self, writer: CacheWriter):
+        self.writer, self.rows, self.skipped = writer, 0, {}
+
+
+class ShardOutputs:
+    def __init__(self, out_dir: Path, todo: list[InputShard], dtypes: dict, *, rows_per_shard: int, t5_mode: str,
+                 bar=None, rank: int = 0):
+        self.out_dir, self.dtypes, self.rows_per_shard, self.t5_mode = out_dir, dtypes, rows_per_shard, t5_mode
+        self.shards = {s.id: s for s in todo}
+        self.bar, self.rank = bar, rank
+        self.states: dict[str, _ShardState] = {}
+        self.stats = {"rows": 0, "skipped": 0, "shards_done": 0, "decode_s": 0.0}
+        self.t_start = time.perf_counter()
+        self._lock = threading.Lock()       # over states, stats and the bar: several writer threads update them
+
+    def _state(self, shard_id: str) -> _ShardState:
+        if shard_id not in self.states:
+            writer = CacheWriter(self.out_dir, shard_id, self.dtypes, rows_per_shard=self.rows_per_shard,
+                                 row_group_rows=min(256, self.rows_per_shard))
+            self.states[shard_id] = _ShardState(writer)
+        return self.states[shard_id]
+
+    def write(self, item: dict, host) -> None:
+        """One batch (its device outputs copying into `host`, or None: only skips) of one input shard."""
+        with self._lock:
+            st = self._state(item["shard"])
+            for reason, n in item["skips"].items():
+                st.skipped[reason] = st.skipped.get(reason, 0) + n
+                self.stats["skipped"] += n
+        if host is not None:
+            _write_rows(st.writer, item, host.wait(), self.t5_mode)
+            st.rows += len(item["keys"])
+            with self._lock:
+                self.stats["rows"] += len(item["keys"])
+                if "first_batch_s" not in self.stats:   # model warm-up (compilation, cuDNN autotuning) ends here
+                    self.stats["first_batch_s"] = time.perf_counter() - self.t_start
+                    self.stats["first_batch_rows"] = self.stats["rows"]
+        if item["end"]:
+            self._finish_shard(item["shard"], st)
+        if self.bar is not None:
+            with self._lock:
+                self.bar.update(len(item["keys"]))
+                self.bar.set_postfix(skipped=self.stats["skipped"],
+                                     shards=f"{self.stats['shards_done']}/{len(self.shards)}", refresh=False)
+
+    def _finish_shard(self, shard_id: str, st: _ShardState) -> None:
+        shard = self.shards[shard_id]
+        outputs = [s.to_dict() for s in st.writer.close()]
+        write_done(self.out_dir, shard, {"outputs": outputs, "rows": st.rows, "skipped": st.skipped})
+        if st.rows == 0:
+            skips = ", ".join(f"{k} {v}" for k, v in sorted(st.skipped.items())) or "nothing in it"
+            print(f"rank {self.rank}: warning: input shard {shard_id} ({shard.url}) yielded no row ({skips}); "
+                  "it is read again once the file changes", file=sys.stderr, flush=True)
+        with self._lock:
+            del self.states[shard_id]
+            self.stats["shards_done"] += 1
+
+    def abort(self) -> None:
+        """After an error: drop the open output shards' temp files (finished ones become orphans)."""
+        for st in self.states.values():
+            st.writer.abort()
+
+
+def _write_rows(writer: CacheWriter, item: dict, out: dict, t5_mode: str) -> None:
+    lengths = out["t5_len"].tolist()
+    t5 = out["t5"] if t5_mode == "padded" else [out["t5"][i, :n] for i, n in enumerate(lengths)]
+    sizes = item["sizes"].tolist()
+    writer.add_batch(keys=item["keys"], captions=item["captions"], latent=out["latent"], t5=t5, t5_len=lengths,
+                     clip=out["clip"], widths=[s[0] for s in sizes], heights=[s[1] for s in sizes],
+                     latent_logvar=out.get("latent_logvar"), copy=False)   # `out` is this batch's own host copy

@@ -294,8 +294,12 @@ class Trainer:
     def _record(self, seen: list[str]) -> None:
         """This rank's consumed keys and a hash of its weights (ranks must agree on the weights)."""
         import hashlib
+
+        from torch.distributed.tensor import DTensor
         h = hashlib.sha256()
         for name, t in sorted(self.accelerator.unwrap_model(self.model).state_dict().items()):
+            if isinstance(t, DTensor):   # FSDP: this rank's shard; all ranks gather each whole tensor in turn
+                t = t.full_tensor()
             h.update(name.encode())
             h.update(t.detach().float().cpu().numpy().tobytes())
         folder = self.out / "seen"

@@ -119,7 +119,11 @@ class Trainer:
             acc.register_for_checkpointing(self.ema)
         # After prepare(): FSDP replaces the parameters with sharded ones.
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.generator = torch.Generator(device=self.device).manual_seed(run.seed * 1_000_003 + acc.process_index)
+        # One noise generator per data slot (rank x DataLoader worker, data.py): a batch's draws follow the
+        # slot it came from, so N processes draw what one process with N workers and N accumulation steps does.
+        workers = max(1, cfg.data.num_workers)
+        self.generators = [torch.Generator(device=self.device).manual_seed(
+            run.seed * 1_000_003 + acc.process_index * workers + w) for w in range(workers)]
         self.position = StreamPosition(cfg.data.num_workers, acc.num_processes)
         self.step = 0
         self.empty = None
@@ -136,7 +140,7 @@ class Trainer:
             if self.cfg.run.resume == "auto":
                 self.accelerator.print("no checkpoint to resume from; starting at step 0")
             return
-        self.step, rank_state = ckpt.load_checkpoint(self.accelerator, path, self.generator)
+        self.step, rank_state = ckpt.load_checkpoint(self.accelerator, path, self.generators)
         self.position.load_state_dict(rank_state["data"])
         self.accelerator.print(f"resumed from {path} at step {self.step}")
         if self.accelerator.is_main_process:   # drop metrics the interrupted run logged after the checkpoint
@@ -195,7 +199,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         return ckpt.save_checkpoint(self.accelerator, self.out, self.step, {"data": self.position.state_dict()},
-                                    self.generator, self.cfg.run.keep_checkpoints)
+                                    self.generators, self.cfg.run.keep_checkpoints)
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self, stop_after_step: int | None = None, on_batch=None) -> dict:
@@ -244,7 +248,8 @@ class Trainer:
                 batch = to_device(batch, self.device)
                 last = k == run.grad_accum - 1
                 with acc.no_sync(self.model) if not last else nullcontext():
-                    loss = training_loss(self.model, batch, self.settings, self.generator, self.empty)
+                    generator = self.generators[int(batch["pos"][0])]   # the batch's DataLoader worker
+                    loss = training_loss(self.model, batch, self.settings, generator, self.empty)
                     acc.backward(loss / run.grad_accum)
                 loss_sum += loss.detach()
                 micro += 1

@@ -2,7 +2,7 @@
 
 checkpoints/step-N/  accelerate's save_state (model or LoRA adapter, optimizer, scheduler, EMA, RNG)
                      + trainer_state.json (step) + rank{r}.json (data position) + rank{r}.safetensors
-                     (the step's noise generator). Written as step-N.tmp and renamed when complete.
+                     (the noise generator of each DataLoader worker). Written as step-N.tmp and renamed when complete.
 final/               config.json + diffusion_pytorch_model.safetensors + flux_prep.json, or for LoRA
                      pytorch_lora_weights.safetensors + flux_prep.json; final/ema/ likewise for the EMA.
 """
@@ -45,7 +45,7 @@ def resolve_resume(resume: str | None, output_dir) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator, output_dir, step: int, rank_state: dict, generator: torch.Generator,
+def save_checkpoint(accelerator, output_dir, step: int, rank_state: dict, generators: list[torch.Generator],
                     keep: int) -> Path:
     root = Path(output_dir) / "checkpoints"
     final = root / f"step-{step}"
@@ -57,7 +57,7 @@ def save_checkpoint(accelerator, output_dir, step: int, rank_state: dict, genera
     accelerator.save_state(str(tmp))
     rank = accelerator.process_index
     atomic_write_json(tmp / f"rank{rank}.json", rank_state)
-    save_file({"state": generator.get_state()}, str(tmp / f"rank{rank}.safetensors"))
+    save_file({f"worker{w}": g.get_state() for w, g in enumerate(generators)}, str(tmp / f"rank{rank}.safetensors"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(tmp / "trainer_state.json", {"step": step, "world_size": accelerator.num_processes})
@@ -69,8 +69,8 @@ def save_checkpoint(accelerator, output_dir, step: int, rank_state: dict, genera
     return final
 
 
-def load_checkpoint(accelerator, path: Path, generator: torch.Generator) -> tuple[int, dict]:
-    """Restore accelerate's state and this rank's generator; return (step, rank state)."""
+def load_checkpoint(accelerator, path: Path, generators: list[torch.Generator]) -> tuple[int, dict]:
+    """Restore accelerate's state and this rank's generators; return (step, rank state)."""
     state = json.loads((path / "trainer_state.json").read_text())
     if state["world_size"] != accelerator.num_processes:
         raise ValueError(f"{path} was written by {state['world_size']} processes, this run has "
@@ -78,7 +78,14 @@ def load_checkpoint(accelerator, path: Path, generator: torch.Generator) -> tupl
     accelerator.load_state(str(path))
     rank = accelerator.process_index
     rank_state = json.loads((path / f"rank{rank}.json").read_text())
-    generator.set_state(load_file(str(path / f"rank{rank}.safetensors"))["state"])
+    saved = load_file(str(path / f"rank{rank}.safetensors"))
+    if "state" in saved:   # written before each worker had its own generator
+        saved = {"worker0": saved.pop("state")}
+    if len(saved) != len(generators):
+        raise ValueError(f"{path} holds the noise generators of {len(saved)} DataLoader worker(s) per process, "
+                         f"this run has {len(generators)}; set data.num_workers to match")
+    for w, g in enumerate(generators):
+        g.set_state(saved[f"worker{w}"])
     return int(state["step"]), rank_state
 
 

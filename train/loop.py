@@ -76,7 +76,7 @@ class Trainer:
         self.accelerator = acc = make_accelerator(cfg.run, self.out)
         self.device = acc.device
         # The global generators, the same on every rank: a LoRA adapter's init and stochastic rounding
-        # draw from them (the step's own draws come from self.generator). Checkpoints save and restore them.
+        # draw from them (the step's own draws come from self.generators). Checkpoints save and restore them.
         set_seed(cfg.run.seed)
         if self.device.type == "cuda" and not cfg.run.cudnn_sdpa:
             torch.backends.cuda.enable_cudnn_sdp(False)
@@ -97,12 +97,16 @@ class Trainer:
             vae_shift=vae.get("shift_factor", VAE_SHIFT), vae_scale=vae.get("scaling_factor", VAE_SCALE))
         self.max_steps = total_steps(cfg, self.train_reader.num_rows, acc.num_processes)
         self._prepare(model)
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.run.seed * 1_000_003 + acc.process_index)
         self.num_workers = usable_workers(self.train_reader, cfg.data.num_workers, acc.num_processes)
         if self.num_workers < cfg.data.num_workers:
             acc.print(f"the training cache has too few row groups for data.num_workers {cfg.data.num_workers} "
                       f"per process: using {self.num_workers}")
         self.position = StreamPosition(self.num_workers, acc.num_processes)
+        # One noise generator per data slot (rank x DataLoader worker, data.py): a batch's draws follow the
+        # slot it came from, so N processes draw what one process with N workers and N accumulation steps does.
+        workers = max(1, self.num_workers)
+        self.generators = [torch.Generator(device=self.device).manual_seed(
+            cfg.run.seed * 1_000_003 + acc.process_index * workers + w) for w in range(workers)]
         self.step = 0
         self.empty = None
         if cfg.flow.guidance_dropout > 0:
@@ -194,7 +198,7 @@ class Trainer:
             if self.cfg.run.resume == "auto":
                 self.accelerator.print("no checkpoint to resume from; starting at step 0")
             return
-        self.step, rank_state = ckpt.load_checkpoint(self.accelerator, path, self.generator)
+        self.step, rank_state = ckpt.load_checkpoint(self.accelerator, path, self.generators)
         self.position.load_state_dict(rank_state["data"])
         self.accelerator.print(f"resumed from {path} at step {self.step}")
         if self.accelerator.is_main_process:   # drop metrics the interrupted run logged after the checkpoint
@@ -260,7 +264,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         self.settle()
         return ckpt.save_checkpoint(self.accelerator, self.out, self.step, {"data": self.position.state_dict()},
-                                    self.generator, self.cfg.run.keep_checkpoints)
+                                    self.generators, self.cfg.run.keep_checkpoints)
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self, stop_after_step: int | None = None, on_batch=None) -> dict:
@@ -309,7 +313,8 @@ class Trainer:
                 batch = to_device(batch, self.device)
                 last = k == run.grad_accum - 1
                 with acc.no_sync(self.model) if not last else nullcontext():
-                    loss = training_loss(self.model, batch, self.settings, self.generator, self.empty)
+                    generator = self.generators[int(batch["pos"][0])]   # the batch's DataLoader worker
+                    loss = training_loss(self.model, batch, self.settings, generator, self.empty)
                     acc.backward(loss / run.grad_accum)
                 loss_sum += loss.detach()
                 micro += 1
@@ -359,9 +364,12 @@ class Trainer:
     def _record(self, seen: list[str]) -> None:
         """This rank's consumed keys and a hash of its weights (ranks must agree on the weights)."""
         import hashlib
+        from torch.distributed.tensor import DTensor
         self.settle()
         h = hashlib.sha256()
         for name, t in sorted(self.accelerator.unwrap_model(self.model).state_dict().items()):
+            if isinstance(t, DTensor):   # FSDP: this rank's shard; all ranks gather each whole tensor in turn
+                t = t.full_tensor()
             h.update(name.encode())
             h.update(t.detach().float().cpu().numpy().tobytes())
         folder = self.out / "seen"

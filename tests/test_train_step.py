@@ -5,8 +5,8 @@ import torch
 from shared.latents import pack_latents
 from shared.presets import transformer_config
 from train.model import use_flex_attention
-from train.step import (EmptyPrompt, StepSettings, ValidationNoise, draw, drop_text, summarize_validation,
-                        training_loss, validation_sums)
+from train.step import (EmptyPrompt, StepSettings, ValidationNoise, draw, drop_text, predict,
+                        summarize_validation, training_loss, validation_sums)
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +134,37 @@ def test_validation_noise_is_drawn_once_and_reused_with_the_same_values(model, m
     assert torch.equal(validation_sums(model, batches, settings, "cpu", noise=capped), reference)
     assert torch.equal(validation_sums(model, batches, settings, "cpu", noise=capped), reference)
     assert capped.draws == 16 + 8 and [k[0] for k in drawn[16:]] == ["s1-0"] * 8
+
+
+# torchtitan/models/flux/flux_datasets.py: _VALIDATION_TIMESTEPS = tuple((index + 0.5) / 8 for index in range(8))
+REFERENCE_TIMESTEPS = [0.0625, 0.1875, 0.3125, 0.4375, 0.5625, 0.6875, 0.8125, 0.9375]
+
+
+def test_validation_loss_is_squared_error_over_latent_elements_at_the_reference_timesteps(model):
+    """As torchtitan's FluxValidator: summed squared error (mse reduction="sum") over the summed
+    latent element count, so a sample weighs by its latent size, at the stratified timesteps."""
+    from shared.latents import scale_latents
+    from train.step import validation_noise
+    big, small = make_batch(b=2, h=8, w=8, seed=1), make_batch(b=3, h=4, w=4, seed=2)
+    for i, b in enumerate((big, small)):
+        b["key"] = [f"v{i}-{j}" for j in range(len(b["key"]))]
+    got = summarize_validation(validation_sums(model, [big, small], StepSettings(), "cpu"))
+
+    sse = torch.zeros(8, dtype=torch.float64)
+    per_sample_means = []
+    with torch.no_grad():
+        for b in (big, small):
+            for i, t in enumerate(REFERENCE_TIMESTEPS):
+                noise = validation_noise(b["key"], tuple(b["latent"].shape[1:]), i)
+                x0 = scale_latents(b["latent"])
+                pred = predict(model, (1 - t) * x0 + t * noise, torch.full((len(b["key"]),), t), b["t5"], b["clip"],
+                               None, None)
+                err = (pred - pack_latents(noise - x0)).double().pow(2)
+                sse[i] += err.sum()
+                per_sample_means += err.mean(dim=(1, 2)).tolist()
+    elements = big["latent"].numel() + small["latent"].numel()   # at each timestep
+    for i in range(8):
+        assert got[f"val/loss_t{i}_8"] == pytest.approx(float(sse[i] / elements), rel=1e-5)
+    assert got["val/loss"] == pytest.approx(float(sse.sum() / (8 * elements)), rel=1e-5)
+    # One weight per sample would give another number: the test tells the two apart.
+    assert abs(sum(per_sample_means) / len(per_sample_means) - got["val/loss"]) > 1e-3 * got["val/loss"]

@@ -5,6 +5,7 @@ Every formula (scale, packing, position ids, timestep samplers) comes from `shar
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -164,7 +165,8 @@ class ValidationNoise:
 @torch.no_grad()
 def validation_sums(model, batches, settings: StepSettings, device, n_timesteps: int = 8,
                     noise: ValidationNoise | None = None) -> torch.Tensor:
-    """[2, n_timesteps] float64: summed per-sample loss at each fixed t = i/n, and the sample count.
+    """[2, n_timesteps] float64: at each fixed t = (i + 0.5)/n, the summed squared error over every
+    latent element of the batches, and the number of those elements (for summarize_validation).
 
     Noise is drawn on the CPU from a seed fixed by each sample's key and timestep index, so the
     value is the same on every rerun and at any world size (sum over ranks, then divide). With
@@ -176,20 +178,24 @@ def validation_sums(model, batches, settings: StepSettings, device, n_timesteps:
         keys = batch["key"]
         b = len(keys)
         shape = tuple(batch["latent"].shape[1:])
+        elements = math.prod(shape)     # per sample: the loss is a mean over these (packing keeps them)
         for i, t_value in enumerate(ts.tolist()):
             n = noise.get(keys, shape, i) if noise is not None else validation_noise(keys, shape, i)
             t = torch.full((b,), t_value, device=device)
             loss = flow_matching_loss(model, batch["latent"], batch["t5"], batch["clip"], batch.get("t5_mask"),
                                       t, n.to(device), settings)
-            sums[0, i] += loss.double().sum()
-            sums[1, i] += b
+            sums[0, i] += loss.double().sum() * elements
+            sums[1, i] += b * elements
     return sums
 
 
 def summarize_validation(sums: torch.Tensor) -> dict:
-    """Per-timestep means and their average (the MLPerf number)."""
+    """The validation loss as torchtitan's FLUX validation computes it: summed squared error over
+    the summed count of latent elements, so a sample weighs by its latent size (a 64x64 latent four
+    times a 32x32 one), not one per sample; also per timestep. Every sample is seen at every
+    timestep, so the overall value is also the mean of the per-timestep values."""
     per_t = (sums[0] / sums[1].clamp(min=1)).tolist()
     n = len(per_t)
     out = {f"val/loss_t{i}_{n}": v for i, v in enumerate(per_t)}
-    out["val/loss"] = sum(per_t) / n
+    out["val/loss"] = float(sums[0].sum() / sums[1].sum().clamp(min=1))
     return out

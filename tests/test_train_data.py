@@ -130,3 +130,30 @@ def test_validation_batches_split_by_rank_in_fixed_order(cache):
     two = [[k for b in validation_batches(reader, 4, r, 2) for k in b["key"]] for r in range(2)]
     assert sorted(one) == sorted(two[0] + two[1]) and not set(two[0]) & set(two[1])
     assert one == [k for b in validation_batches(reader, 4) for k in b["key"]]
+
+
+def test_batches_carry_the_posterior_logvar_when_asked(tmp_path):
+    from shared.cache import CacheReader
+    cache = write_cache(tmp_path / "lv", 8, logvar=True)
+    stored = {}
+    reader = CacheReader(cache)
+    for shard in reader.shards:
+        for rg in reader.iter_shard(shard):
+            stored.update({k: (rg["latent"][i], rg["latent_logvar"][i]) for i, k in enumerate(rg["key"])})
+    batches = [b for _, b in zip(range(2), iter(CacheStream(cache, batch_size=4, latent_logvar=True)))]
+    for b in batches:
+        assert b["latent_logvar"].shape == b["latent"].shape
+        for i, k in enumerate(b["key"]):
+            assert torch.equal(b["latent"][i], stored[k][0]) and torch.equal(b["latent_logvar"][i], stored[k][1])
+    assert "latent_logvar" not in next(iter(CacheStream(cache, batch_size=4)))   # not read unless asked
+
+
+def test_a_cache_without_logvar_is_refused_for_posterior_samples(tmp_path):
+    cache = write_cache(tmp_path / "c", 8)
+    with pytest.raises(CacheError, match="no latent_logvar column.*--store-logvar"):
+        CacheStream(cache, batch_size=4, latent_logvar=True)
+    # A manifest that claims the column over shards without it: refused at the row group, naming it.
+    set_manifest(cache, dtypes={"latent": "float32", "t5": "float32", "clip": "float32", "latent_logvar": "float32"})
+    shard = sorted(cache.glob("*.parquet"))[0]
+    with pytest.raises(CacheError, match=f"{shard.name}.*row group 0 has no latent_logvar"):
+        next(iter(CacheStream(cache, batch_size=4, latent_logvar=True)))

@@ -110,6 +110,9 @@ def test_wrong_cache_refused_before_step_one(tmp_path):
     set_manifest(padded, schema_version=2)
     with pytest.raises(CacheError, match="schema version"):
         Trainer(tiny_config(tmp_path, padded))
+    plain = write_cache(tmp_path / "plain", 8)
+    with pytest.raises(CacheError, match="no latent_logvar column"):
+        Trainer(tiny_config(tmp_path, plain, **{"flow.latent": "sample"}))
     assert not (tmp_path / "run").exists()
 
 

@@ -25,10 +25,15 @@ from shared.cache import CacheError, CacheReader, check_t5_mode
 from shared.text import T5_PAD_MULTIPLE, round_up
 
 
-def open_cache(cache_dir, expected_t5_mode: str | None = None, where: str = "cache") -> CacheReader:
-    """Open a cache and refuse one of another schema version (read_manifest) or T5 mode."""
+def open_cache(cache_dir, expected_t5_mode: str | None = None, where: str = "cache",
+               latent_logvar: bool = False) -> CacheReader:
+    """Open a cache and refuse one of another schema version (read_manifest) or T5 mode, or one
+    without the posterior's log-variance when `latent_logvar` (flow.latent: sample) needs it."""
     reader = CacheReader(cache_dir)
     check_t5_mode(reader.manifest, expected_t5_mode, where=f"{where} {cache_dir}")
+    if latent_logvar and "latent_logvar" not in reader.manifest["dtypes"]:
+        raise CacheError(f"{where} {cache_dir} has no latent_logvar column, which flow.latent: sample needs "
+                         "(the posterior's log-variance): encode with --store-logvar, or use flow.latent: mean")
     return reader
 
 
@@ -50,13 +55,15 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
 def collate(items: list[dict], t5_mode: str) -> dict:
     """Samples of one latent size -> a batch. Trimmed T5 is zero-padded to the batch's longest
     caption, rounded up to T5_PAD_MULTIPLE, with a mask (True = real token); padded T5 has no
-    mask (FLUX attends to all of it)."""
+    mask (FLUX attends to all of it). `latent_logvar` comes along when the samples carry it."""
     batch = {
         "key": [it["key"] for it in items],
         "latent": _stack([it["latent"] for it in items]),
         "clip": _stack([it["clip"] for it in items]),
         "t5_len": torch.tensor([it["t5_len"] for it in items], dtype=torch.int64),
     }
+    if "latent_logvar" in items[0]:
+        batch["latent_logvar"] = _stack([it["latent_logvar"] for it in items])
     if t5_mode == "padded":
         batch["t5"] = _stack([it["t5"] for it in items])
     else:
@@ -75,11 +82,14 @@ def collate(items: list[dict], t5_mode: str) -> dict:
 class CacheStream(IterableDataset):
     """Infinite stream of training batches from one cache, for one rank.
 
-    `position` (from `StreamPosition.state_dict`) resumes where a previous run stopped."""
+    `position` (from `StreamPosition.state_dict`) resumes where a previous run stopped. With
+    `latent_logvar` the batches also carry the posterior's log-variance (flow.latent: sample)."""
 
     def __init__(self, cache_dir, *, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle_buffer: int = 256, expected_t5_mode: str | None = None, position: dict | None = None):
-        self.reader = open_cache(cache_dir, expected_t5_mode, "training cache")
+                 shuffle_buffer: int = 256, expected_t5_mode: str | None = None, position: dict | None = None,
+                 latent_logvar: bool = False):
+        self.reader = open_cache(cache_dir, expected_t5_mode, "training cache", latent_logvar)
+        self.latent_logvar = latent_logvar
         self.t5_mode = self.reader.t5_mode
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
@@ -118,11 +128,13 @@ class CacheStream(IterableDataset):
                 hs, ws = table.column("latent_h").to_pylist(), table.column("latent_w").to_pylist()
                 return [[unit, i, (h, w), None] for i, (h, w) in enumerate(zip(hs, ws))]
             rg = self.reader.read_row_group(pf, unit[1])
+            if self.latent_logvar and rg.get("latent_logvar") is None:
+                raise CacheError(f"row group {unit[1]} has no latent_logvar values")
         except CacheError as e:
             raise CacheError(f"{self.reader.dir / shard}: {e}") from None
         except Exception as e:  # pyarrow raises several types for damaged pages
             raise CacheError(f"{self.reader.dir / shard}: row group {unit[1]} unreadable ({e})") from None
-        return [[unit, i, (int(rg["latent_h"][i]), int(rg["latent_w"][i])), _sample(rg, i)]
+        return [[unit, i, (int(rg["latent_h"][i]), int(rg["latent_w"][i])), _sample(rg, i, self.latent_logvar)]
                 for i in range(len(rg["key"]))]
 
     def _open(self, shard: str):
@@ -210,12 +222,15 @@ class CacheStream(IterableDataset):
             epoch, skip = epoch + 1, 0
 
 
-def _sample(rg: dict, i: int) -> dict:
+def _sample(rg: dict, i: int, latent_logvar: bool = False) -> dict:
     # Clones: a view would keep its whole row group alive while the sample waits in the buffer.
     def pick(x):
         return x[i].clone()
-    return {"key": rg["key"][i], "latent": pick(rg["latent"]), "t5": pick(rg["t5"]),
-            "clip": pick(rg["clip"]), "t5_len": int(rg["t5_len"][i])}
+    out = {"key": rg["key"][i], "latent": pick(rg["latent"]), "t5": pick(rg["t5"]),
+           "clip": pick(rg["clip"]), "t5_len": int(rg["t5_len"][i])}
+    if latent_logvar:
+        out["latent_logvar"] = pick(rg["latent_logvar"])
+    return out
 
 
 class StreamPosition:

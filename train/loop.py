@@ -57,7 +57,8 @@ class Trainer:
         if self.device.type == "cuda" and not run.cudnn_sdpa:
             torch.backends.cuda.enable_cudnn_sdp(False)
         # Refuse a wrong cache before building anything expensive.
-        self.train_reader = open_cache(cfg.data.train_cache, cfg.data.expected_t5_mode, "training cache")
+        self.train_reader = open_cache(cfg.data.train_cache, cfg.data.expected_t5_mode, "training cache",
+                                       latent_logvar=cfg.flow.latent == "sample")
         self.val_reader = None
         if cfg.data.val_cache:
             self.val_reader = open_cache(cfg.data.val_cache, self.train_reader.t5_mode, "validation cache")
@@ -97,11 +98,9 @@ class Trainer:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             model.compile_repeated_blocks(fullgraph=False, dynamic=False)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.settings = StepSettings(
-            sampler=cfg.flow.sampler, logit_mean=cfg.flow.logit_mean, logit_std=cfg.flow.logit_std,
-            guidance_dropout=cfg.flow.guidance_dropout, flex_mask=flex_mask,
-            guidance=cfg.model.guidance if model.config.guidance_embeds else None,
-            vae_shift=vae.get("shift_factor", VAE_SHIFT), vae_scale=vae.get("scaling_factor", VAE_SCALE))
+        self.settings = StepSettings.from_config(
+            cfg.flow, (vae.get("shift_factor", VAE_SHIFT), vae.get("scaling_factor", VAE_SCALE)), flex_mask=flex_mask,
+            guidance=cfg.model.guidance if model.config.guidance_embeds else None)
         fused = cfg.optim.fused if cfg.optim.fused is not None else self.device.type == "cuda"
         optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                       weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps, fused=fused)
@@ -181,6 +180,7 @@ class Trainer:
             "t5_mode": m["t5"]["mode"], "t5_max_length": m["t5"]["max_length"],
             **sampling_conventions(self.cfg.model),
             "guidance_dropout": self.cfg.flow.guidance_dropout,
+            "guidance_dropout_mode": self.cfg.flow.guidance_dropout_mode, "latent": self.cfg.flow.latent,
             "guidance_embeds": guidance_embeds,
             # what the sampler should default to: the guidance value trained with, the image size
             "guidance": self.cfg.model.guidance if guidance_embeds else None,
@@ -216,7 +216,8 @@ class Trainer:
         stream = CacheStream(cfg.data.train_cache, batch_size=cfg.data.batch_size, seed=run.seed,
                              rank=acc.process_index, world_size=acc.num_processes,
                              shuffle_buffer=cfg.data.shuffle_buffer, expected_t5_mode=cfg.data.expected_t5_mode,
-                             position=self.position.state_dict() if self.position.workers else None)
+                             position=self.position.state_dict() if self.position.workers else None,
+                             latent_logvar=cfg.flow.latent == "sample")
         stream.row_groups()   # every shard's footer, before step 1: a damaged shard stops the run here
         loader = train_loader(stream, cfg.data.num_workers, pin_memory=self.device.type == "cuda",
                               prefetch_factor=cfg.data.prefetch_factor)

@@ -157,3 +157,40 @@ def test_a_cache_without_logvar_is_refused_for_posterior_samples(tmp_path):
     shard = sorted(cache.glob("*.parquet"))[0]
     with pytest.raises(CacheError, match=f"{shard.name}.*row group 0 has no latent_logvar"):
         next(iter(CacheStream(cache, batch_size=4, latent_logvar=True)))
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"vae": {"scaling_factor": 1.0, "shift_factor": 0.0}}, "vae"),
+    ({"dims": {"latent_channels": 16, "t5_dim": 32, "clip_dim": 64}}, "dims"),
+    ({"t5": {"mode": "trimmed", "max_length": 77}}, "t5 max_length"),
+    ({"encoders": {"t5": {"source": "other", "sha256": "ab"}}}, "encoders"),
+])
+def test_validation_cache_encoded_otherwise_is_refused(tmp_path, change, named):
+    from train.data import open_cache, open_validation_cache
+    train = open_cache(write_cache(tmp_path / "t", 8))
+    val = write_cache(tmp_path / "v", 8, prefix="val")
+    assert open_validation_cache(val, train).num_rows == 8
+    set_manifest(val, **change)
+    with pytest.raises(CacheError, match=f"validation cache .* encoded otherwise .*{named}"):
+        open_validation_cache(val, train)
+
+
+def test_encoders_compare_by_weights_not_by_path(tmp_path):
+    from train.data import open_cache, open_validation_cache
+    train_dir, val = write_cache(tmp_path / "t", 8), write_cache(tmp_path / "v", 8, prefix="val")
+    set_manifest(train_dir, encoders={"vae": {"source": "/a/flux", "sha256": "12"}})
+    set_manifest(val, encoders={"vae": {"source": "/moved/flux", "sha256": "12"}})
+    assert open_validation_cache(val, open_cache(train_dir)).num_rows == 8
+
+
+def test_no_default_vae_factors(tmp_path):
+    from train.data import open_cache, open_validation_cache, vae_factors
+    cache = write_cache(tmp_path / "c", 8)
+    assert vae_factors(open_cache(cache).manifest, "here") == (0.1159, 0.3611)
+    val = write_cache(tmp_path / "v", 8, prefix="val")
+    set_manifest(val, vae={"scaling_factor": 0.3611})
+    with pytest.raises(CacheError, match="v: the manifest has no vae.shift_factor"):
+        open_validation_cache(val, open_cache(cache))
+    set_manifest(cache, vae=None)
+    with pytest.raises(CacheError, match="here: the manifest has no vae.shift_factor"):
+        vae_factors(open_cache(cache).manifest, "here")

@@ -113,6 +113,13 @@ def test_wrong_cache_refused_before_step_one(tmp_path):
     plain = write_cache(tmp_path / "plain", 8)
     with pytest.raises(CacheError, match="no latent_logvar column"):
         Trainer(tiny_config(tmp_path, plain, **{"flow.latent": "sample"}))
+    val = write_cache(tmp_path / "val", 8, prefix="val")
+    set_manifest(val, vae={"scaling_factor": 1.0, "shift_factor": 0.0})
+    with pytest.raises(CacheError, match="encoded otherwise than the training cache"):
+        Trainer(tiny_config(tmp_path, plain, val))
+    set_manifest(plain, vae={})
+    with pytest.raises(CacheError, match="no vae.shift_factor"):
+        Trainer(tiny_config(tmp_path, plain))
     assert not (tmp_path / "run").exists()
 
 

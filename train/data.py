@@ -37,6 +37,38 @@ def open_cache(cache_dir, expected_t5_mode: str | None = None, where: str = "cac
     return reader
 
 
+def vae_factors(manifest: dict, where: str) -> tuple[float, float]:
+    """(shift, scale) of the VAE that encoded the cache's latents. No default: latents scaled with
+    another VAE's factors would train silently on the wrong x0."""
+    vae = manifest.get("vae") or {}
+    if not isinstance(vae.get("shift_factor"), (int, float)) or not isinstance(vae.get("scaling_factor"), (int, float)):
+        raise CacheError(f"{where}: the manifest has no vae.shift_factor and vae.scaling_factor (the latents' "
+                         "scale and shift); a cache written by flux-prep encode records them")
+    return float(vae["shift_factor"]), float(vae["scaling_factor"])
+
+
+def encoding_facts(manifest: dict) -> dict:
+    """What makes two caches' tensors comparable: the encoders (by weight hash, else by source), the
+    VAE's factors, the tensor dims, the T5 mode and length."""
+    encoders = {part: (ident.get("sha256") or ident.get("source")) if isinstance(ident, dict) else ident
+                for part, ident in (manifest.get("encoders") or {}).items()}
+    return {"encoders": encoders, "vae": manifest.get("vae"), "dims": manifest.get("dims"),
+            "t5 mode": manifest["t5"].get("mode"), "t5 max_length": manifest["t5"].get("max_length")}
+
+
+def open_validation_cache(cache_dir, train: CacheReader) -> CacheReader:
+    """Open the held-out cache, refusing one encoded otherwise than the training cache: its loss
+    would measure the difference between the encodings, not the model."""
+    reader = open_cache(cache_dir, train.t5_mode, "validation cache")
+    vae_factors(reader.manifest, f"validation cache {cache_dir}")
+    ours, theirs = encoding_facts(reader.manifest), encoding_facts(train.manifest)
+    diffs = [f"{k}: {ours[k]!r} (training cache: {theirs[k]!r})" for k in ours if ours[k] != theirs[k]]
+    if diffs:
+        raise CacheError(f"validation cache {cache_dir} was encoded otherwise than the training cache "
+                         f"{train.dir}: " + "; ".join(diffs))
+    return reader
+
+
 def _batch_tensor(like: torch.Tensor, shape: tuple) -> torch.Tensor:
     """An uninitialized contiguous tensor for a batch. In a DataLoader worker it is allocated in shared
     memory, the way the batch reaches the trainer: a private tensor would be copied there whole when

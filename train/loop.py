@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from shared.latents import VAE_SCALE, VAE_SHIFT
 from shared.models import ModelLoadError
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import CacheStream, StreamPosition, open_cache, train_loader, validation_batches
+from .data import (CacheStream, StreamPosition, open_cache, open_validation_cache, train_loader, vae_factors,
+                   validation_batches)
 from .model import (EMA, add_lora, build_transformer, check_cache_fits, convert_to_float8, load_lora_state_dict,
                     lora_state_dict, sampling_conventions, use_flex_attention)
 from .step import (EmptyPrompt, StepSettings, ValidationNoise, summarize_validation, to_device, training_loss,
@@ -61,9 +61,9 @@ class Trainer:
                                        latent_logvar=cfg.flow.latent == "sample")
         self.val_reader = None
         if cfg.data.val_cache:
-            self.val_reader = open_cache(cfg.data.val_cache, self.train_reader.t5_mode, "validation cache")
+            self.val_reader = open_validation_cache(cfg.data.val_cache, self.train_reader)
         manifest = self.train_reader.manifest
-        vae = manifest.get("vae", {})
+        vae = vae_factors(manifest, f"training cache {cfg.data.train_cache}")
 
         if run.precision == "fp8" and cfg.lora.rank > 0:
             raise ModelLoadError("run.precision fp8 and LoRA cannot be combined; use bf16 for LoRA")
@@ -99,8 +99,7 @@ class Trainer:
             model.compile_repeated_blocks(fullgraph=False, dynamic=False)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.settings = StepSettings.from_config(
-            cfg.flow, (vae.get("shift_factor", VAE_SHIFT), vae.get("scaling_factor", VAE_SCALE)), flex_mask=flex_mask,
-            guidance=cfg.model.guidance if model.config.guidance_embeds else None)
+            cfg.flow, vae, flex_mask=flex_mask, guidance=cfg.model.guidance if model.config.guidance_embeds else None)
         fused = cfg.optim.fused if cfg.optim.fused is not None else self.device.type == "cuda"
         optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                       weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps, fused=fused)

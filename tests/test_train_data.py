@@ -132,6 +132,19 @@ def test_validation_batches_split_by_rank_in_fixed_order(cache):
     assert one == [k for b in validation_batches(reader, 4) for k in b["key"]]
 
 
+def test_val_max_samples_reads_nothing_after_them(tmp_path):
+    from shared.cache import CacheReader
+    cache = write_cache(tmp_path / "v", 16, rows_per_shard=8, row_group_rows=4, prefix="val")
+    second = sorted(cache.glob("*.parquet"))[1]
+    second.write_bytes(second.read_bytes()[: second.stat().st_size // 2])   # never read below its first 8 rows
+    reader = CacheReader(cache)
+    for cap in (8, 6):
+        keys = [k for b in validation_batches(reader, 4, max_samples=cap) for k in b["key"]]
+        assert keys == [f"val-{i:05d}" for i in range(cap)]
+    with pytest.raises(CacheError, match=second.name):   # what reading one more sample would meet
+        list(validation_batches(reader, 4, max_samples=9))
+
+
 def test_batches_carry_the_posterior_logvar_when_asked(tmp_path):
     from shared.cache import CacheReader
     cache = write_cache(tmp_path / "lv", 8, logvar=True)

@@ -311,27 +311,38 @@ def sample_seed(key: str, salt: int = 0) -> int:
 
 def validation_batches(reader: CacheReader, batch_size: int, rank: int = 0, world_size: int = 1,
                        max_samples: int | None = None):
-    """The held-out cache in manifest order; sample i goes to rank i % world_size; one latent size per batch."""
+    """The held-out cache in manifest order; sample i goes to rank i % world_size; one latent size per
+    batch. With `max_samples`, only the first max_samples samples are read: nothing after them is decoded."""
     buckets: dict[tuple, list] = {}
+    for i, (rg, r) in enumerate(_validation_rows(reader, max_samples)):
+        if i % world_size == rank:
+            size = (int(rg["latent_h"][r]), int(rg["latent_w"][r]))
+            bucket = buckets.setdefault(size, [])
+            bucket.append(_sample(rg, r))
+            if len(bucket) == batch_size:
+                yield collate(bucket, reader.t5_mode)
+                buckets[size] = []
+    for size in sorted(buckets):
+        if buckets[size]:
+            yield collate(buckets[size], reader.t5_mode)
+
+
+def _validation_rows(reader: CacheReader, max_samples: int | None):
+    """(row group, row) of the held-out cache in manifest order, stopping after `max_samples`."""
     i = 0
     for shard in reader.shards:
+        if max_samples is not None and i >= max_samples:
+            return
         pf = reader.open_shard(shard)
         for g in range(pf.num_row_groups):
+            if max_samples is not None and i >= max_samples:
+                return
             try:
                 rg = reader.read_row_group(pf, g)
             except CacheError as e:
                 raise CacheError(f"{Path(reader.dir) / shard}: {e}") from None
             for r in range(len(rg["key"])):
                 if max_samples is not None and i >= max_samples:
-                    break
-                if i % world_size == rank:
-                    size = (int(rg["latent_h"][r]), int(rg["latent_w"][r]))
-                    bucket = buckets.setdefault(size, [])
-                    bucket.append(_sample(rg, r))
-                    if len(bucket) == batch_size:
-                        yield collate(bucket, reader.t5_mode)
-                        buckets[size] = []
+                    return
+                yield rg, r
                 i += 1
-    for size in sorted(buckets):
-        if buckets[size]:
-            yield collate(buckets[size], reader.t5_mode)

@@ -18,6 +18,7 @@ from .data import (CacheStream, StreamPosition, open_cache, open_validation_cach
                    validation_batches)
 from .model import (EMA, add_lora, build_transformer, check_cache_fits, convert_to_float8, load_lora_state_dict,
                     lora_state_dict, sampling_conventions, use_flex_attention)
+from .report import truncate_records
 from .step import (EmptyPrompt, StepSettings, ValidationNoise, summarize_validation, to_device, training_loss,
                    validation_sums)
 
@@ -141,10 +142,7 @@ class Trainer:
             self._truncate_metrics(self.step)
 
     def _truncate_metrics(self, step: int) -> None:
-        path = self.out / "metrics.jsonl"
-        if path.is_file():
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-            path.write_text("".join(ln + "\n" for ln in keep))
+        truncate_records(self.out / "metrics.jsonl", step)
 
     def log(self, record: dict) -> None:
         if self.accelerator.is_main_process:

@@ -138,10 +138,10 @@ def test_corrupt_shard_stops_the_run_naming_it(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--data.train_cache", str(cache), "--model.name", "tiny", "--run.max_steps", "2",
               "--run.output_dir", str(tmp_path / "run"), "--run.precision", "no", "--data.num_workers", "0",
-              "--run.tensorboard", "false", "--run.progress", "false"])
+              "--run.tensorboard", "true", "--run.progress", "false"])
     assert e.value.code == 1
     assert shard.name in capsys.readouterr().err
-    assert not (tmp_path / "run/metrics.jsonl").exists()
+    assert not (tmp_path / "run").exists()   # no config.json, no logs: nothing was trained
 
 
 def test_padded_cache_trains(tmp_path):

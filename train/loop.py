@@ -2,6 +2,7 @@
 validation, checkpoints, metrics. Reads only the cache; writes only under run.output_dir."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -154,11 +155,7 @@ class Trainer:
         if self.val_reader is None:
             return None
         acc = self.accelerator
-        if self._val_batches is None:  # the held-out set is small: read it once, keep it on the host
-            self._val_batches = list(validation_batches(self.val_reader, self.cfg.data.val_batch_size,
-                                                        acc.process_index, acc.num_processes,
-                                                        self.cfg.data.val_max_samples))
-        batches = self._val_batches
+        batches = self._validation_set()
         # Every rank must run the same number of forwards (FSDP gathers weights in each).
         most = int(acc.gather(torch.tensor([len(batches)], device=self.device)).max())
         sums = validation_sums(self.model, batches, self.settings, self.device, noise=self.val_noise)
@@ -166,6 +163,28 @@ class Trainer:
             validation_sums(self.model, batches[:1] or self._any_batch(), self.settings, self.device,
                             noise=self.val_noise)
         return summarize_validation(acc.reduce(sums, reduction="sum"))
+
+    def _validation_set(self) -> list:
+        if self._val_batches is None:  # the held-out set is small: read it once, keep it on the host
+            acc = self.accelerator
+            self._val_batches = list(validation_batches(self.val_reader, self.cfg.data.val_batch_size,
+                                                        acc.process_index, acc.num_processes,
+                                                        self.cfg.data.val_max_samples))
+        return self._val_batches
+
+    def _start_outputs(self, batches):
+        """Read what training needs first, then write config.json and open the logs: a run that fails
+        before step 1 (a damaged cache, a refused data position, an unreadable held-out set) leaves
+        no output behind. Returns the batches, the first one included."""
+        first = next(batches)
+        if self.val_reader is not None:
+            self._validation_set()
+        if self.accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_json(self.out / "config.json", self.cfg.to_dict())
+        if self.cfg.run.tensorboard:
+            self.accelerator.init_trackers("flux-train", config=_flat_hparams(self.cfg))
+        return itertools.chain([first], batches)
 
     def _any_batch(self) -> list:
         return list(validation_batches(self.val_reader, 1, 0, 1, 1))
@@ -204,12 +223,7 @@ class Trainer:
         if run.record_keys:
             inner = on_batch
             on_batch = lambda b: (seen.extend(b["key"]), inner and inner(b))  # noqa: E731
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            ckpt.atomic_write_json(self.out / "config.json", cfg.to_dict())
         self.resume()
-        if run.tensorboard:
-            acc.init_trackers("flux-train", config=_flat_hparams(cfg))
         stream = CacheStream(cfg.data.train_cache, batch_size=cfg.data.batch_size, seed=run.seed,
                              rank=acc.process_index, world_size=acc.num_processes,
                              shuffle_buffer=cfg.data.shuffle_buffer, expected_t5_mode=cfg.data.expected_t5_mode,
@@ -218,7 +232,7 @@ class Trainer:
         stream.row_groups()   # every shard's footer, before step 1: a damaged shard stops the run here
         loader = train_loader(stream, cfg.data.num_workers, pin_memory=self.device.type == "cuda",
                               prefetch_factor=cfg.data.prefetch_factor)
-        batches = iter(loader)
+        batches = self._start_outputs(iter(loader))
         bar = None
         if run.progress and acc.is_main_process:
             from tqdm.auto import tqdm

@@ -160,3 +160,12 @@ def test_tiny_model_learns(tmp_path):
     val = [m["val/loss"] for m in read_metrics(tmp_path / "run") if "val/loss" in m]
     assert len(val) == 2
     assert val[-1] < 0.75 * val[0], val
+
+
+def test_resume_with_another_worker_count_is_refused(tmp_path, caches):
+    settings = {"run.max_steps": 1, "run.checkpoint_every": 1, "data.num_workers": 1}
+    train(tiny_config(tmp_path, caches[0], **settings))
+    more = tiny_config(tmp_path, caches[0], **{**settings, "run.max_steps": 2, "data.num_workers": 2,
+                                             "run.resume": "auto"})
+    with pytest.raises(CacheError, match="saved with 1 DataLoader workers, this run has 2"):
+        train(more)

@@ -293,6 +293,10 @@ class StreamPosition:
         if state.get("world_size", self.world_size) != self.world_size:
             raise CacheError(f"the checkpoint's data position was saved by {state['world_size']} processes, "
                              f"this run has {self.world_size}; resume with the same number")
+        # Each worker's stream is one slot of the epoch's deal: another count deals other row groups.
+        if state.get("num_workers", self.num_workers) != self.num_workers:
+            raise CacheError(f"the checkpoint's data position was saved with {state['num_workers']} DataLoader "
+                             f"workers, this run has {self.num_workers}; set data.num_workers to match")
         self.workers = {k: list(v) for k, v in state.get("workers", {}).items()}
         self.next_worker = int(state.get("next_worker", 0))
         self.samples = int(state.get("samples", 0))

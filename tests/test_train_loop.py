@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_caches import read_metrics, set_manifest, tiny_config, write_cache
+from train_caches import first_step_replayed, read_metrics, set_manifest, tiny_config, write_cache
 
 from shared.cache import CacheError
 from shared.models import TRAINING_INFO, ModelLoadError
@@ -145,9 +145,13 @@ def test_corrupt_shard_stops_the_run_naming_it(tmp_path, capsys):
 
 
 def test_padded_cache_trains(tmp_path):
+    """Padded text reaches the model whole (every position, no mask), and step 1's logged loss is the
+    flow-matching loss of that batch, its guidance dropout included."""
     cache = write_cache(tmp_path / "p", 8, t5_mode="padded")
-    summary = train(tiny_config(tmp_path, cache, **{"run.max_steps": 2, "flow.guidance_dropout": 0.5}))
-    assert summary["step"] == 2 and summary["loss"] > 0
+    trainer = Trainer(tiny_config(tmp_path, cache, **{"run.max_steps": 2, "flow.guidance_dropout": 0.5}))
+    run = first_step_replayed(trainer)
+    assert all("t5_mask" not in b and b["t5"].shape == (4, 32, 64) for b in run["batches"])
+    assert run["logged"] == pytest.approx(run["replayed"], rel=1e-6)
 
 
 def test_tiny_model_learns(tmp_path):

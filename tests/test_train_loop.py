@@ -166,6 +166,24 @@ def test_tiny_model_learns(tmp_path):
     assert val[-1] < 0.75 * val[0], val
 
 
+def test_epochs_set_the_steps_and_one_epoch_sees_each_sample_once(tmp_path):
+    cache = write_cache(tmp_path / "c", 24)   # one latent size: 24 / (batch 4 x accumulation 2) = 3 steps
+    keys = []
+    summary = train(tiny_config(tmp_path, cache, **{"run.max_steps": None, "run.epochs": 1, "run.grad_accum": 2}),
+                    on_batch=lambda b: keys.extend(b["key"]))
+    assert summary["step"] == 3 and [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
+    assert sorted(keys) == [f"train-{i:05d}" for i in range(24)]
+
+
+def test_keep_checkpoints_keeps_the_newest(tmp_path, caches):
+    def steps(keep, out):
+        train(tiny_config(out, caches[0], **{"run.max_steps": 4, "run.checkpoint_every": 1,
+                                           "run.keep_checkpoints": keep}))
+        return sorted(p.name for p in (out / "run/checkpoints").iterdir())
+    assert steps(2, tmp_path / "two") == ["step-3", "step-4"]
+    assert steps(0, tmp_path / "all") == ["step-1", "step-2", "step-3", "step-4"]   # 0: keep every one
+
+
 def test_resume_with_another_worker_count_is_refused(tmp_path, caches):
     settings = {"run.max_steps": 1, "run.checkpoint_every": 1, "data.num_workers": 1}
     train(tiny_config(tmp_path, caches[0], **settings))

@@ -21,6 +21,15 @@ def scale_latents(mean: torch.Tensor, shift: float = VAE_SHIFT, scale: float = V
     return (mean - shift) * scale
 
 
+def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """A sample of the VAE posterior, mean + exp(logvar / 2) * n with n ~ N(0, I) drawn from `generator`,
+    in float32 ([B, C, h, w], before scale/shift). diffusers' own posterior, the one its FLUX training
+    scripts sample (it clamps logvar to [-30, 20], as the VAE does)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    return DiagonalGaussianDistribution(torch.cat([mean.float(), logvar.float()], dim=1)).sample(generator)
+
+
 def unscale_latents(x0: torch.Tensor, shift: float = VAE_SHIFT, scale: float = VAE_SCALE) -> torch.Tensor:
     """Inverse of `scale_latents`: what the VAE decoder takes."""
     return x0 / scale + shift

@@ -68,5 +68,9 @@ def sampling_sigmas(steps: int, image_seq_len: int | None = None, shift: bool = 
 
 
 def validation_timesteps(n: int = 8) -> torch.Tensor:
-    """The MLPerf FLUX validation protocol's fixed timesteps t = i/n, i = 0..n-1."""
-    return torch.arange(n, dtype=torch.float32) / n
+    """The validation loss's fixed timesteps: the midpoints t = (i + 0.5)/n, i = 0..n-1 (float32).
+
+    Stratified as in the SD3 paper and as torchtitan's FLUX validation (`_VALIDATION_TIMESTEPS` in
+    torchtitan/models/flux/flux_datasets.py). Midpoints, not i/n: at t = 0 the model sees the clean
+    latent and must guess the noise, a term near 1 whatever the model, which would dominate the mean."""
+    return (torch.arange(n, dtype=torch.float32) + 0.5) / n

@@ -110,4 +110,10 @@ def test_caption_sources():
     assert read_caption({"json": b'{"caption": "from json"}'}) == ("from json", None)
     assert read_caption({"json": b'{"url": "x"}'}) == (None, "no_caption")
     assert read_caption({"txt": b"\xff\xfe bad"}) == (None, "bad_caption_encoding")
-    assert isinstance(RawSample("k").files, dict)
+    assert read_caption({"txt": b"  \n", "json": b'{"caption": "no"}'}) == (None, "empty_file")   # .txt decides
+    assert read_caption({"json": b'{"caption": "   "}'}) == (None, "no_caption")
+    assert read_caption({"json": b'["a list"]'}) == (None, "no_caption")
+    # Each sample gets its own files (a shared default dict would carry one sample's files into the next).
+    a, b = RawSample("a"), RawSample("b")
+    a.files["txt"] = b"x"
+    assert b.files == {}

@@ -62,4 +62,8 @@ def test_samplers_are_seeded():
 
 
 def test_validation_timesteps():
-    assert validation_timesteps().tolist() == [i / 8 for i in range(8)]
+    # torchtitan/models/flux/flux_datasets.py: _VALIDATION_TIMESTEPS = tuple((index + 0.5) / 8 for index in
+    # range(8)), the stratified midpoints of the SD3 paper (arXiv:2403.03206), written out: 1/16, 3/16, ..., 15/16.
+    assert validation_timesteps().tolist() == [0.0625, 0.1875, 0.3125, 0.4375, 0.5625, 0.6875, 0.8125, 0.9375]
+    assert validation_timesteps(4).tolist() == [0.125, 0.375, 0.625, 0.875]
+    assert validation_timesteps().dtype == torch.float32

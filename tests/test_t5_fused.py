@@ -1,4 +1,6 @@
 """The fused T5 forward (shared/t5_fused.py) computes what transformers' T5EncoderModel computes."""
+import math
+
 import pytest
 import torch
 from transformers import T5Config, T5EncoderModel
@@ -28,15 +30,26 @@ def test_fused_matches_transformers_in_fp32(tiny_model, masked):
 
 
 def test_fused_matches_transformers_in_bf16_within_rounding(tiny_model):
+    """The two bf16 forwards round differently, so they agree to bf16's precision only: T5's output
+    (after its final RMS norm, values of order 1) differs by at most 4 units in the last place (ulp)
+    of its largest value, and the fused forward is no further from the fp32 result (in RMS) than
+    transformers' own bf16 forward is. Per element, small values may differ by many of their own
+    ulps (the rounding errors of earlier layers are of the scale of the whole vector)."""
     tok, t5 = load_t5(str(tiny_model), torch.bfloat16, torch.device("cpu"))
     fused = FusedT5Encoder(t5)
     ids = _inputs(tok)
+    _, t5_fp32 = load_t5(str(tiny_model), torch.float32, torch.device("cpu"))
     with torch.no_grad():
         ref = t5(ids.input_ids, attention_mask=ids.attention_mask)[0].float()
+        exact = t5_fp32(ids.input_ids, attention_mask=ids.attention_mask)[0]
     out = fused(ids.input_ids, attention_mask=ids.attention_mask)[0].float()
     assert out.dtype == torch.float32 and fused.dtype == torch.bfloat16
-    # bf16 keeps 8 bits of mantissa: differences of a few units in the last place, not more.
-    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+    ulp = torch.finfo(torch.bfloat16).eps * 2.0 ** math.floor(math.log2(ref.abs().max().item()))
+    assert (out - ref).abs().max() <= 4 * ulp
+
+    def rms(x):
+        return x.pow(2).mean().sqrt().item()
+    assert rms(out - exact) <= 1.1 * rms(ref - exact)
 
 
 def test_release_source_frees_the_copied_weights_and_keeps_the_function(tiny_model):

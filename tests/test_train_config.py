@@ -84,6 +84,25 @@ def test_pipeline_params_presets_hold_every_key_dvc_reads(path):
             node = node[part]
 
 
+def test_cc12m_schnell_preset_is_the_reference_setting():
+    """The values of torchtitan's flux_schnell() (torchtitan/models/flux/config_registry.py), which
+    MLPerf's FLUX.1 benchmark adapts, written out: the preset must keep them."""
+    import yaml
+    path = REPO / "configs/params/cc12m-schnell.yaml"
+    params, cfg = yaml.safe_load(path.read_text()), load_config(path)
+    assert (cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.eps, cfg.optim.weight_decay, cfg.optim.grad_clip) == \
+        (1e-4, (0.9, 0.95), 1e-8, 0.1, 1.0)
+    assert (cfg.schedule.kind, cfg.schedule.warmup_steps, cfg.run.max_steps) == ("constant", 3000, 30000)
+    assert (cfg.flow.sampler, cfg.flow.guidance_dropout, cfg.flow.guidance_dropout_mode) == \
+        ("uniform", 0.447, "independent")
+    assert (params["encode"]["t5_mode"], params["encode"]["t5_max_length"], params["encode"]["resolution"]) == \
+        ("padded", 256, 256)
+    processes = int(params["launch"]["train"].split("--num_processes")[1].split()[0])
+    assert cfg.data.batch_size * cfg.run.grad_accum * processes == 64 * 8   # 64 per rank, 8 ranks
+    # The posterior sample needs the log-variance in the cache: the encode command stores it.
+    assert cfg.flow.latent == "sample" and "--store-logvar" in params["launch"]["encode"]
+
+
 def test_help_lists_every_key_and_the_choices_of_closed_ones():
     from train.config import CHOICES, TrainConfig, help_text
     text = help_text()

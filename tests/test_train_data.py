@@ -130,3 +130,80 @@ def test_validation_batches_split_by_rank_in_fixed_order(cache):
     two = [[k for b in validation_batches(reader, 4, r, 2) for k in b["key"]] for r in range(2)]
     assert sorted(one) == sorted(two[0] + two[1]) and not set(two[0]) & set(two[1])
     assert one == [k for b in validation_batches(reader, 4) for k in b["key"]]
+
+
+def test_val_max_samples_reads_nothing_after_them(tmp_path):
+    from shared.cache import CacheReader
+    cache = write_cache(tmp_path / "v", 16, rows_per_shard=8, row_group_rows=4, prefix="val")
+    second = sorted(cache.glob("*.parquet"))[1]
+    second.write_bytes(second.read_bytes()[: second.stat().st_size // 2])   # never read below its first 8 rows
+    reader = CacheReader(cache)
+    for cap in (8, 6):
+        keys = [k for b in validation_batches(reader, 4, max_samples=cap) for k in b["key"]]
+        assert keys == [f"val-{i:05d}" for i in range(cap)]
+    with pytest.raises(CacheError, match=second.name):   # what reading one more sample would meet
+        list(validation_batches(reader, 4, max_samples=9))
+
+
+def test_batches_carry_the_posterior_logvar_when_asked(tmp_path):
+    from shared.cache import CacheReader
+    cache = write_cache(tmp_path / "lv", 8, logvar=True)
+    stored = {}
+    reader = CacheReader(cache)
+    for shard in reader.shards:
+        for rg in reader.iter_shard(shard):
+            stored.update({k: (rg["latent"][i], rg["latent_logvar"][i]) for i, k in enumerate(rg["key"])})
+    batches = [b for _, b in zip(range(2), iter(CacheStream(cache, batch_size=4, latent_logvar=True)))]
+    for b in batches:
+        assert b["latent_logvar"].shape == b["latent"].shape
+        for i, k in enumerate(b["key"]):
+            assert torch.equal(b["latent"][i], stored[k][0]) and torch.equal(b["latent_logvar"][i], stored[k][1])
+    assert "latent_logvar" not in next(iter(CacheStream(cache, batch_size=4)))   # not read unless asked
+
+
+def test_a_cache_without_logvar_is_refused_for_posterior_samples(tmp_path):
+    cache = write_cache(tmp_path / "c", 8)
+    with pytest.raises(CacheError, match="no latent_logvar column.*--store-logvar"):
+        CacheStream(cache, batch_size=4, latent_logvar=True)
+    # A manifest that claims the column over shards without it: refused at the row group, naming it.
+    set_manifest(cache, dtypes={"latent": "float32", "t5": "float32", "clip": "float32", "latent_logvar": "float32"})
+    shard = sorted(cache.glob("*.parquet"))[0]
+    with pytest.raises(CacheError, match=f"{shard.name}.*row group 0 has no latent_logvar"):
+        next(iter(CacheStream(cache, batch_size=4, latent_logvar=True)))
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"vae": {"scaling_factor": 1.0, "shift_factor": 0.0}}, "vae"),
+    ({"dims": {"latent_channels": 16, "t5_dim": 32, "clip_dim": 64}}, "dims"),
+    ({"t5": {"mode": "trimmed", "max_length": 77}}, "t5 max_length"),
+    ({"encoders": {"t5": {"source": "other", "sha256": "ab"}}}, "encoders"),
+])
+def test_validation_cache_encoded_otherwise_is_refused(tmp_path, change, named):
+    from train.data import open_cache, open_validation_cache
+    train = open_cache(write_cache(tmp_path / "t", 8))
+    val = write_cache(tmp_path / "v", 8, prefix="val")
+    assert open_validation_cache(val, train).num_rows == 8
+    set_manifest(val, **change)
+    with pytest.raises(CacheError, match=f"validation cache .* encoded otherwise .*{named}"):
+        open_validation_cache(val, train)
+
+
+def test_encoders_compare_by_weights_not_by_path(tmp_path):
+    from train.data import open_cache, open_validation_cache
+    train_dir, val = write_cache(tmp_path / "t", 8), write_cache(tmp_path / "v", 8, prefix="val")
+    set_manifest(train_dir, encoders={"vae": {"source": "/a/flux", "sha256": "12"}})
+    set_manifest(val, encoders={"vae": {"source": "/moved/flux", "sha256": "12"}})
+    assert open_validation_cache(val, open_cache(train_dir)).num_rows == 8
+
+
+def test_no_default_vae_factors(tmp_path):
+    from train.data import open_cache, open_validation_cache, vae_factors
+    cache = write_cache(tmp_path / "c", 8)
+    assert vae_factors(open_cache(cache).manifest, "here") == (0.1159, 0.3611)
+    val = write_cache(tmp_path / "v", 8, prefix="val")
+    set_manifest(val, vae={"scaling_factor": 0.3611})
+    with pytest.raises(CacheError, match="v: the manifest has no vae.shift_factor"):
+        open_validation_cache(val, open_cache(cache))
+    set_manifest(cache, vae=None)
+    with pytest.raises(CacheError, match="here: the manifest has no vae.shift_factor"):
+        vae_factors(open_cache(cache).manifest, "here")

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_caches import read_metrics, set_manifest, tiny_config, write_cache
+from train_caches import first_step_replayed, read_metrics, set_manifest, tiny_config, write_cache
 
 from shared.cache import CacheError
 from shared.models import TRAINING_INFO, ModelLoadError
@@ -111,6 +111,16 @@ def test_wrong_cache_refused_before_step_one(tmp_path):
     set_manifest(padded, schema_version=2)
     with pytest.raises(CacheError, match="schema version"):
         Trainer(tiny_config(tmp_path, padded))
+    plain = write_cache(tmp_path / "plain", 8)
+    with pytest.raises(CacheError, match="no latent_logvar column"):
+        Trainer(tiny_config(tmp_path, plain, **{"flow.latent": "sample"}))
+    val = write_cache(tmp_path / "val", 8, prefix="val")
+    set_manifest(val, vae={"scaling_factor": 1.0, "shift_factor": 0.0})
+    with pytest.raises(CacheError, match="encoded otherwise than the training cache"):
+        Trainer(tiny_config(tmp_path, plain, val))
+    set_manifest(plain, vae={})
+    with pytest.raises(CacheError, match="no vae.shift_factor"):
+        Trainer(tiny_config(tmp_path, plain))
     assert not (tmp_path / "run").exists()
 
 
@@ -129,16 +139,20 @@ def test_corrupt_shard_stops_the_run_naming_it(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--data.train_cache", str(cache), "--model.name", "tiny", "--run.max_steps", "2",
               "--run.output_dir", str(tmp_path / "run"), "--run.precision", "no", "--data.num_workers", "0",
-              "--run.tensorboard", "false", "--run.progress", "false"])
+              "--run.tensorboard", "true", "--run.progress", "false"])
     assert e.value.code == 1
     assert shard.name in capsys.readouterr().err
-    assert not (tmp_path / "run/metrics.jsonl").exists()
+    assert not (tmp_path / "run").exists()   # no config.json, no logs: nothing was trained
 
 
 def test_padded_cache_trains(tmp_path):
+    """Padded text reaches the model whole (every position, no mask), and step 1's logged loss is the
+    flow-matching loss of that batch, its guidance dropout included."""
     cache = write_cache(tmp_path / "p", 8, t5_mode="padded")
-    summary = train(tiny_config(tmp_path, cache, **{"run.max_steps": 2, "flow.guidance_dropout": 0.5}))
-    assert summary["step"] == 2 and summary["loss"] > 0
+    trainer = Trainer(tiny_config(tmp_path, cache, **{"run.max_steps": 2, "flow.guidance_dropout": 0.5}))
+    run = first_step_replayed(trainer)
+    assert all("t5_mask" not in b and b["t5"].shape == (4, 32, 64) for b in run["batches"])
+    assert run["logged"] == pytest.approx(run["replayed"], rel=1e-6)
 
 
 def test_tiny_model_learns(tmp_path):
@@ -160,3 +174,30 @@ def test_a_small_cache_trains_with_fewer_workers(tmp_path, capsys):
     assert "too few row groups for data.num_workers 2 per process: using 1" in capsys.readouterr().out
     summary = trainer.train()
     assert summary["step"] == 3
+
+
+def test_epochs_set_the_steps_and_one_epoch_sees_each_sample_once(tmp_path):
+    cache = write_cache(tmp_path / "c", 24)   # one latent size: 24 / (batch 4 x accumulation 2) = 3 steps
+    keys = []
+    summary = train(tiny_config(tmp_path, cache, **{"run.max_steps": None, "run.epochs": 1, "run.grad_accum": 2}),
+                    on_batch=lambda b: keys.extend(b["key"]))
+    assert summary["step"] == 3 and [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
+    assert sorted(keys) == [f"train-{i:05d}" for i in range(24)]
+
+
+def test_keep_checkpoints_keeps_the_newest(tmp_path, caches):
+    def steps(keep, out):
+        train(tiny_config(out, caches[0], **{"run.max_steps": 4, "run.checkpoint_every": 1,
+                                           "run.keep_checkpoints": keep}))
+        return sorted(p.name for p in (out / "run/checkpoints").iterdir())
+    assert steps(2, tmp_path / "two") == ["step-3", "step-4"]
+    assert steps(0, tmp_path / "all") == ["step-1", "step-2", "step-3", "step-4"]   # 0: keep every one
+
+
+def test_resume_with_another_worker_count_is_refused(tmp_path, caches):
+    settings = {"run.max_steps": 1, "run.checkpoint_every": 1, "data.num_workers": 1}
+    train(tiny_config(tmp_path, caches[0], **settings))
+    more = tiny_config(tmp_path, caches[0], **{**settings, "run.max_steps": 2, "data.num_workers": 2,
+                                             "run.resume": "auto"})
+    with pytest.raises(CacheError, match="saved with 1 DataLoader workers, this run has 2"):
+        train(more)

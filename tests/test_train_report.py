@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from train.report import loss_curve_csv, main, read_records, summarize
+from train.report import loss_curve_csv, main, read_records, summarize, truncate_records
 
 # What the trainer logs (train/loop.py): validation records carry val/loss and its per-timestep
 # parts (val/loss_t{i}_{n}); training records carry loss, lr and images_per_s.
@@ -110,3 +110,29 @@ def test_main_run_dir_without_metrics_file(tmp_path, capsys):
     run.mkdir()   # the trainer has not logged yet
     assert main([str(run), "--summary", str(tmp_path / "s.json"), "--curve", str(tmp_path / "c.csv")]) == 2
     assert "has the run finished?" in capsys.readouterr().err
+
+
+def test_truncate_keeps_steps_up_to_the_checkpoint_and_drops_a_torn_last_line(tmp_path):
+    run = _write_run(tmp_path / "run", RECORDS)
+    path = run / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"step": 50, "loss": 0.')     # a kill during the append
+    truncate_records(path, 20)
+    assert read_records(run) == [r for r in RECORDS if r["step"] <= 20]
+    assert path.read_text().endswith("}\n") and [p.name for p in run.iterdir()] == ["metrics.jsonl"]
+    path.write_text(path.read_text() + json.dumps({"step": 30, "loss": 0.2}))   # whole, only its newline lost
+    truncate_records(path, 30)
+    assert read_records(run)[-1] == {"step": 30, "loss": 0.2} and path.read_text().endswith("}\n")
+
+
+def test_a_damaged_record_before_the_last_is_an_error_naming_it(tmp_path, capsys):
+    lines = [json.dumps(r) for r in RECORDS]
+    lines.insert(2, '{"step": 15, "lo')
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="metrics.jsonl: record 3 is not JSON"):
+        truncate_records(run / "metrics.jsonl", 20)
+    assert (run / "metrics.jsonl").read_text() == before
+    assert main([str(run), "--summary", str(tmp_path / "s.json"), "--curve", str(tmp_path / "c.csv")]) == 2
+    assert "record 3 is not JSON" in capsys.readouterr().err

@@ -5,8 +5,8 @@ import torch
 from shared.latents import pack_latents
 from shared.presets import transformer_config
 from train.model import use_flex_attention
-from train.step import (EmptyPrompt, StepSettings, ValidationNoise, draw, drop_text, summarize_validation,
-                        training_loss, validation_sums)
+from train.step import (EmptyPrompt, StepSettings, ValidationNoise, draw, drop_text, flow_matching_loss,
+                        predict, summarize_validation, training_loss, validation_sums)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,65 @@ def test_guidance_dropout_uses_empty_prompt():
     assert mask[0].tolist() == [True, True, False, False, False] and mask[1].all()
     assert torch.equal(clip[2], torch.full((64,), 2.0)) and torch.equal(t5[1], batch["t5"][1])
     coins = draw(make_batch(b=4000, h=2, w=2), StepSettings(guidance_dropout=0.1), torch.Generator().manual_seed(0))
-    assert 0.07 < coins["drop"].float().mean() < 0.13
+    assert 0.07 < coins["drop_t5"].float().mean() < 0.13 and coins["drop_clip"] is coins["drop_t5"]   # joint
+
+
+def test_padded_text_dropout_gives_every_position_of_the_empty_prompt():
+    batch = make_batch(b=3, length=4)                  # padded: no mask, every caption has all 4 positions
+    empty = EmptyPrompt({"t5": torch.full((4, 64), 3.0), "clip": torch.full((64,), 2.0),
+                         "t5_len": torch.tensor(1)}, "cpu")
+    t5, clip, mask = drop_text(batch, empty, torch.tensor([False, True, False]))
+    assert mask is None
+    assert torch.equal(t5[1], torch.full((4, 64), 3.0)) and torch.equal(clip[1], torch.full((64,), 2.0))
+    assert torch.equal(t5[[0, 2]], batch["t5"][[0, 2]]) and torch.equal(clip[[0, 2]], batch["clip"][[0, 2]])
+    with pytest.raises(ValueError, match="empty-prompt T5 has 4 positions, the batch 5"):
+        drop_text(make_batch(b=3, length=5), empty, torch.tensor([False, True, False]))
+
+
+def test_independent_dropout_drops_t5_and_clip_with_a_coin_each():
+    batch = make_batch(b=2, length=5)
+    batch["t5_mask"] = torch.ones(2, 5, dtype=torch.bool)
+    empty = EmptyPrompt({"t5": torch.full((2, 64), 3.0), "clip": torch.full((64,), 2.0),
+                         "t5_len": torch.tensor(2)}, "cpu")
+    t5, clip, mask = drop_text(batch, empty, torch.tensor([True, False]), torch.tensor([False, True]))
+    assert torch.equal(t5[0, :2], torch.full((2, 64), 3.0)) and torch.equal(clip[0], batch["clip"][0])
+    assert mask[0].tolist() == [True, True, False, False, False]        # the mask follows the T5 coin
+    assert torch.equal(t5[1], batch["t5"][1]) and mask[1].all() and torch.equal(clip[1], torch.full((64,), 2.0))
+    # torchtitan's p = 0.447: each encoder dropped 44.7% of the time, both together p^2 = 20%.
+    coins = draw(make_batch(b=20000, h=2, w=2), StepSettings(guidance_dropout=0.447, dropout_mode="independent"),
+                 torch.Generator().manual_seed(0))
+    t5_rate, clip_rate = coins["drop_t5"].float().mean(), coins["drop_clip"].float().mean()
+    both = (coins["drop_t5"] & coins["drop_clip"]).float().mean()
+    assert abs(t5_rate - 0.447) < 0.015 and abs(clip_rate - 0.447) < 0.015 and abs(both - 0.2) < 0.015
+
+
+def test_draws_come_in_the_documented_order():
+    """timesteps, noise, T5 coins, CLIP coins (independent), posterior noise (latent: sample): the
+    order a resumed run replays from the restored generator, with the defaults' draws first."""
+    batch = make_batch(b=3, h=4, w=4)
+    batch["latent_logvar"] = -2.0 + torch.randn(batch["latent"].shape, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(11)
+    t, noise = torch.rand(3, generator=g), torch.randn(batch["latent"].shape, generator=g)
+    t5_coins, clip_coins = torch.rand(3, generator=g) < 0.5, torch.rand(3, generator=g) < 0.5
+    posterior_noise = torch.randn(batch["latent"].shape, generator=g)
+    settings = StepSettings(guidance_dropout=0.5, dropout_mode="independent", latent="sample")
+    r = draw(batch, settings, torch.Generator().manual_seed(11))
+    assert torch.equal(r["t"], t) and torch.equal(r["noise"], noise)
+    assert torch.equal(r["drop_t5"], t5_coins) and torch.equal(r["drop_clip"], clip_coins)
+    torch.testing.assert_close(r["latent"], batch["latent"] + torch.exp(batch["latent_logvar"] / 2) * posterior_noise)
+    joint = draw(batch, StepSettings(guidance_dropout=0.5), torch.Generator().manual_seed(11))
+    assert torch.equal(joint["drop_t5"], t5_coins) and "latent" not in joint   # the same first draws
+
+
+def test_posterior_sample_is_what_the_loss_trains_on(model):
+    batch = make_batch(b=2, h=4, w=4)
+    batch["latent_logvar"] = torch.full(batch["latent"].shape, -1.0)
+    sample, mean = StepSettings(latent="sample"), StepSettings()
+    r = draw(batch, sample, torch.Generator().manual_seed(3))
+    expected = flow_matching_loss(model, r["latent"], batch["t5"], batch["clip"], None, r["t"], r["noise"], sample)
+    loss = training_loss(model, batch, sample, torch.Generator().manual_seed(3), None)
+    torch.testing.assert_close(loss, expected.mean(), rtol=1e-6, atol=1e-7)
+    assert abs(loss - training_loss(model, batch, mean, torch.Generator().manual_seed(3), None)) > 1e-4
 
 
 def test_validation_is_identical_on_rerun_and_in_any_batching(model):
@@ -134,3 +192,37 @@ def test_validation_noise_is_drawn_once_and_reused_with_the_same_values(model, m
     assert torch.equal(validation_sums(model, batches, settings, "cpu", noise=capped), reference)
     assert torch.equal(validation_sums(model, batches, settings, "cpu", noise=capped), reference)
     assert capped.draws == 16 + 8 and [k[0] for k in drawn[16:]] == ["s1-0"] * 8
+
+
+# torchtitan/models/flux/flux_datasets.py: _VALIDATION_TIMESTEPS = tuple((index + 0.5) / 8 for index in range(8))
+REFERENCE_TIMESTEPS = [0.0625, 0.1875, 0.3125, 0.4375, 0.5625, 0.6875, 0.8125, 0.9375]
+
+
+def test_validation_loss_is_squared_error_over_latent_elements_at_the_reference_timesteps(model):
+    """As torchtitan's FluxValidator: summed squared error (mse reduction="sum") over the summed
+    latent element count, so a sample weighs by its latent size, at the stratified timesteps."""
+    from shared.latents import scale_latents
+    from train.step import validation_noise
+    big, small = make_batch(b=2, h=8, w=8, seed=1), make_batch(b=3, h=4, w=4, seed=2)
+    for i, b in enumerate((big, small)):
+        b["key"] = [f"v{i}-{j}" for j in range(len(b["key"]))]
+    got = summarize_validation(validation_sums(model, [big, small], StepSettings(), "cpu"))
+
+    sse = torch.zeros(8, dtype=torch.float64)
+    per_sample_means = []
+    with torch.no_grad():
+        for b in (big, small):
+            for i, t in enumerate(REFERENCE_TIMESTEPS):
+                noise = validation_noise(b["key"], tuple(b["latent"].shape[1:]), i)
+                x0 = scale_latents(b["latent"])
+                pred = predict(model, (1 - t) * x0 + t * noise, torch.full((len(b["key"]),), t), b["t5"], b["clip"],
+                               None, None)
+                err = (pred - pack_latents(noise - x0)).double().pow(2)
+                sse[i] += err.sum()
+                per_sample_means += err.mean(dim=(1, 2)).tolist()
+    elements = big["latent"].numel() + small["latent"].numel()   # at each timestep
+    for i in range(8):
+        assert got[f"val/loss_t{i}_8"] == pytest.approx(float(sse[i] / elements), rel=1e-5)
+    assert got["val/loss"] == pytest.approx(float(sse.sum() / (8 * elements)), rel=1e-5)
+    # One weight per sample would give another number: the test tells the two apart.
+    assert abs(sum(per_sample_means) / len(per_sample_means) - got["val/loss"]) > 1e-3 * got["val/loss"]

@@ -17,22 +17,24 @@ T5_DIM, CLIP_DIM, CHANNELS, MAX_LEN = 64, 64, 16, 32
 
 def write_cache(out_dir, n: int, *, t5_mode: str = "trimmed", sizes=((8, 8),), rows_per_shard: int = 16,
                 row_group_rows: int = 4, seed: int = 0, prefix: str = "train", classes: int = 4,
-                dtype: str = "float32") -> Path:
+                dtype: str = "float32", logvar: bool = False) -> Path:
+    """`logvar`: also store a posterior log-variance per sample (as encode --store-logvar)."""
     out_dir = Path(out_dir)
     g = torch.Generator().manual_seed(seed)
     proto = torch.Generator().manual_seed(1234)   # class prototypes shared by train and val caches
     patterns = {s: torch.randn(classes, CHANNELS, *s, generator=proto) for s in sizes}
     text = torch.randn(classes, MAX_LEN, T5_DIM, generator=proto)
     clip = torch.randn(classes, CLIP_DIM, generator=proto)
-    dtypes = {"latent": dtype, "t5": dtype, "clip": dtype}
+    dtypes = {"latent": dtype, "t5": dtype, "clip": dtype, **({"latent_logvar": dtype} if logvar else {})}
     with CacheWriter(out_dir, prefix, dtypes, rows_per_shard=rows_per_shard, row_group_rows=row_group_rows) as w:
         for i in range(n):
             c = int(torch.randint(classes, (1,), generator=g))
             size = sizes[i % len(sizes)]
             length = MAX_LEN if t5_mode == "padded" else 3 + int(torch.randint(MAX_LEN - 3, (1,), generator=g))
             latent = patterns[size][c] + 0.1 * torch.randn(CHANNELS, *size, generator=g)
+            lv = -3.0 + 0.5 * torch.randn(CHANNELS, *size, generator=g) if logvar else None
             w.add(key=f"{prefix}-{i:05d}", caption=f"class {c}", latent=latent, t5=text[c, :length],
-                  t5_len=length, clip=clip[c], width=size[1] * 8, height=size[0] * 8)
+                  t5_len=length, clip=clip[c], width=size[1] * 8, height=size[0] * 8, latent_logvar=lv)
         shards = w.close()
     save_file({"t5": torch.zeros(MAX_LEN if t5_mode == "padded" else 1, T5_DIM), "clip": torch.zeros(CLIP_DIM),
                "t5_len": torch.tensor(1)}, str(out_dir / "empty_prompt.safetensors"))
@@ -70,3 +72,22 @@ def tiny_config(tmp_path, train_cache, val_cache=None, **overrides):
 def read_metrics(run_dir) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln]
+
+
+def first_step_replayed(trainer) -> dict:
+    """Train `trainer` to the end, then replay its first step by hand: the first batch's loss under the
+    initial weights, from the trainer's own generator state and step settings. Returns the batches
+    consumed, the loss step 1 logged, the replayed one, the initial model and generator state."""
+    import copy
+
+    from train.step import EmptyPrompt, training_loss
+    initial = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model))
+    state = trainer.generator.get_state()
+    generator = torch.Generator().set_state(state)
+    batches: list = []
+    trainer.train(on_batch=batches.append)
+    empty = EmptyPrompt(trainer.train_reader.empty_prompt(), "cpu") if trainer.empty is not None else None
+    with torch.no_grad():
+        replayed = training_loss(initial, batches[0], trainer.settings, generator, empty).item()
+    logged = next(m["loss"] for m in read_metrics(trainer.out) if m.get("step") == 1 and "loss" in m)
+    return {"batches": batches, "logged": logged, "replayed": replayed, "initial": initial, "generator_state": state}

@@ -77,6 +77,11 @@ class FlowConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     guidance_dropout: float = 0.1         # p of replacing T5+CLIP by the empty prompt's
+    # joint: one coin per sample drops T5 and CLIP together (p of both); independent: a coin each, as
+    # torchtitan/MLPerf (p = 0.447 drops both about 20% of the time, each alone 25%)
+    guidance_dropout_mode: str = "joint"
+    latent: str = "mean"                  # mean: the VAE posterior's mean; sample: mean + exp(logvar/2) * n,
+    #                                       drawn each step (as torchtitan; needs a cache encoded with --store-logvar)
 
 
 @dataclass
@@ -145,6 +150,8 @@ CHOICES = {
     ("model", "init"): ("random", "pretrained"),
     ("schedule", "kind"): ("constant", "cosine"),
     ("flow", "sampler"): ("uniform", "logit_normal", "flux_shift"),
+    ("flow", "guidance_dropout_mode"): ("joint", "independent"),
+    ("flow", "latent"): ("mean", "sample"),
     ("run", "precision"): ("bf16", "fp8", "no"),
     ("model", "weights_dtype"): ("fp32", "bf16"),
     ("model", "quantize_base"): ("none", "float8", "int8", "nf4"),

@@ -25,10 +25,47 @@ from shared.cache import CacheError, CacheReader, check_t5_mode
 from shared.text import T5_PAD_MULTIPLE, round_up
 
 
-def open_cache(cache_dir, expected_t5_mode: str | None = None, where: str = "cache") -> CacheReader:
-    """Open a cache and refuse one of another schema version (read_manifest) or T5 mode."""
+def open_cache(cache_dir, expected_t5_mode: str | None = None, where: str = "cache",
+               latent_logvar: bool = False) -> CacheReader:
+    """Open a cache and refuse one of another schema version (read_manifest) or T5 mode, or one
+    without the posterior's log-variance when `latent_logvar` (flow.latent: sample) needs it."""
     reader = CacheReader(cache_dir)
     check_t5_mode(reader.manifest, expected_t5_mode, where=f"{where} {cache_dir}")
+    if latent_logvar and "latent_logvar" not in reader.manifest["dtypes"]:
+        raise CacheError(f"{where} {cache_dir} has no latent_logvar column, which flow.latent: sample needs "
+                         "(the posterior's log-variance): encode with --store-logvar, or use flow.latent: mean")
+    return reader
+
+
+def vae_factors(manifest: dict, where: str) -> tuple[float, float]:
+    """(shift, scale) of the VAE that encoded the cache's latents. No default: latents scaled with
+    another VAE's factors would train silently on the wrong x0."""
+    vae = manifest.get("vae") or {}
+    if not isinstance(vae.get("shift_factor"), (int, float)) or not isinstance(vae.get("scaling_factor"), (int, float)):
+        raise CacheError(f"{where}: the manifest has no vae.shift_factor and vae.scaling_factor (the latents' "
+                         "scale and shift); a cache written by flux-prep encode records them")
+    return float(vae["shift_factor"]), float(vae["scaling_factor"])
+
+
+def encoding_facts(manifest: dict) -> dict:
+    """What makes two caches' tensors comparable: the encoders (by weight hash, else by source), the
+    VAE's factors, the tensor dims, the T5 mode and length."""
+    encoders = {part: (ident.get("sha256") or ident.get("source")) if isinstance(ident, dict) else ident
+                for part, ident in (manifest.get("encoders") or {}).items()}
+    return {"encoders": encoders, "vae": manifest.get("vae"), "dims": manifest.get("dims"),
+            "t5 mode": manifest["t5"].get("mode"), "t5 max_length": manifest["t5"].get("max_length")}
+
+
+def open_validation_cache(cache_dir, train: CacheReader) -> CacheReader:
+    """Open the held-out cache, refusing one encoded otherwise than the training cache: its loss
+    would measure the difference between the encodings, not the model."""
+    reader = open_cache(cache_dir, train.t5_mode, "validation cache")
+    vae_factors(reader.manifest, f"validation cache {cache_dir}")
+    ours, theirs = encoding_facts(reader.manifest), encoding_facts(train.manifest)
+    diffs = [f"{k}: {ours[k]!r} (training cache: {theirs[k]!r})" for k in ours if ours[k] != theirs[k]]
+    if diffs:
+        raise CacheError(f"validation cache {cache_dir} was encoded otherwise than the training cache "
+                         f"{train.dir}: " + "; ".join(diffs))
     return reader
 
 
@@ -50,13 +87,15 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
 def collate(items: list[dict], t5_mode: str) -> dict:
     """Samples of one latent size -> a batch. Trimmed T5 is zero-padded to the batch's longest
     caption, rounded up to T5_PAD_MULTIPLE, with a mask (True = real token); padded T5 has no
-    mask (FLUX attends to all of it)."""
+    mask (FLUX attends to all of it). `latent_logvar` comes along when the samples carry it."""
     batch = {
         "key": [it["key"] for it in items],
         "latent": _stack([it["latent"] for it in items]),
         "clip": _stack([it["clip"] for it in items]),
         "t5_len": torch.tensor([it["t5_len"] for it in items], dtype=torch.int64),
     }
+    if "latent_logvar" in items[0]:
+        batch["latent_logvar"] = _stack([it["latent_logvar"] for it in items])
     if t5_mode == "padded":
         batch["t5"] = _stack([it["t5"] for it in items])
     else:
@@ -75,11 +114,14 @@ def collate(items: list[dict], t5_mode: str) -> dict:
 class CacheStream(IterableDataset):
     """Infinite stream of training batches from one cache, for one rank.
 
-    `position` (from `StreamPosition.state_dict`) resumes where a previous run stopped."""
+    `position` (from `StreamPosition.state_dict`) resumes where a previous run stopped. With
+    `latent_logvar` the batches also carry the posterior's log-variance (flow.latent: sample)."""
 
     def __init__(self, cache_dir, *, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle_buffer: int = 256, expected_t5_mode: str | None = None, position: dict | None = None):
-        self.reader = open_cache(cache_dir, expected_t5_mode, "training cache")
+                 shuffle_buffer: int = 256, expected_t5_mode: str | None = None, position: dict | None = None,
+                 latent_logvar: bool = False):
+        self.reader = open_cache(cache_dir, expected_t5_mode, "training cache", latent_logvar)
+        self.latent_logvar = latent_logvar
         self.t5_mode = self.reader.t5_mode
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
@@ -118,11 +160,13 @@ class CacheStream(IterableDataset):
                 hs, ws = table.column("latent_h").to_pylist(), table.column("latent_w").to_pylist()
                 return [[unit, i, (h, w), None] for i, (h, w) in enumerate(zip(hs, ws))]
             rg = self.reader.read_row_group(pf, unit[1])
+            if self.latent_logvar and rg.get("latent_logvar") is None:
+                raise CacheError(f"row group {unit[1]} has no latent_logvar values")
         except CacheError as e:
             raise CacheError(f"{self.reader.dir / shard}: {e}") from None
         except Exception as e:  # pyarrow raises several types for damaged pages
             raise CacheError(f"{self.reader.dir / shard}: row group {unit[1]} unreadable ({e})") from None
-        return [[unit, i, (int(rg["latent_h"][i]), int(rg["latent_w"][i])), _sample(rg, i)]
+        return [[unit, i, (int(rg["latent_h"][i]), int(rg["latent_w"][i])), _sample(rg, i, self.latent_logvar)]
                 for i in range(len(rg["key"]))]
 
     def _open(self, shard: str):
@@ -210,12 +254,15 @@ class CacheStream(IterableDataset):
             epoch, skip = epoch + 1, 0
 
 
-def _sample(rg: dict, i: int) -> dict:
+def _sample(rg: dict, i: int, latent_logvar: bool = False) -> dict:
     # Clones: a view would keep its whole row group alive while the sample waits in the buffer.
     def pick(x):
         return x[i].clone()
-    return {"key": rg["key"][i], "latent": pick(rg["latent"]), "t5": pick(rg["t5"]),
-            "clip": pick(rg["clip"]), "t5_len": int(rg["t5_len"][i])}
+    out = {"key": rg["key"][i], "latent": pick(rg["latent"]), "t5": pick(rg["t5"]),
+           "clip": pick(rg["clip"]), "t5_len": int(rg["t5_len"][i])}
+    if latent_logvar:
+        out["latent_logvar"] = pick(rg["latent_logvar"])
+    return out
 
 
 class StreamPosition:
@@ -246,6 +293,10 @@ class StreamPosition:
         if state.get("world_size", self.world_size) != self.world_size:
             raise CacheError(f"the checkpoint's data position was saved by {state['world_size']} processes, "
                              f"this run has {self.world_size}; resume with the same number")
+        # Each worker's stream is one slot of the epoch's deal: another count deals other row groups.
+        if state.get("num_workers", self.num_workers) != self.num_workers:
+            raise CacheError(f"the checkpoint's data position was saved with {state['num_workers']} DataLoader "
+                             f"workers, this run has {self.num_workers}; set data.num_workers to match")
         self.workers = {k: list(v) for k, v in state.get("workers", {}).items()}
         self.next_worker = int(state.get("next_worker", 0))
         self.samples = int(state.get("samples", 0))
@@ -281,27 +332,38 @@ def sample_seed(key: str, salt: int = 0) -> int:
 
 def validation_batches(reader: CacheReader, batch_size: int, rank: int = 0, world_size: int = 1,
                        max_samples: int | None = None):
-    """The held-out cache in manifest order; sample i goes to rank i % world_size; one latent size per batch."""
+    """The held-out cache in manifest order; sample i goes to rank i % world_size; one latent size per
+    batch. With `max_samples`, only the first max_samples samples are read: nothing after them is decoded."""
     buckets: dict[tuple, list] = {}
+    for i, (rg, r) in enumerate(_validation_rows(reader, max_samples)):
+        if i % world_size == rank:
+            size = (int(rg["latent_h"][r]), int(rg["latent_w"][r]))
+            bucket = buckets.setdefault(size, [])
+            bucket.append(_sample(rg, r))
+            if len(bucket) == batch_size:
+                yield collate(bucket, reader.t5_mode)
+                buckets[size] = []
+    for size in sorted(buckets):
+        if buckets[size]:
+            yield collate(buckets[size], reader.t5_mode)
+
+
+def _validation_rows(reader: CacheReader, max_samples: int | None):
+    """(row group, row) of the held-out cache in manifest order, stopping after `max_samples`."""
     i = 0
     for shard in reader.shards:
+        if max_samples is not None and i >= max_samples:
+            return
         pf = reader.open_shard(shard)
         for g in range(pf.num_row_groups):
+            if max_samples is not None and i >= max_samples:
+                return
             try:
                 rg = reader.read_row_group(pf, g)
             except CacheError as e:
                 raise CacheError(f"{Path(reader.dir) / shard}: {e}") from None
             for r in range(len(rg["key"])):
                 if max_samples is not None and i >= max_samples:
-                    break
-                if i % world_size == rank:
-                    size = (int(rg["latent_h"][r]), int(rg["latent_w"][r]))
-                    bucket = buckets.setdefault(size, [])
-                    bucket.append(_sample(rg, r))
-                    if len(bucket) == batch_size:
-                        yield collate(bucket, reader.t5_mode)
-                        buckets[size] = []
+                    return
+                yield rg, r
                 i += 1
-    for size in sorted(buckets):
-        if buckets[size]:
-            yield collate(buckets[size], reader.t5_mode)

@@ -2,6 +2,7 @@
 validation, checkpoints, metrics. Reads only the cache; writes only under run.output_dir."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -11,17 +12,18 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from shared.latents import VAE_SCALE, VAE_SHIFT
 from shared.models import ModelLoadError
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import CacheStream, StreamPosition, open_cache, train_loader, usable_workers, validation_batches
+from .data import (CacheStream, StreamPosition, open_cache, open_validation_cache, train_loader, usable_workers,
+                   vae_factors, validation_batches)
 from .model import (EMA, add_lora, build_transformer, check_cache_fits, convert_to_float8, load_lora_state_dict,
                     lora_state_dict, place, sampling_conventions, transformer_blocks, use_flex_attention,
                     weights_dtype)
 from .offload import BlockOffloader, spread
 from .optim import InBackwardOptimizer, make_optimizer
+from .report import truncate_records
 from .step import (EmptyPrompt, StepSettings, ValidationNoise, summarize_validation, to_device, training_loss,
                    validation_sums)
 
@@ -82,19 +84,17 @@ class Trainer:
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.lora = cfg.lora.rank > 0
         # Refuse a wrong cache or launch before building anything expensive.
-        self.train_reader = open_cache(cfg.data.train_cache, cfg.data.expected_t5_mode, "training cache")
+        self.train_reader = open_cache(cfg.data.train_cache, cfg.data.expected_t5_mode, "training cache",
+                                       latent_logvar=cfg.flow.latent == "sample")
         self.val_reader = None
         if cfg.data.val_cache:
-            self.val_reader = open_cache(cfg.data.val_cache, self.train_reader.t5_mode, "validation cache")
+            self.val_reader = open_validation_cache(cfg.data.val_cache, self.train_reader)
+        vae = vae_factors(self.train_reader.manifest, f"training cache {cfg.data.train_cache}")
         check_launch(cfg, acc.num_processes, self._fsdp)
         flex_mask = self._flex_mask()
         model = self._build_model(flex_mask)
-        vae = self.train_reader.manifest.get("vae", {})
-        self.settings = StepSettings(
-            sampler=cfg.flow.sampler, logit_mean=cfg.flow.logit_mean, logit_std=cfg.flow.logit_std,
-            guidance_dropout=cfg.flow.guidance_dropout, flex_mask=flex_mask,
-            guidance=cfg.model.guidance if model.config.guidance_embeds else None,
-            vae_shift=vae.get("shift_factor", VAE_SHIFT), vae_scale=vae.get("scaling_factor", VAE_SCALE))
+        self.settings = StepSettings.from_config(
+            cfg.flow, vae, flex_mask=flex_mask, guidance=cfg.model.guidance if model.config.guidance_embeds else None)
         self.max_steps = total_steps(cfg, self.train_reader.num_rows, acc.num_processes)
         self._prepare(model)
         self.num_workers = usable_workers(self.train_reader, cfg.data.num_workers, acc.num_processes)
@@ -205,10 +205,7 @@ class Trainer:
             self._truncate_metrics(self.step)
 
     def _truncate_metrics(self, step: int) -> None:
-        path = self.out / "metrics.jsonl"
-        if path.is_file():
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-            path.write_text("".join(ln + "\n" for ln in keep))
+        truncate_records(self.out / "metrics.jsonl", step)
 
     def log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
@@ -220,11 +217,7 @@ class Trainer:
         if self.val_reader is None:
             return None
         acc = self.accelerator
-        if self._val_batches is None:  # the held-out set is small: read it once, keep it on the host
-            self._val_batches = list(validation_batches(self.val_reader, self.cfg.data.val_batch_size,
-                                                        acc.process_index, acc.num_processes,
-                                                        self.cfg.data.val_max_samples))
-        batches = self._val_batches
+        batches = self._validation_set()
         # Every rank must run the same number of forwards (FSDP gathers weights in each).
         most = int(acc.gather(torch.tensor([len(batches)], device=self.device)).max())
         sums = validation_sums(self.model, batches, self.settings, self.device, noise=self.val_noise)
@@ -232,6 +225,28 @@ class Trainer:
             validation_sums(self.model, batches[:1] or self._any_batch(), self.settings, self.device,
                             noise=self.val_noise)
         return summarize_validation(acc.reduce(sums, reduction="sum"))
+
+    def _validation_set(self) -> list:
+        if self._val_batches is None:  # the held-out set is small: read it once, keep it on the host
+            acc = self.accelerator
+            self._val_batches = list(validation_batches(self.val_reader, self.cfg.data.val_batch_size,
+                                                        acc.process_index, acc.num_processes,
+                                                        self.cfg.data.val_max_samples))
+        return self._val_batches
+
+    def _start_outputs(self, batches):
+        """Read what training needs first, then write config.json and open the logs: a run that fails
+        before step 1 (a damaged cache, a refused data position, an unreadable held-out set) leaves
+        no output behind. Returns the batches, the first one included."""
+        first = next(batches)
+        if self.val_reader is not None:
+            self._validation_set()
+        if self.accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_json(self.out / "config.json", self.cfg.to_dict())
+        if self.cfg.run.tensorboard:
+            self.accelerator.init_trackers("flux-train", config=_flat_hparams(self.cfg))
+        return itertools.chain([first], batches)
 
     def _any_batch(self) -> list:
         return list(validation_batches(self.val_reader, 1, 0, 1, 1))
@@ -249,6 +264,7 @@ class Trainer:
             "t5_mode": m["t5"]["mode"], "t5_max_length": m["t5"]["max_length"],
             **sampling_conventions(self.cfg.model),
             "guidance_dropout": self.cfg.flow.guidance_dropout,
+            "guidance_dropout_mode": self.cfg.flow.guidance_dropout_mode, "latent": self.cfg.flow.latent,
             "guidance_embeds": guidance_embeds,
             # what the sampler should default to: the guidance value trained with, the image size
             "guidance": self.cfg.model.guidance if guidance_embeds else None,
@@ -276,20 +292,16 @@ class Trainer:
         if run.record_keys:
             inner = on_batch
             on_batch = lambda b: (seen.extend(b["key"]), inner and inner(b))  # noqa: E731
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            ckpt.atomic_write_json(self.out / "config.json", cfg.to_dict())
         self.resume()
-        if run.tensorboard:
-            acc.init_trackers("flux-train", config=_flat_hparams(cfg))
         stream = CacheStream(cfg.data.train_cache, batch_size=cfg.data.batch_size, seed=run.seed,
                              rank=acc.process_index, world_size=acc.num_processes,
                              shuffle_buffer=cfg.data.shuffle_buffer, expected_t5_mode=cfg.data.expected_t5_mode,
-                             position=self.position.state_dict() if self.position.workers else None)
+                             position=self.position.state_dict() if self.position.workers else None,
+                             latent_logvar=cfg.flow.latent == "sample")
         stream.row_groups()   # every shard's footer, before step 1: a damaged shard stops the run here
         loader = train_loader(stream, self.num_workers, pin_memory=self.device.type == "cuda",
                               prefetch_factor=cfg.data.prefetch_factor)
-        batches = iter(loader)
+        batches = self._start_outputs(iter(loader))
         bar = None
         if run.progress and acc.is_main_process:
             from tqdm.auto import tqdm

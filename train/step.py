@@ -1,16 +1,18 @@
 """The flow-matching step (DESIGN.md, "Training, in one step") and the validation loss.
 
-x0 = (mean - shift) * scale, x_t = (1 - t) x0 + t n, v = n - x0, loss = mse(model(x_t, t, text), v).
-Every formula (scale, packing, position ids, timestep samplers) comes from `shared`.
+x0 = (z - shift) * scale with z the VAE posterior's mean (flow.latent: mean) or a sample of it
+(sample: mean + exp(logvar / 2) * n), x_t = (1 - t) x0 + t n, v = n - x0, loss = mse(model(x_t, t, text), v).
+Every formula (scale, posterior sample, packing, position ids, timestep samplers) comes from `shared`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from shared.latents import (VAE_SCALE, VAE_SHIFT, flex_block_mask, image_ids, joint_attention_mask, pack_latents,
-                            scale_latents, text_ids)
+                            sample_posterior, scale_latents, text_ids)
 from shared.schedules import sample_timesteps, validation_timesteps
 
 from .data import sample_seed
@@ -22,10 +24,19 @@ class StepSettings:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     guidance_dropout: float = 0.0
+    dropout_mode: str = "joint"          # joint: one coin drops T5 and CLIP; independent: a coin each
+    latent: str = "mean"                 # mean: the posterior mean; sample: a sample of the posterior
     guidance: float | None = None        # set for guidance-distilled models (guidance_embeds=True)
     vae_shift: float = VAE_SHIFT
     vae_scale: float = VAE_SCALE
     flex_mask: bool = False              # text padding masked through flex attention (run.masked_attention)
+
+    @classmethod
+    def from_config(cls, flow, vae: tuple[float, float], **kw) -> "StepSettings":
+        """From the config's flow section (FlowConfig) and the cache's VAE (shift, scale)."""
+        return cls(sampler=flow.sampler, logit_mean=flow.logit_mean, logit_std=flow.logit_std,
+                   guidance_dropout=flow.guidance_dropout, dropout_mode=flow.guidance_dropout_mode,
+                   latent=flow.latent, vae_shift=vae[0], vae_scale=vae[1], **kw)
 
 
 class EmptyPrompt:
@@ -37,8 +48,10 @@ class EmptyPrompt:
         self.t5_len = int(encodings["t5_len"])
 
 
-def drop_text(batch: dict, empty: EmptyPrompt, drop: torch.Tensor) -> tuple:
-    """Replace the T5 and CLIP encodings of samples where `drop` is True by the empty prompt's."""
+def drop_text(batch: dict, empty: EmptyPrompt, drop: torch.Tensor, drop_clip: torch.Tensor | None = None) -> tuple:
+    """Replace the T5 encodings of samples where `drop` is True by the empty prompt's, and their CLIP
+    encodings where `drop_clip` is (None: where `drop` is, the joint dropout)."""
+    drop_clip = drop if drop_clip is None else drop_clip
     t5, clip, mask = batch["t5"], batch["clip"], batch.get("t5_mask")
     length = t5.shape[1]
     if mask is None:  # padded: every caption, and the empty prompt, has all max_length positions
@@ -55,7 +68,7 @@ def drop_text(batch: dict, empty: EmptyPrompt, drop: torch.Tensor) -> tuple:
         empty_mask = torch.arange(length, device=mask.device) < empty.t5_len
         mask = torch.where(drop[:, None], empty_mask[None], mask)
     t5 = torch.where(drop[:, None, None], empty_t5.to(t5.dtype)[None], t5)
-    clip = torch.where(drop[:, None], empty.clip.to(clip.dtype)[None], clip)
+    clip = torch.where(drop_clip[:, None], empty.clip.to(clip.dtype)[None], clip)
     return t5, clip, mask
 
 
@@ -86,7 +99,8 @@ def predict(model, x_t: torch.Tensor, t: torch.Tensor, t5: torch.Tensor, clip: t
 def flow_matching_loss(model, latent: torch.Tensor, t5: torch.Tensor, clip: torch.Tensor,
                        t5_mask: torch.Tensor | None, t: torch.Tensor, noise: torch.Tensor,
                        settings: StepSettings) -> torch.Tensor:
-    """Per-sample loss [B] (float32) for given timesteps and noise."""
+    """Per-sample loss [B] (float32) for given timesteps and noise; `latent` is the VAE posterior's
+    mean or a sample of it, before scale/shift."""
     x0 = scale_latents(latent.float(), settings.vae_shift, settings.vae_scale)
     tb = t.view(-1, 1, 1, 1)
     x_t = (1.0 - tb) * x0 + tb * noise
@@ -96,14 +110,24 @@ def flow_matching_loss(model, latent: torch.Tensor, t5: torch.Tensor, clip: torc
 
 
 def draw(batch: dict, settings: StepSettings, generator: torch.Generator) -> dict:
-    """The step's random draws, in a fixed order: timesteps, noise, guidance-dropout coins."""
+    """The step's random draws from the step's generator, in this fixed order (a resumed run, whose
+    generator state is restored, repeats them exactly): timesteps [B]; noise [B, C, h, w]; the T5
+    dropout coins [B] (in joint mode the one coin for T5 and CLIP); the CLIP coins [B] (independent mode
+    only); the posterior's noise [B, C, h, w] (latent: sample only). The options add draws at the end
+    only, so joint mode with the posterior mean draws what the trainer always drew."""
     latent = batch["latent"]
     b, _, h, w = latent.shape
     t = sample_timesteps(settings.sampler, b, generator=generator, image_seq_len=(h // 2) * (w // 2),
                          mean=settings.logit_mean, std=settings.logit_std, device=latent.device)
     noise = torch.randn(latent.shape, generator=generator, device=latent.device, dtype=torch.float32)
-    drop = torch.rand(b, generator=generator, device=latent.device) < settings.guidance_dropout
-    return {"t": t, "noise": noise, "drop": drop}
+    drop_t5 = torch.rand(b, generator=generator, device=latent.device) < settings.guidance_dropout
+    drop_clip = drop_t5
+    if settings.dropout_mode == "independent":
+        drop_clip = torch.rand(b, generator=generator, device=latent.device) < settings.guidance_dropout
+    out = {"t": t, "noise": noise, "drop_t5": drop_t5, "drop_clip": drop_clip}
+    if settings.latent == "sample":
+        out["latent"] = sample_posterior(latent, batch["latent_logvar"], generator)
+    return out
 
 
 def training_loss(model, batch: dict, settings: StepSettings, generator: torch.Generator,
@@ -111,10 +135,11 @@ def training_loss(model, batch: dict, settings: StepSettings, generator: torch.G
     """Mean flow-matching loss of one batch (on the model's device), with guidance dropout."""
     r = draw(batch, settings, generator)
     if empty is not None and settings.guidance_dropout > 0:
-        t5, clip, mask = drop_text(batch, empty, r["drop"])
+        t5, clip, mask = drop_text(batch, empty, r["drop_t5"], r["drop_clip"])
     else:
         t5, clip, mask = batch["t5"], batch["clip"], batch.get("t5_mask")
-    return flow_matching_loss(model, batch["latent"], t5, clip, mask, r["t"], r["noise"], settings).mean()
+    latent = r.get("latent", batch["latent"])
+    return flow_matching_loss(model, latent, t5, clip, mask, r["t"], r["noise"], settings).mean()
 
 
 def to_device(batch: dict, device) -> dict:
@@ -164,7 +189,9 @@ class ValidationNoise:
 @torch.no_grad()
 def validation_sums(model, batches, settings: StepSettings, device, n_timesteps: int = 8,
                     noise: ValidationNoise | None = None) -> torch.Tensor:
-    """[2, n_timesteps] float64: summed per-sample loss at each fixed t = i/n, and the sample count.
+    """[2, n_timesteps] float64: at each fixed t = (i + 0.5)/n, the summed squared error over every
+    latent element of the batches, and the number of those elements (for summarize_validation).
+    It is measured on the posterior mean whatever flow.latent says: a fixed target, like the noise.
 
     Noise is drawn on the CPU from a seed fixed by each sample's key and timestep index, so the
     value is the same on every rerun and at any world size (sum over ranks, then divide). With
@@ -176,20 +203,24 @@ def validation_sums(model, batches, settings: StepSettings, device, n_timesteps:
         keys = batch["key"]
         b = len(keys)
         shape = tuple(batch["latent"].shape[1:])
+        elements = math.prod(shape)     # per sample: the loss is a mean over these (packing keeps them)
         for i, t_value in enumerate(ts.tolist()):
             n = noise.get(keys, shape, i) if noise is not None else validation_noise(keys, shape, i)
             t = torch.full((b,), t_value, device=device)
             loss = flow_matching_loss(model, batch["latent"], batch["t5"], batch["clip"], batch.get("t5_mask"),
                                       t, n.to(device), settings)
-            sums[0, i] += loss.double().sum()
-            sums[1, i] += b
+            sums[0, i] += loss.double().sum() * elements
+            sums[1, i] += b * elements
     return sums
 
 
 def summarize_validation(sums: torch.Tensor) -> dict:
-    """Per-timestep means and their average (the MLPerf number)."""
+    """The validation loss as torchtitan's FLUX validation computes it: summed squared error over
+    the summed count of latent elements, so a sample weighs by its latent size (a 64x64 latent four
+    times a 32x32 one), not one per sample; also per timestep. Every sample is seen at every
+    timestep, so the overall value is also the mean of the per-timestep values."""
     per_t = (sums[0] / sums[1].clamp(min=1)).tolist()
     n = len(per_t)
     out = {f"val/loss_t{i}_{n}": v for i, v in enumerate(per_t)}
-    out["val/loss"] = sum(per_t) / n
+    out["val/loss"] = float(sums[0].sum() / sums[1].sum().clamp(min=1))
     return out

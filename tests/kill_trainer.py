@@ -1,0 +1,48 @@
+"""Run the trainer and SIGKILL it at a chosen moment, as a crash or the OOM killer would:
+
+    python tests/kill_trainer.py checkpoint|metrics STEP TRAINER-ARGS...
+
+`checkpoint STEP`: right after accelerate's save_state has written step STEP's weights and optimizer
+into the checkpoint's temporary folder, before the checkpoint is complete. `metrics STEP`: in the
+middle of appending step STEP's training record to metrics.jsonl (the first half of the line reaches
+the file, then the kill). The trainer is the real one; only the moment of the kill is chosen here."""
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def kill_during_checkpoint(step: int) -> None:
+    from accelerate import Accelerator
+    save_state = Accelerator.save_state
+
+    def saving(self, output_dir=None, **kwargs):
+        out = save_state(self, output_dir, **kwargs)
+        if Path(output_dir).name == f"step-{step}.tmp":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    Accelerator.save_state = saving
+
+
+def kill_during_metrics(step: int) -> None:
+    from train.loop import Trainer
+    log = Trainer.log
+
+    def logging(self, record):
+        if record.get("step") == step and "loss" in record:
+            line = json.dumps(record) + "\n"
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(line[: len(line) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        return log(self, record)
+    Trainer.log = logging
+
+
+if __name__ == "__main__":
+    kind, at = sys.argv[1], int(sys.argv[2])
+    {"checkpoint": kill_during_checkpoint, "metrics": kill_during_metrics}[kind](at)
+    from train.cli import main
+    main(sys.argv[3:])

@@ -76,13 +76,13 @@ def read_metrics(run_dir) -> list[dict]:
 
 def first_step_replayed(trainer) -> dict:
     """Train `trainer` to the end, then replay its first step by hand: the first batch's loss under the
-    initial weights, from the trainer's own generator state and step settings. Returns the batches
+    initial weights, from the trainer's own generator state (worker 0's) and step settings. Returns the batches
     consumed, the loss step 1 logged, the replayed one, the initial model and generator state."""
     import copy
 
     from train.step import EmptyPrompt, training_loss
     initial = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model))
-    state = trainer.generator.get_state()
+    state = trainer.generators[0].get_state()   # the first batch comes from data slot (worker) 0
     generator = torch.Generator().set_state(state)
     batches: list = []
     trainer.train(on_batch=batches.append)

@@ -67,7 +67,10 @@ def test_model_from_a_folder_random_or_pretrained(tiny_model):
     assert torch.equal(again.x_embedder.weight, build_transformer(ModelConfig(name="tiny"), seed=1).x_embedder.weight)
 
 
-@pytest.mark.parametrize("path", ["params.yaml", "configs/params/cc12m-schnell.yaml", "configs/params/dev-lora.yaml"])
+PRESETS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs/params").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ["params.yaml", *PRESETS])
 def test_pipeline_params_presets_hold_every_key_dvc_reads(path):
     """Each params preset is a valid trainer config and has every key dvc.yaml interpolates."""
     import re
@@ -113,3 +116,10 @@ def test_help_lists_every_key_and_the_choices_of_closed_ones():
     for (section, key), choices in CHOICES.items():
         line = next(ln for ln in text.splitlines() if ln.strip().startswith(f"--{section}.{key} "))
         assert " | ".join(map(str, choices)) in line
+
+
+def test_the_24gb_lora_preset_is_the_measured_setting():
+    """configs/params/dev-lora-24gb.yaml: the bench/memory.py lora row it claims (docs/BENCHMARKS.md)."""
+    cfg = load_config(REPO / "configs/params/dev-lora-24gb.yaml")
+    assert (cfg.lora.rank, cfg.run.offload_blocks, cfg.model.quantize_base, cfg.data.batch_size) == (16, 38, "none", 1)
+    assert cfg.run.grad_checkpointing and cfg.run.precision == "bf16" and cfg.model.init == "pretrained"

@@ -28,14 +28,19 @@ def env() -> dict:
     return e
 
 
-def write_config(folder: Path, cache: Path, val_cache: Path | None = None, **run) -> Path:
-    """A config for the tiny model on the CPU in fp32: 2 samples per batch, 1 DataLoader worker."""
+def write_config(folder: Path, cache: Path, val_cache: Path | None = None, settings: dict | None = None,
+                 **run) -> Path:
+    """A config for the tiny model on the CPU in fp32: 2 samples per batch, 1 DataLoader worker; `run`
+    are run.* keys, `settings` any others as {'section.key': value}."""
     cfg = {"data": {"train_cache": str(cache), "val_cache": str(val_cache) if val_cache else None,
                     "batch_size": 2, "num_workers": 1, "shuffle_buffer": 4},
            "model": {"name": "tiny"},
            "run": {"output_dir": str(folder / "run"), "precision": "no", "log_every": 1, "tensorboard": False,
                    "progress": False, "record_keys": True, **run},
            "flow": {"guidance_dropout": 0.2}}
+    for key, value in (settings or {}).items():
+        section, name = key.split(".", 1)
+        cfg.setdefault(section, {})[name] = value
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -74,10 +79,11 @@ def launch(config: Path, processes: int = 2, fsdp: bool = True, timeout: float =
     return output_dir(config, settings)
 
 
-def same_global_batch(processes: int = 2) -> dict:
+def same_global_batch(processes: int = 2, grad_accum: int = 1) -> dict:
     """Settings for one process that give it the global batch of `processes` processes with one
-    DataLoader worker each: as many workers, and as many accumulation steps."""
-    return {"data.num_workers": processes, "run.grad_accum": processes}
+    DataLoader worker each and `grad_accum` accumulation steps: as many workers, and `processes` times
+    as many accumulation steps."""
+    return {"data.num_workers": processes, "run.grad_accum": processes * grad_accum}
 
 
 def launch_and_kill(config: Path, when_exists: str, processes: int = 2, timeout: float = 240, **settings) -> Path:

@@ -3,12 +3,14 @@
 checkpoints/step-N/  accelerate's save_state (model or LoRA adapter, optimizer, scheduler, EMA, RNG)
                      + trainer_state.json (step) + rank{r}.json (data position) + rank{r}.safetensors
                      (the noise generator of each DataLoader worker). Written as step-N.tmp and renamed when complete.
+                     Under FSDP: the sharded model (a LoRA run's frozen base included) and optimizer
+                     (torch.distributed.checkpoint folders), and ema/, the EMA's shards.
 final/               config.json + diffusion_pytorch_model.safetensors + flux_prep.json, or for LoRA
                      pytorch_lora_weights.safetensors + flux_prep.json; final/ema/ likewise for the EMA.
+                     Under FSDP gathered from the shards and written by the main process alone.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
@@ -19,6 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from shared.cache import atomic_write_json
 from shared.models import TRAINING_INFO
+
+from .fsdp import trainable_weights
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -46,7 +50,10 @@ def resolve_resume(resume: str | None, output_dir) -> Path | None:
 
 
 def save_checkpoint(accelerator, output_dir, step: int, rank_state: dict, generators: list[torch.Generator],
-                    keep: int) -> Path:
+                    keep: int, sharded: dict | None = None) -> Path:
+    """`sharded`: {folder name: state dict of DTensors} that every rank writes its shards of with
+    torch.distributed.checkpoint (the EMA under FSDP: register_for_checkpointing would pickle the main
+    process's shard alone)."""
     root = Path(output_dir) / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f"step-{step}.tmp"
@@ -55,6 +62,10 @@ def save_checkpoint(accelerator, output_dir, step: int, rank_state: dict, genera
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        for name, state in sharded.items():
+            dcp.save(state, checkpoint_id=str(tmp / name))
     rank = accelerator.process_index
     atomic_write_json(tmp / f"rank{rank}.json", rank_state)
     save_file({f"worker{w}": g.get_state() for w, g in enumerate(generators)}, str(tmp / f"rank{rank}.safetensors"))
@@ -69,13 +80,23 @@ def save_checkpoint(accelerator, output_dir, step: int, rank_state: dict, genera
     return final
 
 
-def load_checkpoint(accelerator, path: Path, generators: list[torch.Generator]) -> tuple[int, dict]:
-    """Restore accelerate's state and this rank's generators; return (step, rank state)."""
+def load_checkpoint(accelerator, path: Path, generators: list[torch.Generator],
+                    sharded: dict | None = None) -> tuple[int, dict]:
+    """Restore accelerate's state, the `sharded` states (in place, as save_checkpoint) and this rank's
+    generators; return (step, rank state)."""
     state = json.loads((path / "trainer_state.json").read_text())
     if state["world_size"] != accelerator.num_processes:
         raise ValueError(f"{path} was written by {state['world_size']} processes, this run has "
                          f"{accelerator.num_processes}; resume with the same number")
+    missing = [name for name in sharded or {} if not (path / name / ".metadata").is_file()]
+    if missing:
+        raise ValueError(f"{path} has no {', '.join(missing)}/ (written by a run without it); resume with "
+                         "the settings it was written with")
     accelerator.load_state(str(path))
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        for name, sharded_state in sharded.items():
+            dcp.load(sharded_state, checkpoint_id=str(path / name))
     rank = accelerator.process_index
     rank_state = json.loads((path / f"rank{rank}.json").read_text())
     saved = load_file(str(path / f"rank{rank}.safetensors"))
@@ -108,22 +129,6 @@ def register_lora_hooks(accelerator, lora_state_dict, load_lora_state_dict) -> N
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-@contextlib.contextmanager
-def swapped_weights(model, named: dict):
-    """Temporarily load `named` (parameter name -> tensor) into the model, e.g. the EMA."""
-    params = dict(model.named_parameters())
-    saved = {n: params[n].detach().clone() for n in named}
-    with torch.no_grad():
-        for n, v in named.items():
-            params[n].copy_(v)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for n, v in saved.items():
-                params[n].copy_(v)
-
-
 def write_transformer(model, state_dict: dict, out: Path) -> None:
     """config.json + one safetensors file: what FluxTransformer2DModel.from_pretrained reads."""
     out.mkdir(parents=True, exist_ok=True)
@@ -132,25 +137,42 @@ def write_transformer(model, state_dict: dict, out: Path) -> None:
     save_file(tensors, str(out / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
 
 
+def write_lora_adapter(model, weights: dict, folder: Path, adapter_name: str = "default") -> None:
+    """The one file format of the trainer's LoRA adapters (final/, final/ema/), whether the weights come
+    from one process or are gathered from FSDP shards: diffusers' save_lora_adapter layout, peft's key
+    names in pytorch_lora_weights.safetensors with the adapter's peft config in its metadata (what
+    `flux-sample --lora` and diffusers' load_lora_adapter read). `weights`: {parameter name: whole
+    tensor} of the adapter's parameters (the model's own would be shards under FSDP)."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE
+    from peft.utils import get_peft_model_state_dict
+    adapter = get_peft_model_state_dict(model, state_dict=weights, adapter_name=adapter_name)
+    # sets sorted: the same bytes for the same config in every process (diffusers lists them in set order)
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in model.peft_config[adapter_name].to_dict().items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, str(folder / LORA_WEIGHT_NAME_SAFE),
+              metadata={"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)})
+
+
 def save_final(accelerator, model, output_dir, info: dict, lora: bool, ema=None) -> Path | None:
-    """Write final/ (and final/ema/) atomically: built in final.tmp, then renamed."""
+    """Write final/ (and final/ema/) atomically: built in final.tmp, then renamed. Under FSDP every rank
+    takes part in gathering the weights, then the main process alone writes them."""
     out = Path(output_dir)
     tmp, final = out / "final.tmp", out / "final"
     unwrapped = accelerator.unwrap_model(model)
-    state = None if lora else accelerator.get_state_dict(model)   # collective under FSDP
+    state = trainable_weights(accelerator, model) if lora else accelerator.get_state_dict(model)
+    ema_state = ema.gathered(keep=accelerator.is_main_process) if ema is not None else None
     if not accelerator.is_main_process:
         return None
     shutil.rmtree(tmp, ignore_errors=True)
-    targets = [(tmp, None)] + ([(tmp / "ema", ema.named_weights())] if ema is not None else [])
+    targets = [(tmp, state)]
+    if ema_state is not None:   # the EMA averages the trainable parameters; the rest are the model's
+        targets.append((tmp / "ema", ema_state if lora else {**state, **ema_state}))
     for folder, weights in targets:
-        folder.mkdir(parents=True, exist_ok=True)
-        with swapped_weights(unwrapped, weights) if (weights and lora) else contextlib.nullcontext():
-            if lora:
-                unwrapped.save_lora_adapter(str(folder))
-            else:
-                sd = state if weights is None else {**state, **weights}
-                write_transformer(unwrapped, sd, folder)
-        atomic_write_json(folder / TRAINING_INFO, {**info, "ema": weights is not None})
+        if lora:
+            write_lora_adapter(unwrapped, weights, folder)
+        else:
+            write_transformer(unwrapped, weights, folder)
+        atomic_write_json(folder / TRAINING_INFO, {**info, "ema": folder != tmp})
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final

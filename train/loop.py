@@ -6,7 +6,6 @@ import itertools
 import json
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import (CacheStream, StreamPosition, open_cache, open_validation_cache, train_loader, usable_workers,
                    vae_factors, validation_batches)
+from .fsdp import autocast_forward, keep_lora_dtypes, micro_batch_sync
 from .model import (EMA, add_lora, build_transformer, check_cache_fits, convert_to_float8, load_lora_state_dict,
                     lora_state_dict, place, sampling_conventions, transformer_blocks, use_flex_attention,
                     weights_dtype)
@@ -57,8 +57,6 @@ def make_accelerator(run, out: Path):
 
 def check_launch(cfg: TrainConfig, num_processes: int, fsdp: bool) -> None:
     """Refuse, before the model is built, the options that one launch or another cannot run."""
-    if fsdp and (cfg.lora.rank > 0 or cfg.ema.decay > 0):
-        raise ModelLoadError("LoRA and EMA are not supported with FSDP yet; train them with DDP")
     if fsdp and (cfg.model.quantize_base != "none" or cfg.run.offload_blocks):
         raise ModelLoadError("model.quantize_base and run.offload_blocks are for one GPU; FSDP shards the "
                              "weights instead")
@@ -174,18 +172,27 @@ class Trainer:
         # Not passed to prepare(): accelerate would step it once per process.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda k: lr_factor(k, s.warmup_steps, self.max_steps, s.kind, s.min_lr_ratio))
-        if self.lora:
+        # Under FSDP accelerate saves the model before the hooks run and the load hook sees no model:
+        # its sharded checkpoint keeps the whole model, the frozen base's shards included.
+        if self.lora and not self._fsdp:
             ckpt.register_lora_hooks(acc, lora_state_dict, load_lora_state_dict)
         # place() put the model where it trains (some blocks in host memory): accelerate must not move it.
         placement = None if self._fsdp else [False, True]
+        if self._fsdp and self.lora:
+            keep_lora_dtypes(acc)
         if cfg.optim.in_backward:   # its steps happen in the backward: nothing for accelerate to wrap
             self.model, self.optimizer = acc.prepare(model, device_placement=placement[:1]), optimizer
         else:
             self.model, self.optimizer = acc.prepare(model, optimizer, device_placement=placement)
+        if self._fsdp and self.lora:
+            autocast_forward(acc, self.model)
         acc.register_for_checkpointing(self.scheduler)
-        self.ema = EMA(named, cfg.ema.decay) if cfg.ema.decay > 0 else None
-        if self.ema is not None:
-            acc.register_for_checkpointing(self.ema)
+        self.ema = None
+        if cfg.ema.decay > 0:   # from the parameters as they train: FSDP replaced them with sharded ones
+            unwrapped = acc.unwrap_model(self.model)
+            self.ema = EMA([(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad], cfg.ema.decay)
+            if not self._fsdp:   # under FSDP each rank saves its shards (_sharded_states)
+                acc.register_for_checkpointing(self.ema)
         if cfg.optim.in_backward:
             acc.register_for_checkpointing(optimizer)
         # After prepare(): FSDP replaces the parameters with sharded ones.
@@ -198,7 +205,7 @@ class Trainer:
             if self.cfg.run.resume == "auto":
                 self.accelerator.print("no checkpoint to resume from; starting at step 0")
             return
-        self.step, rank_state = ckpt.load_checkpoint(self.accelerator, path, self.generators)
+        self.step, rank_state = ckpt.load_checkpoint(self.accelerator, path, self.generators, self._sharded_states())
         self.position.load_state_dict(rank_state["data"])
         self.accelerator.print(f"resumed from {path} at step {self.step}")
         if self.accelerator.is_main_process:   # drop metrics the interrupted run logged after the checkpoint
@@ -280,7 +287,11 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         self.settle()
         return ckpt.save_checkpoint(self.accelerator, self.out, self.step, {"data": self.position.state_dict()},
-                                    self.generators, self.cfg.run.keep_checkpoints)
+                                    self.generators, self.cfg.run.keep_checkpoints, self._sharded_states())
+
+    def _sharded_states(self) -> dict:
+        """What checkpoints hold as each rank's shards (torch.distributed.checkpoint): the EMA under FSDP."""
+        return {"ema": self.ema.named_weights()} if self._fsdp and self.ema is not None else {}
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self, stop_after_step: int | None = None, on_batch=None) -> dict:
@@ -324,7 +335,7 @@ class Trainer:
                 images += len(batch["key"])
                 batch = to_device(batch, self.device)
                 last = k == run.grad_accum - 1
-                with acc.no_sync(self.model) if not last else nullcontext():
+                with micro_batch_sync(acc, self.model, last):
                     generator = self.generators[int(batch["pos"][0])]   # the batch's DataLoader worker
                     loss = training_loss(self.model, batch, self.settings, generator, self.empty)
                     acc.backward(loss / run.grad_accum)

@@ -223,8 +223,16 @@ def load_lora_state_dict(model, state: dict) -> None:
         raise ModelLoadError(f"checkpoint adapter has unexpected keys: {unexpected[:3]}")
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP parameter (a DTensor; a view of its storage), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 class EMA:
-    """Exponential moving average of the trainable parameters, kept in float32."""
+    """Exponential moving average of the trainable parameters, kept in float32. Built from the parameters
+    as they train (after accelerate's prepare): under FSDP these are sharded DTensors, and so is each
+    shadow tensor, placed like its parameter (1/N of the memory on each of N ranks)."""
 
     def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], decay: float):
         self.decay = decay
@@ -234,7 +242,9 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+        # On the local shards: each rank averages its own, in place, with no communication.
+        torch._foreach_lerp_([_local(s) for s in self.shadow], [_local(p.detach()).float() for p in self.params],
+                             1.0 - self.decay)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": dict(zip(self.names, self.shadow))}
@@ -244,4 +254,18 @@ class EMA:
             self.shadow[i].copy_(state["shadow"][name])
 
     def named_weights(self) -> dict:
+        """{name: shadow tensor}: the tensors themselves (this rank's DTensors under FSDP), for
+        torch.distributed.checkpoint to save and to load into in place."""
         return dict(zip(self.names, self.shadow))
+
+    def gathered(self, keep: bool) -> dict:
+        """{name: whole shadow tensor in host memory} where `keep` (the main process), else {}. Under FSDP
+        every rank must call it: each tensor is gathered in turn, in the same order on every rank, so at
+        most one whole tensor exists on the device at a time."""
+        from torch.distributed.tensor import DTensor
+        out = {}
+        for name, s in zip(self.names, self.shadow):
+            whole = s.full_tensor() if isinstance(s, DTensor) else s
+            if keep:
+                out[name] = whole.cpu()
+        return out

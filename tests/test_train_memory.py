@@ -217,6 +217,8 @@ def test_launches_that_cannot_run_them_are_refused(caches, tmp_path):
         check_launch(swap, num_processes=2, fsdp=False)
     with pytest.raises(ModelLoadError, match="FSDP"):
         check_launch(swap, num_processes=1, fsdp=True)
+    with pytest.raises(ModelLoadError, match="optim.in_backward are for one GPU without FSDP"):
+        check_launch(in_backward, num_processes=1, fsdp=True)
     check_launch(swap, num_processes=1, fsdp=False)   # one process: fine
     with pytest.raises(ValueError, match="run.offload_blocks: 9 is not between 0 and the model's 4 blocks"):
         Trainer(tiny_config(tmp_path, *caches, **LORA, **{"run.offload_blocks": 9, "run.grad_checkpointing": True}))

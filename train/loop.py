@@ -57,9 +57,9 @@ def make_accelerator(run, out: Path):
 
 def check_launch(cfg: TrainConfig, num_processes: int, fsdp: bool) -> None:
     """Refuse, before the model is built, the options that one launch or another cannot run."""
-    if fsdp and (cfg.model.quantize_base != "none" or cfg.run.offload_blocks):
-        raise ModelLoadError("model.quantize_base and run.offload_blocks are for one GPU; FSDP shards the "
-                             "weights instead")
+    if fsdp and (cfg.model.quantize_base != "none" or cfg.run.offload_blocks or cfg.optim.in_backward):
+        raise ModelLoadError("model.quantize_base, run.offload_blocks and optim.in_backward are for one GPU "
+                             "without FSDP; FSDP shards the weights, gradients and optimizer state instead")
     if num_processes > 1 and cfg.optim.in_backward:
         raise ModelLoadError("optim.in_backward steps each parameter with its local gradient, before the "
                              f"{num_processes} processes have averaged it: use one process (or FSDP without it)")

@@ -13,8 +13,10 @@ app = typer.Typer(
 
 
 from preprocess.encode_cli import encode_command  # noqa: E402
+from preprocess.plan_cli import plan_command  # noqa: E402
 
 app.command("encode")(encode_command)
+app.command("plan")(plan_command)
 
 
 @app.command("tiny-model")

@@ -93,6 +93,28 @@ def load_t5(model: str, dtype=torch.float32, device="cpu"):
     return tok, enc.to(device).eval()
 
 
+def load_t5_tokenizer(model: str):
+    """T5's tokenizer alone (no weights)."""
+    from transformers import AutoTokenizer
+    return _load(AutoTokenizer.from_pretrained, model, "tokenizer_2", trust_remote_code=False)
+
+
+def part_config(model: str, part: str) -> dict:
+    """A part's config.json, without its weights."""
+    src, extra = _source(model, part)
+    if Path(src).is_dir():
+        path = Path(src) / "config.json"
+    else:
+        from huggingface_hub import hf_hub_download
+        try:
+            path = Path(hf_hub_download(src, "config.json", subfolder=extra["subfolder"]))
+        except Exception as e:  # noqa: BLE001 - the hub client's many error types, named once
+            raise ModelLoadError(f"{model}: cannot read {part}/config.json ({str(e).splitlines()[0]})") from e
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: missing ({PARTS[part]})")
+    return json.loads(path.read_text())
+
+
 def load_clip(model: str, dtype=torch.float32, device="cpu"):
     """(tokenizer, encoder) for CLIP-L's text tower."""
     from transformers import AutoTokenizer, CLIPTextModel

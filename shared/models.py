@@ -61,7 +61,22 @@ def _load(loader, model: str, part: str, **kwargs):
     try:
         return loader(src, **extra, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
+        if not local and offline():
+            raise ModelLoadError(not_here_offline(model, part)) from e
         raise ModelLoadError(f"{model}: cannot load {part} ({PARTS[part]}): {str(e).splitlines()[0]}") from e
+
+
+def offline() -> bool:
+    """Whether the hub may not be reached (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set)."""
+    import os
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE",
+                                                                                   "TRANSFORMERS_OFFLINE"))
+
+
+def not_here_offline(model: str, part: str) -> str:
+    import os
+    return (f"{model}: no such folder here ({os.getcwd()}; a relative path is read from the current folder), "
+            f"and as a hub id its {part} is not in the local hub cache while the hub is offline (HF_HUB_OFFLINE)")
 
 
 def load_vae(model: str, dtype=torch.float32, device="cpu"):
@@ -109,6 +124,8 @@ def part_config(model: str, part: str) -> dict:
         try:
             path = Path(hf_hub_download(src, "config.json", subfolder=extra["subfolder"]))
         except Exception as e:  # noqa: BLE001 - the hub client's many error types, named once
+            if offline():
+                raise ModelLoadError(not_here_offline(model, part)) from e
             raise ModelLoadError(f"{model}: cannot read {part}/config.json ({str(e).splitlines()[0]})") from e
     if not path.is_file():
         raise ModelLoadError(f"{path}: missing ({PARTS[part]})")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from .keys import KeyReadError, duplicate_keys
 from .schema import MANIFEST_NAME, SCHEMA_VERSION, T5_MODES
@@ -19,7 +20,8 @@ def read_manifest(cache_dir, storage_options: dict | None = None) -> dict:
     try:
         data = store.read_bytes(MANIFEST_NAME)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise CacheError(f"{store.url}: no {MANIFEST_NAME}; not a flux-prep cache, or its encode has not "
+        where = "" if store.remote or os.path.isabs(store.url) else f" (from {os.getcwd()})"
+        raise CacheError(f"{store.url}{where}: no {MANIFEST_NAME}; not a flux-prep cache, or its encode has not "
                          "finished") from None
     except OSError as e:   # a store that cannot be reached, or refuses the credentials
         raise CacheError(f"{path}: unreadable ({e})") from None

@@ -199,5 +199,6 @@ def test_resume_with_another_worker_count_is_refused(tmp_path, caches):
     train(tiny_config(tmp_path, caches[0], **settings))
     more = tiny_config(tmp_path, caches[0], **{**settings, "run.max_steps": 2, "data.num_workers": 2,
                                              "run.resume": "auto"})
-    with pytest.raises(CacheError, match="saved with 1 DataLoader workers, this run has 2"):
+    # Refused by the first check to meet it: the checkpoint's noise generators (one per worker) or its data position.
+    with pytest.raises((CacheError, ValueError), match=r"1 DataLoader worker(s|\(s\) per process), this run has 2"):
         train(more)

@@ -85,7 +85,7 @@ def first_step_replayed(trainer) -> dict:
 
     from train.step import EmptyPrompt, training_loss
     initial = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model))
-    state = trainer.generator.get_state()
+    state = trainer.generators[0].get_state()   # num_workers 0: one data slot, one generator
     generator = torch.Generator().set_state(state)
     batches: list = []
     trainer.train(on_batch=batches.append)

@@ -112,7 +112,7 @@ def main() -> None:
                 print(json.dumps(row), file=sys.stderr)
     finally:
         server.stop()
-    print(f"| text | from | read rows/s | read MB/s | stream: samples/s asked | wait/step | data wait |")
+    print("| text | from | read rows/s | read MB/s | stream: samples/s asked | wait/step | data wait |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['text']} | {r['from']} | {r['rows_per_s']:.0f} | {r['mb_per_s']:.0f} | {r['rate']:.0f} "

@@ -75,12 +75,40 @@ def _write_trainer_config(cfg, options: dict) -> Path:
     return path
 
 
+def _train_killed_and_resumed(url: str, options: dict, tmp_path: Path):
+    """Training from the S3 cache through a DataLoader worker, killed while checkpointing step 4 and
+    resumed, against an uninterrupted run: the same losses. Returns the killed process and the run folder."""
+    from train.loop import train
+    settings = {"data.num_workers": 1, "data.batch_size": 4, "run.max_steps": 6, "run.checkpoint_every": 2,
+                "data.storage_options": options, "run.deterministic": True, "data.val_cache": url,
+                "data.val_max_samples": 8}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as the killed process runs: the same float results
+    try:
+        train(tiny_config(tmp_path / "full", url, **settings))
+        cut = tiny_config(tmp_path / "cut", url, **settings)
+        env = dict(without_s3_env(), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+        env.pop("PYTHONPATH", None)
+        proc = subprocess.run([sys.executable, "tests/kill_trainer.py", "checkpoint", "4", "--config",
+                               str(_write_trainer_config(cut, options))], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        train(tiny_config(tmp_path / "cut", url, **settings, **{"run.resume": "auto"}))
+    finally:
+        torch.set_num_threads(threads)
+    run = Path(cut.run.output_dir)
+
+    def losses(run_dir):
+        return [(m["step"], m["loss"]) for m in read_metrics(run_dir) if "loss" in m]
+    assert losses(run) == losses(tmp_path / "full/run") and len(losses(run)) == 6
+    return proc, run
+
+
 def test_encode_kill_rerun_verify_train_kill_resume_on_s3(s3_server, s3_bucket, tiny_model, demo_data, tmp_path,
                                                           monkeypatch):
     import s3fs
 
     from preprocess.cli import app
-    from train.loop import train
     options = s3_server.options()
     for k in s3_server.env():            # this process too reaches the server only through `options`
         monkeypatch.delenv(k, raising=False)
@@ -111,29 +139,7 @@ def test_encode_kill_rerun_verify_train_kill_resume_on_s3(s3_server, s3_bucket, 
     verified = CliRunner().invoke(app, ["verify", url, "--storage-options", json.dumps(options)])
     assert verified.exit_code == 0 and f"{url}: OK" in verified.output
 
-    # Training from the S3 cache through a DataLoader worker, killed while checkpointing step 4, resumed.
-    settings = {"data.num_workers": 1, "data.batch_size": 4, "run.max_steps": 6, "run.checkpoint_every": 2,
-                "data.storage_options": options, "run.deterministic": True, "data.val_cache": url,
-                "data.val_max_samples": 8}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # as the killed process runs: the same float results
-    try:
-        train(tiny_config(tmp_path / "full", url, **settings))
-        cut = tiny_config(tmp_path / "cut", url, **settings)
-        env = dict(without_s3_env(), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-        env.pop("PYTHONPATH", None)
-        proc = subprocess.run([sys.executable, "tests/kill_trainer.py", "checkpoint", "4", "--config",
-                               str(_write_trainer_config(cut, options))], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-        train(tiny_config(tmp_path / "cut", url, **settings, **{"run.resume": "auto"}))
-    finally:
-        torch.set_num_threads(threads)
-    run = Path(cut.run.output_dir)
-
-    def losses(run_dir):
-        return [(m["step"], m["loss"]) for m in read_metrics(run_dir) if "loss" in m]
-    assert losses(run) == losses(tmp_path / "full/run") and len(losses(run)) == 6
+    proc, run = _train_killed_and_resumed(url, options, tmp_path)
 
     # No credential in any object of the bucket, any file of the runs, or what the processes printed.
     written = [fs.cat_file(p) for p in fs.find(s3_bucket.removeprefix("s3://"))]

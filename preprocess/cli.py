@@ -13,8 +13,10 @@ app = typer.Typer(
 
 
 from preprocess.encode_cli import encode_command  # noqa: E402
+from preprocess.plan_cli import plan_command  # noqa: E402
 
 app.command("encode")(encode_command)
+app.command("plan")(plan_command)
 
 
 @app.command("tiny-model")
@@ -46,13 +48,26 @@ def demo_data(
     typer.echo(f"wrote {num_samples} samples in {len(shards)} shards to {out_dir}")
 
 
+CACHE_HELP = "Cache folder (shards + manifest.json), or its URL (s3://bucket/prefix, gs://..., az://...)."
+STORAGE_HELP = "fsspec options for the cache's file system, as JSON (or from the environment: AWS_ENDPOINT_URL, ...)."
+
+
+def _storage_options(text: str) -> dict:
+    from shared.cache.store import parse_storage_options
+    try:
+        return parse_storage_options(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
 @app.command("inspect")
-def inspect(cache: Path = typer.Argument(..., help="Cache folder (shards + manifest.json).")):
+def inspect(cache: str = typer.Argument(..., help=CACHE_HELP),
+            storage_options: str = typer.Option("", help=STORAGE_HELP)):
     """Summarise a cache: rows, shards, bytes per sample by column, caption and T5 lengths, skips."""
     from preprocess.inspect_cache import inspect_cache
     from shared.cache import CacheError
     try:
-        typer.echo(inspect_cache(cache))
+        typer.echo(inspect_cache(cache, _storage_options(storage_options)))
     except CacheError as e:   # a missing or damaged cache: verify's messages, one a line
         for line in str(e).splitlines():
             typer.echo(f"FAIL {line}", err=True)
@@ -60,15 +75,17 @@ def inspect(cache: Path = typer.Argument(..., help="Cache folder (shards + manif
 
 
 @app.command("verify")
-def verify(cache: Path = typer.Argument(..., help="Cache folder (shards + manifest.json).")):
+def verify(cache: str = typer.Argument(..., help=CACHE_HELP),
+           storage_options: str = typer.Option("", help=STORAGE_HELP)):
     """Check schema, row counts, checksums and unique keys of every shard; exit 1 naming each bad shard."""
     from preprocess.verify import cache_warnings, verify_cache
-    problems = verify_cache(cache)
+    options = _storage_options(storage_options)
+    problems = verify_cache(cache, options)
     for p in problems:
         typer.echo(f"FAIL {p}", err=True)
     if problems:
         raise typer.Exit(1)
-    for w in cache_warnings(cache):
+    for w in cache_warnings(cache, options):
         typer.echo(f"WARN {w}", err=True)
     typer.echo(f"{cache}: OK")
 

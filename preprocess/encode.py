@@ -59,6 +59,12 @@ def check_model(model: str) -> None:
         model_identity(model, part)   # raises ModelLoadError naming a missing folder or part
 
 
+def t5_max_length(tokenizer, requested: int | None) -> int:
+    """T5's token count: as asked, else the tokenizer's model_max_length (at most 512, FLUX.1's)."""
+    tok_max = getattr(tokenizer, "model_max_length", 512)
+    return requested or (tok_max if 0 < tok_max <= 512 else 512)
+
+
 def set_t5_wo_dtype(t5, wo_dtype: torch.dtype, compute_dtype: torch.dtype) -> None:
     """Put all of T5 in `compute_dtype`, then its FF down-projections `wo` in `wo_dtype`
     (T5's FF casts its input to wo's dtype itself)."""
@@ -91,8 +97,7 @@ class Encoders:
                         else "transformers")
         if self.t5_impl == "fused":
             self.t5 = FusedT5Encoder(self.t5, release_source=True)
-        tok_max = getattr(self.t5_tok, "model_max_length", 512)
-        self.t5_max_length = opts.t5_max_length or (tok_max if 0 < tok_max <= 512 else 512)
+        self.t5_max_length = t5_max_length(self.t5_tok, opts.t5_max_length)
         if self.device.type == "cuda":
             # TF32 for whatever still runs in fp32 (T5's `wo` with t5_fp32_wo, an fp32 compute dtype).
             torch.backends.cuda.matmul.allow_tf32 = True

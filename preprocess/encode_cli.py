@@ -1,10 +1,14 @@
 """`flux-prep encode`: the command line of stage 1's encoder (registered in cli.py)."""
 from __future__ import annotations
 
+import os
 import sys
-from pathlib import Path
 
 import typer
+
+# Decoding workers when --num-workers is not given: one per CPU this process may use, at most this
+# many (more than the CPUs drew torch's over-subscription warning and ran no faster).
+MAX_DEFAULT_WORKERS = 4
 
 
 def encode_command(
@@ -12,7 +16,12 @@ def encode_command(
     input: str = typer.Option(..., "--input", help="Tar shards (path, glob, brace pattern x-{00000..00009}.tar, "
                                                   "fsspec URL; several joined by '::') or a folder of images "
                                                   "with .txt captions."),
-    output: Path = typer.Option(..., help="Cache folder (Parquet shards + manifest.json)."),
+    output: str = typer.Option(..., help="Cache folder (Parquet shards + manifest.json): a path, or a URL "
+                                         "of any fsspec file system (s3://bucket/prefix, gs://..., az://...)."),
+    storage_options: str = typer.Option("", help="fsspec options for --output's file system, as JSON "
+                                                 "('{\"client_kwargs\": {\"endpoint_url\": \"http://...\"}}'); "
+                                                 "credentials may come from the environment instead "
+                                                 "(AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...). Never recorded."),
     resolution: int = typer.Option(256, help="Target side in pixels (short side resized to it, center crop)."),
     buckets: bool = typer.Option(False, help="Aspect-ratio buckets of about resolution^2 pixels instead of "
                                              "square crops."),
@@ -23,7 +32,8 @@ def encode_command(
     t5_max_length: int = typer.Option(0, help="T5 tokens (512 for FLUX.1-dev, 256 for schnell); 0: the "
                                               "tokenizer's model_max_length."),
     batch_size: int = typer.Option(64, help="Images per encoder batch."),
-    num_workers: int = typer.Option(4, help="DataLoader worker processes decoding images."),
+    num_workers: int = typer.Option(None, help="DataLoader worker processes decoding images (default: the "
+                                               f"CPUs this process may use, at most {MAX_DEFAULT_WORKERS})."),
     store_logvar: bool = typer.Option(False, help="Also store the VAE posterior log-variance."),
     dtype: str = typer.Option("bf16", help="Storage dtype of the tensors: bf16, fp16 or fp32."),
     compute_dtype: str = typer.Option("", help="Encoder weights' dtype; default: --dtype on CUDA, fp32 on CPU."),
@@ -49,33 +59,63 @@ def encode_command(
     from .progress import SettingsMismatch
     from .sources import InputError
     from shared.cache import CacheError
+    from shared.cache.store import parse_storage_options
     from shared.models import ModelLoadError
 
     if t5_mode not in ("padded", "trimmed"):
         raise typer.BadParameter("--t5-mode must be padded or trimmed")
+    try:
+        options = parse_storage_options(storage_options)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     prep = PrepOptions(resolution=resolution, buckets=buckets, min_size=min_size, jpeg_draft=jpeg_draft)
     opts = EncodeOptions(t5_mode=t5_mode, t5_max_length=t5_max_length or None, store_logvar=store_logvar,
                          dtype=dtype, compute_dtype=compute_dtype or None, compile=compile,
                          t5_fp32_wo=t5_fp32_wo, channels_last=channels_last, t5_impl=t5_impl)
     try:
         stats = run_encode(model, input, output, prep=prep, opts=opts, batch_size=batch_size,
-                           num_workers=num_workers, rows_per_shard=rows_per_shard, device=device,
-                           writer_threads=writer_threads,
-                           command=" ".join(["flux-prep", *sys.argv[1:]]), progress=progress)
+                           num_workers=default_workers() if num_workers is None else num_workers,
+                           rows_per_shard=rows_per_shard, device=device, writer_threads=writer_threads,
+                           command=recorded_command(sys.argv), progress=progress, storage_options=options)
     except (SettingsMismatch, InputError, ModelLoadError, CacheError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    except OSError as e:   # a store that cannot be reached, a missing bucket, refused credentials
+        typer.echo(f"error: {output}: {type(e).__name__}: {e}", err=True)
         raise typer.Exit(2)
     _report(stats, output)
 
 
-def _report(stats: dict, output: Path) -> None:
+def default_workers() -> int:
+    """Decoding workers for the CPUs this process may use (one is left to the main process)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_DEFAULT_WORKERS, cpus))
+
+
+def recorded_command(argv: list[str]) -> str:
+    """The command line as the manifest records it, the storage options' values left out: they may
+    hold credentials."""
+    out, hide = ["flux-prep"], False
+    for arg in argv[1:]:
+        if hide:
+            out.append("<not recorded>")
+            hide = False
+        elif arg.startswith("--storage-options="):
+            out.append("--storage-options=<not recorded>")
+        else:
+            out.append(arg)
+            hide = arg == "--storage-options"
+    return " ".join(out)
+
+
+def _report(stats: dict, output: str) -> None:
     """This rank's summary; exit 1 when the cache holds no row at all (naming the inputs that gave none)."""
     rate = stats["rows"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
     typer.echo(f"rank {stats['rank']}/{stats['world']}: {stats['rows']} rows, {stats['skipped']} skipped, "
                f"{stats['shards_done']} input shards encoded ({stats['shards_skipped_done']} were done, "
                f"{stats['shards_reencoded']} changed and encoded again), {rate:.1f} img/s")
     if stats["rank"] == 0:   # rank 0 writes it, once every rank is done
-        typer.echo(f"rank 0/{stats['world']}: manifest written: {output / 'manifest.json'} "
+        typer.echo(f"rank 0/{stats['world']}: manifest written: {stats['manifest_url']} "
                    f"({stats['cache_rows']} rows)")
     if stats["cache_rows"] == 0:
         named = "; ".join(f"{i['id']} ({i['url']}): {_skips(i['skipped'])}" for i in stats["inputs_without_rows"][:10])

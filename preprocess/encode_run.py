@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 from safetensors.torch import save as save_safetensors
 from torch.utils.data import DataLoader
 
 from shared.cache import CacheError
-from shared.cache.files import atomic_write_bytes
-from shared.cache.schema import EMPTY_PROMPT_NAME
+from shared.cache.schema import EMPTY_PROMPT_NAME, MANIFEST_NAME
+from shared.cache.store import Store, open_store
 from shared.devices import resolve_device
 from shared.precision import canonical_dtype
 
@@ -49,10 +48,11 @@ def run_settings(enc: Encoders, prep: PrepOptions, opts: EncodeOptions) -> dict:
 def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: EncodeOptions,
                batch_size: int = 64, num_workers: int = 4, rows_per_shard: int = 1000,
                device: str | None = None, command: str | None = None, progress: bool = True,
-               writer_threads: int = 2) -> dict:
+               writer_threads: int = 2, storage_options: dict | None = None) -> dict:
     """Encode this rank's share of the input shards; returns a summary for this rank.
-    `writer_threads`: threads writing output shards, each input shard's rows by one thread."""
-    out_dir = Path(output)
+    `output`: a folder or a URL (`storage_options` for its file system). `writer_threads`: threads
+    writing output shards, each input shard's rows by one thread."""
+    out_dir = open_store(output, storage_options)
     ranks = Ranks()
     device = resolve_device(device, ranks.local_rank)
     shards = resolve_inputs(input_spec)
@@ -70,11 +70,11 @@ def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: 
     finally:
         ranks.close()
     stats.update(rank=ranks.rank, world=ranks.world, shards_skipped_done=len(mine) - len(todo),
-                 shards_reencoded=changed)
+                 shards_reencoded=changed, manifest_url=out_dir.url_of(MANIFEST_NAME))
     return stats
 
 
-def _start(out_dir: Path, mine: list[InputShard], ranks: Ranks) -> tuple[list[InputShard], int]:
+def _start(out_dir: Store, mine: list[InputShard], ranks: Ranks) -> tuple[list[InputShard], int]:
     """(this rank's shards to encode, how many of them changed since they were encoded).
 
     Before the first barrier no rank writes anything; rank 0 sweeps temp files there, so each one
@@ -91,7 +91,7 @@ def _start(out_dir: Path, mine: list[InputShard], ranks: Ranks) -> tuple[list[In
     return todo, len(changed)
 
 
-def _encode(model: str, out_dir: Path, todo: list[InputShard], device, *, prep: PrepOptions, opts: EncodeOptions,
+def _encode(model: str, out_dir: Store, todo: list[InputShard], device, *, prep: PrepOptions, opts: EncodeOptions,
             batch_size: int, num_workers: int, rows_per_shard: int, writer_threads: int, progress: bool,
             already_done: int, rank: int) -> dict:
     """Decode and encode `todo`, write its rows and done-records; returns this rank's counts."""
@@ -103,8 +103,8 @@ def _encode(model: str, out_dir: Path, todo: list[InputShard], device, *, prep: 
     enc = Encoders(model, device, opts)
     settings = run_settings(enc, prep, opts)
     check_or_write_settings(out_dir, settings)
-    if not (out_dir / EMPTY_PROMPT_NAME).is_file():
-        atomic_write_bytes(out_dir / EMPTY_PROMPT_NAME, save_safetensors(enc.empty_prompt()))
+    if not out_dir.exists(EMPTY_PROMPT_NAME):
+        out_dir.write_bytes(EMPTY_PROMPT_NAME, save_safetensors(enc.empty_prompt()))
     bar = _progress_bar(progress, rank, len(todo), already_done)
     outputs = ShardOutputs(out_dir, todo, settings["dtypes"], rows_per_shard=rows_per_shard, t5_mode=opts.t5_mode,
                            bar=bar, rank=rank)
@@ -146,7 +146,7 @@ def _encode_loop(batches, enc: Encoders, writer: RowWriterPool, outputs: ShardOu
         waits["wait_writer_s"] += time.perf_counter() - t2
 
 
-def _finish(out_dir: Path, shards: list[InputShard], ranks: Ranks, command: str) -> dict:
+def _finish(out_dir: Store, shards: list[InputShard], ranks: Ranks, command: str) -> dict:
     """After every rank's done-records are written, rank 0 writes the manifest of this run's
     input shards; every rank learns what it holds (or the error that stopped it)."""
     ranks.barrier()

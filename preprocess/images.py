@@ -107,6 +107,15 @@ def resize_center_crop(img: Image.Image, width: int, height: int) -> Image.Image
     return img.crop((left, top, left + width, top + height))
 
 
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) as the image is seen, after its EXIF orientation (from the header alone)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # EXIF oddities and the like are not our business
+        orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
+    w, h = img.size
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
 def prepare_image(data: bytes, resolution: int, *, buckets: list[tuple] | None = None, min_size: int = 0,
                   jpeg_draft: bool = True) -> Prepared:
     """Bytes -> Prepared (uint8 pixels at the target size, the source size); raises ImageSkip."""
@@ -114,10 +123,7 @@ def prepare_image(data: bytes, resolution: int, *, buckets: list[tuple] | None =
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # EXIF oddities and the like are not our business
-            orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
-            w, h = img.size
-            if orientation in (5, 6, 7, 8):
-                w, h = h, w
+            w, h = oriented_size(img)
             if min(w, h) < min_size:
                 raise ImageSkip(SKIP_TOO_SMALL, f"{w}x{h} < {min_size}")
             tw, th = target_size(w, h, resolution, buckets)

@@ -1,14 +1,12 @@
 """`flux-prep inspect`: what a cache holds (`verify`, in verify.py, says whether it is intact)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from shared.cache import CacheError, read_manifest
+from shared.cache.store import Store, open_store
 
-from .verify import shard_problems
+from .verify import listed_shard_problems
 
 SMALL_COLUMNS = ["caption", "t5_len", "latent_h", "latent_w"]
 
@@ -20,17 +18,17 @@ def _quantiles(series) -> str:
     return f"min {series.min():g}  mean {series.mean():.1f}  p50 {q[0]:g}  p90 {q[1]:g}  max {series.max():g}"
 
 
-def inspect_cache(cache_dir) -> str:
-    """A summary of the cache. A missing or damaged cache raises CacheError with verify's messages
-    (one per line), from the manifest and the shards' footers (no full read)."""
-    cache = Path(cache_dir)
-    manifest = read_manifest(cache)
-    problems = [p for e in manifest["shards"] for p in shard_problems(cache / e["path"], e, checksum=False)]
+def inspect_cache(cache_dir, storage_options: dict | None = None) -> str:
+    """A summary of the cache (a folder or a URL). A missing or damaged cache raises CacheError with
+    verify's messages (one per line), from the manifest and the shards' footers (no full read)."""
+    store = open_store(cache_dir, storage_options)
+    manifest = read_manifest(store)
+    problems = listed_shard_problems(store, manifest, checksum=False)
     if problems:
         raise CacheError("\n".join(problems))
-    shards = [cache / s["path"] for s in manifest["shards"]]
+    shards = [s["path"] for s in manifest["shards"]]
     rows = sum(s["rows"] for s in manifest["shards"])
-    lines = [f"cache      {cache}",
+    lines = [f"cache      {store.url}",
              f"rows       {rows}",
              f"shards     {len(shards)}  ({sum(s['bytes'] for s in manifest['shards']) / 2**20:.1f} MiB)",
              f"t5         {manifest['t5']['mode']}, max length {manifest['t5']['max_length']}",
@@ -38,15 +36,14 @@ def inspect_cache(cache_dir) -> str:
     if rows == 0:
         lines.append("(no rows)")
     else:
-        lines += _bytes_per_sample(shards, rows) + _distributions(shards)
+        lines += _bytes_per_sample(store, shards, rows) + _distributions(store, shards)
     return "\n".join(lines + _skips(manifest))
 
 
-def _bytes_per_sample(shards: list[Path], rows: int) -> list[str]:
+def _bytes_per_sample(store: Store, shards: list[str], rows: int) -> list[str]:
     """Bytes on disk per sample, by column, from the Parquet footers (no data read)."""
     col_bytes: dict[str, int] = {}
-    for path in shards:
-        meta = pq.ParquetFile(path).metadata
+    for meta in store.map(lambda name: store.open_parquet(name).metadata, shards):
         for rg in range(meta.num_row_groups):
             group = meta.row_group(rg)
             for c in range(group.num_columns):
@@ -59,15 +56,17 @@ def _bytes_per_sample(shards: list[Path], rows: int) -> list[str]:
     return lines
 
 
-def _distributions(shards: list[Path]) -> list[str]:
+def _small_columns(store: Store, name: str) -> pa.Table:
+    try:
+        return store.open_parquet(name, page_checksum_verification=True).read(columns=SMALL_COLUMNS)
+    except Exception as e:  # pyarrow raises several types for damaged pages
+        raise CacheError(f"{store.url_of(name)}: unreadable ({e}); flux-prep verify checks every shard") from None
+
+
+def _distributions(store: Store, shards: list[str]) -> list[str]:
     """Caption, T5 and latent size distributions, from the small columns only (pages checked)."""
     import polars as pl   # here, not at the top: `verify` needs no polars (the GPU image lacks it)
-    tables = []
-    for path in shards:
-        try:
-            tables.append(pq.ParquetFile(path, page_checksum_verification=True).read(columns=SMALL_COLUMNS))
-        except Exception as e:  # pyarrow raises several types for damaged pages
-            raise CacheError(f"{path}: unreadable ({e}); flux-prep verify checks every shard") from None
+    tables = store.map(lambda name: _small_columns(store, name), shards)
     df = pl.from_arrow(pa.concat_tables(tables)).select(
         pl.col("caption").str.len_chars().alias("caption_chars"),
         pl.col("caption").str.split(" ").list.len().alias("caption_words"),

@@ -1,8 +1,8 @@
 """Resume bookkeeping: the run's settings, one done-record per input shard, orphan cleanup,
 and the manifest built from the done-records of the shards the current --input names.
 
-Exactly-once rests on one order of writes: an input shard's output shards are renamed into
-place first, its done-record is written (atomically) last. A shard without a done-record
+Exactly-once rests on one order of writes: an input shard's output shards are complete in
+place first (renamed into place, or uploaded whole), its done-record is written (atomically) last. A shard without a done-record
 is not done, whatever files it left behind; a rerun deletes those files and encodes the
 shard again. Output names derive from the input shard's id, so every rank of every run
 knows which leftovers are its own, whatever the number of processes.
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
-from shared.cache import atomic_write_json, write_manifest
+from shared.cache import write_manifest
 from shared.cache.schema import EMPTY_PROMPT_NAME, MANIFEST_NAME
+from shared.cache.store import Store, open_store
 
 from .sources import InputError, InputShard
 
@@ -38,12 +38,21 @@ class SettingsMismatch(Exception):
     """A rerun into an existing cache with other encoders or preparation options."""
 
 
-def progress_dir(out_dir: Path) -> Path:
-    return Path(out_dir) / PROGRESS_DIR
+SETTINGS_FILE = f"{PROGRESS_DIR}/{SETTINGS_NAME}"
+DONE_FOLDER = f"{PROGRESS_DIR}/{DONE_DIR}"
 
 
-def done_path(out_dir: Path, shard_id: str) -> Path:
-    return progress_dir(out_dir) / DONE_DIR / f"{shard_id}.json"
+def done_name(shard_id: str) -> str:
+    """The done-record of an input shard, relative to the cache."""
+    return f"{DONE_FOLDER}/{shard_id}.json"
+
+
+def _read_json(store: Store, name: str):
+    """A small JSON file, or None where there is none (one request on an object store)."""
+    try:
+        return json.loads(store.read_bytes(name))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
 
 
 def _comparable(settings: dict) -> dict:
@@ -54,19 +63,19 @@ def _comparable(settings: dict) -> dict:
     return out
 
 
-def check_progress_version(out_dir: Path) -> None:
+def check_progress_version(out_dir) -> None:
     """Refuse a cache folder whose done-records an older flux-prep wrote (before anything is changed)."""
-    path = progress_dir(out_dir) / SETTINGS_NAME
-    if path.is_file() and json.loads(path.read_text()).get("progress_version") != PROGRESS_VERSION:
+    settings = _read_json(open_store(out_dir), SETTINGS_FILE)
+    if settings is not None and settings.get("progress_version") != PROGRESS_VERSION:
         raise SettingsMismatch(f"{out_dir} was written by an older flux-prep, whose input-shard ids depended "
                                "on the whole --input spec; encode into a new --output folder")
 
 
-def check_or_write_settings(out_dir: Path, settings: dict) -> None:
+def check_or_write_settings(out_dir, settings: dict) -> None:
     """Record the run's settings on the first run; refuse a later run whose settings differ."""
-    path = progress_dir(out_dir) / SETTINGS_NAME
-    if path.is_file():
-        old = json.loads(path.read_text())
+    store = open_store(out_dir)
+    old = _read_json(store, SETTINGS_FILE)
+    if old is not None:
         a, b = _comparable(old), _comparable(settings)
         diffs = [f"{k}: cache has {json.dumps(a[k], sort_keys=True)}, this run {json.dumps(b[k], sort_keys=True)}"
                  for k in SETTINGS_KEYS if a[k] != b[k]]
@@ -75,38 +84,39 @@ def check_or_write_settings(out_dir: Path, settings: dict) -> None:
                 f"{out_dir} was encoded with other settings; refusing to mix caches ("
                 + "; ".join(diffs) + "). Use a new --output folder, or rerun with the cache's settings.")
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, {**settings, "progress_version": PROGRESS_VERSION})
+    store.write_json(SETTINGS_FILE, {**settings, "progress_version": PROGRESS_VERSION})
 
 
-def read_settings(out_dir: Path) -> dict:
-    return json.loads((progress_dir(out_dir) / SETTINGS_NAME).read_text())
+def read_settings(out_dir) -> dict:
+    return open_store(out_dir).read_json(SETTINGS_FILE)
 
 
-def read_record(out_dir: Path, shard_id: str) -> dict | None:
+def read_record(out_dir, shard_id: str) -> dict | None:
     """An input shard's done-record, read by its path (no folder listing: listings may be cached)."""
-    path = done_path(out_dir, shard_id)
-    return json.loads(path.read_text()) if path.is_file() else None
+    return _read_json(open_store(out_dir), done_name(shard_id))
 
 
-def write_done(out_dir: Path, shard: InputShard, record: dict) -> None:
+def read_records(out_dir, shard_ids: list[str]) -> list[dict | None]:
+    """The done-records of these input shards (None where there is none), several at once remotely."""
+    store = open_store(out_dir)
+    return store.map(lambda shard_id: read_record(store, shard_id), shard_ids)
+
+
+def write_done(out_dir, shard: InputShard, record: dict) -> None:
     """Mark `shard` done: `record` holds its outputs, rows and skips; its identity is added here."""
-    path = done_path(out_dir, shard.id)
-    path.parent.mkdir(parents=True, exist_ok=True)
     identity = {"shard": shard.id, "url": shard.url, "fingerprint": shard.fingerprint}
     if shard.content() is not None:
         identity["content"] = shard.content()
-    atomic_write_json(path, {**identity, **record})
+    open_store(out_dir).write_json(done_name(shard.id), {**identity, **record})
 
 
-def plan_shards(out_dir: Path, shards: list[InputShard]) -> tuple[list[InputShard], list[tuple[InputShard, str]]]:
+def plan_shards(out_dir, shards: list[InputShard]) -> tuple[list[InputShard], list[tuple[InputShard, str]]]:
     """(the shards to encode, (shard, message) for each done shard whose input changed since).
 
     A changed input is encoded again; a folder shard whose sample list changed is refused, since
     its id is a position in the folder's sorted file list (every later shard moved too)."""
     todo, changed = [], []
-    for shard in shards:
-        rec = read_record(out_dir, shard.id)
+    for shard, rec in zip(shards, read_records(out_dir, [s.id for s in shards])):
         if rec is not None and rec.get("content") != shard.content():
             raise InputError(f"input shard {shard.id} holds other samples than when it was encoded into {out_dir} "
                              "(files added or removed?); encode into a new output folder")
@@ -123,14 +133,15 @@ def _describe(fingerprint: dict | None) -> str:
     return ", ".join(f"{k} {v}" for k, v in (fingerprint or {}).items()) or "no fingerprint"
 
 
-def forget(out_dir: Path, shard_ids: list[str]) -> None:
+def forget(out_dir, shard_ids: list[str]) -> None:
     """Un-mark done shards: the manifest first (it lists their rows), then their done-records;
     their output shards are then orphans that `remove_orphans` deletes."""
     if not shard_ids:
         return
-    (Path(out_dir) / MANIFEST_NAME).unlink(missing_ok=True)
+    store = open_store(out_dir)
+    store.delete(MANIFEST_NAME)
     for shard_id in shard_ids:
-        done_path(out_dir, shard_id).unlink(missing_ok=True)
+        store.delete(done_name(shard_id))
 
 
 def output_pattern(shard_id: str) -> re.Pattern:
@@ -139,34 +150,37 @@ def output_pattern(shard_id: str) -> re.Pattern:
     return re.compile(rf"^(\.)?{sid}-\d{{5}}\.parquet(\.\d+\.tmp)?$")
 
 
-def remove_orphans(out_dir: Path, shard_ids: list[str]) -> list[str]:
+def remove_orphans(out_dir, shard_ids: list[str]) -> list[str]:
     """Delete output shards and temp files of the given input shards (none of them done)."""
-    out_dir = Path(out_dir)
+    store = open_store(out_dir)
     removed = []
-    if out_dir.is_dir() and shard_ids:
+    if shard_ids:
         patterns = [output_pattern(s) for s in shard_ids]
-        for p in out_dir.iterdir():
-            if p.is_file() and any(pat.match(p.name) for pat in patterns):
-                p.unlink(missing_ok=True)
-                removed.append(p.name)
+        for name in store.sizes():
+            if any(pat.match(name) for pat in patterns):
+                store.delete(name)
+                removed.append(name)
     return removed
 
 
-def sweep_temps(out_dir: Path) -> list[str]:
-    """Delete every temp file of an atomic write (`.NAME.PID.tmp`) in the cache's folders.
+def sweep_temps(out_dir) -> list[str]:
+    """Delete every temp file of an atomic write (`.NAME.PID.tmp`) in the cache's folders (an
+    object store has none: its objects are uploaded whole).
 
     Only safe while no process of this run has written anything: the encode calls it on rank 0
     before the ranks' first barrier, so whatever it finds was left by a killed earlier run."""
+    store = open_store(out_dir)
     removed = []
-    for folder in (Path(out_dir), progress_dir(out_dir), progress_dir(out_dir) / DONE_DIR):
-        if folder.is_dir():
-            for p in folder.glob(".*.tmp"):
-                p.unlink(missing_ok=True)
-                removed.append(p.name)
+    for folder in ("", PROGRESS_DIR, DONE_FOLDER):
+        for name in store.sizes(folder):
+            base = name.rpartition("/")[2]
+            if base.startswith(".") and base.endswith(".tmp"):
+                store.delete(name)
+                removed.append(base)
     return removed
 
 
-def build_manifest(out_dir: Path, records: list[dict], command: str, version: str) -> dict:
+def build_manifest(out_dir, records: list[dict], command: str, version: str) -> dict:
     """The manifest covering the given done-records (the current --input's shards, in its order)."""
     settings = read_settings(out_dir)
     shards, skipped, rows = [], {}, 0
@@ -189,10 +203,10 @@ def build_manifest(out_dir: Path, records: list[dict], command: str, version: st
     }
 
 
-def write_cache_manifest(out_dir: Path, shards: list[InputShard], command: str, version: str) -> dict:
+def write_cache_manifest(out_dir, shards: list[InputShard], command: str, version: str) -> dict:
     """Write the manifest of this run's input shards, every one of them done; returns it.
     Raises InputError naming the shards without a done-record."""
-    records = [read_record(out_dir, s.id) for s in shards]
+    records = read_records(out_dir, [s.id for s in shards])
     missing = [s.id for s, r in zip(shards, records) if r is None]
     if missing:
         raise InputError(f"{out_dir}: no manifest written: input shards not done: {', '.join(missing[:5])}"

@@ -6,9 +6,9 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from pathlib import Path
 
 from shared.cache import CacheWriter
+from shared.cache.store import Store
 
 from .progress import write_done
 from .sources import InputShard
@@ -20,7 +20,7 @@ class _ShardState:
 
 
 class ShardOutputs:
-    def __init__(self, out_dir: Path, todo: list[InputShard], dtypes: dict, *, rows_per_shard: int, t5_mode: str,
+    def __init__(self, out_dir: Store, todo: list[InputShard], dtypes: dict, *, rows_per_shard: int, t5_mode: str,
                  bar=None, rank: int = 0):
         self.out_dir, self.dtypes, self.rows_per_shard, self.t5_mode = out_dir, dtypes, rows_per_shard, t5_mode
         self.shards = {s.id: s for s in todo}

@@ -1,103 +1,113 @@
 """`flux-prep verify`: whether a cache is intact, each problem named by its shard, and warnings
-about a cache that is intact but may not be what was meant (no rows, inputs that gave none)."""
+about a cache that is intact but may not be what was meant (no rows, inputs that gave none).
+The cache may be a folder or a URL: sizes come from one listing, checksums from the stored bytes."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from shared.cache import CacheError, read_manifest, sha256_file
+from shared.cache import CacheError, read_manifest
 from shared.cache.keys import KeyReadError, duplicate_keys
 from shared.cache.schema import ARROW_SCHEMA, EMPTY_PROMPT_NAME, SCHEMA_VERSION, SHARD_SUFFIX
+from shared.cache.store import Store, open_store
 
-from .progress import DONE_DIR, progress_dir
+from .progress import DONE_FOLDER
 
 
-def shard_problems(path: Path, entry: dict, checksum: bool = True) -> list[str]:
-    """What is wrong with one listed shard: missing, size, sha256 (`checksum`), footer, schema, rows."""
-    if not path.is_file():
-        return [f"{path}: missing"]
-    if path.stat().st_size != entry["bytes"]:
-        return [f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']} (truncated or altered)"]
-    if checksum and sha256_file(path) != entry["sha256"]:
-        return [f"{path}: sha256 differs from the manifest (altered)"]
+def shard_problems(store: Store, entry: dict, size: int | None, checksum: bool = True) -> list[str]:
+    """What is wrong with one listed shard whose stored size is `size` (None: not there): missing,
+    size, sha256 (`checksum`), footer, schema, rows."""
+    name = entry["path"]
+    url = store.url_of(name)
+    if size is None:
+        return [f"{url}: missing"]
+    if size != entry["bytes"]:
+        return [f"{url}: {size} bytes, manifest says {entry['bytes']} (truncated or altered)"]
     try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:
-        return [f"{path}: not readable as Parquet ({e})"]
+        if checksum and store.sha256(name) != entry["sha256"]:
+            return [f"{url}: sha256 differs from the manifest (altered)"]
+        pf = store.open_parquet(name)
+    except Exception as e:  # pyarrow raises several types for damaged files; a store, OSErrors
+        return [f"{url}: not readable as Parquet ({e})"]
     problems = []
     if not pf.schema_arrow.remove_metadata().equals(ARROW_SCHEMA):
-        problems.append(f"{path}: columns differ from schema version {SCHEMA_VERSION}")
+        problems.append(f"{url}: columns differ from schema version {SCHEMA_VERSION}")
     version = (pf.schema_arrow.metadata or {}).get(b"flux_prep_schema_version", b"?").decode()
     if version != str(SCHEMA_VERSION):
-        problems.append(f"{path}: schema version {version}, expected {SCHEMA_VERSION}")
+        problems.append(f"{url}: schema version {version}, expected {SCHEMA_VERSION}")
     if pf.metadata.num_rows != entry["rows"]:
-        problems.append(f"{path}: {pf.metadata.num_rows} rows, manifest says {entry['rows']}")
+        problems.append(f"{url}: {pf.metadata.num_rows} rows, manifest says {entry['rows']}")
     return problems
 
 
-def verify_cache(cache_dir) -> list[str]:
+def listed_shard_problems(store: Store, manifest: dict, checksum: bool) -> list[str]:
+    """shard_problems of every shard the manifest lists, sizes from one listing of the cache."""
+    sizes = store.sizes()
+    found = store.map(lambda e: shard_problems(store, e, sizes.get(e["path"]), checksum), manifest["shards"])
+    return [p for problems in found for p in problems]
+
+
+def verify_cache(cache_dir, storage_options: dict | None = None) -> list[str]:
     """Every problem found, each naming the shard; an empty list means the cache is intact."""
-    cache = Path(cache_dir)
+    store = open_store(cache_dir, storage_options)
     try:
-        manifest = read_manifest(cache)
+        manifest = read_manifest(store)
     except CacheError as e:
         return [str(e)]
-    problems = []
-    for entry in manifest["shards"]:
-        problems += shard_problems(cache / entry["path"], entry)
+    problems = listed_shard_problems(store, manifest, checksum=True)
     if not problems:
         total = sum(e["rows"] for e in manifest["shards"])
         if "rows" in manifest and total != manifest["rows"]:
-            problems.append(f"{cache}: shards hold {total} rows, manifest says {manifest['rows']}")
+            problems.append(f"{store.url}: shards hold {total} rows, manifest says {manifest['rows']}")
         try:
-            problems += [f"{cache}: {line}" for line in duplicate_keys(cache, [e["path"] for e in manifest["shards"]])]
+            problems += [f"{store.url}: {line}" for line in duplicate_keys(store, [e["path"] for e in manifest["shards"]])]
         except KeyReadError as e:
             problems.append(str(e))
     listed = {e["path"] for e in manifest["shards"]}
-    owned = _outputs_of_other_inputs(cache, manifest)
-    for path in sorted(cache.glob(f"*{SHARD_SUFFIX}")):
-        if path.name not in listed and path.name not in owned:
-            problems.append(f"{path}: shard not listed in the manifest")
-    empty = cache / manifest.get("empty_prompt", EMPTY_PROMPT_NAME)
-    if not empty.is_file():
-        problems.append(f"{empty}: empty-prompt encodings missing")
+    owned = _outputs_of_other_inputs(store, manifest)
+    for name in sorted(store.sizes()):
+        if name.endswith(SHARD_SUFFIX) and name not in listed and name not in owned:
+            problems.append(f"{store.url_of(name)}: shard not listed in the manifest")
+    empty = manifest.get("empty_prompt", EMPTY_PROMPT_NAME)
+    if not store.exists(empty):
+        problems.append(f"{store.url_of(empty)}: empty-prompt encodings missing")
     return problems
 
 
-def cache_warnings(cache_dir) -> list[str]:
+def cache_warnings(cache_dir, storage_options: dict | None = None) -> list[str]:
     """What a readable cache holds that may surprise: no rows, inputs without rows, output shards
     of inputs that the last encode's --input did not name (kept for a later run that does)."""
-    cache = Path(cache_dir)
+    store = open_store(cache_dir, storage_options)
     try:
-        manifest = read_manifest(cache)
+        manifest = read_manifest(store)
     except CacheError:
         return []
     warnings = []
     if manifest.get("rows", sum(e["rows"] for e in manifest["shards"])) == 0:
-        warnings.append(f"{cache}: the cache holds no rows")
+        warnings.append(f"{store.url}: the cache holds no rows")
     for item in manifest.get("inputs_without_rows", []):
         skips = ", ".join(f"{k} {v}" for k, v in sorted(item["skipped"].items())) or "no sample"
         warnings.append(f"input shard {item['id']} ({item['url']}) yielded no row ({skips})")
     listed = {e["path"] for e in manifest["shards"]}
-    for name, shard_id in sorted(_outputs_of_other_inputs(cache, manifest).items()):
+    for name, shard_id in sorted(_outputs_of_other_inputs(store, manifest).items()):
         if name not in listed:
-            warnings.append(f"{cache / name}: not in the manifest: output of input shard {shard_id}, which the "
-                            "last encode's --input did not name")
+            warnings.append(f"{store.url_of(name)}: not in the manifest: output of input shard {shard_id}, which "
+                            "the last encode's --input did not name")
     return warnings
 
 
-def _outputs_of_other_inputs(cache: Path, manifest: dict) -> dict[str, str]:
+def _outputs_of_other_inputs(store: Store, manifest: dict) -> dict[str, str]:
     """Output shard name -> input shard id, for done inputs that the manifest does not cover."""
     covered = {i["id"] for i in manifest.get("inputs_done", [])}
+    names = sorted(n for n in store.sizes(DONE_FOLDER) if n.endswith(".json"))
     owned = {}
-    folder = progress_dir(cache) / DONE_DIR
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if record.get("shard") not in covered:
+    for record in store.map(lambda n: _record(store, n), names):
+        if record is not None and record.get("shard") not in covered:
             owned.update({o["path"]: record.get("shard") for o in record.get("outputs", [])})
     return owned
+
+
+def _record(store: Store, name: str) -> dict | None:
+    try:
+        return json.loads(store.read_bytes(name))
+    except (OSError, json.JSONDecodeError):
+        return None

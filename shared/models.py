@@ -61,7 +61,22 @@ def _load(loader, model: str, part: str, **kwargs):
     try:
         return loader(src, **extra, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
+        if not local and offline():
+            raise ModelLoadError(not_here_offline(model, part)) from e
         raise ModelLoadError(f"{model}: cannot load {part} ({PARTS[part]}): {str(e).splitlines()[0]}") from e
+
+
+def offline() -> bool:
+    """Whether the hub may not be reached (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set)."""
+    import os
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE",
+                                                                                   "TRANSFORMERS_OFFLINE"))
+
+
+def not_here_offline(model: str, part: str) -> str:
+    import os
+    return (f"{model}: no such folder here ({os.getcwd()}; a relative path is read from the current folder), "
+            f"and as a hub id its {part} is not in the local hub cache while the hub is offline (HF_HUB_OFFLINE)")
 
 
 def load_vae(model: str, dtype=torch.float32, device="cpu"):
@@ -91,6 +106,30 @@ def load_t5(model: str, dtype=torch.float32, device="cpu"):
     enc = _load(T5EncoderModel.from_pretrained, model, "text_encoder_2", dtype=dtype, use_safetensors=True,
                 trust_remote_code=False)
     return tok, enc.to(device).eval()
+
+
+def load_t5_tokenizer(model: str):
+    """T5's tokenizer alone (no weights)."""
+    from transformers import AutoTokenizer
+    return _load(AutoTokenizer.from_pretrained, model, "tokenizer_2", trust_remote_code=False)
+
+
+def part_config(model: str, part: str) -> dict:
+    """A part's config.json, without its weights."""
+    src, extra = _source(model, part)
+    if Path(src).is_dir():
+        path = Path(src) / "config.json"
+    else:
+        from huggingface_hub import hf_hub_download
+        try:
+            path = Path(hf_hub_download(src, "config.json", subfolder=extra["subfolder"]))
+        except Exception as e:  # noqa: BLE001 - the hub client's many error types, named once
+            if offline():
+                raise ModelLoadError(not_here_offline(model, part)) from e
+            raise ModelLoadError(f"{model}: cannot read {part}/config.json ({str(e).splitlines()[0]})") from e
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: missing ({PARTS[part]})")
+    return json.loads(path.read_text())
 
 
 def load_clip(model: str, dtype=torch.float32, device="cpu"):

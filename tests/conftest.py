@@ -19,6 +19,32 @@ def tiny_model(tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """One S3-compatible server (moto) on 127.0.0.1 for the session, its endpoint and credentials in the
+    environment (as boto and s3fs read them) while it runs; started by the first test that asks."""
+    from s3_server import S3Server
+    server = S3Server()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket on the session's server for this test: its s3:// URL."""
+    import re
+    import uuid
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    return s3_server.bucket(f"{name}-{uuid.uuid4().hex[:8]}")
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerator_state():
     """Accelerate's state is one per process, fixed by the first Accelerator: each test starts without

@@ -111,7 +111,7 @@ def test_help_lists_every_key_and_the_choices_of_closed_ones():
     text = help_text()
     for section, keys in TrainConfig().to_dict().items():
         assert all(f"--{section}.{key} " in text for key in keys)
-    assert "--run.precision 'bf16'   (bf16 | fp8 | no)" in text
+    assert "--run.precision 'auto'   (auto | bf16 | fp8 | no)" in text
     assert "--run.masked_attention 'auto'   (auto | sdpa | flex)" in text
     for (section, key), choices in CHOICES.items():
         line = next(ln for ln in text.splitlines() if ln.strip().startswith(f"--{section}.{key} "))
@@ -123,3 +123,22 @@ def test_the_24gb_lora_preset_is_the_measured_setting():
     cfg = load_config(REPO / "configs/params/dev-lora-24gb.yaml")
     assert (cfg.lora.rank, cfg.run.offload_blocks, cfg.model.quantize_base, cfg.data.batch_size) == (16, 38, "none", 1)
     assert cfg.run.grad_checkpointing and cfg.run.precision == "bf16" and cfg.model.init == "pretrained"
+
+
+def test_precision_auto_is_fp32_on_a_cpu_and_bf16_for_lora():
+    plain = load_config(None, {"data.train_cache": "c", "run.max_steps": 1})
+    assert plain.run.precision == ("bf16" if torch.cuda.is_available() else "no")
+    lora = load_config(None, {"data.train_cache": "c", "run.max_steps": 1, "lora.rank": 4})
+    assert lora.run.precision == "bf16"
+    assert load_config(None, {"data.train_cache": "c", "run.max_steps": 1, "run.precision": "bf16"}).run.precision == "bf16"
+
+
+def test_storage_options_are_not_recorded_and_output_dir_stays_local():
+    from train.config import NOT_RECORDED
+    secret = {"key": "AKIA-not-to-be-written", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}
+    cfg = load_config(None, {"data.train_cache": "s3://b/c", "run.max_steps": 1, "data.storage_options": secret})
+    assert cfg.data.storage_options == secret                      # used as given
+    recorded = cfg.to_dict()["data"]["storage_options"]
+    assert recorded == {"key": NOT_RECORDED, "client_kwargs": NOT_RECORDED}
+    with pytest.raises(ConfigError, match="run.output_dir 's3://b/run': the trainer writes to a local folder"):
+        load_config(None, {"data.train_cache": "s3://b/c", "run.max_steps": 1, "run.output_dir": "s3://b/run"})

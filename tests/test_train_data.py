@@ -207,3 +207,12 @@ def test_no_default_vae_factors(tmp_path):
     set_manifest(cache, vae=None)
     with pytest.raises(CacheError, match="here: the manifest has no vae.shift_factor"):
         vae_factors(open_cache(cache).manifest, "here")
+
+
+def test_too_few_row_groups_name_the_encode_option_and_an_empty_cache_says_it_is_empty(tmp_path):
+    small = write_cache(tmp_path / "small", 8, rows_per_shard=8, row_group_rows=4)   # 2 row groups
+    with pytest.raises(CacheError, match="2 row groups cannot feed 3 readers .* smaller --rows-per-shard"):
+        CacheStream(small, batch_size=2).units(0, 0, 3)
+    empty = write_cache(tmp_path / "empty", 0)
+    with pytest.raises(CacheError, match="the cache holds no rows"):
+        CacheStream(empty, batch_size=2).units(0, 0, 1)

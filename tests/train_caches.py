@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from shared.cache import CacheWriter, write_manifest
+from shared.cache.store import is_remote, open_store
 
 T5_DIM, CLIP_DIM, CHANNELS, MAX_LEN = 64, 64, 16, 32
 
@@ -18,8 +19,9 @@ T5_DIM, CLIP_DIM, CHANNELS, MAX_LEN = 64, 64, 16, 32
 def write_cache(out_dir, n: int, *, t5_mode: str = "trimmed", sizes=((8, 8),), rows_per_shard: int = 16,
                 row_group_rows: int = 4, seed: int = 0, prefix: str = "train", classes: int = 4,
                 dtype: str = "float32", logvar: bool = False) -> Path:
-    """`logvar`: also store a posterior log-variance per sample (as encode --store-logvar)."""
-    out_dir = Path(out_dir)
+    """`logvar`: also store a posterior log-variance per sample (as encode --store-logvar). `out_dir`
+    may be a URL (s3://...): the cache is written there, and the URL returned."""
+    out_dir = out_dir if is_remote(out_dir) else Path(out_dir)
     g = torch.Generator().manual_seed(seed)
     proto = torch.Generator().manual_seed(1234)   # class prototypes shared by train and val caches
     patterns = {s: torch.randn(classes, CHANNELS, *s, generator=proto) for s in sizes}
@@ -36,8 +38,9 @@ def write_cache(out_dir, n: int, *, t5_mode: str = "trimmed", sizes=((8, 8),), r
             w.add(key=f"{prefix}-{i:05d}", caption=f"class {c}", latent=latent, t5=text[c, :length],
                   t5_len=length, clip=clip[c], width=size[1] * 8, height=size[0] * 8, latent_logvar=lv)
         shards = w.close()
-    save_file({"t5": torch.zeros(MAX_LEN if t5_mode == "padded" else 1, T5_DIM), "clip": torch.zeros(CLIP_DIM),
-               "t5_len": torch.tensor(1)}, str(out_dir / "empty_prompt.safetensors"))
+    open_store(out_dir).write_bytes("empty_prompt.safetensors", save({
+        "t5": torch.zeros(MAX_LEN if t5_mode == "padded" else 1, T5_DIM), "clip": torch.zeros(CLIP_DIM),
+        "t5_len": torch.tensor(1)}))
     write_manifest(out_dir, {
         "dtypes": dtypes, "dims": {"latent_channels": CHANNELS, "t5_dim": T5_DIM, "clip_dim": CLIP_DIM},
         "t5": {"mode": t5_mode, "max_length": MAX_LEN}, "shards": [s.to_dict() for s in shards], "rows": n,

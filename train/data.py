@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,10 +25,11 @@ from shared.text import T5_PAD_MULTIPLE, round_up
 
 
 def open_cache(cache_dir, expected_t5_mode: str | None = None, where: str = "cache",
-               latent_logvar: bool = False) -> CacheReader:
-    """Open a cache and refuse one of another schema version (read_manifest) or T5 mode, or one
-    without the posterior's log-variance when `latent_logvar` (flow.latent: sample) needs it."""
-    reader = CacheReader(cache_dir)
+               latent_logvar: bool = False, storage_options: dict | None = None) -> CacheReader:
+    """Open a cache (a folder or a URL; `storage_options` for its file system) and refuse one of
+    another schema version (read_manifest) or T5 mode, or one without the posterior's log-variance
+    when `latent_logvar` (flow.latent: sample) needs it."""
+    reader = CacheReader(cache_dir, storage_options)
     check_t5_mode(reader.manifest, expected_t5_mode, where=f"{where} {cache_dir}")
     if latent_logvar and "latent_logvar" not in reader.manifest["dtypes"]:
         raise CacheError(f"{where} {cache_dir} has no latent_logvar column, which flow.latent: sample needs "
@@ -56,10 +56,10 @@ def encoding_facts(manifest: dict) -> dict:
             "t5 mode": manifest["t5"].get("mode"), "t5 max_length": manifest["t5"].get("max_length")}
 
 
-def open_validation_cache(cache_dir, train: CacheReader) -> CacheReader:
+def open_validation_cache(cache_dir, train: CacheReader, storage_options: dict | None = None) -> CacheReader:
     """Open the held-out cache, refusing one encoded otherwise than the training cache: its loss
     would measure the difference between the encodings, not the model."""
-    reader = open_cache(cache_dir, train.t5_mode, "validation cache")
+    reader = open_cache(cache_dir, train.t5_mode, "validation cache", storage_options=storage_options)
     vae_factors(reader.manifest, f"validation cache {cache_dir}")
     ours, theirs = encoding_facts(reader.manifest), encoding_facts(train.manifest)
     diffs = [f"{k}: {ours[k]!r} (training cache: {theirs[k]!r})" for k in ours if ours[k] != theirs[k]]
@@ -115,12 +115,14 @@ class CacheStream(IterableDataset):
     """Infinite stream of training batches from one cache, for one rank.
 
     `position` (from `StreamPosition.state_dict`) resumes where a previous run stopped. With
-    `latent_logvar` the batches also carry the posterior's log-variance (flow.latent: sample)."""
+    `latent_logvar` the batches also carry the posterior's log-variance (flow.latent: sample).
+    A remote cache's next `read_ahead` row groups are fetched while the current one is consumed."""
 
     def __init__(self, cache_dir, *, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle_buffer: int = 256, expected_t5_mode: str | None = None, position: dict | None = None,
-                 latent_logvar: bool = False):
-        self.reader = open_cache(cache_dir, expected_t5_mode, "training cache", latent_logvar)
+                 latent_logvar: bool = False, storage_options: dict | None = None, read_ahead: int = 2):
+        self.reader = open_cache(cache_dir, expected_t5_mode, "training cache", latent_logvar, storage_options)
+        self.read_ahead = read_ahead
         self.latent_logvar = latent_logvar
         self.t5_mode = self.reader.t5_mode
         self.batch_size, self.seed = batch_size, seed
@@ -129,51 +131,39 @@ class CacheStream(IterableDataset):
         self.position = position or {}
         self._row_groups: list[int] | None = None
 
-    def __getstate__(self):
-        # DataLoader workers get a copy: leave the open Parquet file behind.
-        return {k: v for k, v in self.__dict__.items() if k not in ("_open_file", "_open_name")}
-
     # -- the plan of an epoch -----------------------------------------------------------------
     def row_groups(self) -> list[int]:
         """Row groups per shard, from each shard's footer (also catches truncated shards early)."""
         if self._row_groups is None:
-            self._row_groups = [self.reader.open_shard(s).num_row_groups for s in self.reader.shards]
+            self._row_groups = [meta.num_row_groups for meta in self.reader.footers()]
         return self._row_groups
 
     def units(self, epoch: int, slot: int, num_slots: int) -> list[tuple[int, int]]:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.reader.shards))
         counts = self.row_groups()
         every = [(int(s), g) for s in order for g in range(counts[s])]
+        if not every:
+            raise CacheError(f"{self.reader.dir}: the cache holds no rows (flux-prep inspect shows what its "
+                             "encode skipped)")
         if len(every) < num_slots:
             raise CacheError(f"{self.reader.dir}: {len(every)} row groups cannot feed {num_slots} readers "
-                             "(processes x DataLoader workers); use fewer workers or smaller row groups")
+                             "(processes x DataLoader workers): use fewer processes, or encode with a smaller "
+                             "--rows-per-shard (a row group holds at most that many rows)")
         return every[slot::num_slots]
 
     # -- reading ------------------------------------------------------------------------------
     def _read(self, unit: tuple[int, int], light: bool) -> list[list]:
         """One row group -> items [unit, row, (h, w), data]; data is None when `light`."""
         shard = self.reader.shards[unit[0]]
-        pf = self._open(shard)
-        try:
-            if light:
-                table = pf.read_row_group(unit[1], columns=["latent_h", "latent_w"])
-                hs, ws = table.column("latent_h").to_pylist(), table.column("latent_w").to_pylist()
-                return [[unit, i, (h, w), None] for i, (h, w) in enumerate(zip(hs, ws))]
-            rg = self.reader.read_row_group(pf, unit[1])
-            if self.latent_logvar and rg.get("latent_logvar") is None:
-                raise CacheError(f"row group {unit[1]} has no latent_logvar values")
-        except CacheError as e:
-            raise CacheError(f"{self.reader.dir / shard}: {e}") from None
-        except Exception as e:  # pyarrow raises several types for damaged pages
-            raise CacheError(f"{self.reader.dir / shard}: row group {unit[1]} unreadable ({e})") from None
+        if light:
+            table = self.reader.table(shard, unit[1], columns=["latent_h", "latent_w"])
+            hs, ws = table.column("latent_h").to_pylist(), table.column("latent_w").to_pylist()
+            return [[unit, i, (h, w), None] for i, (h, w) in enumerate(zip(hs, ws))]
+        rg = self.reader.row_group(shard, unit[1])
+        if self.latent_logvar and rg.get("latent_logvar") is None:
+            raise CacheError(f"{self.reader.url_of(shard)}: row group {unit[1]} has no latent_logvar values")
         return [[unit, i, (int(rg["latent_h"][i]), int(rg["latent_w"][i])), _sample(rg, i, self.latent_logvar)]
                 for i in range(len(rg["key"]))]
-
-    def _open(self, shard: str):
-        if getattr(self, "_open_name", None) != shard:
-            self._open_file = self.reader.open_shard(shard)
-            self._open_name = shard
-        return self._open_file
 
     def _materialize(self, items: list[list]) -> None:
         """Read the tensors of items that were replayed light (after a resume)."""
@@ -214,7 +204,11 @@ class CacheStream(IterableDataset):
                 light = False
             return out
 
-        for unit in self.units(epoch, slot, num_slots):
+        units = self.units(epoch, slot, num_slots)
+        for k, unit in enumerate(units):
+            if not light:
+                for ahead in units[k:k + 1 + self.read_ahead]:
+                    self.reader.prefetch(self.reader.shards[ahead[0]], ahead[1])
             current = self._read(unit, light)
             for item in current:
                 if len(buffer) < self.shuffle_buffer:
@@ -308,9 +302,7 @@ def usable_workers(reader: CacheReader, num_workers: int, world_size: int) -> in
     asked, down to 0 (the main process reads). Footers are read only until there are enough."""
     need, groups = world_size * max(1, num_workers), 0
     for shard in reader.shards:
-        pf = reader.open_shard(shard)
-        groups += pf.num_row_groups
-        pf.close()
+        groups += reader.footer(shard).num_row_groups
         if groups >= need:
             return num_workers
     return min(num_workers, groups // world_size)
@@ -354,14 +346,13 @@ def _validation_rows(reader: CacheReader, max_samples: int | None):
     for shard in reader.shards:
         if max_samples is not None and i >= max_samples:
             return
-        pf = reader.open_shard(shard)
-        for g in range(pf.num_row_groups):
+        meta = reader.footer(shard)
+        for g in range(meta.num_row_groups):
             if max_samples is not None and i >= max_samples:
                 return
-            try:
-                rg = reader.read_row_group(pf, g)
-            except CacheError as e:
-                raise CacheError(f"{Path(reader.dir) / shard}: {e}") from None
+            if g + 1 < meta.num_row_groups and (max_samples is None or i + meta.row_group(g).num_rows < max_samples):
+                reader.prefetch(shard, g + 1)
+            rg = reader.row_group(shard, g)
             for r in range(len(rg["key"])):
                 if max_samples is not None and i >= max_samples:
                     return

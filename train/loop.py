@@ -83,10 +83,11 @@ class Trainer:
         self.lora = cfg.lora.rank > 0
         # Refuse a wrong cache or launch before building anything expensive.
         self.train_reader = open_cache(cfg.data.train_cache, cfg.data.expected_t5_mode, "training cache",
-                                       latent_logvar=cfg.flow.latent == "sample")
+                                       latent_logvar=cfg.flow.latent == "sample",
+                                       storage_options=cfg.data.storage_options)
         self.val_reader = None
         if cfg.data.val_cache:
-            self.val_reader = open_validation_cache(cfg.data.val_cache, self.train_reader)
+            self.val_reader = open_validation_cache(cfg.data.val_cache, self.train_reader, cfg.data.storage_options)
         vae = vae_factors(self.train_reader.manifest, f"training cache {cfg.data.train_cache}")
         check_launch(cfg, acc.num_processes, self._fsdp)
         flex_mask = self._flex_mask()
@@ -308,7 +309,7 @@ class Trainer:
                              rank=acc.process_index, world_size=acc.num_processes,
                              shuffle_buffer=cfg.data.shuffle_buffer, expected_t5_mode=cfg.data.expected_t5_mode,
                              position=self.position.state_dict() if self.position.workers else None,
-                             latent_logvar=cfg.flow.latent == "sample")
+                             latent_logvar=cfg.flow.latent == "sample", storage_options=cfg.data.storage_options)
         stream.row_groups()   # every shard's footer, before step 1: a damaged shard stops the run here
         loader = train_loader(stream, self.num_workers, pin_memory=self.device.type == "cuda",
                               prefetch_factor=cfg.data.prefetch_factor)

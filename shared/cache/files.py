@@ -66,13 +66,15 @@ class HashingFile(io.RawIOBase):
     """A file opened for writing that hashes what passes through it, so that a shard's sha256
     needs no second read of the file (2 GB per 1000 rows at padded-256)."""
 
-    def __init__(self, path: Path, writeback_bytes: int | None = None):
-        """`writeback_bytes`: start write-back every so many bytes (None: WRITEBACK_BYTES; 0: never)."""
+    def __init__(self, path: Path | None, writeback_bytes: int | None = None, *, raw=None):
+        """`writeback_bytes`: start write-back every so many bytes (None: WRITEBACK_BYTES; 0: never).
+        `raw`: an open binary file to write to instead of `path` (an object store's upload; no
+        write-back hints)."""
         super().__init__()
-        self._f = open(path, "wb")
+        self._f = open(path, "wb") if raw is None else raw
         self._hash = hashlib.sha256()
         self.size = 0
-        self._writeback = WRITEBACK_BYTES if writeback_bytes is None else writeback_bytes
+        self._writeback = 0 if raw is not None else WRITEBACK_BYTES if writeback_bytes is None else writeback_bytes
         self._written_back = 0   # bytes whose write-back has been started
         self.writebacks = 0      # calls that started one
 

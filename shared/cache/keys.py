@@ -1,29 +1,30 @@
 """A key is never in a cache twice: checked from the `key` column alone (a few bytes a row)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+
+from .store import open_store
 
 
 class KeyReadError(Exception):
     """A shard whose keys cannot be read."""
 
 
-def _shard_keys(path: Path) -> pa.Array:
+def _shard_keys(store, name: str) -> pa.Array:
     try:
-        table = pq.ParquetFile(path, page_checksum_verification=True).read(columns=["key"])
+        with store.open_parquet(name, page_checksum_verification=True) as pf:
+            table = pf.read(columns=["key"])
     except Exception as e:  # pyarrow raises several types for damaged files
-        raise KeyReadError(f"{path}: key column unreadable ({e})") from None
+        raise KeyReadError(f"{store.url_of(name)}: key column unreadable ({e})") from None
     return table.column("key").combine_chunks()
 
 
 def duplicate_keys(cache_dir, shard_paths: list[str], limit: int = 3) -> list[str]:
     """One line per repeated key (the first `limit`, then a count of the rest), naming the shards
     that hold it; an empty list when every key of these shards is unique."""
-    keys = [_shard_keys(Path(cache_dir) / p) for p in shard_paths]
+    store = open_store(cache_dir)
+    keys = store.map(lambda p: _shard_keys(store, p), shard_paths)
     every = pa.chunked_array(keys, pa.string())
     if len(every) == 0 or pc.count_distinct(every).as_py() == len(every):
         return []

@@ -2,28 +2,32 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 
-from .files import atomic_write_json
 from .keys import KeyReadError, duplicate_keys
 from .schema import MANIFEST_NAME, SCHEMA_VERSION, T5_MODES
+from .store import open_store
 
 
 class CacheError(Exception):
     """A cache that cannot be used as asked: missing, altered, or of another kind."""
 
 
-def manifest_path(cache_dir) -> Path:
-    return Path(cache_dir) / MANIFEST_NAME
-
-
-def read_manifest(cache_dir) -> dict:
-    path = manifest_path(cache_dir)
-    if not path.is_file():
-        raise CacheError(f"{cache_dir}: no {MANIFEST_NAME}; not a flux-prep cache, or its encode has not finished")
+def read_manifest(cache_dir, storage_options: dict | None = None) -> dict:
+    """The manifest of a cache (a folder, a URL or a Store), checked for what every reader needs."""
+    store = open_store(cache_dir, storage_options)
+    path = store.url_of(MANIFEST_NAME)
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = store.read_bytes(MANIFEST_NAME)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        where = "" if store.remote or os.path.isabs(store.url) else f" (from {os.getcwd()})"
+        raise CacheError(f"{store.url}{where}: no {MANIFEST_NAME}; not a flux-prep cache, or its encode has not "
+                         "finished") from None
+    except OSError as e:   # a store that cannot be reached, or refuses the credentials
+        raise CacheError(f"{path}: unreadable ({e})") from None
+    try:
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheError(f"{path}: not valid JSON ({e})") from None
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
@@ -38,14 +42,14 @@ def read_manifest(cache_dir) -> dict:
 
 def write_manifest(cache_dir, manifest: dict) -> None:
     """Write manifest.json, refusing shards that hold a key twice (a cache's keys are unique)."""
+    store = open_store(cache_dir)
     try:
-        repeated = duplicate_keys(cache_dir, [s["path"] for s in manifest["shards"]])
+        repeated = duplicate_keys(store, [s["path"] for s in manifest["shards"]])
     except KeyReadError as e:
-        raise CacheError(f"{cache_dir}: refusing to write the manifest: {e}") from None
+        raise CacheError(f"{store.url}: refusing to write the manifest: {e}") from None
     if repeated:
-        raise CacheError(f"{cache_dir}: refusing to write a manifest whose shards repeat keys: " + "; ".join(repeated))
-    manifest = {"schema_version": SCHEMA_VERSION, **manifest}
-    atomic_write_json(manifest_path(cache_dir), manifest)
+        raise CacheError(f"{store.url}: refusing to write a manifest whose shards repeat keys: " + "; ".join(repeated))
+    store.write_json(MANIFEST_NAME, {"schema_version": SCHEMA_VERSION, **manifest})
 
 
 def check_t5_mode(manifest: dict, expected_mode: str | None, where: str = "cache") -> None:

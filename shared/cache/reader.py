@@ -6,15 +6,17 @@ the same shape, as padded T5, CLIP and one-size latents do).
 """
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from .fetch import RowGroupFetcher, read_remote_footer
 from .manifest import CacheError, read_manifest
 from .schema import EMPTY_PROMPT_NAME, SCHEMA_VERSION, array_to_tensor, numpy_dtype
+from .store import open_store
 
 
 def decode_binary_column(arr, dtype_name: str, shapes: list[tuple[int, ...]]):
@@ -80,30 +82,69 @@ def decode_table(table: pa.Table, manifest: dict) -> dict:
 
 
 class CacheReader:
-    """A cache folder opened for reading: manifest, shard paths, row groups as tensors."""
+    """A cache (a folder or a URL, `storage_options` for its file system) opened for reading:
+    manifest, shard names, footers, row groups as tensors. Remote row groups are fetched whole, each
+    in one ranged read, and `prefetch` starts the next ones in background threads (fetch.py)."""
 
-    def __init__(self, cache_dir):
-        self.dir = Path(cache_dir)
-        self.manifest = read_manifest(self.dir)
+    def __init__(self, cache_dir, storage_options: dict | None = None):
+        self.store = open_store(cache_dir, storage_options)
+        self.dir = self.store.url
+        self.manifest = read_manifest(self.store)
         self.shards = [s["path"] for s in self.manifest["shards"]]
         self.num_rows = sum(s["rows"] for s in self.manifest["shards"])
         self.t5_mode = self.manifest["t5"]["mode"]
+        self._entries = {s["path"]: s for s in self.manifest["shards"]}
+        self._footers: dict[str, pq.FileMetaData] = {}
+        self._fetcher = self._new_fetcher()
+        self._local_file = None    # (pid, shard, ParquetFile): the local shard being read
+
+    def __getstate__(self):
+        # DataLoader workers get a copy: leave open files and threads behind.
+        return {**self.__dict__, "_local_file": None, "_fetcher": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._fetcher = self._new_fetcher()
+
+    def _new_fetcher(self) -> RowGroupFetcher | None:
+        if not self.store.remote:
+            return None
+        return RowGroupFetcher(self.store, self.footer, {s: e["bytes"] for s, e in self._entries.items()})
+
+    def url_of(self, shard: str) -> str:
+        return self.store.url_of(shard)
+
+    def footer(self, shard: str) -> pq.FileMetaData:
+        """A shard's Parquet footer (read once), after checking the shard is there and of this schema."""
+        if shard not in self._footers:
+            meta = (read_remote_footer(self.store, shard, self._entries[shard]["bytes"]) if self.store.remote
+                    else self._local_parquet(shard).metadata)
+            _check_version(meta.schema.to_arrow_schema().metadata, self.url_of(shard))
+            self._footers[shard] = meta
+        return self._footers[shard]
+
+    def footers(self, shards: list[str] | None = None) -> list[pq.FileMetaData]:
+        """The footers of `shards` (all by default), several read at once from a remote store."""
+        return self.store.map(self.footer, self.shards if shards is None else shards)
 
     def open_shard(self, shard: str) -> pq.ParquetFile:
-        path = self.dir / shard
+        if self.store.remote:
+            meta = self.footer(shard)
+            return self.store.open_parquet(shard, metadata=meta, page_checksum_verification=True)
+        pf = self._local_parquet(shard)
+        _check_version(pf.schema_arrow.metadata, self.url_of(shard))
+        return pf
+
+    def _local_parquet(self, shard: str) -> pq.ParquetFile:
+        path = self.store.path(shard)
         if not path.is_file():
             raise CacheError(f"{path}: shard listed in the manifest is missing")
         try:
             # Every page read is checked against the CRC the writer stored (shards without CRCs,
             # written before the writer stored them, are read unchecked).
-            pf = pq.ParquetFile(path, page_checksum_verification=True)
+            return pq.ParquetFile(path, page_checksum_verification=True)
         except Exception as e:  # pyarrow raises several types for damaged files
             raise CacheError(f"{path}: not a readable Parquet shard ({e})") from None
-        meta = pf.schema_arrow.metadata or {}
-        version = meta.get(b"flux_prep_schema_version", b"?").decode()
-        if version != str(SCHEMA_VERSION):
-            raise CacheError(f"{path}: shard schema version {version}, expected {SCHEMA_VERSION}")
-        return pf
 
     def read_row_group(self, pf: pq.ParquetFile, index: int) -> dict:
         try:
@@ -112,20 +153,47 @@ class CacheReader:
             raise CacheError(f"row group {index} unreadable ({e})") from None
         return decode_table(table, self.manifest)
 
+    def prefetch(self, shard: str, index: int) -> None:
+        """Start fetching a row group that will be read soon (remote stores; local reads need no help)."""
+        if self._fetcher is not None:
+            self._fetcher.prefetch(shard, index)
+
+    def table(self, shard: str, index: int, columns: list[str] | None = None) -> pa.Table:
+        """One row group of one shard as an Arrow table (raises CacheError naming the shard)."""
+        if self._fetcher is not None:
+            return self._fetcher.table(shard, index, columns)
+        pid = os.getpid()
+        if self._local_file is None or self._local_file[:2] != (pid, shard):
+            self._local_file = (pid, shard, self.open_shard(shard))
+        try:
+            return self._local_file[2].read_row_group(index, columns=columns)
+        except Exception as e:  # pyarrow raises several types for damaged pages
+            raise CacheError(f"{self.url_of(shard)}: row group {index} unreadable ({e})") from None
+
+    def row_group(self, shard: str, index: int) -> dict:
+        """One row group of one shard, decoded into tensors."""
+        try:
+            return decode_table(self.table(shard, index), self.manifest)
+        except CacheError as e:
+            message = str(e)
+            raise CacheError(message if self.url_of(shard) in message else f"{self.url_of(shard)}: {message}") from None
+
     def iter_shard(self, shard: str):
         """Yield each row group of one shard as decoded tensors."""
-        pf = self.open_shard(shard)
-        for i in range(pf.num_row_groups):
-            try:
-                table = pf.read_row_group(i)
-            except Exception as e:
-                raise CacheError(f"{self.dir / shard}: row group {i} unreadable ({e})") from None
-            yield decode_table(table, self.manifest)
+        for i in range(self.footer(shard).num_row_groups):
+            yield self.row_group(shard, i)
 
     def empty_prompt(self) -> dict:
         """The empty prompt's encodings: t5 [L, D], clip [D], t5_len (for guidance dropout and CFG)."""
-        from safetensors.torch import load_file
-        path = self.dir / self.manifest.get("empty_prompt", EMPTY_PROMPT_NAME)
-        if not path.is_file():
-            raise CacheError(f"{path}: the empty-prompt encodings are missing")
-        return load_file(path)
+        from safetensors.torch import load
+        name = self.manifest.get("empty_prompt", EMPTY_PROMPT_NAME)
+        try:
+            return load(self.store.read_bytes(name))
+        except FileNotFoundError:
+            raise CacheError(f"{self.url_of(name)}: the empty-prompt encodings are missing") from None
+
+
+def _check_version(metadata: dict | None, where: str) -> None:
+    version = (metadata or {}).get(b"flux_prep_schema_version", b"?").decode()
+    if version != str(SCHEMA_VERSION):
+        raise CacheError(f"{where}: shard schema version {version}, expected {SCHEMA_VERSION}")

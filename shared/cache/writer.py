@@ -1,17 +1,15 @@
-"""CacheWriter: rows in, Parquet shards out, each shard renamed into place only when complete."""
+"""CacheWriter: rows in, Parquet shards out, each shard in place only when complete (store.py)."""
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .files import TMP_SUFFIX, HashingFile, commit_file
 from .schema import _BITS_DTYPES, ARROW_SCHEMA, SCHEMA_VERSION, SHARD_SUFFIX, torch_dtype
+from .store import open_store
 
 # Tensor bytes barely compress (bf16 noise-like values) and compression costs read speed;
 # the string columns compress well.
@@ -34,16 +32,17 @@ class CacheWriter:
 
     A shard holds at most `rows_per_shard` rows, in row groups of at most
     `row_group_rows` rows and about `row_group_bytes` bytes (a reader streams a row
-    group at a time). A shard is written to a hidden temp file and renamed when closed,
-    so readers never see a partial shard; `close()` returns the finished shards.
+    group at a time). `out_dir` is a folder, a URL or a Store: a local shard is written to a
+    hidden temp file and renamed when closed, a remote one uploaded whole, so readers never see a
+    partial shard; `close()` returns the finished shards.
     """
 
     def __init__(self, out_dir, prefix: str, dtypes: dict[str, str], *, rows_per_shard: int = 1000,
                  row_group_rows: int = 256, row_group_bytes: int = 64 << 20):
         if rows_per_shard < 1 or row_group_rows < 1:
             raise ValueError("rows_per_shard and row_group_rows must be positive")
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.store = open_store(out_dir)
+        self.store.makedirs()
         self.prefix = prefix
         self.dtypes = dtypes
         self.rows_per_shard = rows_per_shard
@@ -55,9 +54,8 @@ class CacheWriter:
         self._pending_rows = 0
         self._pending_bytes = 0
         self._writer: pq.ParquetWriter | None = None
-        self._file: HashingFile | None = None
-        self._tmp: Path | None = None
-        self._final: Path | None = None
+        self._sink = None        # the open shard's LocalSink or RemoteSink
+        self._name: str | None = None
         self._shard_rows = 0
 
     # -- rows -----------------------------------------------------------------------------------
@@ -149,12 +147,10 @@ class CacheWriter:
 
     # -- shards ---------------------------------------------------------------------------------
     def _open_shard(self) -> None:
-        name = f"{self.prefix}-{self.next_index:05d}{SHARD_SUFFIX}"
-        self._final = self.out_dir / name
-        self._tmp = self.out_dir / f".{name}.{os.getpid()}{TMP_SUFFIX}"
-        self._file = HashingFile(self._tmp)
+        self._name = f"{self.prefix}-{self.next_index:05d}{SHARD_SUFFIX}"
+        self._sink = self.store.create(self._name)
         self._writer = pq.ParquetWriter(
-            self._file, ARROW_SCHEMA.with_metadata({"flux_prep_schema_version": str(SCHEMA_VERSION)}),
+            self._sink.file, ARROW_SCHEMA.with_metadata({"flux_prep_schema_version": str(SCHEMA_VERSION)}),
             compression={c: _COMPRESSION.get(c, "none") for c in ARROW_SCHEMA.names},
             use_dictionary=["key", "caption"],
             write_statistics=["latent_h", "latent_w", "t5_len", "width", "height"],
@@ -169,14 +165,10 @@ class CacheWriter:
         if self._writer is None:
             return
         self._writer.close()
-        self._file.close()
-        size = self._tmp.stat().st_size   # checked before the rename: a short shard never takes its final name
-        if size != self._file.size:
-            raise OSError(f"{self._tmp}: {size} bytes on disk, {self._file.size} written")
-        commit_file(self._tmp, self._final)
-        self.shards.append(ShardInfo(path=self._final.name, rows=self._shard_rows, bytes=size,
-                                     sha256=self._file.sha256()))
-        self._writer = self._file = self._tmp = self._final = None
+        size = self._sink.commit()
+        self.shards.append(ShardInfo(path=self._name, rows=self._shard_rows, bytes=size,
+                                     sha256=self._sink.file.sha256()))
+        self._writer = self._sink = self._name = None
         self._shard_rows = 0
         self.next_index += 1
 
@@ -187,12 +179,11 @@ class CacheWriter:
         return self.shards
 
     def abort(self) -> None:
-        """Drop the open shard's temp file (after an error); finished shards stay."""
+        """Drop the open shard's temp file or upload (after an error); finished shards stay."""
         if self._writer is not None:
             self._writer.close()
-            self._file.close()
-            self._tmp.unlink(missing_ok=True)
-        self._writer = self._file = self._tmp = self._final = None
+            self._sink.abort()
+        self._writer = self._sink = self._name = None
         self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
 
     def __enter__(self):

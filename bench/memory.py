@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -72,7 +73,12 @@ def rows(suite: str, tiny: bool) -> list[dict]:
                 {**base, "kind": "trainer", "name": "adamw8bit", "config": {**full, "optim.name": "adamw8bit"}},
                 {**base, "kind": "trainer", "name": "adafactor", "config": {**full, "optim.name": "adafactor"}},
                 {**base, "kind": "trainer", "name": "adafactor, 38 blocks swapped", "same_as": "adafactor",
-                 "config": {**full, "optim.name": "adafactor", "run.offload_blocks": 38}}]
+                 "config": {**full, "optim.name": "adafactor", "run.offload_blocks": 38}},
+                # where the time goes: a few steps under torch.profiler (BENCH_PROFILE_DIR)
+                {**plain, "kind": "plain-full", "name": "profile: plain loop, adafactor", "optim": "adafactor",
+                 "steps": 3, "profile": 3},
+                {**base, "kind": "trainer", "name": "profile: adafactor", "steps": 3, "log_every": 1, "profile": True,
+                 "config": {**full, "optim.name": "adafactor"}}]
     if suite == "fidelity":
         base = {"res": 256, "warmup": 0, "steps": 200, "overrides": REDUCED, "batch": 2, "log_every": 1,
                 "text": 256, "samples": 64}
@@ -150,14 +156,39 @@ def fixed_batch(cfg: dict, res: int, text: int, device) -> dict:
             "target": torch.randn(1, tokens, cfg["in_channels"], device=device, generator=g)}
 
 
-def timed_loop(step, warmup: int, steps: int, device) -> tuple[float, list]:
+def timed_loop(step, warmup: int, steps: int, device, profile: int = 0, name: str = "") -> tuple[float, list]:
     losses = [step() for _ in range(warmup)]
     sync()
     reset_peak(device)
     start = time.perf_counter()
     losses += [step() for _ in range(steps)]
     sync()
-    return (time.perf_counter() - start) / steps, [float(x) for x in losses]
+    seconds = (time.perf_counter() - start) / steps
+    if profile:
+        with profiler() as prof:
+            for _ in range(profile):
+                step()
+                prof.step()
+        print_profile(prof, name)
+    return seconds, [float(x) for x in losses]
+
+
+def profiler():
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=acts)
+
+
+def print_profile(prof, name: str) -> None:
+    """The ops that cost most, on the device and on the host, into BENCH_PROFILE_DIR (default: here)."""
+    sync()
+    averages = prof.key_averages()
+    tables = [averages.table(sort_by=key, row_limit=25, max_name_column_width=70)
+              for key in ("self_device_time_total", "self_cpu_time_total", "cpu_time_total")]
+    path = Path(os.environ.get("BENCH_PROFILE_DIR", ".")) / (re.sub(r"[^A-Za-z0-9]+", "-", name) + ".txt")
+    path.write_text("\n\n".join(tables))
+    print(f"profile of {name!r} in {path}", file=sys.stderr)
 
 
 def plain_step(model, batch: dict, device):
@@ -217,7 +248,8 @@ def run_plain_full(row: dict, device) -> dict:
         p.register_post_accumulate_grad_hook(step_in_backward)
     forward_backward = plain_step(model, fixed_batch(cfg, row["res"], row.get("text", TEXT), device), device)
     setup = peak_gib(device)
-    seconds, losses = timed_loop(forward_backward, row["warmup"], row["steps"], device)
+    seconds, losses = timed_loop(forward_backward, row["warmup"], row["steps"], device, row.get("profile", 0),
+                                 row["name"])
     return {"s_per_step": seconds, "losses": losses, "setup_gib": setup,
             "trainable": sum(p.numel() for p in model.parameters())}
 
@@ -251,15 +283,43 @@ def run_trainer(row: dict, device, cache: Path, work: Path) -> dict:
     setup = peak_gib(device)
     if not row.get("load"):
         reset_peak(device)
-    trainer.train()
+    clock = StepClock(row["warmup"], row["name"] if row.get("profile") else None)
+    trainer.train(on_batch=clock)
+    seconds = clock.stop(row["steps"])
     records = [json.loads(ln) for ln in (work / "run/metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     timed = [r for r in steps if r["step"] > row["warmup"]]
-    img_s = sum(r["images_per_s"] for r in timed) / len(timed)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    return {"s_per_step": row.get("batch", 1) / img_s, "losses": [r["loss"] for r in steps], "setup_gib": setup,
+    return {"s_per_step": seconds, "losses": [r["loss"] for r in steps], "setup_gib": setup,
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "data_wait": sum(r["data_wait"] for r in timed) / len(timed)}
+            "data_wait": sum(r["data_wait"] for r in timed) / max(1, len(timed))}
+
+
+class StepClock:
+    """The trainer's own time per step, warm-up steps left out: called with each batch as the loop takes
+    it (grad_accum 1: once per step); after `warmup` steps it syncs and starts the clock. With `profile`
+    the last steps of the run run under the profiler."""
+
+    def __init__(self, warmup: int, profile: str | None = None):
+        self.warmup, self.batches, self.start = warmup, 0, None
+        self.prof = profiler() if profile else None
+        self.name = profile
+
+    def __call__(self, batch) -> None:
+        self.batches += 1
+        if self.batches == self.warmup + 1:
+            sync()
+            self.start = time.perf_counter()
+            if self.prof is not None:
+                self.prof.start()
+
+    def stop(self, steps: int) -> float:
+        sync()
+        seconds = (time.perf_counter() - self.start) / steps
+        if self.prof is not None:
+            self.prof.stop()
+            print_profile(self.prof, self.name)
+        return seconds
 
 
 def flops_per_image(row: dict, lora: bool) -> float:

@@ -61,3 +61,35 @@ def autocast_forward(accelerator, model) -> None:
     autocast = get_mixed_precision_context_manager(accelerator.native_amp, accelerator.autocast_handler)
     model._original_forward = model.forward
     model.forward = MethodType(convert_outputs_to_fp32(autocast(model.forward.__func__)), model)
+
+
+def cast_inputs_on_recompute(accelerator, blocks, checkpointing: bool) -> None:
+    """After prepare(), under FSDP2 with a parameter dtype (accelerate's bf16) and activation
+    checkpointing: each block's floating inputs cast to that dtype by a pre-hook of our own, which also
+    runs when the backward recomputes the block.
+
+    FSDP2 casts a unit's inputs in its pre-forward hook, but torch before 2.13 skips that cast in the
+    recompute: the recomputed block then gets the fp32 rotary embeddings where its forward got bf16
+    ones, and torch.utils.checkpoint stops the backward ("Recomputed values ... have different
+    metadata"; seen on torch 2.11 with the 2.55B model). Where FSDP did cast, this cast changes nothing."""
+    if not (checkpointing and uses_fsdp(accelerator)):
+        return
+    policy = accelerator.state.fsdp_plugin.mixed_precision_policy
+    dtype = getattr(policy, "param_dtype", None)
+    if dtype is None or not policy.cast_forward_inputs:
+        return
+    for block in blocks:
+        block.register_forward_pre_hook(floating_inputs_as(dtype), with_kwargs=True)
+
+
+def floating_inputs_as(dtype):
+    """A forward pre-hook (with_kwargs) that casts every floating tensor among the inputs to `dtype`."""
+    import torch
+    from torch.utils._pytree import tree_map
+
+    def cast(x):
+        return x.to(dtype) if isinstance(x, torch.Tensor) and torch.is_floating_point(x) else x
+
+    def hook(module, args, kwargs):
+        return tree_map(cast, args), tree_map(cast, kwargs)
+    return hook

@@ -17,7 +17,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import (CacheStream, StreamPosition, open_cache, open_validation_cache, train_loader, usable_workers,
                    vae_factors, validation_batches)
-from .fsdp import autocast_forward, keep_lora_dtypes, micro_batch_sync
+from .fsdp import autocast_forward, cast_inputs_on_recompute, keep_lora_dtypes, micro_batch_sync
 from .model import (EMA, add_lora, build_transformer, check_cache_fits, convert_to_float8, load_lora_state_dict,
                     lora_state_dict, place, sampling_conventions, transformer_blocks, use_flex_attention,
                     weights_dtype)
@@ -187,6 +187,7 @@ class Trainer:
             self.model, self.optimizer = acc.prepare(model, optimizer, device_placement=placement)
         if self._fsdp and self.lora:
             autocast_forward(acc, self.model)
+        cast_inputs_on_recompute(acc, transformer_blocks(acc.unwrap_model(self.model)), cfg.run.grad_checkpointing)
         acc.register_for_checkpointing(self.scheduler)
         self.ema = None
         if cfg.ema.decay > 0:   # from the parameters as they train: FSDP replaced them with sharded ones

@@ -48,6 +48,67 @@ def test_bad_options_name_themselves(args, message):
         load_config(None, [("data.train_cache", "/c"), ("run.max_steps", 1)] + parse_overrides(args))
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--run.max_steps", "1.5"], r"run.max_steps: .*integer.*fractional"),       # was truncated to 1
+    (["--run.max_steps=1.5"], r"run.max_steps: .*integer"),
+    (["--run.max_stepz", "3"], r"unknown config key 'run.max_stepz'; run has output_dir, max_steps"),
+    (["--runn.max_steps", "3"], r"unknown config section 'runn'"),
+    (["--schedule.kind", "linear"], r"schedule.kind: .*'constant' or 'cosine'.*'linear'"),
+    (["--data.expected_t5_mode", "padded256"], r"data.expected_t5_mode: .*'padded' or 'trimmed'"),
+    (["--run.compile", "maybe"], r"run.compile: .*boolean"),
+    (["--optim.betas", "0.9"], r"optim.betas: .*tuple"),
+    (["--model.overrides", "[1, 2]"], r"model.overrides: .*dictionary"),
+    (["--optim.lr", "fast"], r"optim.lr: .*number"),
+])
+def test_bad_command_line_values_are_errors_naming_the_key(args, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [("data.train_cache", "/c"), ("run.max_steps", 1)] + parse_overrides(args))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("run: {max_steps: 1.5}", r"run.max_steps: .*fractional"),
+    ("run: {max_steps: ten}", r"run.max_steps: .*integer"),
+    ("run: {max_steps: 5, precison: bf16}", r"unknown config key 'run.precison'"),
+    ("flow: {sampler: gaussian}", r"flow.sampler: .*'uniform', 'logit_normal' or 'flux_shift'"),
+    ("run: {precision: fp16}", r"run.precision: .*'auto', 'bf16', 'fp8' or 'no'"),
+    ("data: {batch_size: [1, 2]}", r"data.batch_size: .*integer"),
+    ("data: {train_cache: [a]}", r"data.train_cache: .*string"),
+    ("optim: 3", r"optim: .*dictionary"),
+    ("train: {run: {progress: sometimes}}", r"run.progress: .*boolean"),
+])
+def test_bad_yaml_values_are_errors_naming_the_key(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {train_cache: /c}\n" + text + "\n" if not text.startswith("train:") else text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, {"run.max_steps": 1} if "max_steps" not in text else None)
+
+
+def test_yaml_booleans_and_numbers_read_as_dvc_writes_them(tmp_path):
+    """YAML 1.2 (DVC's): `no` is a string (run.precision's fp32 choice), yet a bool field takes it; an
+    exponent without a dot (how `dvc exp run -S train.optim.lr=3e-4` writes it) is a float."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {train_cache: /c}\nrun: {max_steps: 2.0, precision: no, progress: no, compile: yes}\n"
+                    "optim: {lr: 3e-4}\n")
+    cfg = load_config(path)
+    assert cfg.run.precision == "no" and cfg.run.progress is False and cfg.run.compile is True
+    assert cfg.optim.lr == 3e-4 and cfg.run.max_steps == 2 and isinstance(cfg.run.max_steps, int)
+    cfg = load_config(path, parse_overrides(["--run.precision", "no", "--run.resume", "null", "--run.epochs", "1"]))
+    assert cfg.run.precision == "no" and cfg.run.resume is None and cfg.run.epochs == 1.0
+
+
+def test_help_gives_every_key_its_help_text():
+    from train.config import TrainConfig, help_text
+    lines = help_text().splitlines()
+    for section, keys in TrainConfig().to_dict().items():
+        for key in keys:
+            at = next(i for i, ln in enumerate(lines) if ln.strip().startswith(f"--{section}.{key} "))
+            below = lines[at + 1] if at + 1 < len(lines) else ""
+            assert below.startswith("        ") and not below.strip().startswith("--"), f"{section}.{key} has no help"
+    text = help_text()
+    assert "held-out cache for the validation loss" in text
+    assert "drawn once and reused (32 bytes per latent value); past it, drawn each pass" in " ".join(text.split())
+
+
 def test_lr_warmup_then_cosine():
     f = [lr_factor(s, 2, 10, "cosine", 0.1) for s in range(10)]
     assert f[0] == 0.5 and f[1] == 1.0 and f[2] == pytest.approx(1.0)

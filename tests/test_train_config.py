@@ -139,13 +139,43 @@ def test_pipeline_params_presets_hold_every_key_dvc_reads(path):
     import yaml
     params = yaml.safe_load((REPO / path).read_text())
     cfg = load_config(REPO / path)
-    assert cfg.data.expected_t5_mode == params["encode"]["t5_mode"]
+    assert cfg.data.train_cache and cfg.run.output_dir
     dvc_text = (REPO / "dvc.yaml").read_text()
-    for ref in set(re.findall(r"\$\{([a-z_.]+)\}", dvc_text)) - {"key", "item"}:
+    refs = set(re.findall(r"\$\{([a-z_.]+)\}", dvc_text))
+    for ref in {r for r in refs if r.split(".")[0] not in ("key", "item")}:
         node = params
         for part in ref.split("."):
             assert isinstance(node, dict) and part in node, f"{path} lacks {ref} (used in dvc.yaml)"
             node = node[part]
+
+
+@pytest.mark.parametrize("path", ["params.yaml", *PRESETS])
+def test_each_pipeline_fact_is_written_once(path):
+    """The model folder and the T5 mode live in model.path and encode.t5_mode alone: dvc.yaml passes
+    them to the trainer, whose section does not repeat them (they were kept equal by hand)."""
+    import yaml
+    params = yaml.safe_load((REPO / path).read_text())
+    assert "name" not in params["train"].get("model", {})
+    assert "expected_t5_mode" not in params["train"].get("data", {})
+    train_cmd = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["cmd"]
+    assert "--model.name ${model.path}" in train_cmd and "--data.expected_t5_mode ${encode.t5_mode}" in train_cmd
+    cfg = load_config(REPO / path, {"model.name": params["model"]["path"],
+                                    "data.expected_t5_mode": params["encode"]["t5_mode"]})
+    assert (cfg.model.name, cfg.data.expected_t5_mode) == (params["model"]["path"], params["encode"]["t5_mode"])
+
+
+@pytest.mark.parametrize("stage, package, not_run", [("train", "train", {"report.py"}),
+                                                      ("sample", "sample", {"evaluate.py"})])
+def test_stage_deps_are_the_code_it_runs(stage, package, not_run):
+    """train/report.py and sample/evaluate.py are the metrics stage's: editing one must not rerun the
+    training or the sampling; every other module of the package is a dependency (a new one too)."""
+    import yaml
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    deps = set(stages[stage]["deps"])
+    modules = {f"{package}/{p.name}" for p in (REPO / package).glob("*.py")}
+    assert modules - {f"{package}/{n}" for n in not_run} <= deps, "a module the stage runs is not in its deps"
+    assert not {f"{package}/{n}" for n in not_run} & deps and package not in deps
+    assert {f"{package}/{n}" for n in not_run} <= set(stages["metrics"]["deps"])
 
 
 def test_cc12m_schnell_preset_is_the_reference_setting():

@@ -116,6 +116,34 @@ def test_lr_warmup_then_cosine():
     assert lr_factor(9, 2, 10, "constant", 0.1) == 1.0
 
 
+@pytest.mark.parametrize("kind, warmup, min_ratio", [("constant", 0, 0.0), ("constant", 5, 0.0), ("cosine", 0, 0.0),
+                                                     ("cosine", 5, 0.0), ("cosine", 5, 0.1), ("cosine", 50, 0.1)])
+def test_lr_schedule_against_diffusers_get_scheduler(kind, warmup, min_ratio):
+    """diffusers' get_scheduler (what its training scripts use) against the trainer's schedule. Two
+    differences keep the trainer's own formula: diffusers' warmup starts at 0 (step k at k / warmup,
+    so the first optimizer step changes nothing) where the trainer's step k is at (k + 1) / warmup,
+    and diffusers' cosine has no floor (schedule.min_lr_ratio). Otherwise they agree: the trainer's
+    warmup is diffusers' one step on, and its cosine is diffusers' lifted onto the floor."""
+    from diffusers.optimization import get_scheduler
+    total = 100
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = get_scheduler("constant_with_warmup" if kind == "constant" else kind, opt,
+                          num_warmup_steps=warmup, num_training_steps=total)
+    theirs = []
+    for _ in range(total + 1):
+        theirs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    ours = [lr_factor(k, warmup, total, kind, min_ratio) for k in range(total + 1)]
+    for k in range(total + 1):
+        if k < warmup:
+            assert ours[k] == pytest.approx(theirs[k + 1], abs=1e-12), k
+        else:
+            assert ours[k] == pytest.approx(min_ratio + (1 - min_ratio) * theirs[k], abs=1e-12), k
+    if warmup:
+        assert theirs[0] == 0.0 and ours[0] == 1 / warmup
+
+
 def test_model_from_a_folder_random_or_pretrained(tiny_model):
     from train.config import ModelConfig
     pretrained = build_transformer(ModelConfig(name=str(tiny_model), init="pretrained"))

@@ -146,3 +146,13 @@ def field_help(cls: type) -> dict[str, str]:
             else:
                 pending.append(text.strip())
     return {name: " ".join(parts) for name, parts in helps.items()}
+
+
+def run_command(app, argv: list[str] | None, prog_name: str) -> int:
+    """Run a typer app as a function: its exit status (2 for a usage error, which it prints as on the
+    command line) instead of sys.exit, so that `main(argv) == 0` can be tested."""
+    try:
+        app(args=argv, prog_name=prog_name)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0

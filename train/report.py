@@ -4,13 +4,15 @@
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import sys
 from pathlib import Path
 
+import typer
+
 from shared.cache.files import atomic_write_bytes, atomic_write_json
+from shared.params import run_command
 
 from .records import read_records, truncate_records
 
@@ -51,24 +53,31 @@ def loss_curve_csv(records: list[dict]) -> str:
     return out.getvalue()
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dir", type=Path, help="the trainer's --output-dir")
-    p.add_argument("--summary", type=Path, required=True, help="JSON summary to write (DVC metrics)")
-    p.add_argument("--curve", type=Path, required=True, help="CSV loss curve to write (DVC plots)")
-    args = p.parse_args(argv)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="the trainer's --output-dir"),
+    summary_path: Path = typer.Option(..., "--summary", help="JSON summary to write (DVC metrics)"),
+    curve_path: Path = typer.Option(..., "--curve", help="CSV loss curve to write (DVC plots)"),
+) -> None:
+    """Turn a run's metrics.jsonl into what DVC shows: a summary (metrics) and a loss curve (plots)."""
     try:
-        records = read_records(args.run_dir)
+        records = read_records(run_dir)
         summary = summarize(records)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    for path in (args.summary, args.curve):
+        raise typer.Exit(2)
+    for path in (summary_path, curve_path):
         path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.summary, summary)
-    atomic_write_bytes(args.curve, loss_curve_csv(records).encode())
+    atomic_write_json(summary_path, summary)
+    atomic_write_bytes(curve_path, loss_curve_csv(records).encode())
     print(f"val loss {summary['val_loss_start']:.4f} -> {summary['val_loss']:.4f} in {summary['steps']} steps")
-    return 0
+
+
+def main(argv=None) -> int:
+    return run_command(app, argv, "python -m train.report")
 
 
 if __name__ == "__main__":

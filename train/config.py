@@ -34,7 +34,7 @@ class DataConfig:
     # fsspec options for the caches' file system (endpoint, credentials; else from the environment:
     # AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...). Their values are never written to config.json or logs.
     storage_options: dict = field(default_factory=dict)
-    expected_t5_mode: Literal[None, "padded", "trimmed"] = None   # padded|trimmed: refuse a cache encoded otherwise
+    expected_t5_mode: Literal[None, "padded", "trimmed"] = None   # refuse a cache encoded otherwise (None: any)
     batch_size: int = 4                   # per process, per micro-step
     num_workers: int = 2                  # DataLoader workers per process
     shuffle_buffer: int = 256             # samples mixed across row groups
@@ -75,14 +75,14 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    kind: Literal["constant", "cosine"] = "constant"   # constant|cosine (after the warmup)
+    kind: Literal["constant", "cosine"] = "constant"   # after the warmup
     warmup_steps: int = 0                 # linear warmup: step k (from 0) at lr * (k + 1) / warmup_steps
     min_lr_ratio: float = 0.0             # cosine floor, as a fraction of lr
 
 
 @dataclass
 class FlowConfig:
-    sampler: Literal["uniform", "logit_normal", "flux_shift"] = "uniform"   # uniform|logit_normal|flux_shift
+    sampler: Literal["uniform", "logit_normal", "flux_shift"] = "uniform"   # how each step draws t
     logit_mean: float = 0.0               # logit_normal: the mean of logit(t)
     logit_std: float = 1.0                # logit_normal: the std of logit(t)
     guidance_dropout: float = 0.1         # p of replacing T5+CLIP by the empty prompt's

@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
+import typer
 from PIL import Image, ImageDraw
 
 from shared.demo_grammar import BACKGROUNDS, COLORS, parse_caption
+from shared.params import run_command
 
 from .output import write_atomic
 
@@ -83,27 +86,33 @@ def labelled_grid(samples_dir, report: dict, cell: int = 96) -> Image.Image:
     return grid
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    parser = argparse.ArgumentParser(prog="python -m sample.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("samples_dir", type=Path, help="folder of flux-sample PNGs")
-    parser.add_argument("--report", type=Path, required=True, help="JSON report to write")
-    parser.add_argument("--grid", type=Path, help="labelled grid PNG to write")
-    args = parser.parse_args(argv)
-    if not args.samples_dir.is_dir():
-        print(f"error: {args.samples_dir}: no such folder", file=sys.stderr)
-        return 2
-    report = evaluate(args.samples_dir)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def evaluate_samples(
+    samples_dir: Path = typer.Argument(..., help="folder of flux-sample PNGs"),
+    report_path: Path = typer.Option(..., "--report", help="JSON report to write"),
+    grid_path: Optional[Path] = typer.Option(None, "--grid", help="labelled grid PNG to write"),
+) -> None:
+    """Judge the demo's samples: the share with the prompt's colour and background (and a labelled grid)."""
+    if not samples_dir.is_dir():
+        print(f"error: {samples_dir}: no such folder", file=sys.stderr)
+        raise typer.Exit(2)
+    report = evaluate(samples_dir)
     if report["samples"] == 0:
-        print(f"error: {args.samples_dir}: no PNG with a demo-grammar prompt", file=sys.stderr)
-        return 2
-    write_atomic(args.report, lambda fh: fh.write((json.dumps(report, indent=2) + "\n").encode()))
-    if args.grid:
-        grid = labelled_grid(args.samples_dir, report)
-        write_atomic(args.grid, lambda fh: grid.save(fh, format="PNG"))
+        print(f"error: {samples_dir}: no PNG with a demo-grammar prompt", file=sys.stderr)
+        raise typer.Exit(2)
+    write_atomic(report_path, lambda fh: fh.write((json.dumps(report, indent=2) + "\n").encode()))
+    if grid_path:
+        grid = labelled_grid(samples_dir, report)
+        write_atomic(grid_path, lambda fh: grid.save(fh, format="PNG"))
     print(f"{report['samples']} samples: colour {report['color_accuracy']:.0%} (chance {report['chance_color']:.0%}), "
           f"background {report['background_accuracy']:.0%} (chance {report['chance_background']:.0%})")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(app, argv, "python -m sample.evaluate")
 
 
 if __name__ == "__main__":

@@ -48,11 +48,100 @@ def test_bad_options_name_themselves(args, message):
         load_config(None, [("data.train_cache", "/c"), ("run.max_steps", 1)] + parse_overrides(args))
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--run.max_steps", "1.5"], r"run.max_steps: .*integer.*fractional"),       # was truncated to 1
+    (["--run.max_steps=1.5"], r"run.max_steps: .*integer"),
+    (["--run.max_stepz", "3"], r"unknown config key 'run.max_stepz'; run has output_dir, max_steps"),
+    (["--runn.max_steps", "3"], r"unknown config section 'runn'"),
+    (["--schedule.kind", "linear"], r"schedule.kind: .*'constant' or 'cosine'.*'linear'"),
+    (["--data.expected_t5_mode", "padded256"], r"data.expected_t5_mode: .*'padded' or 'trimmed'"),
+    (["--run.compile", "maybe"], r"run.compile: .*boolean"),
+    (["--optim.betas", "0.9"], r"optim.betas: .*tuple"),
+    (["--model.overrides", "[1, 2]"], r"model.overrides: .*dictionary"),
+    (["--optim.lr", "fast"], r"optim.lr: .*number"),
+])
+def test_bad_command_line_values_are_errors_naming_the_key(args, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [("data.train_cache", "/c"), ("run.max_steps", 1)] + parse_overrides(args))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("run: {max_steps: 1.5}", r"run.max_steps: .*fractional"),
+    ("run: {max_steps: ten}", r"run.max_steps: .*integer"),
+    ("run: {max_steps: 5, precison: bf16}", r"unknown config key 'run.precison'"),
+    ("flow: {sampler: gaussian}", r"flow.sampler: .*'uniform', 'logit_normal' or 'flux_shift'"),
+    ("run: {precision: fp16}", r"run.precision: .*'auto', 'bf16', 'fp8' or 'no'"),
+    ("data: {batch_size: [1, 2]}", r"data.batch_size: .*integer"),
+    ("data: {train_cache: [a]}", r"data.train_cache: .*string"),
+    ("optim: 3", r"optim: .*dictionary"),
+    ("train: {run: {progress: sometimes}}", r"run.progress: .*boolean"),
+])
+def test_bad_yaml_values_are_errors_naming_the_key(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {train_cache: /c}\n" + text + "\n" if not text.startswith("train:") else text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, {"run.max_steps": 1} if "max_steps" not in text else None)
+
+
+def test_yaml_booleans_and_numbers_read_as_dvc_writes_them(tmp_path):
+    """YAML 1.2 (DVC's): `no` is a string (run.precision's fp32 choice), yet a bool field takes it; an
+    exponent without a dot (how `dvc exp run -S train.optim.lr=3e-4` writes it) is a float."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {train_cache: /c}\nrun: {max_steps: 2.0, precision: no, progress: no, compile: yes}\n"
+                    "optim: {lr: 3e-4}\n")
+    cfg = load_config(path)
+    assert cfg.run.precision == "no" and cfg.run.progress is False and cfg.run.compile is True
+    assert cfg.optim.lr == 3e-4 and cfg.run.max_steps == 2 and isinstance(cfg.run.max_steps, int)
+    cfg = load_config(path, parse_overrides(["--run.precision", "no", "--run.resume", "null", "--run.epochs", "1"]))
+    assert cfg.run.precision == "no" and cfg.run.resume is None and cfg.run.epochs == 1.0
+
+
+def test_help_gives_every_key_its_help_text():
+    from train.config import TrainConfig, help_text
+    lines = help_text().splitlines()
+    for section, keys in TrainConfig().to_dict().items():
+        for key in keys:
+            at = next(i for i, ln in enumerate(lines) if ln.strip().startswith(f"--{section}.{key} "))
+            below = lines[at + 1] if at + 1 < len(lines) else ""
+            assert below.startswith("        ") and not below.strip().startswith("--"), f"{section}.{key} has no help"
+    text = help_text()
+    assert "held-out cache for the validation loss" in text
+    assert "drawn once and reused (32 bytes per latent value); past it, drawn each pass" in " ".join(text.split())
+
+
 def test_lr_warmup_then_cosine():
     f = [lr_factor(s, 2, 10, "cosine", 0.1) for s in range(10)]
     assert f[0] == 0.5 and f[1] == 1.0 and f[2] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[2:], f[3:])) and f[-1] > 0.1
     assert lr_factor(9, 2, 10, "constant", 0.1) == 1.0
+
+
+@pytest.mark.parametrize("kind, warmup, min_ratio", [("constant", 0, 0.0), ("constant", 5, 0.0), ("cosine", 0, 0.0),
+                                                     ("cosine", 5, 0.0), ("cosine", 5, 0.1), ("cosine", 50, 0.1)])
+def test_lr_schedule_against_diffusers_get_scheduler(kind, warmup, min_ratio):
+    """diffusers' get_scheduler (what its training scripts use) against the trainer's schedule. Two
+    differences keep the trainer's own formula: diffusers' warmup starts at 0 (step k at k / warmup,
+    so the first optimizer step changes nothing) where the trainer's step k is at (k + 1) / warmup,
+    and diffusers' cosine has no floor (schedule.min_lr_ratio). Otherwise they agree: the trainer's
+    warmup is diffusers' one step on, and its cosine is diffusers' lifted onto the floor."""
+    from diffusers.optimization import get_scheduler
+    total = 100
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = get_scheduler("constant_with_warmup" if kind == "constant" else kind, opt,
+                          num_warmup_steps=warmup, num_training_steps=total)
+    theirs = []
+    for _ in range(total + 1):
+        theirs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    ours = [lr_factor(k, warmup, total, kind, min_ratio) for k in range(total + 1)]
+    for k in range(total + 1):
+        if k < warmup:
+            assert ours[k] == pytest.approx(theirs[k + 1], abs=1e-12), k
+        else:
+            assert ours[k] == pytest.approx(min_ratio + (1 - min_ratio) * theirs[k], abs=1e-12), k
+    if warmup:
+        assert theirs[0] == 0.0 and ours[0] == 1 / warmup
 
 
 def test_model_from_a_folder_random_or_pretrained(tiny_model):
@@ -78,13 +167,43 @@ def test_pipeline_params_presets_hold_every_key_dvc_reads(path):
     import yaml
     params = yaml.safe_load((REPO / path).read_text())
     cfg = load_config(REPO / path)
-    assert cfg.data.expected_t5_mode == params["encode"]["t5_mode"]
+    assert cfg.data.train_cache and cfg.run.output_dir
     dvc_text = (REPO / "dvc.yaml").read_text()
-    for ref in set(re.findall(r"\$\{([a-z_.]+)\}", dvc_text)) - {"key", "item"}:
+    refs = set(re.findall(r"\$\{([a-z_.]+)\}", dvc_text))
+    for ref in {r for r in refs if r.split(".")[0] not in ("key", "item")}:
         node = params
         for part in ref.split("."):
             assert isinstance(node, dict) and part in node, f"{path} lacks {ref} (used in dvc.yaml)"
             node = node[part]
+
+
+@pytest.mark.parametrize("path", ["params.yaml", *PRESETS])
+def test_each_pipeline_fact_is_written_once(path):
+    """The model folder and the T5 mode live in model.path and encode.t5_mode alone: dvc.yaml passes
+    them to the trainer, whose section does not repeat them (they were kept equal by hand)."""
+    import yaml
+    params = yaml.safe_load((REPO / path).read_text())
+    assert "name" not in params["train"].get("model", {})
+    assert "expected_t5_mode" not in params["train"].get("data", {})
+    train_cmd = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["cmd"]
+    assert "--model.name ${model.path}" in train_cmd and "--data.expected_t5_mode ${encode.t5_mode}" in train_cmd
+    cfg = load_config(REPO / path, {"model.name": params["model"]["path"],
+                                    "data.expected_t5_mode": params["encode"]["t5_mode"]})
+    assert (cfg.model.name, cfg.data.expected_t5_mode) == (params["model"]["path"], params["encode"]["t5_mode"])
+
+
+@pytest.mark.parametrize("stage, package, not_run", [("train", "train", {"report.py"}),
+                                                      ("sample", "sample", {"evaluate.py"})])
+def test_stage_deps_are_the_code_it_runs(stage, package, not_run):
+    """train/report.py and sample/evaluate.py are the metrics stage's: editing one must not rerun the
+    training or the sampling; every other module of the package is a dependency (a new one too)."""
+    import yaml
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    deps = set(stages[stage]["deps"])
+    modules = {f"{package}/{p.name}" for p in (REPO / package).glob("*.py")}
+    assert modules - {f"{package}/{n}" for n in not_run} <= deps, "a module the stage runs is not in its deps"
+    assert not {f"{package}/{n}" for n in not_run} & deps and package not in deps
+    assert {f"{package}/{n}" for n in not_run} <= set(stages["metrics"]["deps"])
 
 
 def test_cc12m_schnell_preset_is_the_reference_setting():

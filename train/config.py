@@ -1,19 +1,24 @@
 """The trainer's one config: a tree of dataclasses, read from YAML, overridden from the command line.
 
 Command line: `--config FILE.yaml` then any number of `--section.key value` overrides, e.g.
-`--optim.lr 1e-4 --run.max_steps 1000 --model.overrides '{num_layers: 4}'`. Values are parsed as
-YAML and coerced to the field's type. `--output-dir DIR` and `--resume auto|PATH` are short forms of
-`--run.output_dir` and `--run.resume`. A YAML file whose top level has a `train:` key (DVC's
-params.yaml) is read from that section.
+`--optim.lr 1e-4 --run.max_steps 1000 --model.overrides '{num_layers: 4}'`. Values are read as
+YAML and checked against the field's type (shared/params.py): a value of another type, a choice
+outside a field's Literal or an unknown key is an error naming the key, before anything is built.
+`--output-dir DIR` and `--resume auto|PATH` are short forms of `--run.output_dir` and `--run.resume`.
+A YAML file whose top level has a `train:` key (DVC's params.yaml) is read from that section.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import textwrap
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Literal
 
 import yaml
+
+from shared.params import ConfigError, build, choices, field_help, load_section, read_yaml, set_dotted
 
 # LoRA targets: the attention and MLP projections of both block kinds (regex, peft's full match).
 DEFAULT_LORA_TARGETS = (
@@ -29,12 +34,12 @@ class DataConfig:
     # fsspec options for the caches' file system (endpoint, credentials; else from the environment:
     # AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...). Their values are never written to config.json or logs.
     storage_options: dict = field(default_factory=dict)
-    expected_t5_mode: str | None = None   # padded|trimmed: refuse a cache encoded otherwise
+    expected_t5_mode: Literal[None, "padded", "trimmed"] = None   # refuse a cache encoded otherwise (None: any)
     batch_size: int = 4                   # per process, per micro-step
     num_workers: int = 2                  # DataLoader workers per process
     shuffle_buffer: int = 256             # samples mixed across row groups
-    prefetch_factor: int = 2
-    val_batch_size: int = 8
+    prefetch_factor: int = 2              # batches each DataLoader worker reads ahead
+    val_batch_size: int = 8               # per process, for the validation loss
     val_max_samples: int | None = None    # cap on validation samples (None: the whole cache)
     val_noise_cache_mb: int = 1024        # host memory per process for the fixed validation noise, drawn
     #                                       once and reused (32 bytes per latent value); past it, drawn each pass
@@ -43,23 +48,24 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "tiny"                    # preset (tiny, flux-schnell, flux-dev) or a model folder / hub id
-    init: str = "random"                  # random: from the preset/config; pretrained: load the weights
+    init: Literal["random", "pretrained"] = "random"   # random: from the preset/config; pretrained: load the weights
     overrides: dict = field(default_factory=dict)   # transformer config changes, e.g. {num_layers: 4}
     guidance: float = 1.0                 # fed to the guidance embedding of guidance-distilled models
     # Full training: the dtype the trainable weights are kept in (bf16 halves their memory; the
     # optimizer rounds stochastically where it can). LoRA's frozen base is bf16 whatever this says.
-    weights_dtype: str = "fp32"
+    weights_dtype: Literal["fp32", "bf16"] = "fp32"
     # LoRA: the frozen base's blocks stored quantized (torchao; the adapter trains in fp32 on top)
-    quantize_base: str = "none"
+    quantize_base: Literal["none", "float8", "int8", "nf4"] = "none"
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"                   # adamw (torch), adamw8bit (torchao), adafactor (transformers)
-    lr: float = 1e-4
-    betas: tuple = (0.9, 0.999)
-    weight_decay: float = 0.0
-    eps: float = 1e-8
+    # adamw (torch), adamw8bit (torchao), adafactor (transformers)
+    name: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
+    lr: float = 1e-4                      # peak learning rate (after the warmup)
+    betas: tuple[float, float] = (0.9, 0.999)   # Adam's moment decays, e.g. [0.9, 0.95]
+    weight_decay: float = 0.0             # decoupled (AdamW)
+    eps: float = 1e-8                     # Adam's denominator term
     fused: bool | None = None             # None: fused AdamW where the device supports it
     grad_clip: float = 1.0                # 0: no clipping
     # Step each parameter as soon as its gradient is complete, then free the gradient, so the
@@ -69,21 +75,21 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    kind: str = "constant"                # constant|cosine (after the warmup)
-    warmup_steps: int = 0
+    kind: Literal["constant", "cosine"] = "constant"   # after the warmup
+    warmup_steps: int = 0                 # linear warmup: step k (from 0) at lr * (k + 1) / warmup_steps
     min_lr_ratio: float = 0.0             # cosine floor, as a fraction of lr
 
 
 @dataclass
 class FlowConfig:
-    sampler: str = "uniform"              # uniform|logit_normal|flux_shift
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
+    sampler: Literal["uniform", "logit_normal", "flux_shift"] = "uniform"   # how each step draws t
+    logit_mean: float = 0.0               # logit_normal: the mean of logit(t)
+    logit_std: float = 1.0                # logit_normal: the std of logit(t)
     guidance_dropout: float = 0.1         # p of replacing T5+CLIP by the empty prompt's
     # joint: one coin per sample drops T5 and CLIP together (p of both); independent: a coin each, as
     # torchtitan/MLPerf (p = 0.447 drops both about 20% of the time, each alone 25%)
-    guidance_dropout_mode: str = "joint"
-    latent: str = "mean"                  # mean: the VAE posterior's mean; sample: mean + exp(logvar/2) * n,
+    guidance_dropout_mode: Literal["joint", "independent"] = "joint"
+    latent: Literal["mean", "sample"] = "mean"   # mean: the VAE posterior's mean; sample: mean + exp(logvar/2) * n,
     #                                       drawn each step (as torchtitan; needs a cache encoded with --store-logvar)
 
 
@@ -91,26 +97,26 @@ class FlowConfig:
 class LoraConfig:
     rank: int = 0                         # 0: full fine-tuning / training; >0: LoRA of this rank
     alpha: float | None = None            # None: alpha = rank
-    targets: str = DEFAULT_LORA_TARGETS
+    targets: str = DEFAULT_LORA_TARGETS   # regex of the module names to adapt (peft's full match)
 
 
 @dataclass
 class EmaConfig:
     decay: float = 0.0                    # 0: no EMA; else e.g. 0.999
-    every: int = 1
+    every: int = 1                        # update the EMA every this many optimizer steps
 
 
 @dataclass
 class RunConfig:
-    output_dir: str = "runs/train"
+    output_dir: str = "runs/train"        # checkpoints/, final/, metrics.jsonl, logs (a local folder)
     max_steps: int | None = None          # optimizer steps; None: from epochs
     epochs: float | None = None           # used when max_steps is None
-    grad_accum: int = 1
+    grad_accum: int = 1                   # micro-steps per optimizer step
     # bf16: autocast; fp8: bf16 autocast plus float8 matmuls in the blocks' linear layers (torchao,
     # `pip install -e .[fp8]`; for H100-class GPUs, with compile); no: fp32; auto: bf16 on CUDA and
     # for LoRA (its base is bf16), fp32 elsewhere (bf16 autocast on a CPU ran 4.5x slower than fp32)
-    precision: str = "auto"
-    grad_checkpointing: bool = False
+    precision: Literal["auto", "bf16", "fp8", "no"] = "auto"
+    grad_checkpointing: bool = False      # recompute each block's activations in the backward
     # Keep this many transformer blocks' weights in (pinned) host memory, each copied to the GPU just
     # ahead of its use (frozen weights for LoRA; all of a block's weights with optim.in_backward).
     # Needs grad_checkpointing. On a CPU the copies go between host buffers (for tests).
@@ -119,16 +125,16 @@ class RunConfig:
     # How trimmed text's padding is masked in attention: sdpa (a boolean mask; PyTorch picks the
     # memory-efficient kernel), flex (flex attention skipping padded blocks; CUDA), or auto (flex on
     # CUDA with compile, else sdpa)
-    masked_attention: str = "auto"
+    masked_attention: Literal["auto", "sdpa", "flex"] = "auto"
     cudnn_sdpa: bool = False              # cuDNN attention: its backward crashed under autocast with Flux (torch 2.11)
-    seed: int = 0
-    log_every: int = 10
+    seed: int = 0                         # weights' init, data order, noise, timesteps
+    log_every: int = 10                   # optimizer steps per metrics.jsonl record
     val_every: int = 0                    # 0: validate only at the end
     checkpoint_every: int = 0             # 0: no intermediate checkpoints
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2             # the newest this many checkpoints are kept
     resume: str | None = None             # auto (latest in output_dir) or a checkpoint folder
-    tensorboard: bool = True
-    progress: bool = True
+    tensorboard: bool = True              # TensorBoard logs beside metrics.jsonl
+    progress: bool = True                 # a progress bar
     deterministic: bool = False           # torch.use_deterministic_algorithms (CPU tests)
     save_final: bool = True               # write final/ (benchmarks turn it off)
     record_keys: bool = False             # audit: write seen/rank{r}.json (keys consumed, weights hash)
@@ -157,115 +163,26 @@ NOT_RECORDED = "<not recorded>"
 
 
 ALIASES = {"output-dir": "run.output_dir", "output_dir": "run.output_dir", "resume": "run.resume"}
-CHOICES = {
-    ("model", "init"): ("random", "pretrained"),
-    ("schedule", "kind"): ("constant", "cosine"),
-    ("flow", "sampler"): ("uniform", "logit_normal", "flux_shift"),
-    ("flow", "guidance_dropout_mode"): ("joint", "independent"),
-    ("flow", "latent"): ("mean", "sample"),
-    ("run", "precision"): ("auto", "bf16", "fp8", "no"),
-    ("model", "weights_dtype"): ("fp32", "bf16"),
-    ("model", "quantize_base"): ("none", "float8", "int8", "nf4"),
-    ("optim", "name"): ("adamw", "adamw8bit", "adafactor"),
-    ("run", "masked_attention"): ("auto", "sdpa", "flex"),
-    ("data", "expected_t5_mode"): (None, "padded", "trimmed"),
-}
 
 
-class ConfigError(ValueError):
-    """A config value or key that is not understood; the message names it."""
+def _section_types() -> dict[str, type]:
+    return {f.name: typing.get_type_hints(TrainConfig)[f.name] for f in dataclasses.fields(TrainConfig)}
 
 
-def _coerce(value, tp, where: str):
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
-            if type(None) in args:
-                return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
-    try:
-        if tp is bool:
-            if isinstance(value, str):
-                low = value.lower()
-                if low in ("true", "yes", "1", "on"):
-                    return True
-                if low in ("false", "no", "0", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if tp is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(float(value)) if isinstance(value, str) else int(value)
-        if tp is float:
-            return float(value)
-        if tp is str:
-            return str(value)
-        if tp in (tuple, list, dict) or origin in (tuple, list, dict):
-            if isinstance(value, str):
-                value = yaml.safe_load(value)
-            base = origin or tp
-            if base is dict and not isinstance(value, dict):
-                raise ValueError(value)
-            if base in (tuple, list) and not isinstance(value, (list, tuple)):
-                raise ValueError(value)
-            if base is tuple:
-                return tuple(float(v) if isinstance(v, (int, float, str)) else v for v in value)
-            return base(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
-    return value
-
-
-def _set(cfg: TrainConfig, dotted: str, value) -> None:
-    dotted = ALIASES.get(dotted, dotted).replace("-", "_")
-    if "." not in dotted:
-        raise ConfigError(f"unknown option --{dotted}; options are --section.key (sections: "
-                          f"{', '.join(f.name for f in dataclasses.fields(cfg))})")
-    section_name, key = dotted.split(".", 1)
-    section = getattr(cfg, section_name, None)
-    if section is None or not dataclasses.is_dataclass(section):
-        raise ConfigError(f"unknown config section {section_name!r} in {dotted!r}")
-    hints = typing.get_type_hints(type(section))
-    if key not in hints:
-        raise ConfigError(f"unknown config key {dotted!r}; {section_name} has {', '.join(hints)}")
-    if (section_name, key) == ("run", "precision") and value is False:
-        value = "no"   # YAML 1.1 reads an unquoted `no` as false
-    value = _coerce(value, hints[key], dotted)
-    allowed = CHOICES.get((section_name, key))
-    if allowed is not None and value not in allowed:
-        raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(map(str, allowed))}")
-    setattr(section, key, value)
-
-
-def apply_dict(cfg: TrainConfig, tree: dict, prefix: str = "") -> None:
-    for section, values in tree.items():
-        if not isinstance(values, dict):
-            raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
-        for key, value in values.items():
-            _set(cfg, f"{section}.{key}", value)
+# The closed choices, as the Literal fields above declare them (for --help).
+CHOICES = {(section, key): allowed for section, cls in _section_types().items()
+           for key, tp in typing.get_type_hints(cls).items() if (allowed := choices(tp)) is not None}
 
 
 def load_yaml(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    tree = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: a config is a mapping of sections")
-    # `train` is no section of the trainer's config, so a file that has one is a pipeline's
-    # params.yaml (whose other sections belong to other stages): read that section alone.
-    if "train" in tree:
-        tree = tree["train"] or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: its train section is not a mapping")
-    return tree
+    """A trainer config file's tree: a pipeline's params.yaml is read from its `train` section
+    (`train` is no section of the trainer's config, so a file that has one is a params.yaml)."""
+    return load_section(path, "train")
 
 
-def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
-    """['--a.b', 'v', '--c.d=w'] -> [('a.b','v'), ('c.d','w')]."""
+def parse_overrides(argv: list[str]) -> list[tuple[str, object]]:
+    """['--a.b', 'v', '--c.d=w'] -> [('a.b', 'v'), ('c.d', 'w')], each value read as YAML (--config's
+    is a path, kept as it is)."""
     pairs, i = [], 0
     while i < len(argv):
         arg = argv[i]
@@ -280,17 +197,34 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
                 raise ConfigError(f"--{name} needs a value")
             value = argv[i + 1]
             i += 2
-        pairs.append((name, value))
+        pairs.append((name, value if name == "config" else _read_value(name, value)))
     return pairs
 
 
+def _read_value(name: str, text: str):
+    try:
+        return read_yaml(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"--{name}: cannot read {text!r} as YAML") from None
+
+
+def _merge(tree: dict, overrides) -> dict:
+    """The YAML tree with the `section.key` overrides set in it (short forms expanded)."""
+    tree = copy.deepcopy(tree)
+    for name, value in (overrides.items() if isinstance(overrides, dict) else (overrides or [])):
+        dotted = ALIASES.get(name, name).replace("-", "_")
+        if "." not in dotted:
+            raise ConfigError(f"unknown option --{dotted}; options are --section.key (sections: "
+                              f"{', '.join(_section_types())})")
+        set_dotted(tree, dotted, value)
+    return tree
+
+
 def load_config(config_path=None, overrides: list[tuple[str, object]] | dict | None = None) -> TrainConfig:
-    cfg = TrainConfig()
-    if config_path is not None:
-        apply_dict(cfg, load_yaml(config_path))
-    items = overrides.items() if isinstance(overrides, dict) else (overrides or [])
-    for name, value in items:
-        _set(cfg, name, value)
+    """The config of YAML file `config_path` (or the defaults) with `overrides` ({'run.max_steps': 10}
+    or parse_overrides' pairs) applied, every value checked; a ConfigError naming a bad key."""
+    tree = _merge(load_yaml(config_path) if config_path is not None else {}, overrides)
+    cfg = build(TrainConfig, tree)
     validate(cfg)
     return cfg
 
@@ -368,13 +302,14 @@ def _validate_offload(cfg: TrainConfig, lora: bool) -> None:
 
 def help_text() -> str:
     lines = [__doc__.strip(), "", "Options (default):"]
-    for sec in dataclasses.fields(TrainConfig):
-        section = getattr(TrainConfig(), sec.name)
-        for f in dataclasses.fields(section):
-            default = getattr(section, f.name)
-            shown = "<regex>" if f.name == "targets" else repr(default)
-            choices = CHOICES.get((sec.name, f.name))
-            if choices:
-                shown += "   (" + " | ".join(str(c) for c in choices) + ")"
-            lines.append(f"  --{sec.name}.{f.name} {shown}")
+    for sec, cls in _section_types().items():
+        section, helps = cls(), field_help(cls)
+        for f in dataclasses.fields(cls):
+            shown = "<regex>" if f.name == "targets" else repr(getattr(section, f.name))
+            allowed = CHOICES.get((sec, f.name))
+            if allowed:
+                shown += "   (" + " | ".join(str(c) for c in allowed) + ")"
+            lines.append(f"  --{sec}.{f.name} {shown}")
+            if helps.get(f.name):
+                lines.extend("        " + part for part in textwrap.wrap(helps[f.name], 92))
     return "\n".join(lines)

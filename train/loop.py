@@ -23,7 +23,7 @@ from .model import (EMA, add_lora, build_transformer, check_cache_fits, convert_
                     weights_dtype)
 from .offload import BlockOffloader, spread
 from .optim import InBackwardOptimizer, make_optimizer
-from .report import truncate_records
+from .records import truncate_records
 from .step import (EmptyPrompt, StepSettings, ValidationNoise, summarize_validation, to_device, training_loss,
                    validation_sums)
 

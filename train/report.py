@@ -4,44 +4,19 @@
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
-import json
 import sys
 from pathlib import Path
 
+import typer
+
 from shared.cache.files import atomic_write_bytes, atomic_write_json
+from shared.params import run_command
 
+from .records import read_records, truncate_records
 
-def read_records(run_dir) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics; has the run finished?")
-    return [json.loads(line) for line in _record_lines(path, torn_tail=False)]
-
-
-def _record_lines(path: Path, torn_tail: bool) -> list[str]:
-    """metrics.jsonl's non-blank lines. With `torn_tail`, an unreadable last line is dropped: what a
-    kill during the trainer's append leaves (half a line). Any other unreadable line is an error."""
-    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    for n, line in enumerate(lines, 1):
-        try:
-            json.loads(line)
-        except json.JSONDecodeError:
-            if torn_tail and n == len(lines):
-                return lines[:-1]
-            raise ValueError(f"{path}: record {n} is not JSON: {line[:80]!r}") from None
-    return lines
-
-
-def truncate_records(path, step: int) -> None:
-    """Keep the records of steps up to `step`, dropping a torn last line (a resumed run repeats what its
-    predecessor logged after its last checkpoint). Rewritten atomically: a kill here loses nothing."""
-    path = Path(path)
-    if path.is_file():
-        keep = [ln for ln in _record_lines(path, torn_tail=True) if json.loads(ln).get("step", 0) <= step]
-        atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
+__all__ = ["loss_curve_csv", "main", "read_records", "summarize", "truncate_records"]
 
 
 def summarize(records: list[dict]) -> dict:
@@ -78,24 +53,31 @@ def loss_curve_csv(records: list[dict]) -> str:
     return out.getvalue()
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dir", type=Path, help="the trainer's --output-dir")
-    p.add_argument("--summary", type=Path, required=True, help="JSON summary to write (DVC metrics)")
-    p.add_argument("--curve", type=Path, required=True, help="CSV loss curve to write (DVC plots)")
-    args = p.parse_args(argv)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="the trainer's --output-dir"),
+    summary_path: Path = typer.Option(..., "--summary", help="JSON summary to write (DVC metrics)"),
+    curve_path: Path = typer.Option(..., "--curve", help="CSV loss curve to write (DVC plots)"),
+) -> None:
+    """Turn a run's metrics.jsonl into what DVC shows: a summary (metrics) and a loss curve (plots)."""
     try:
-        records = read_records(args.run_dir)
+        records = read_records(run_dir)
         summary = summarize(records)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    for path in (args.summary, args.curve):
+        raise typer.Exit(2)
+    for path in (summary_path, curve_path):
         path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.summary, summary)
-    atomic_write_bytes(args.curve, loss_curve_csv(records).encode())
+    atomic_write_json(summary_path, summary)
+    atomic_write_bytes(curve_path, loss_curve_csv(records).encode())
     print(f"val loss {summary['val_loss_start']:.4f} -> {summary['val_loss']:.4f} in {summary['steps']} steps")
-    return 0
+
+
+def main(argv=None) -> int:
+    return run_command(app, argv, "python -m train.report")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """write_lora_adapter, the one writer of the trainer's LoRA files (one process and FSDP alike), writes
-what diffusers' save_lora_adapter writes from the model itself: the same keys, tensors and metadata."""
+what diffusers' save_lora_adapter writes from the model itself (the same tensors and adapter config), under
+the "transformer." prefix that FluxPipeline.load_lora_weights looks for."""
+import json
+
 import torch
 from safetensors import safe_open
 
@@ -25,6 +28,8 @@ def test_write_lora_adapter_writes_what_save_lora_adapter_writes(tmp_path):
     model.save_lora_adapter(str(tmp_path / "diffusers"))
     ours, ours_meta = read(tmp_path / "ours/pytorch_lora_weights.safetensors")
     theirs, theirs_meta = read(tmp_path / "diffusers/pytorch_lora_weights.safetensors")
-    assert ours_meta == theirs_meta and '"lora_alpha": 8' in ours_meta["lora_adapter_metadata"]
-    assert set(ours) == set(theirs) and len(ours) == len(weights)
-    assert all(torch.equal(ours[k], theirs[k]) and ours[k].dtype == torch.float32 for k in theirs)
+    config = json.loads(theirs_meta["lora_adapter_metadata"])
+    assert json.loads(ours_meta["lora_adapter_metadata"]) == {f"transformer.{k}": v for k, v in config.items()}
+    assert config["lora_alpha"] == 8 and ours_meta["format"] == "pt"
+    assert set(ours) == {f"transformer.{k}" for k in theirs} and len(ours) == len(weights)
+    assert all(torch.equal(ours[f"transformer.{k}"], v) and v.dtype == torch.float32 for k, v in theirs.items())

@@ -25,7 +25,9 @@ class CheckpointError(Exception):
 
 
 def is_checkpoint(path: Path) -> bool:
-    return (path / "trainer_state.json").is_file() or bool(STEP_DIR.match(path.name))
+    """A trainer's checkpoint folder, complete or not (a transformer folder of that name has its config.json)."""
+    named = bool(STEP_DIR.match(path.name)) and not (path / "config.json").is_file()
+    return named or (path / "trainer_state.json").is_file()
 
 
 def _readable(path: Path) -> None:

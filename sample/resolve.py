@@ -1,8 +1,9 @@
 """What a sampling run needs, resolved and checked before any weight is read or any file written.
 
 MODEL (a FLUX folder in diffusers' layout or a hub id) gives the VAE, text encoders and tokenizers;
-the transformer comes from MODEL, a trainer's `final/` folder, a diffusers transformer folder or a
-single BFL-layout safetensors file; a LoRA adapter (peft) may sit on top. The sampling conventions
+the transformer comes from MODEL, a trainer's `final/` or `checkpoints/step-N/` folder, a diffusers
+transformer folder or a single BFL-layout safetensors file; a LoRA adapter (diffusers' or peft's, a LoRA
+run's `final/` or checkpoint) may sit on top. The sampling conventions
 (T5 mode and length, schedule shift, steps, guidance) come from the trainer's `flux_prep.json` when
 there is one, else from the published model's own configs.
 """
@@ -34,8 +35,10 @@ class SampleError(Exception):
 
 @dataclass
 class TransformerSource:
-    kind: str          # "model" (MODEL's transformer/), "folder" (a transformer folder), "bfl" (single file),
-    path: str          # "checkpoint" (a trainer's checkpoints/step-N/model.safetensors, diffusers' keys)
+    # "model" (MODEL's transformer/), "folder" (a transformer folder), "bfl" (one BFL-layout file),
+    # "checkpoint" (a trainer's checkpoints/step-N/model.safetensors: diffusers' keys, no config.json)
+    kind: str
+    path: str
     config: dict
     info: dict = field(default_factory=dict)   # flux_prep.json beside it, if any
     note: str = ""     # what the user should know about the weights used

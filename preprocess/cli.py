@@ -1,4 +1,4 @@
-"""The `flux-prep` command line: encode, inspect, verify, and the embedded-default builders."""
+"""The `flux-prep` command line: encode, inspect, verify, export, and the embedded-default builders."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,10 +13,12 @@ app = typer.Typer(
 
 
 from preprocess.encode_cli import encode_command  # noqa: E402
+from preprocess.export_cli import export_command  # noqa: E402
 from preprocess.plan_cli import plan_command  # noqa: E402
 
 app.command("encode")(encode_command)
 app.command("plan")(plan_command)
+app.command("export")(export_command)
 
 
 @app.command("tiny-model")

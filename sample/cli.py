@@ -17,9 +17,11 @@ def sample(
     output_dir: Path = typer.Option(..., "--output", help="Folder for the PNGs (created)."),
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="A prompt; repeat for several."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="One prompt per line."),
-    transformer: Optional[str] = typer.Option(None, help="A trainer's final/ folder, a diffusers transformer folder, "
-                                                         "or one .safetensors file in Black Forest Labs' layout."),
-    lora: Optional[str] = typer.Option(None, help="A peft LoRA adapter folder saved by the trainer."),
+    transformer: Optional[str] = typer.Option(None, help="A trainer's final/ or checkpoints/step-N/ folder, a "
+                                                         "diffusers transformer folder, or one .safetensors file in "
+                                                         "Black Forest Labs' layout."),
+    lora: Optional[str] = typer.Option(None, help="A LoRA adapter: a LoRA run's final/ or checkpoints/step-N/, "
+                                                  "diffusers' or peft's adapter folder or file."),
     seed: Optional[list[int]] = typer.Option(None, help="Seed; repeat for several images per prompt."),
     num_seeds: Optional[int] = typer.Option(None, help="Seeds 0..N-1 (instead of --seed)."),
     steps: Optional[int] = typer.Option(None, help="Denoising steps (default: the model's)."),

@@ -1,8 +1,9 @@
 """What a sampling run needs, resolved and checked before any weight is read or any file written.
 
 MODEL (a FLUX folder in diffusers' layout or a hub id) gives the VAE, text encoders and tokenizers;
-the transformer comes from MODEL, a trainer's `final/` folder, a diffusers transformer folder or a
-single BFL-layout safetensors file; a LoRA adapter (peft) may sit on top. The sampling conventions
+the transformer comes from MODEL, a trainer's `final/` or `checkpoints/step-N/` folder, a diffusers
+transformer folder or a single BFL-layout safetensors file; a LoRA adapter (diffusers' or peft's, a LoRA
+run's `final/` or checkpoint) may sit on top. The sampling conventions
 (T5 mode and length, schedule shift, steps, guidance) come from the trainer's `flux_prep.json` when
 there is one, else from the published model's own configs.
 """
@@ -12,9 +13,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.models import PICKLE_SUFFIXES, ModelLoadError, read_training_info, refuse_pickle
+from shared.bfl import config_from_shapes, read_shapes
+from shared.fit import transformer_misfits
+from shared.models import (PICKLE_SUFFIXES, ModelLoadError, part_config, read_training_info, refuse_pickle,
+                           require_safetensors, split_transformer_path)
 
-from .bfl import config_from_shapes, read_shapes
+from . import checkpoints
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -29,47 +33,22 @@ class SampleError(Exception):
     """Bad input for flux-sample; the message is the one line shown to the user."""
 
 
-def _is_hub_id(model: str) -> bool:
-    return not str(model).startswith((".", "/", "~")) and str(model).count("/") == 1
-
-
-def part_config(model: str, part: str, filename: str = "config.json", required: bool = True) -> dict | None:
-    """A part's config json, from a local folder or the hub cache (offline)."""
-    path = Path(model)
-    if path.exists():
-        f = path / part / filename
-        if f.is_file():
-            return json.loads(f.read_text())
-        if not required:
-            return None
-        raise SampleError(f"{model}: missing {part}/{filename}; expected diffusers' FLUX folder layout")
-    if not _is_hub_id(model):
-        raise SampleError(f"{model}: no such folder, and not a hub id of the form 'org/name'")
-    try:
-        from huggingface_hub import hf_hub_download
-        return json.loads(Path(hf_hub_download(model, filename, subfolder=part)).read_text())
-    except Exception as e:  # noqa: BLE001 -- any hub failure is the same one-line error
-        if not required:
-            return None
-        raise SampleError(f"{model}: cannot read {part}/{filename} ({type(e).__name__})") from e
-
-
-def _has_safetensors(folder: Path) -> None:
-    files = list(folder.iterdir())
-    if not any(f.suffix == ".safetensors" or f.name.endswith(".safetensors.index.json") for f in files):
-        pickled = [f.name for f in files if f.name.endswith(PICKLE_SUFFIXES)]
-        if pickled:
-            raise SampleError(f"{folder}: only pickled weights ({', '.join(pickled)}); refused, since loading "
-                              "one can run arbitrary code; convert to .safetensors")
-        raise SampleError(f"{folder}: no .safetensors weights")
-
-
 @dataclass
 class TransformerSource:
-    kind: str          # "model" (MODEL's transformer/), "folder" (a transformer folder), "bfl" (single file)
+    # "model" (MODEL's transformer/), "folder" (a transformer folder), "bfl" (one BFL-layout file),
+    # "checkpoint" (a trainer's checkpoints/step-N/model.safetensors: diffusers' keys, no config.json)
+    kind: str
     path: str
     config: dict
     info: dict = field(default_factory=dict)   # flux_prep.json beside it, if any
+    note: str = ""     # what the user should know about the weights used
+
+
+def _refuse_pickle(path) -> None:
+    try:
+        refuse_pickle(path)
+    except ModelLoadError as e:
+        raise SampleError(str(e)) from None
 
 
 def resolve_transformer(model: str, transformer: str | None) -> TransformerSource:
@@ -77,33 +56,47 @@ def resolve_transformer(model: str, transformer: str | None) -> TransformerSourc
         info = read_training_info(Path(model) / "transformer") if Path(model).is_dir() else {}
         return TransformerSource("model", model, part_config(model, "transformer"), info)
     path = Path(transformer)
-    try:
-        refuse_pickle(path)
-    except ModelLoadError as e:
-        raise SampleError(str(e)) from None
+    _refuse_pickle(path)
     if not path.exists():
         raise SampleError(f"{transformer}: no such transformer file or folder")
     if path.is_file():
-        if path.suffix != ".safetensors":
-            raise SampleError(f"{transformer}: a single-file transformer must be .safetensors (BFL key layout)")
-        try:
-            shapes = read_shapes(path)
-        except Exception as e:  # noqa: BLE001 -- a corrupt header
-            raise SampleError(f"{transformer}: not a readable safetensors file ({str(e).splitlines()[0]})") from e
-        base = part_config(model, "transformer", required=False)
-        try:
-            return TransformerSource("bfl", str(path), config_from_shapes(shapes, base))
-        except ValueError as e:
-            raise SampleError(f"{transformer}: {e}") from None
-    if not (path / "config.json").is_file() and (path / "transformer" / "config.json").is_file():
-        path = path / "transformer"    # a whole model folder: take its transformer
+        return _single_file(model, path)
+    if checkpoints.is_checkpoint(path):
+        return _checkpoint(model, path)
+    folder, part = split_transformer_path(str(path))
+    if part and (Path(folder) / part).is_dir():   # a whole model folder: take its transformer
+        path = Path(folder) / part
     if not (path / "config.json").is_file():
         if (path / DIFFUSERS_LORA).is_file() or (path / ADAPTER_CONFIG).is_file():
             raise SampleError(f"{transformer}: a LoRA adapter, not a transformer; pass it with --lora")
         raise SampleError(f"{transformer}: not a transformer folder (no config.json)")
-    _has_safetensors(path)
+    require_safetensors(path)
     return TransformerSource("folder", str(path), json.loads((path / "config.json").read_text()),
                              read_training_info(path))
+
+
+def _single_file(model: str, path: Path) -> TransformerSource:
+    if path.suffix != ".safetensors":
+        raise SampleError(f"{path}: a single-file transformer must be .safetensors (BFL key layout)")
+    try:
+        shapes = read_shapes(path)
+    except Exception as e:  # noqa: BLE001 -- a corrupt header
+        raise SampleError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from e
+    base = part_config(model, "transformer", required=False)
+    try:
+        return TransformerSource("bfl", str(path), config_from_shapes(shapes, base))
+    except ValueError as e:
+        raise SampleError(f"{path}: {e}") from None
+
+
+def _checkpoint(model: str, path: Path) -> TransformerSource:
+    try:
+        weights = checkpoints.full_weights(path)
+        config = checkpoints.transformer_config(weights, part_config(model, "transformer", required=False))
+    except checkpoints.CheckpointError as e:
+        raise SampleError(str(e)) from None
+    info = checkpoints.training_info(path)
+    return TransformerSource("checkpoint", str(weights), config, info, checkpoints.weights_note(path, info))
 
 
 @dataclass
@@ -111,48 +104,64 @@ class LoraSource:
     kind: str          # "peft" (PeftModel.save_pretrained) or "diffusers" (save_lora_adapter, the trainer's)
     folder: Path
     weight_name: str
+    prefix: str | None = None   # the keys' prefix ("transformer": FluxPipeline's layout; None: older finals)
+    note: str = ""
 
 
 def resolve_lora(lora: str | None) -> tuple[LoraSource | None, dict]:
-    """The adapter (peft's save_pretrained folder, or diffusers' save_lora_adapter folder or file, which is
-    what the trainer's final/ holds) and the training info saved beside it."""
+    """The adapter (peft's save_pretrained folder, or diffusers' LoRA file or folder, which is what the
+    trainer's final/ and checkpoints hold) and the training info saved beside it."""
     if lora is None:
         return None, {}
     path = Path(lora)
-    try:
-        refuse_pickle(path)
-    except ModelLoadError as e:
-        raise SampleError(str(e)) from None
+    _refuse_pickle(path)
     if path.is_file() and path.suffix == ".safetensors":
-        return LoraSource("diffusers", path.parent, path.name), read_training_info(path.parent)
+        return _diffusers_lora(path.parent, path.name), read_training_info(path.parent)
     if not path.is_dir():
         raise SampleError(f"{lora}: no such LoRA adapter folder")
+    if checkpoints.is_checkpoint(path):
+        try:
+            weights = checkpoints.lora_weights(path)
+        except checkpoints.CheckpointError as e:
+            raise SampleError(str(e)) from None
+        info = checkpoints.training_info(path)
+        source = _diffusers_lora(path, weights.name)
+        source.note = checkpoints.weights_note(path, info)
+        return source, info
     if (path / ADAPTER_CONFIG).is_file() and (path / ADAPTER_WEIGHTS).is_file():
         return LoraSource("peft", path, ADAPTER_WEIGHTS), read_training_info(path)
     if (path / DIFFUSERS_LORA).is_file():
-        return LoraSource("diffusers", path, DIFFUSERS_LORA), read_training_info(path)
+        return _diffusers_lora(path, DIFFUSERS_LORA), read_training_info(path)
     pickled = [f.name for f in path.iterdir() if f.name.endswith(PICKLE_SUFFIXES)]
     why = f"only pickled weights ({', '.join(pickled)}) refused; " if pickled else ""
     raise SampleError(f"{lora}: no LoRA weights ({ADAPTER_WEIGHTS} or {DIFFUSERS_LORA}); {why}"
                       "weights are read from safetensors only")
 
 
+def _diffusers_lora(folder: Path, name: str) -> LoraSource:
+    """Trainer adapters since FluxPipeline's layout carry the "transformer." prefix; older ones do not."""
+    try:
+        keys = read_shapes(folder / name)
+    except Exception as e:  # noqa: BLE001 -- a corrupt header
+        raise SampleError(f"{folder / name}: not a readable safetensors file ({str(e).splitlines()[0]})") from e
+    prefixed = bool(keys) and all(k.startswith("transformer.") for k in keys)
+    return LoraSource("diffusers", folder, name, "transformer" if prefixed else None)
+
+
 def check_fit(tcfg: dict, vae_cfg: dict, t5_cfg: dict, clip_cfg: dict, transformer: str) -> None:
     """The transformer's input sizes must match what MODEL's VAE and text encoders produce."""
-    latent_ch = vae_cfg.get("latent_channels")
-    if tcfg.get("in_channels") != 4 * latent_ch:
+    latent_ch, d_model, clip_dim = vae_cfg.get("latent_channels"), t5_cfg.get("d_model"), clip_cfg.get("hidden_size")
+    misfits = transformer_misfits(tcfg, latent_ch, d_model, clip_dim)
+    if "latent_channels" in misfits:
         raise SampleError(f"{transformer}: transformer takes {tcfg.get('in_channels')} input channels but the VAE "
                           f"has {latent_ch} latent channels (needs {4 * latent_ch} = 2x2 patches)")
-    out_ch = tcfg.get("out_channels") or tcfg.get("in_channels")
-    if out_ch != tcfg.get("in_channels"):
-        raise SampleError(f"{transformer}: transformer predicts {out_ch} channels, not its {tcfg['in_channels']} "
-                          "input channels")
-    d_model = t5_cfg.get("d_model")
-    if tcfg.get("joint_attention_dim") != d_model:
+    if "out_channels" in misfits:
+        raise SampleError(f"{transformer}: transformer predicts {misfits['out_channels'][0]} channels, not its "
+                          f"{tcfg['in_channels']} input channels")
+    if "t5_dim" in misfits:
         raise SampleError(f"{transformer}: transformer expects T5 states of width {tcfg.get('joint_attention_dim')} "
                           f"but the model's T5 encoder gives {d_model}")
-    clip_dim = clip_cfg.get("hidden_size")
-    if tcfg.get("pooled_projection_dim") != clip_dim:
+    if "clip_dim" in misfits:
         raise SampleError(f"{transformer}: transformer expects a pooled CLIP vector of width "
                           f"{tcfg.get('pooled_projection_dim')} but the model's CLIP encoder gives {clip_dim}")
 

@@ -7,6 +7,7 @@ before the transformer loads (T5-XXL and the 12B transformer never sit on the GP
 from __future__ import annotations
 
 import gc
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,11 +140,13 @@ def load_sampling_transformer(src, lora, dtype, device, *, compile_blocks: bool 
                               attention_backend: str = "default", cudnn_sdpa: bool = True, fuse_qkv: bool = False):
     """The transformer of a resolved source, the LoRA adapter merged in, set up for speed."""
     if src.kind == "bfl":
-        from .bfl import load_bfl_transformer
+        from shared.bfl import load_bfl_transformer
         try:
             model = load_bfl_transformer(Path(src.path), src.config, dtype, device)
         except ValueError as e:
             raise SampleError(f"{src.path}: {e}") from None
+    elif src.kind == "checkpoint":
+        model = _checkpoint_transformer(src, dtype, device)
     else:
         part = "transformer" if src.kind == "model" else None
         model = load_transformer(src.path, dtype, device, part=part)
@@ -154,7 +157,7 @@ def load_sampling_transformer(src, lora, dtype, device, *, compile_blocks: bool 
                 from peft import PeftModel
                 model = PeftModel.from_pretrained(model, str(lora.folder), is_trainable=False).merge_and_unload()
             else:
-                model.load_lora_adapter(str(lora.folder), weight_name=lora.weight_name, prefix=None,
+                model.load_lora_adapter(str(lora.folder), weight_name=lora.weight_name, prefix=lora.prefix,
                                         use_safetensors=True)
                 model.fuse_lora()
                 model.unload_lora()
@@ -165,9 +168,23 @@ def load_sampling_transformer(src, lora, dtype, device, *, compile_blocks: bool 
                            cudnn_sdpa=cudnn_sdpa, fuse_qkv=fuse_qkv)
 
 
+def _checkpoint_transformer(src, dtype, device):
+    """A trainer checkpoint's model.safetensors: diffusers' keys, the config read from its shapes."""
+    from safetensors.torch import load_file
+
+    from shared.bfl import transformer_from_state
+    try:
+        return transformer_from_state(src.config, load_file(src.path), dtype, device)
+    except RuntimeError as e:   # keys the config does not account for
+        raise SampleError(f"{src.path}: not the weights of one FLUX transformer ({str(e).splitlines()[0]})") from None
+
+
 def run(opts: SampleOptions) -> list[Path]:
     """Sample every (prompt, seed); returns the PNG paths written."""
     p = plan(opts)
+    for note in (p.source.note, p.lora.note if p.lora else ""):
+        if note:
+            print(f"flux-sample: {note}", file=sys.stderr)
     try:
         cond, empty, max_len = encode(opts, p)
         transformer = load_sampling_transformer(p.source, p.lora, p.dtype, p.device, compile_blocks=opts.compile,

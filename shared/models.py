@@ -17,6 +17,7 @@ PARTS = {
     "text_encoder_2": "the T5 text encoder",
     "tokenizer": "the CLIP tokenizer",
     "tokenizer_2": "the T5 tokenizer",
+    "scheduler": "the noise schedule",
 }
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 # Written beside a trained transformer's config.json: how it must be prompted and sampled.
@@ -34,6 +35,31 @@ def refuse_pickle(path) -> None:
                              "convert it to .safetensors")
 
 
+def is_hub_id(name) -> bool:
+    """Whether `name` can be a hub id ('org/name'): not a path that starts like one, exactly one slash."""
+    return not str(name).startswith((".", "/", "~")) and str(name).count("/") == 1
+
+
+def require_safetensors(folder: Path, what: str = "") -> None:
+    """Refuse a weights folder with no safetensors file, naming any pickled files it holds instead."""
+    files = list(folder.iterdir())
+    if any(f.suffix == ".safetensors" or f.name.endswith(".safetensors.index.json") for f in files):
+        return
+    pickled = [f.name for f in files if f.name.endswith(PICKLE_SUFFIXES)]
+    why = (f" (only pickled weights: {', '.join(pickled)}; refused, since loading one can run arbitrary code: "
+           "convert to .safetensors)") if pickled else ""
+    raise ModelLoadError(f"{folder}: no .safetensors weights{f' for {what}' if what else ''}{why}")
+
+
+def split_transformer_path(name: str) -> tuple[str, str | None]:
+    """(model, part) for the loaders: a transformer folder itself (its own config.json), or a model folder or
+    hub id, whose transformer is its transformer/ part."""
+    path = Path(name)
+    if path.is_dir() and (path / "config.json").is_file() and not (path / "transformer" / "config.json").is_file():
+        return str(path), None
+    return name, "transformer"
+
+
 def _source(model: str, part: str) -> tuple[str, dict]:
     """Where `from_pretrained` finds `part`: a local sub-folder, or the hub id with `subfolder`."""
     if part not in PARTS:
@@ -44,7 +70,7 @@ def _source(model: str, part: str) -> tuple[str, dict]:
         if not sub.is_dir():
             raise ModelLoadError(f"{model}: missing {part}/ ({PARTS[part]}); expected diffusers' FLUX folder layout")
         return str(sub), {}
-    if str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
+    if not is_hub_id(model):
         raise ModelLoadError(f"{model}: no such folder, and not a hub id of the form 'org/name'")
     return str(model), {"subfolder": part}
 
@@ -53,11 +79,7 @@ def _load(loader, model: str, part: str, **kwargs):
     src, extra = _source(model, part)
     local = Path(src).is_dir()
     if local and part not in ("tokenizer", "tokenizer_2"):
-        files = list(Path(src).iterdir())
-        if not any(f.suffix == ".safetensors" or f.name.endswith(".safetensors.index.json") for f in files):
-            pickled = [f.name for f in files if f.name.endswith(PICKLE_SUFFIXES)]
-            why = f" (only pickled weights: {', '.join(pickled)}; refused)" if pickled else ""
-            raise ModelLoadError(f"{src}: no .safetensors weights for {PARTS[part]}{why}")
+        require_safetensors(Path(src), PARTS[part])
     try:
         return loader(src, **extra, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
@@ -114,22 +136,32 @@ def load_t5_tokenizer(model: str):
     return _load(AutoTokenizer.from_pretrained, model, "tokenizer_2", trust_remote_code=False)
 
 
-def part_config(model: str, part: str) -> dict:
-    """A part's config.json, without its weights."""
-    src, extra = _source(model, part)
-    if Path(src).is_dir():
-        path = Path(src) / "config.json"
-    else:
-        from huggingface_hub import hf_hub_download
-        try:
-            path = Path(hf_hub_download(src, "config.json", subfolder=extra["subfolder"]))
-        except Exception as e:  # noqa: BLE001 - the hub client's many error types, named once
-            if offline():
-                raise ModelLoadError(not_here_offline(model, part)) from e
-            raise ModelLoadError(f"{model}: cannot read {part}/config.json ({str(e).splitlines()[0]})") from e
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: missing ({PARTS[part]})")
+def part_config(model: str, part: str, filename: str = "config.json", required: bool = True) -> dict | None:
+    """A part's config json (`filename`), without its weights, from a local folder or the hub cache;
+    None where it is missing and not `required`."""
+    try:
+        src, extra = _source(model, part)
+        if Path(src).is_dir():
+            path = Path(src) / filename
+        else:
+            path = _hub_file(model, part, filename)
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: missing ({PARTS[part]})")
+    except ModelLoadError:
+        if required:
+            raise
+        return None
     return json.loads(path.read_text())
+
+
+def _hub_file(model: str, part: str, filename: str) -> Path:
+    from huggingface_hub import hf_hub_download
+    try:
+        return Path(hf_hub_download(model, filename, subfolder=part))
+    except Exception as e:  # noqa: BLE001 - the hub client's many error types, named once
+        if offline():
+            raise ModelLoadError(not_here_offline(model, part)) from e
+        raise ModelLoadError(f"{model}: cannot read {part}/{filename} ({str(e).splitlines()[0]})") from e
 
 
 def load_clip(model: str, dtype=torch.float32, device="cpu"):

@@ -78,7 +78,7 @@ def test_trainer_final_folder_conventions(tiny_model, tmp_path):
 def test_bfl_single_file_gives_the_same_image(base_images, tiny_model, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from sample.bfl import diffusers_to_bfl
+    from shared.bfl import diffusers_to_bfl
     state = load_file(str(tiny_model / "transformer" / "diffusion_pytorch_model.safetensors"))
     bfl = diffusers_to_bfl(state)
     assert "double_blocks.0.img_attn.qkv.weight" in bfl and "single_blocks.1.linear1.weight" in bfl
@@ -91,7 +91,7 @@ def test_bfl_single_file_gives_the_same_image(base_images, tiny_model, tmp_path)
 
 
 def test_bfl_round_trip_with_comfy_prefix(tiny_guidance_state):
-    from sample.bfl import PREFIX, bfl_to_diffusers, config_from_shapes, diffusers_to_bfl
+    from shared.bfl import PREFIX, bfl_to_diffusers, config_from_shapes, diffusers_to_bfl
     bfl = {PREFIX + k: v for k, v in diffusers_to_bfl(tiny_guidance_state).items()}
     cfg = config_from_shapes({k: tuple(v.shape) for k, v in bfl.items()})
     assert cfg["guidance_embeds"] and cfg["num_layers"] == 2 and cfg["attention_head_dim"] == 16

@@ -35,7 +35,10 @@ def train_losses(run_dir) -> list[tuple[int, float]]:
 
 
 def adapter(run_dir, name=ADAPTER) -> dict:
-    return load_file(run_dir / "final" / name)
+    """A final adapter's tensors by the model's parameter names (the file's keys carry FluxPipeline's prefix)."""
+    state = load_file(run_dir / "final" / name)
+    assert state and all(k.startswith("transformer.") for k in state)
+    return {k.removeprefix("transformer."): v for k, v in state.items()}
 
 
 def test_fsdp2_lora_with_ema_trains_as_one_process_with_its_global_batch(lora_run, tmp_path):

@@ -98,7 +98,7 @@ def test_lora_saves_only_the_adapter(tmp_path, caches):
     assert adapter and all("lora" in k for k in adapter)
     assert json.loads((final / TRAINING_INFO).read_text())["lora"]["rank"] == 4
     ckpt = tmp_path / "run/checkpoints/step-2"
-    assert (ckpt / "lora_adapter.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+    assert (ckpt / "pytorch_lora_weights.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
     after = trainer.accelerator.unwrap_model(trainer.model).state_dict()
     assert all(torch.equal(v, after[k]) for k, v in frozen.items())   # the base stayed frozen
 

@@ -1,12 +1,14 @@
 """What a run leaves on disk: resumable checkpoints and the final transformer in diffusers' layout.
 
 checkpoints/step-N/  accelerate's save_state (model or LoRA adapter, optimizer, scheduler, EMA, RNG)
+                     + flux_prep.json (the sampling conventions, as in final/: flux-sample reads a checkpoint)
                      + trainer_state.json (step) + rank{r}.json (data position) + rank{r}.safetensors
                      (the noise generator of each DataLoader worker). Written as step-N.tmp and renamed when complete.
                      Under FSDP: the sharded model (a LoRA run's frozen base included) and optimizer
                      (torch.distributed.checkpoint folders), and ema/, the EMA's shards.
 final/               config.json + diffusion_pytorch_model.safetensors + flux_prep.json, or for LoRA
-                     pytorch_lora_weights.safetensors + flux_prep.json; final/ema/ likewise for the EMA.
+                     pytorch_lora_weights.safetensors (FluxPipeline.load_lora_weights reads it) + flux_prep.json;
+                     final/ema/ likewise for the EMA.
                      Under FSDP gathered from the shards and written by the main process alone.
 """
 from __future__ import annotations
@@ -50,10 +52,10 @@ def resolve_resume(resume: str | None, output_dir) -> Path | None:
 
 
 def save_checkpoint(accelerator, output_dir, step: int, rank_state: dict, generators: list[torch.Generator],
-                    keep: int, sharded: dict | None = None) -> Path:
+                    keep: int, sharded: dict | None = None, info: dict | None = None) -> Path:
     """`sharded`: {folder name: state dict of DTensors} that every rank writes its shards of with
     torch.distributed.checkpoint (the EMA under FSDP: register_for_checkpointing would pickle the main
-    process's shard alone)."""
+    process's shard alone). `info`: the sampling conventions, written as in final/ (its weights: not the EMA)."""
     root = Path(output_dir) / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f"step-{step}.tmp"
@@ -71,6 +73,8 @@ def save_checkpoint(accelerator, output_dir, step: int, rank_state: dict, genera
     save_file({f"worker{w}": g.get_state() for w, g in enumerate(generators)}, str(tmp / f"rank{rank}.safetensors"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if info is not None:
+            atomic_write_json(tmp / TRAINING_INFO, {**info, "ema": False})
         atomic_write_json(tmp / "trainer_state.json", {"step": step, "world_size": accelerator.num_processes})
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -110,23 +114,36 @@ def load_checkpoint(accelerator, path: Path, generators: list[torch.Generator],
     return int(state["step"]), rank_state
 
 
-def register_lora_hooks(accelerator, lora_state_dict, load_lora_state_dict) -> None:
-    """Make save_state/load_state write and read only the LoRA adapter of the model."""
-    name = "lora_adapter.safetensors"
+OLD_LORA_CHECKPOINT = "lora_adapter.safetensors"   # checkpoints before they held final/'s adapter file
+
+
+def register_lora_hooks(accelerator, load_lora_state_dict) -> None:
+    """Make save_state/load_state write and read only the LoRA adapter of the model, in final/'s file format
+    (so that flux-sample can load a checkpoint's adapter); older checkpoints' bare peft file still loads."""
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             model = accelerator.unwrap_model(models[0])
-            sd = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
-            save_file(sd, str(Path(output_dir) / name))
+            trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+            write_lora_adapter(model, trainable, Path(output_dir))
         weights.clear()
 
     def load_hook(models, input_dir):
         model = accelerator.unwrap_model(models.pop())
-        load_lora_state_dict(model, load_file(str(Path(input_dir) / name)))
+        load_lora_state_dict(model, read_lora_adapter(Path(input_dir)))
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def read_lora_adapter(folder: Path) -> dict:
+    """peft's state dict (no prefix, no adapter name) of an adapter written by write_lora_adapter, or of an
+    older checkpoint's bare file."""
+    from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
+    if not (folder / LORA_WEIGHT_NAME_SAFE).is_file():
+        return load_file(str(folder / OLD_LORA_CHECKPOINT))
+    state = load_file(str(folder / LORA_WEIGHT_NAME_SAFE))
+    return {k.removeprefix(f"{LORA_PREFIX}."): v for k, v in state.items()}
 
 
 def write_transformer(model, state_dict: dict, out: Path) -> None:
@@ -137,20 +154,24 @@ def write_transformer(model, state_dict: dict, out: Path) -> None:
     save_file(tensors, str(out / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
 
 
+LORA_PREFIX = "transformer"   # FluxPipeline's name of the model an adapter's keys belong to
+
+
 def write_lora_adapter(model, weights: dict, folder: Path, adapter_name: str = "default") -> None:
-    """The one file format of the trainer's LoRA adapters (final/, final/ema/), whether the weights come
-    from one process or are gathered from FSDP shards: diffusers' save_lora_adapter layout, peft's key
-    names in pytorch_lora_weights.safetensors with the adapter's peft config in its metadata (what
-    `flux-sample --lora` and diffusers' load_lora_adapter read). `weights`: {parameter name: whole
-    tensor} of the adapter's parameters (the model's own would be shards under FSDP)."""
-    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE
+    """The one file format of the trainer's LoRA adapters (final/, final/ema/, checkpoints), whether the
+    weights come from one process or are gathered from FSDP shards: what diffusers' FluxPipeline.save_lora_weights
+    writes (its training scripts' output), peft's key names under the "transformer." prefix in
+    pytorch_lora_weights.safetensors, the adapter's peft config in its metadata; FluxPipeline.load_lora_weights
+    and `flux-sample --lora` read it. `weights`: {parameter name: whole tensor} of the adapter's parameters
+    (the model's own would be shards under FSDP)."""
+    from diffusers import FluxPipeline
     from peft.utils import get_peft_model_state_dict
     adapter = get_peft_model_state_dict(model, state_dict=weights, adapter_name=adapter_name)
     # sets sorted: the same bytes for the same config in every process (diffusers lists them in set order)
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in model.peft_config[adapter_name].to_dict().items()}
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, str(folder / LORA_WEIGHT_NAME_SAFE),
-              metadata={"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)})
+    FluxPipeline.save_lora_weights(str(folder), transformer_lora_layers={
+        k: v.detach().contiguous().cpu() for k, v in adapter.items()}, transformer_lora_adapter_metadata=config)
 
 
 def save_final(accelerator, model, output_dir, info: dict, lora: bool, ema=None) -> Path | None:

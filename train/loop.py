@@ -19,7 +19,7 @@ from .data import (CacheStream, StreamPosition, open_cache, open_validation_cach
                    vae_factors, validation_batches)
 from .fsdp import autocast_forward, cast_inputs_on_recompute, keep_lora_dtypes, micro_batch_sync
 from .model import (EMA, add_lora, build_transformer, check_cache_fits, convert_to_float8, load_lora_state_dict,
-                    lora_state_dict, place, sampling_conventions, transformer_blocks, use_flex_attention,
+                    place, sampling_conventions, transformer_blocks, use_flex_attention,
                     weights_dtype)
 from .offload import BlockOffloader, spread
 from .optim import InBackwardOptimizer, make_optimizer
@@ -176,7 +176,7 @@ class Trainer:
         # Under FSDP accelerate saves the model before the hooks run and the load hook sees no model:
         # its sharded checkpoint keeps the whole model, the frozen base's shards included.
         if self.lora and not self._fsdp:
-            ckpt.register_lora_hooks(acc, lora_state_dict, load_lora_state_dict)
+            ckpt.register_lora_hooks(acc, load_lora_state_dict)
         # place() put the model where it trains (some blocks in host memory): accelerate must not move it.
         placement = None if self._fsdp else [False, True]
         if self._fsdp and self.lora:
@@ -267,9 +267,13 @@ class Trainer:
 
     def save_final(self) -> Path | None:
         self.settle()
+        return ckpt.save_final(self.accelerator, self.model, self.out, self.training_info(), self.lora, self.ema)
+
+    def training_info(self) -> dict:
+        """flux_prep.json: how the model trained so far must be sampled (final/ and each checkpoint hold it)."""
         m = self.train_reader.manifest
         guidance_embeds = bool(self.accelerator.unwrap_model(self.model).config.guidance_embeds)
-        info = {
+        return {
             "t5_mode": m["t5"]["mode"], "t5_max_length": m["t5"]["max_length"],
             **sampling_conventions(self.cfg.model),
             "guidance_dropout": self.cfg.flow.guidance_dropout,
@@ -282,14 +286,14 @@ class Trainer:
             "timestep_sampler": self.cfg.flow.sampler, "steps_trained": self.step,
             "lora": {"rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha or self.cfg.lora.rank,
                      "adapter": ".", "weights": "pytorch_lora_weights.safetensors"} if self.lora else None,
-            "train_cache": str(self.cfg.data.train_cache),
+            "train_cache": str(self.cfg.data.train_cache), "ema_decay": self.cfg.ema.decay,
         }
-        return ckpt.save_final(self.accelerator, self.model, self.out, info, self.lora, self.ema)
 
     def save_checkpoint(self) -> Path:
         self.settle()
         return ckpt.save_checkpoint(self.accelerator, self.out, self.step, {"data": self.position.state_dict()},
-                                    self.generators, self.cfg.run.keep_checkpoints, self._sharded_states())
+                                    self.generators, self.cfg.run.keep_checkpoints, self._sharded_states(),
+                                    info=self.training_info())
 
     def _sharded_states(self) -> dict:
         """What checkpoints hold as each rank's shards (torch.distributed.checkpoint): the EMA under FSDP."""

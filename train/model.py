@@ -8,19 +8,12 @@ from pathlib import Path
 
 import torch
 
-from shared.models import ModelLoadError, load_transformer, read_training_info
+from shared.fit import transformer_misfits
+from shared.models import ModelLoadError, load_transformer, read_training_info, split_transformer_path
 from shared.presets import PRESETS, get_preset, transformer_config
 
 from .config import LoraConfig, ModelConfig, TrainConfig
 from .quantize import quantize_block
-
-
-def _transformer_folder(name: str) -> tuple[str, str | None]:
-    """(model, part) for load_transformer: a transformer folder itself, or a model folder / hub id."""
-    path = Path(name)
-    if path.is_dir() and (path / "config.json").is_file() and not (path / "transformer").is_dir():
-        return str(path), None
-    return name, "transformer"
 
 
 def build_transformer(cfg: ModelConfig, seed: int = 0, device="cpu", dtype=torch.float32):
@@ -36,7 +29,7 @@ def build_transformer(cfg: ModelConfig, seed: int = 0, device="cpu", dtype=torch
         source = get_preset(cfg.name).hub_id if cfg.name in PRESETS else cfg.name
         if source is None:
             raise ModelLoadError(f"preset {cfg.name!r} has no published weights; use model.init: random")
-        model, part = _transformer_folder(source)
+        model, part = split_transformer_path(source)
         return load_transformer(model, dtype=dtype, part=part)
     config = _random_init_config(cfg)
     device = torch.device(device)
@@ -49,7 +42,7 @@ def _random_init_config(cfg: ModelConfig) -> dict:
     from diffusers import FluxTransformer2DModel
     if cfg.name in PRESETS:
         return transformer_config(cfg.name, **cfg.overrides)
-    model, part = _transformer_folder(cfg.name)
+    model, part = split_transformer_path(cfg.name)
     try:
         config = dict(FluxTransformer2DModel.load_config(model, **({"subfolder": part} if part else {})))
     except (OSError, ValueError) as e:
@@ -153,7 +146,7 @@ def sampling_conventions(cfg: ModelConfig) -> dict:
     if cfg.name in PRESETS:
         p = get_preset(cfg.name)
         return {"shift_schedule": p.shift_schedule, "default_steps": p.default_steps}
-    model, part = _transformer_folder(cfg.name)
+    model, part = split_transformer_path(cfg.name)
     info = read_training_info(Path(model) / part if part else model) if Path(model).is_dir() else {}
     if info:
         return {"shift_schedule": info.get("shift_schedule", True), "default_steps": info.get("default_steps", 28)}
@@ -184,12 +177,13 @@ def check_cache_fits(model, manifest: dict) -> None:
     """Refuse a cache whose tensor sizes do not match the transformer's input layers."""
     c = model.config
     dims = manifest["dims"]
+    misfits = transformer_misfits(c, dims["latent_channels"], dims["t5_dim"], dims["clip_dim"])
     wrong = []
-    if dims["t5_dim"] != c.joint_attention_dim:
+    if "t5_dim" in misfits:
         wrong.append(f"T5 dim {dims['t5_dim']} vs joint_attention_dim {c.joint_attention_dim}")
-    if dims["clip_dim"] != c.pooled_projection_dim:
+    if "clip_dim" in misfits:
         wrong.append(f"CLIP dim {dims['clip_dim']} vs pooled_projection_dim {c.pooled_projection_dim}")
-    if dims["latent_channels"] * 4 != c.in_channels:
+    if "latent_channels" in misfits:
         wrong.append(f"{dims['latent_channels']} latent channels (x4 packed) vs in_channels {c.in_channels}")
     if wrong:
         raise ModelLoadError("the cache does not fit the model: " + "; ".join(wrong))
@@ -208,11 +202,6 @@ def add_lora(model, cfg: LoraConfig) -> None:
     if not any(p.requires_grad for p in model.parameters()):
         raise ModelLoadError(f"LoRA targets matched no module: {cfg.targets}")
     cast_training_params(model, dtype=torch.float32)
-
-
-def lora_state_dict(model) -> dict:
-    from peft.utils import get_peft_model_state_dict
-    return get_peft_model_state_dict(model)
 
 
 def load_lora_state_dict(model, state: dict) -> None:

@@ -1,4 +1,5 @@
-"""Black Forest Labs' original FLUX checkpoint layout (flux1-dev.safetensors) <-> diffusers' names.
+"""Black Forest Labs' original FLUX checkpoint layout (flux1-dev.safetensors) <-> diffusers' names: what
+flux-sample reads (`--transformer FILE`) and `flux-prep export` writes (what ComfyUI loads).
 
 diffusers' own converter (`convert_flux_transformer_checkpoint_to_diffusers`) hard-codes FLUX.1's
 width (3072), so it cannot read smaller models of the same shape; this one derives every size from
@@ -138,11 +139,35 @@ def diffusers_to_bfl(state: dict) -> dict:
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def config_from_diffusers_shapes(shapes: dict[str, tuple[int, ...]], base: dict | None = None) -> dict:
+    """The same config for a state dict in diffusers' keys: the shapes its BFL tensors would have."""
+    pairs = key_map(_count_blocks(shapes, "transformer_blocks"), _count_blocks(shapes, "single_transformer_blocks"),
+                    any(k.startswith("time_text_embed.guidance_embedder.") for k in shapes))
+    bfl = {}
+    for key, names in pairs:
+        if all(n in shapes for n in names):
+            first = shapes[names[0]]
+            bfl[key] = (sum(shapes[n][0] for n in names), *first[1:])
+    try:
+        return config_from_shapes(bfl, base)
+    except ValueError:
+        raise ValueError("not a FLUX transformer in diffusers' key layout") from None
+
+
 def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from a safetensors header, without reading the weights."""
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def transformer_from_state(config: dict, state: dict, dtype=torch.float32, device="cpu"):
+    """A FluxTransformer2DModel of `config` holding `state` (diffusers' keys, every one of them), in `dtype`."""
+    from diffusers import FluxTransformer2DModel
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(config)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    return model.to(device).eval()
 
 
 def load_bfl_transformer(path: Path, base_config: dict | None, dtype=torch.float32, device="cpu"):
@@ -152,9 +177,5 @@ def load_bfl_transformer(path: Path, base_config: dict | None, dtype=torch.float
 
     config = config_from_shapes(read_shapes(path), base_config)
     with torch.device("meta"):
-        model = FluxTransformer2DModel.from_config(config)
-    target = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    state = bfl_to_diffusers(load_file(str(path)), target)
-    state = {k: v.to(dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device).eval()
+        target = {k: tuple(v.shape) for k, v in FluxTransformer2DModel.from_config(config).state_dict().items()}
+    return transformer_from_state(config, bfl_to_diffusers(load_file(str(path)), target), dtype, device)

@@ -17,10 +17,11 @@ from shared.cache.schema import dtype_name
 from shared.devices import DeviceError, resolve_device
 from shared.models import ModelLoadError, load_clip, load_t5, load_transformer, load_vae
 from shared.precision import DTYPE_ALIASES, resolve_dtype
+from shared.sampling import PromptEncoding, decode, denoise, encode_all, guided_batch, initial_noise
 from shared.text import T5_PAD_MULTIPLE
 
 from . import output
-from .loop import PromptEncoding, TextBatch, configure_speed, decode, denoise, encode_all, initial_noise
+from .loop import configure_speed
 from .resolve import (SampleError, check_fit, conventions, part_config, read_prompts, resolve_lora,
                       resolve_transformer)
 
@@ -188,11 +189,10 @@ def run(opts: SampleOptions) -> list[Path]:
     bar = tqdm(total=len(jobs), desc="images", unit="img", disable=not opts.progress)
     steps_bar = tqdm(total=p.steps * len(batches), desc="steps", unit="step", leave=False, disable=not opts.progress)
     for batch in batches:
-        text = TextBatch.collate([cond[i] for i, _ in batch], pad_multiple)
-        uncond = TextBatch.collate([empty] * len(batch), pad_multiple) if empty is not None else None
+        text = guided_batch([cond[i] for i, _ in batch], empty, pad_multiple)
         noise = initial_noise([s for _, s in batch], p.height, p.width, p.device, p.dtype)
         x0 = denoise(transformer, noise, text, height_px=p.height, width_px=p.width, steps=p.steps,
-                     shift=p.conv.shift, guidance=p.guidance, cfg_scale=p.cfg_scale, uncond=uncond, progress=steps_bar)
+                     shift=p.conv.shift, guidance=p.guidance, cfg_scale=p.cfg_scale, progress=steps_bar)
         pixels = decode(vae, x0, p.height, p.width).numpy()
         for (i, seed), img in zip(batch, pixels):
             path = opts.output / output.image_name(i, p.prompts[i], seed)

@@ -17,10 +17,11 @@ from shared.cache.schema import dtype_name
 from shared.devices import DeviceError, resolve_device
 from shared.models import ModelLoadError, load_clip, load_t5, load_transformer, load_vae
 from shared.precision import DTYPE_ALIASES, resolve_dtype
-from shared.sampling import PromptEncoding, decode, denoise, encode_all, guided_batch, initial_noise
+from shared.sampling import (PromptEncoding, decode, denoise, encode_all, fuse_lora_adapter, guided_batch,
+                             initial_noise)
 from shared.text import T5_PAD_MULTIPLE
 
-from . import output
+from shared import image_files as output
 from .loop import configure_speed
 from .resolve import (SampleError, check_fit, conventions, part_config, read_prompts, resolve_lora,
                       resolve_transformer)
@@ -155,10 +156,7 @@ def load_sampling_transformer(src, lora, dtype, device, *, compile_blocks: bool 
                 from peft import PeftModel
                 model = PeftModel.from_pretrained(model, str(lora.folder), is_trainable=False).merge_and_unload()
             else:
-                model.load_lora_adapter(str(lora.folder), weight_name=lora.weight_name, prefix=None,
-                                        use_safetensors=True)
-                model.fuse_lora()
-                model.unload_lora()
+                fuse_lora_adapter(model, str(lora.folder), lora.weight_name)
         except Exception as e:  # noqa: BLE001 -- an adapter for another model: one line, not a trace
             msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise SampleError(f"{lora.folder}: cannot apply the LoRA adapter ({msg})") from e

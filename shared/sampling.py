@@ -161,3 +161,12 @@ def decode(vae, packed: torch.Tensor, height_px: int, width_px: int) -> torch.Te
     image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
     image = (image / 2 + 0.5).clamp(0, 1)
     return (image.permute(0, 2, 3, 1).float().cpu() * 255).round().to(torch.uint8)
+
+
+def fuse_lora_adapter(model, folder: str, weight_name: str) -> None:
+    """Merge an adapter in diffusers' save_lora_adapter layout (the trainer's final/) into `model`'s
+    weights, as flux-sample samples it: diffusers' loader, then fuse and drop the adapter layers, so the
+    loop runs plain Linear layers (and compiles) as without an adapter."""
+    model.load_lora_adapter(folder, weight_name=weight_name, prefix=None, use_safetensors=True)
+    model.fuse_lora()
+    model.unload_lora()

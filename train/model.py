@@ -254,6 +254,20 @@ class EMA:
         torch.distributed.checkpoint to save and to load into in place."""
         return dict(zip(self.names, self.shadow))
 
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def applied(self):
+        """The shadow weights in the model's parameters for the duration (sample images of the EMA), then
+        the trained weights back, bit for bit; on each rank's own shards, with no communication."""
+        saved = [_local(p.detach()).clone() for p in self.params]
+        for p, s in zip(self.params, self.shadow):
+            _local(p.detach()).copy_(_local(s))
+        try:
+            yield
+        finally:
+            for p, s in zip(self.params, saved):
+                _local(p.detach()).copy_(s)
+
     def gathered(self, keep: bool) -> dict:
         """{name: whole shadow tensor in host memory} where `keep` (the main process), else {}. Under FSDP
         every rank must call it: each tensor is gathered in turn, in the same order on every rank, so at

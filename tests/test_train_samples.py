@@ -44,7 +44,7 @@ def cache(bf16_model, tmp_path_factory):
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n\n")
     r = _encode("--model", bf16_model, "--input", root / "raw", "--output", root / "cache", "--resolution", 32,
                 "--t5-mode", "trimmed", "--t5-max-length", 32, "--dtype", "fp32", "--num-workers", 0,
-                "--device", "cpu", "--no-progress", "--sample-prompts", root / "prompts.txt")
+                "--device", "cpu", "--no-progress", "--rows-per-shard", 4, "--sample-prompts", root / "prompts.txt")
     assert r.exit_code == 0, r.output
     return root / "cache"
 
@@ -155,3 +155,18 @@ def test_a_cache_without_sample_prompts_is_refused_at_start(tmp_path, bf16_model
     plain = write_cache(tmp_path / "plain", 8)
     with pytest.raises(CacheError, match="no sample prompts; encode them with flux-prep encode --sample-prompts"):
         Trainer(_config(tmp_path, plain, bf16_model))
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_render_their_shares_and_finish(tmp_path, cache, bf16_model, fsdp):
+    """2 CPU processes under DDP or FSDP2, each rendering half of the images (under FSDP with as many
+    forwards each, every forward gathering the shards): the run ends (no deadlock) and the main process
+    writes every image, the last step's equal to flux-sample's from final/."""
+    from train_launcher import launch, write_config
+    config = write_config(tmp_path, cache, settings={"model.name": str(bf16_model), "run.sample_every": 2,
+                                                     "run.sample_steps": 3, "run.sample_seeds": [0, 5]})
+    run = launch(config, processes=2, fsdp=fsdp, **{"run.max_steps": 4})
+    names = sorted(p.name for p in (run / "samples/step-4").glob("0*.png"))
+    assert len(names) == 4 and (run / "samples/step-2/grid.png").is_file()
+    ours = np.asarray(Image.open(run / "samples/step-4/0001-a-blue-square-on-a-white-background-seed5.png"))
+    assert np.array_equal(ours, _flux_sample(tmp_path / "fs", bf16_model, "--transformer", run / "final"))

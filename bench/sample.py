@@ -5,7 +5,7 @@ batch 1 (4096 image tokens + 512 T5 tokens), guidance embedding on. Every row ru
 on the same weights and the same noise:
 
   diffusers eager        FluxPipeline's loop: FlowMatchEulerDiscreteScheduler + the transformer, eager
-  loop eager             sample.loop.denoise, no speed options (should equal the baseline)
+  loop eager             shared.sampling.denoise, no speed options (should equal the baseline)
   loop <options>         sample.loop.configure_speed: attention backend, fused q/k/v, per-block compile
 
     python bench/sample.py                      # on the GPU machine
@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sample.loop import TextBatch, configure_speed, denoise, initial_noise  # noqa: E402
+from sample.loop import configure_speed  # noqa: E402
+from shared.sampling import TextBatch, denoise, initial_noise  # noqa: E402
 from shared.latents import image_ids, latent_size, text_ids  # noqa: E402
 from shared.presets import transformer_config  # noqa: E402
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -13,9 +15,10 @@ MAX_DEFAULT_WORKERS = 4
 
 def encode_command(
     model: str = typer.Option(..., help="FLUX model: a folder in diffusers' layout or a hub id."),
-    input: str = typer.Option(..., "--input", help="Tar shards (path, glob, brace pattern x-{00000..00009}.tar, "
-                                                  "fsspec URL; several joined by '::') or a folder of images "
-                                                  "with .txt captions."),
+    input: Optional[str] = typer.Option(None, "--input", help="Tar shards (path, glob, brace pattern "
+                                                              "x-{00000..00009}.tar, fsspec URL; several joined by "
+                                                              "'::') or a folder of images with .txt captions. "
+                                                              "Required unless --sample-prompts runs alone."),
     output: str = typer.Option(..., help="Cache folder (Parquet shards + manifest.json): a path, or a URL "
                                          "of any fsspec file system (s3://bucket/prefix, gs://..., az://...)."),
     storage_options: str = typer.Option("", help="fsspec options for --output's file system, as JSON "
@@ -27,8 +30,8 @@ def encode_command(
                                              "square crops."),
     min_size: int = typer.Option(0, help="Skip images whose short side is smaller (256 = torchtitan's filter "
                                          "at 256px)."),
-    t5_mode: str = typer.Option("padded", help="padded (FLUX-exact, all max_length rows) or trimmed (real "
-                                               "tokens only)."),
+    t5_mode: Optional[str] = typer.Option(None, help="padded (FLUX-exact, all max_length rows; the default) or "
+                                                     "trimmed (real tokens only)."),
     t5_max_length: int = typer.Option(0, help="T5 tokens (512 for FLUX.1-dev, 256 for schnell); 0: the "
                                               "tokenizer's model_max_length."),
     batch_size: int = typer.Option(64, help="Images per encoder batch."),
@@ -51,6 +54,10 @@ def encode_command(
     device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu (with several processes, cuda means "
                                             "cuda:LOCAL_RANK)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    sample_prompts: Optional[Path] = typer.Option(None, help="Prompts the trainer renders samples of (one a "
+                                                             "line; run.sample_every): encoded into the cache with "
+                                                             "its T5 mode and length, after the images, or alone "
+                                                             "on an existing cache when --input is left out."),
 ):
     """Encode captioned images once (FLUX VAE, T5, CLIP) into a Parquet cache; rerun to resume."""
     from .decode import PrepOptions
@@ -62,14 +69,19 @@ def encode_command(
     from shared.cache.store import parse_storage_options
     from shared.models import ModelLoadError
 
-    if t5_mode not in ("padded", "trimmed"):
+    if t5_mode not in (None, "padded", "trimmed"):
         raise typer.BadParameter("--t5-mode must be padded or trimmed")
     try:
         options = parse_storage_options(storage_options)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+    if input is None:
+        if sample_prompts is None:
+            raise typer.BadParameter("--input is required (or --sample-prompts alone, on an existing cache)")
+        _encode_sample_prompts(model, output, sample_prompts, t5_mode, t5_max_length, device, options)
+        return
     prep = PrepOptions(resolution=resolution, buckets=buckets, min_size=min_size, jpeg_draft=jpeg_draft)
-    opts = EncodeOptions(t5_mode=t5_mode, t5_max_length=t5_max_length or None, store_logvar=store_logvar,
+    opts = EncodeOptions(t5_mode=t5_mode or "padded", t5_max_length=t5_max_length or None, store_logvar=store_logvar,
                          dtype=dtype, compute_dtype=compute_dtype or None, compile=compile,
                          t5_fp32_wo=t5_fp32_wo, channels_last=channels_last, t5_impl=t5_impl)
     try:
@@ -84,6 +96,22 @@ def encode_command(
         typer.echo(f"error: {output}: {type(e).__name__}: {e}", err=True)
         raise typer.Exit(2)
     _report(stats, output)
+    if sample_prompts is not None and stats["rank"] == 0:
+        _encode_sample_prompts(model, output, sample_prompts, None, None, device, options)
+
+
+def _encode_sample_prompts(model: str, output: str, prompts_file: Path, t5_mode, t5_max_length, device,
+                           options: dict) -> None:
+    from .sample_prompts import encode_sample_prompts
+    from shared.cache import CacheError
+    from shared.models import ModelLoadError
+    try:
+        n = encode_sample_prompts(model, output, prompts_file, t5_mode=t5_mode, t5_max_length=t5_max_length or None,
+                                  device=device, storage_options=options)
+    except (CacheError, ModelLoadError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"sample prompts: {n} encoded into {output}")
 
 
 def default_workers() -> int:

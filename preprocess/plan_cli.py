@@ -25,6 +25,9 @@ def plan_command(**options):
     from .plan import format_plan, plan
     from .sources import InputError
     o = {k: options[k] for k in USED}
+    o["t5_mode"] = o["t5_mode"] or "padded"
+    if not o["input"]:
+        raise typer.BadParameter("--input is required: the shards to estimate")
     if o["t5_mode"] not in ("padded", "trimmed"):
         raise typer.BadParameter("--t5-mode must be padded or trimmed")
     prep = PrepOptions(resolution=o["resolution"], buckets=o["buckets"], min_size=o["min_size"])

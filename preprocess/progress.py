@@ -18,6 +18,7 @@ import json
 import re
 
 from shared.cache import write_manifest
+from shared.cache.sample_prompts import SAMPLE_PROMPTS_NAME
 from shared.cache.schema import EMPTY_PROMPT_NAME, MANIFEST_NAME
 from shared.cache.store import Store, open_store
 
@@ -200,6 +201,8 @@ def build_manifest(out_dir, records: list[dict], command: str, version: str) -> 
         "inputs_without_rows": [{"id": r["shard"], "url": r["url"], "skipped": r["skipped"]}
                                 for r in records if r["rows"] == 0],
         "command": command, "version": version,
+        # encode --sample-prompts wrote them (with the same T5 settings, which a rerun cannot change)
+        **({"sample_prompts": SAMPLE_PROMPTS_NAME} if open_store(out_dir).exists(SAMPLE_PROMPTS_NAME) else {}),
     }
 
 

@@ -70,6 +70,8 @@ def verify_cache(cache_dir, storage_options: dict | None = None) -> list[str]:
     empty = manifest.get("empty_prompt", EMPTY_PROMPT_NAME)
     if not store.exists(empty):
         problems.append(f"{store.url_of(empty)}: empty-prompt encodings missing")
+    if manifest.get("sample_prompts") and not store.exists(manifest["sample_prompts"]):
+        problems.append(f"{store.url_of(manifest['sample_prompts'])}: sample-prompt encodings missing")
     return problems
 
 

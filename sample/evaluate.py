@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from shared.demo_grammar import BACKGROUNDS, COLORS, parse_caption
 from shared.params import run_command
 
-from .output import write_atomic
+from shared.image_files import write_atomic
 
 FOREGROUND_DISTANCE = 100.0   # RGB distance from the background that counts as foreground
 

@@ -17,16 +17,13 @@ from shared.bfl import config_from_shapes, read_shapes
 from shared.fit import transformer_misfits
 from shared.models import (PICKLE_SUFFIXES, ModelLoadError, part_config, read_training_info, refuse_pickle,
                            require_safetensors, split_transformer_path)
+from shared.sampling import guidance_conventions, schedule_conventions
 
 from . import checkpoints
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
-# FluxPipeline's default guidance for guidance-distilled models, and our CFG default for models
-# trained with guidance dropout.
-DEFAULT_GUIDANCE = 3.5
-DEFAULT_CFG = 4.0
 
 
 class SampleError(Exception):
@@ -182,32 +179,29 @@ class Conventions:
     shift: bool
     steps: int
     guidance_embeds: bool
-    guidance: float
+    guidance: float | None    # None: no guidance embedding
     cfg_scale: float
     resolution: int
 
 
 def conventions(model: str, tcfg: dict, info: dict, vae_cfg: dict) -> Conventions:
-    """Defaults from the trainer's flux_prep.json, else from the published model's configs."""
+    """Defaults from the trainer's flux_prep.json, else from the published model's configs (shared/sampling.py
+    holds the rules, which the trainer's own samples follow too)."""
     sched = part_config(model, "scheduler", "scheduler_config.json", required=False) or {}
-    shift = _get(info, "shift_schedule")
-    shift = bool(sched.get("use_dynamic_shifting", True)) if shift is None else bool(shift)
+    schedule = schedule_conventions(info, sched)
     guidance_embeds = bool(tcfg.get("guidance_embeds", False))
-    dropout = float(_get(info, "guidance_dropout") or 0.0)
-    cfg = _get(info, "cfg_scale")
-    if cfg is None:
-        cfg = DEFAULT_CFG if dropout > 0 and not guidance_embeds else 1.0
+    guidance, cfg = guidance_conventions(info, guidance_embeds)
     resolution = _get(info, "resolution") or vae_cfg.get("sample_size") or 1024
     if isinstance(resolution, (list, tuple)):
         resolution = resolution[0]
     return Conventions(
         t5_mode=_get(info, "t5_mode", ("t5", "mode")) or "padded",
         t5_max_length=_get(info, "t5_max_length", ("t5", "max_length")),
-        shift=shift,
-        steps=int(_get(info, "default_steps") or (28 if shift else 4)),
+        shift=schedule["shift_schedule"],
+        steps=schedule["default_steps"],
         guidance_embeds=guidance_embeds,
-        guidance=float(DEFAULT_GUIDANCE if _get(info, "guidance") is None else _get(info, "guidance")),
-        cfg_scale=float(cfg),
+        guidance=guidance,
+        cfg_scale=cfg,
         resolution=max(16, int(resolution) // 16 * 16),
     )
 

@@ -18,10 +18,12 @@ from shared.cache.schema import dtype_name
 from shared.devices import DeviceError, resolve_device
 from shared.models import ModelLoadError, load_clip, load_t5, load_transformer, load_vae
 from shared.precision import DTYPE_ALIASES, resolve_dtype
+from shared.sampling import (PromptEncoding, decode, denoise, encode_all, fuse_lora_adapter, guided_batch,
+                             initial_noise)
 from shared.text import T5_PAD_MULTIPLE
 
-from . import output
-from .loop import PromptEncoding, TextBatch, configure_speed, decode, denoise, encode_all, initial_noise
+from shared import image_files as output
+from .loop import configure_speed
 from .resolve import (SampleError, check_fit, conventions, part_config, read_prompts, resolve_lora,
                       resolve_transformer)
 
@@ -157,10 +159,7 @@ def load_sampling_transformer(src, lora, dtype, device, *, compile_blocks: bool 
                 from peft import PeftModel
                 model = PeftModel.from_pretrained(model, str(lora.folder), is_trainable=False).merge_and_unload()
             else:
-                model.load_lora_adapter(str(lora.folder), weight_name=lora.weight_name, prefix=lora.prefix,
-                                        use_safetensors=True)
-                model.fuse_lora()
-                model.unload_lora()
+                fuse_lora_adapter(model, str(lora.folder), lora.weight_name, prefix=lora.prefix)
         except Exception as e:  # noqa: BLE001 -- an adapter for another model: one line, not a trace
             msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise SampleError(f"{lora.folder}: cannot apply the LoRA adapter ({msg})") from e
@@ -205,11 +204,10 @@ def run(opts: SampleOptions) -> list[Path]:
     bar = tqdm(total=len(jobs), desc="images", unit="img", disable=not opts.progress)
     steps_bar = tqdm(total=p.steps * len(batches), desc="steps", unit="step", leave=False, disable=not opts.progress)
     for batch in batches:
-        text = TextBatch.collate([cond[i] for i, _ in batch], pad_multiple)
-        uncond = TextBatch.collate([empty] * len(batch), pad_multiple) if empty is not None else None
+        text = guided_batch([cond[i] for i, _ in batch], empty, pad_multiple)
         noise = initial_noise([s for _, s in batch], p.height, p.width, p.device, p.dtype)
         x0 = denoise(transformer, noise, text, height_px=p.height, width_px=p.width, steps=p.steps,
-                     shift=p.conv.shift, guidance=p.guidance, cfg_scale=p.cfg_scale, uncond=uncond, progress=steps_bar)
+                     shift=p.conv.shift, guidance=p.guidance, cfg_scale=p.cfg_scale, progress=steps_bar)
         pixels = decode(vae, x0, p.height, p.width).numpy()
         for (i, seed), img in zip(batch, pixels):
             path = opts.output / output.image_name(i, p.prompts[i], seed)

@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sample.cli import app
-from sample.output import GRID_NAME, INDEX_NAME, read_png_text
+from shared.image_files import GRID_NAME, INDEX_NAME, read_png_text
 
 PROMPT = "a red circle on a blue background"
 FAST = ["--steps", "2", "--width", "32", "--height", "32", "--no-progress"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sample.loop import TextBatch, decode, denoise, encode_all, initial_noise
+from shared.sampling import TextBatch, decode, denoise, encode_all, guided_batch, initial_noise
 from sample.run import SampleOptions, encode, load_sampling_transformer, plan
 from shared.models import load_clip, load_t5
 
@@ -26,10 +26,9 @@ def _ours(model, **kw):
     p = plan(opts)
     cond, empty, _ = encode(opts, p)
     transformer = load_sampling_transformer(p.source, p.lora, p.dtype, p.device)
-    uncond = TextBatch.collate([empty]) if empty is not None else None
-    x = denoise(transformer, initial_noise([SEED], H, W, "cpu", torch.float32), TextBatch.collate(cond),
+    x = denoise(transformer, initial_noise([SEED], H, W, "cpu", torch.float32), guided_batch(cond, empty),
                 height_px=H, width_px=W, steps=STEPS, shift=p.conv.shift, guidance=p.guidance,
-                cfg_scale=p.cfg_scale, uncond=uncond)
+                cfg_scale=p.cfg_scale)
     from shared.models import load_vae
     return x, decode(load_vae(str(model)), x, H, W).numpy()
 

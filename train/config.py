@@ -138,6 +138,13 @@ class RunConfig:
     deterministic: bool = False           # torch.use_deterministic_algorithms (CPU tests)
     save_final: bool = True               # write final/ (benchmarks turn it off)
     record_keys: bool = False             # audit: write seen/rank{r}.json (keys consumed, weights hash)
+    # Sample images (train/samples.py) of the cache's sample prompts (flux-prep encode --sample-prompts)
+    # every N steps and at the last, to output_dir/samples/step-N/ and the tracker; 0: off (nothing loaded)
+    sample_every: int = 0
+    sample_steps: int | None = None       # denoising steps (None: the model's default, as flux-sample)
+    sample_seeds: list = field(default_factory=lambda: [0])   # one image per prompt and seed
+    sample_size: int | None = None        # pixels, square, a multiple of 16 (None: the cache's resolution)
+    sample_vae: str | None = None         # FLUX folder / hub id whose VAE decodes them (None: model.name)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from .model import (EMA, add_lora, build_transformer, check_cache_fits, convert_
 from .offload import BlockOffloader, spread
 from .optim import InBackwardOptimizer, make_optimizer
 from .records import truncate_records
+from .samples import TrainingSamples
 from .step import (EmptyPrompt, StepSettings, ValidationNoise, summarize_validation, to_device, training_loss,
                    validation_sums)
 
@@ -113,6 +114,7 @@ class Trainer:
         self._val_batches = None
         # The fixed validation noise, drawn on the first pass and reused (the same values).
         self.val_noise = ValidationNoise(cfg.data.val_noise_cache_mb << 20)
+        self.samples = TrainingSamples(self)   # run.sample_every 0: nothing loaded
 
     @property
     def _fsdp(self) -> bool:
@@ -376,6 +378,7 @@ class Trainer:
                 summary.update(self._log_validation())
             if run.checkpoint_every and self.step % run.checkpoint_every == 0:
                 self.save_checkpoint()
+            self.samples.after_step(self.step)
             if stop_after_step is not None and self.step >= stop_after_step:
                 if bar is not None:
                     bar.close()

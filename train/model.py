@@ -10,6 +10,7 @@ import torch
 
 from shared.fit import transformer_misfits
 from shared.models import ModelLoadError, load_transformer, read_training_info, split_transformer_path
+from shared.sampling import schedule_conventions
 from shared.presets import PRESETS, get_preset, transformer_config
 
 from .config import LoraConfig, ModelConfig, TrainConfig
@@ -142,35 +143,30 @@ def use_flex_attention(model) -> None:
 
 
 def sampling_conventions(cfg: ModelConfig) -> dict:
-    """shift_schedule / default_steps of the model being trained (for flux_prep.json)."""
+    """shift_schedule / default_steps of the model being trained (for flux_prep.json and the trainer's
+    samples), by flux-sample's rule (shared/sampling.py): a preset's values, else what the model folder's
+    trainer saved, else its scheduler config."""
     if cfg.name in PRESETS:
         p = get_preset(cfg.name)
         return {"shift_schedule": p.shift_schedule, "default_steps": p.default_steps}
     model, part = split_transformer_path(cfg.name)
     info = read_training_info(Path(model) / part if part else model) if Path(model).is_dir() else {}
-    if info:
-        return {"shift_schedule": info.get("shift_schedule", True), "default_steps": info.get("default_steps", 28)}
-    preset = _matching_preset(model, part)
-    if preset is not None:
-        return {"shift_schedule": preset.shift_schedule, "default_steps": preset.default_steps}
-    return {"shift_schedule": True, "default_steps": 28}
+    return schedule_conventions(info, _scheduler_config(model) if part else None)
 
 
-def _matching_preset(model: str, part: str | None):
-    """The preset whose transformer shape a folder's config has (e.g. a tiny model folder), if any."""
-    path = Path(model) / (part or "") / "config.json"
-    if not path.is_file():
-        return None
+def _scheduler_config(model: str) -> dict | None:
+    """A model folder's (or a cached hub model's) scheduler config, None when it has none."""
     import json
-    config = json.loads(path.read_text())
-    for preset in PRESETS.values():
-        if all(_same(config.get(k), v) for k, v in preset.transformer.items()):
-            return preset
-    return None
-
-
-def _same(a, b) -> bool:
-    return list(a) == list(b) if isinstance(b, (list, tuple)) and a is not None else a == b
+    path = Path(model) / "scheduler" / "scheduler_config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if Path(model).exists():
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+        return json.loads(Path(hf_hub_download(model, "scheduler_config.json", subfolder="scheduler")).read_text())
+    except Exception:  # noqa: BLE001 -- offline or absent: the default schedule
+        return None
 
 
 def check_cache_fits(model, manifest: dict) -> None:
@@ -246,6 +242,20 @@ class EMA:
         """{name: shadow tensor}: the tensors themselves (this rank's DTensors under FSDP), for
         torch.distributed.checkpoint to save and to load into in place."""
         return dict(zip(self.names, self.shadow))
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def applied(self):
+        """The shadow weights in the model's parameters for the duration (sample images of the EMA), then
+        the trained weights back, bit for bit; on each rank's own shards, with no communication."""
+        saved = [_local(p.detach()).clone() for p in self.params]
+        for p, s in zip(self.params, self.shadow):
+            _local(p.detach()).copy_(_local(s))
+        try:
+            yield
+        finally:
+            for p, s in zip(self.params, saved):
+                _local(p.detach()).copy_(s)
 
     def gathered(self, keep: bool) -> dict:
         """{name: whole shadow tensor in host memory} where `keep` (the main process), else {}. Under FSDP

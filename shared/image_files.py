@@ -1,4 +1,5 @@
-"""Image files: one PNG per (prompt, seed) with its settings in text chunks, an optional grid, an index.
+"""Image files of flux-sample and of the trainer's samples: one PNG per (prompt, seed) with its settings
+in text chunks, an optional grid, an index.
 
 Every file appears only when complete (written to a temporary name in the same folder, then renamed),
 so an interrupted run never leaves a truncated image behind.

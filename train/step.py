@@ -1,4 +1,4 @@
-"""The flow-matching step (DESIGN.md, "Training, in one step") and the validation loss.
+"""The flow-matching step (docs/DESIGN.md, "Training") and the validation loss.
 
 x0 = (z - shift) * scale with z the VAE posterior's mean (flow.latent: mean) or a sample of it
 (sample: mean + exp(logvar / 2) * n), x_t = (1 - t) x0 + t n, v = n - x0, loss = mse(model(x_t, t, text), v).

@@ -1,4 +1,4 @@
-"""The Parquet cache contract (DESIGN.md, version 1): schema, writer, reader, manifest."""
+"""The Parquet cache contract (docs/DESIGN.md, version 1): schema, writer, reader, manifest."""
 from .files import atomic_write_json, sha256_file
 from .manifest import CacheError, check_t5_mode, read_manifest, write_manifest
 from .reader import CacheReader, decode_table

@@ -1,4 +1,4 @@
-"""The cache contract, version 1 (../DESIGN.md): one row per sample, tensors as raw
+"""The cache contract, version 1 (docs/DESIGN.md): one row per sample, tensors as raw
 little-endian bytes in binary columns, shapes in integer columns, dtypes in the manifest."""
 from __future__ import annotations
 

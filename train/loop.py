@@ -12,6 +12,7 @@ import torch
 from accelerate.utils import set_seed
 
 from shared.models import ModelLoadError
+from shared.quiet import silence_progress_bars
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -26,6 +27,7 @@ from .optim import InBackwardOptimizer, make_optimizer
 from .report import truncate_records
 from .step import (EmptyPrompt, StepSettings, ValidationNoise, summarize_validation, to_device, training_loss,
                    validation_sums)
+from .trackers import check_installed, start_trackers
 
 
 def lr_factor(step: int, warmup: int, total: int, kind: str, min_ratio: float) -> float:
@@ -48,9 +50,10 @@ def total_steps(cfg: TrainConfig, num_rows: int, world_size: int) -> int:
 def make_accelerator(run, out: Path):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
+    check_installed(run.log_with)
     return Accelerator(
         mixed_precision="bf16" if run.precision in ("bf16", "fp8") else "no",
-        log_with="tensorboard" if run.tensorboard else None,
+        log_with=run.log_with or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
 
@@ -108,6 +111,8 @@ class Trainer:
     def _start_runtime(self) -> None:
         """Determinism, the accelerator and its device, the global seed, the attention kernels."""
         run = self.cfg.run
+        if not run.progress:
+            silence_progress_bars()
         if run.deterministic:
             torch.use_deterministic_algorithms(True)
         self.accelerator = make_accelerator(run, self.out)
@@ -281,8 +286,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.atomic_write_json(self.out / "config.json", self.cfg.to_dict())
-        if self.cfg.run.tensorboard:
-            self.accelerator.init_trackers("flux-train", config=_flat_hparams(self.cfg))
+        start_trackers(self.accelerator, self.cfg, self.out / "logs")
         return itertools.chain([first], batches)
 
     def _any_batch(self) -> list:
@@ -477,16 +481,6 @@ class Trainer:
         self.log({"step": self.step, **result})
         self.accelerator.print(f"step {self.step}: validation loss {result['val/loss']:.5f}")
         return result
-
-
-def _flat_hparams(cfg: TrainConfig) -> dict:
-    """TensorBoard's hparams take scalars and strings only."""
-    out = {}
-    for section, values in cfg.to_dict().items():
-        for k, v in values.items():
-            if isinstance(v, (int, float, str, bool)):
-                out[f"{section}.{k}"] = v
-    return out
 
 
 def _close(bar) -> None:

@@ -50,7 +50,8 @@ def encode_command(
                                                       "by one thread); more help on slow or network storage."),
     device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu (with several processes, cuda means "
                                             "cuda:LOCAL_RANK)."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    progress: bool = typer.Option(True, help="Show a progress bar (--no-progress: no bars at all, the "
+                                             "libraries' weight-loading bars included)."),
 ):
     """Encode captioned images once (FLUX VAE, T5, CLIP) into a Parquet cache; rerun to resume."""
     from .decode import PrepOptions
@@ -64,6 +65,9 @@ def encode_command(
 
     if t5_mode not in ("padded", "trimmed"):
         raise typer.BadParameter("--t5-mode must be padded or trimmed")
+    if not progress:
+        from shared.quiet import silence_progress_bars
+        silence_progress_bars()
     try:
         options = parse_storage_options(storage_options)
     except ValueError as e:

@@ -1,6 +1,7 @@
-"""Turn a run's metrics.jsonl into what DVC shows: a summary (metrics) and a loss curve (plots).
+"""Turn a run's metrics.jsonl into what DVC shows: a summary (metrics) and a loss curve (plots), and
+the same curve as a PNG (matplotlib, offline: `dvc plots show` renders through a CDN).
 
-    python -m train.report RUN_DIR --summary metrics/train.json --curve metrics/loss.csv
+    python -m train.report RUN_DIR --summary metrics/train.json --curve metrics/loss.csv --plot docs/demo_loss.png
 """
 from __future__ import annotations
 
@@ -62,20 +63,46 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
-def loss_curve_csv(records: list[dict]) -> str:
-    """step, train loss, validation loss (empty where not measured at that step)."""
+def loss_curve(records: list[dict]) -> list[dict]:
+    """Per step, in order: {step, loss, val_loss}, None where not measured at that step."""
     rows: dict[int, dict] = {}
     for r in records:
-        row = rows.setdefault(r["step"], {"step": r["step"], "loss": "", "val_loss": ""})
+        row = rows.setdefault(r["step"], {"step": r["step"], "loss": None, "val_loss": None})
         if "loss" in r:
             row["loss"] = r["loss"]
         if "val/loss" in r:
             row["val_loss"] = r["val/loss"]
+    return [rows[s] for s in sorted(rows)]
+
+
+def loss_curve_csv(records: list[dict]) -> str:
+    """step, train loss, validation loss (empty where not measured at that step)."""
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=["step", "loss", "val_loss"])
     writer.writeheader()
-    writer.writerows(rows[s] for s in sorted(rows))
+    writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in loss_curve(records))
     return out.getvalue()
+
+
+def loss_curve_png(curve: list[dict], title: str = "training and validation loss") -> bytes:
+    """The curve drawn by matplotlib's Agg renderer (no display, no network), as PNG bytes: the same
+    bytes for the same curve (no version or date in the file)."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    ax = fig.add_subplot()
+    for key, label, style in (("loss", "training loss", "-"), ("val_loss", "validation loss", "o-")):
+        points = [(r["step"], r[key]) for r in curve if r[key] is not None]
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
 
 
 def main(argv=None) -> int:
@@ -83,6 +110,7 @@ def main(argv=None) -> int:
     p.add_argument("run_dir", type=Path, help="the trainer's --output-dir")
     p.add_argument("--summary", type=Path, required=True, help="JSON summary to write (DVC metrics)")
     p.add_argument("--curve", type=Path, required=True, help="CSV loss curve to write (DVC plots)")
+    p.add_argument("--plot", type=Path, help="the loss curve as a PNG too (matplotlib)")
     args = p.parse_args(argv)
     try:
         records = read_records(args.run_dir)
@@ -90,10 +118,13 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for path in (args.summary, args.curve):
-        path.parent.mkdir(parents=True, exist_ok=True)
+    for path in (args.summary, args.curve, args.plot):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.summary, summary)
     atomic_write_bytes(args.curve, loss_curve_csv(records).encode())
+    if args.plot is not None:
+        atomic_write_bytes(args.plot, loss_curve_png(loss_curve(records)))
     print(f"val loss {summary['val_loss_start']:.4f} -> {summary['val_loss']:.4f} in {summary['steps']} steps")
     return 0
 

@@ -30,7 +30,9 @@ def tiny_model(
                                            "samples decode to pictures; 'random': random init."),
 ):
     """Write a tiny FLUX model folder: the real classes at toy sizes, loadable by FluxPipeline, offline."""
+    from shared.quiet import silence_progress_bars
     from shared.tiny import write_tiny_model
+    silence_progress_bars()   # a toy model writes in moments: its bars would only be noise
     out = write_tiny_model(out_dir, seed=seed, guidance_embeds=guidance_embeds, vae=vae)
     typer.echo(f"wrote tiny model to {out}")
 

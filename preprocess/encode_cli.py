@@ -53,7 +53,8 @@ def encode_command(
                                                       "by one thread); more help on slow or network storage."),
     device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu (with several processes, cuda means "
                                             "cuda:LOCAL_RANK)."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    progress: bool = typer.Option(True, help="Show a progress bar (--no-progress: no bars at all, the "
+                                             "libraries' weight-loading bars included)."),
     sample_prompts: Optional[Path] = typer.Option(None, help="Prompts the trainer renders samples of (one a "
                                                              "line; run.sample_every): encoded into the cache with "
                                                              "its T5 mode and length, after the images, or alone "
@@ -71,6 +72,9 @@ def encode_command(
 
     if t5_mode not in (None, "padded", "trimmed"):
         raise typer.BadParameter("--t5-mode must be padded or trimmed")
+    if not progress:
+        from shared.quiet import silence_progress_bars
+        silence_progress_bars()
     try:
         options = parse_storage_options(storage_options)
     except ValueError as e:

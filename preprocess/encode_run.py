@@ -19,6 +19,7 @@ from shared.precision import canonical_dtype
 
 from .decode import PrepOptions, ShardBatches, worker_init
 from .encode import EncodeOptions, Encoders, check_model
+from .encode_bar import EncodeBar
 from .progress import (check_or_write_settings, check_progress_version, forget, plan_shards, remove_orphans,
                        sweep_temps, write_cache_manifest)
 from .ranks import Ranks
@@ -105,7 +106,7 @@ def _encode(model: str, out_dir: Store, todo: list[InputShard], device, *, prep:
     check_or_write_settings(out_dir, settings)
     if not out_dir.exists(EMPTY_PROMPT_NAME):
         out_dir.write_bytes(EMPTY_PROMPT_NAME, save_safetensors(enc.empty_prompt()))
-    bar = _progress_bar(progress, rank, len(todo), already_done)
+    bar = _progress_bar(progress, rank, todo, already_done)
     outputs = ShardOutputs(out_dir, todo, settings["dtypes"], rows_per_shard=rows_per_shard, t5_mode=opts.t5_mode,
                            bar=bar, rank=rank)
     # Rows are written by background threads, each input shard's in order, while this one queues
@@ -172,9 +173,5 @@ def package_version() -> str:
         return "unknown"
 
 
-def _progress_bar(enabled: bool, rank: int, todo: int, already: int):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-    return tqdm(desc=f"encode[rank {rank}]" + (f" ({already} shards already done)" if already else ""),
-                unit="img", position=rank, dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+def _progress_bar(enabled: bool, rank: int, todo: list[InputShard], already: int):
+    return EncodeBar(todo, rank, already) if enabled else None

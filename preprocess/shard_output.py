@@ -54,11 +54,11 @@ class ShardOutputs:
                     self.stats["first_batch_rows"] = self.stats["rows"]
         if item["end"]:
             self._finish_shard(item["shard"], st)
-        if self.bar is not None:
+        if self.bar is not None:   # an EncodeBar (encode_bar.py)
             with self._lock:
-                self.bar.update(len(item["keys"]))
-                self.bar.set_postfix(skipped=self.stats["skipped"],
-                                     shards=f"{self.stats['shards_done']}/{len(self.shards)}", refresh=False)
+                samples = len(item["keys"]) + sum(item["skips"].values())
+                self.bar.advance(item["shard"], samples, item["end"], skipped=self.stats["skipped"],
+                                 shards=f"{self.stats['shards_done']}/{len(self.shards)}")
 
     def _finish_shard(self, shard_id: str, st: _ShardState) -> None:
         shard = self.shards[shard_id]

@@ -44,7 +44,8 @@ def sample(
                                                           "_native_cudnn, flash, _flash_3, ..."),
     cudnn_sdpa: bool = typer.Option(True, help="Allow cuDNN's SDPA kernel (--no-cudnn-sdpa turns it off)."),
     fuse_qkv: bool = typer.Option(False, "--fuse-qkv", help="Fuse each attention's q/k/v into one matmul."),
-    progress: bool = typer.Option(True, help="Progress bars."),
+    progress: bool = typer.Option(True, help="Progress bars (--no-progress: none, the libraries' "
+                                             "weight-loading bars included)."),
 ):
     """Make images from prompts with a FLUX transformer (trained or published); one PNG per prompt and seed,
     settings recorded in the PNG's text chunks."""
@@ -53,6 +54,9 @@ def sample(
     from .resolve import SampleError
     from .run import SampleOptions, run
 
+    if not progress:
+        from shared.quiet import silence_progress_bars
+        silence_progress_bars()
     try:
         if seed and num_seeds is not None:
             raise SampleError("give --seed or --num-seeds, not both")

@@ -5,6 +5,6 @@ This package imports no stage (preprocess, train, sample)."""
 
 __version__ = "0.1.0"
 
-from .quiet import quiet_torchao_imports
+from .quiet import quiet_library_notices
 
-quiet_torchao_imports()
+quiet_library_notices()

@@ -1,11 +1,14 @@
-"""Silence the import-time noise of optional torchao (the `fp8` and `dev` extras).
+"""Quiet the libraries underneath: notices that say nothing to a user, and, for --no-progress, their bars.
 
-With torchao installed, importing diffusers' models prints several warnings per process:
+Dropped at import (`quiet_library_notices`, from shared/__init__), with optional torchao (the `fp8`
+and `dev` extras) installed:
 - torchao's CUDA extensions fail to load on a torch they were not built for;
 - torch warns about Enums that torchao registers with pytree;
 - diffusers says it cannot import torchao's tensor types.
-None affects flux-prep: float8 training uses torchao's Python Float8Linear and torch's own
-scaled matmul. Only these messages are dropped; other warnings of the same loggers still show.
+None affects flux-prep: float8 training uses torchao's Python Float8Linear and torch's own scaled
+matmul. And without torchvision, transformers says its image processors fall back to PIL ones: no
+stage processes images through them. Only these messages are dropped; other warnings of the same
+loggers still show.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ _NOISE = {
     "torchao": ("Failed to load ", "Skipping import of cpp extensions"),
     "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
     "diffusers.quantizers.torchao.torchao_quantizer": ("Unable to import `torchao` Tensor objects",),
+    "transformers.utils.import_utils": ("requires torchvision (not installed); falling back to",),
 }
 
 
@@ -30,9 +34,21 @@ class _DropMessages(logging.Filter):
         return not any(f in message for f in self.fragments)
 
 
-def quiet_torchao_imports() -> None:
+def quiet_library_notices() -> None:
     """Attach the filters (once per logger)."""
     for name, fragments in _NOISE.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(fragments))
+
+
+def silence_progress_bars() -> None:
+    """Turn off, for this process, the bars of the libraries that load and write models: transformers'
+    "Loading weights" and "Writing model shards", diffusers' loading bars, huggingface_hub's downloads.
+    (accelerate draws a bar only in load_checkpoint_in_model, which no stage calls.)"""
+    import diffusers.utils.logging
+    import huggingface_hub.utils
+    import transformers.utils.logging
+    huggingface_hub.utils.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from train.report import loss_curve_csv, main, read_records, summarize, truncate_records
+from train.report import loss_curve, loss_curve_csv, loss_curve_png, main, read_records, summarize, truncate_records
 
 # What the trainer logs (train/loop.py): validation records carry val/loss and its per-timestep
 # parts (val/loss_t{i}_{n}); training records carry loss, lr and images_per_s.
@@ -83,6 +83,28 @@ def test_main_writes_summary_and_curve(tmp_path, capsys):
     assert json.loads(summary.read_text()) == summarize(RECORDS)
     assert curve.read_bytes() == loss_curve_csv(RECORDS).encode()
     assert "1.5000 -> 0.4000 in 40 steps" in capsys.readouterr().out
+
+
+TRAIN_BLUE, VAL_ORANGE = (31, 119, 180), (255, 127, 14)   # matplotlib's first two line colours (C0, C1)
+
+
+def _colours(png: bytes) -> set:
+    from PIL import Image
+    with Image.open(io.BytesIO(png)) as img:
+        assert img.size == (800, 450)
+        return {c for _, c in img.convert("RGB").getcolors(maxcolors=1 << 20)}
+
+
+def test_main_also_draws_the_curve_as_a_png(tmp_path):
+    run = _write_run(tmp_path / "run", RECORDS)
+    plot = tmp_path / "docs" / "loss.png"
+    assert main([str(run), "--summary", str(tmp_path / "s.json"), "--curve", str(tmp_path / "c.csv"),
+                 "--plot", str(plot)]) == 0
+    png = plot.read_bytes()
+    assert png == loss_curve_png(loss_curve(RECORDS))          # the same bytes each time: dvc sees no change
+    assert {TRAIN_BLUE, VAL_ORANGE} <= _colours(png)
+    train_only = loss_curve_png(loss_curve([r for r in RECORDS if "loss" in r]))
+    assert TRAIN_BLUE in _colours(train_only) and VAL_ORANGE not in _colours(train_only)
 
 
 def test_main_missing_run_dir_is_a_one_line_error(tmp_path, capsys):

@@ -133,8 +133,12 @@ class RunConfig:
     checkpoint_every: int = 0             # 0: no intermediate checkpoints
     keep_checkpoints: int = 2             # the newest this many checkpoints are kept
     resume: str | None = None             # auto (latest in output_dir) or a checkpoint folder
-    tensorboard: bool = True              # TensorBoard logs beside metrics.jsonl
-    progress: bool = True                 # a progress bar
+    # Where the metrics also go, through accelerate's trackers: tensorboard, wandb, mlflow (a list for
+    # several) or none (metrics.jsonl alone). Their files go under output_dir/logs (wandb's offline
+    # runs too, with WANDB_MODE=offline; mlflow's store unless MLFLOW_TRACKING_URI names another).
+    log_with: list | str = field(default_factory=lambda: ["tensorboard"])
+    tensorboard: bool | None = None       # the old key: false drops tensorboard from run.log_with, true adds it
+    progress: bool = True                 # progress bars (false: none, the libraries' loading bars included)
     deterministic: bool = False           # torch.use_deterministic_algorithms (CPU tests)
     save_final: bool = True               # write final/ (benchmarks turn it off)
     record_keys: bool = False             # audit: write seen/rank{r}.json (keys consumed, weights hash)
@@ -252,7 +256,28 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("data.val_noise_cache_mb must be at least 0 (0: draw the noise on each pass)")
     if not 0.0 <= cfg.flow.guidance_dropout <= 1.0:
         raise ConfigError("flow.guidance_dropout is a probability in [0, 1]")
+    cfg.run.log_with = chosen_trackers(cfg.run)
     validate_memory_options(cfg)
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def chosen_trackers(run: RunConfig) -> list[str]:
+    """run.log_with as the list of trackers to start ([] for none), the old run.tensorboard applied."""
+    given = [run.log_with] if isinstance(run.log_with, str) else run.log_with   # one name: a list of one
+    names = ["none" if n is None else str(n) for n in given]
+    for name in names:
+        if name not in TRACKERS + ("none",):
+            raise ConfigError(f"run.log_with: {name!r} is not one of {' | '.join(TRACKERS + ('none',))}")
+    if "none" in names and len(names) > 1:
+        raise ConfigError(f"run.log_with: none cannot be combined with other trackers ({', '.join(names)})")
+    chosen = [n for n in dict.fromkeys(names) if n != "none"]
+    if run.tensorboard is False and "tensorboard" in chosen:
+        chosen.remove("tensorboard")
+    if run.tensorboard and "tensorboard" not in chosen:
+        chosen.append("tensorboard")
+    return chosen
 
 
 def auto_precision(lora: bool) -> str:

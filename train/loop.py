@@ -12,6 +12,7 @@ import torch
 from accelerate.utils import set_seed
 
 from shared.models import ModelLoadError
+from shared.quiet import silence_progress_bars
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -27,6 +28,7 @@ from .records import truncate_records
 from .samples import TrainingSamples
 from .step import (EmptyPrompt, StepSettings, ValidationNoise, summarize_validation, to_device, training_loss,
                    validation_sums)
+from .trackers import check_installed, start_trackers
 
 
 def lr_factor(step: int, warmup: int, total: int, kind: str, min_ratio: float) -> float:
@@ -49,9 +51,10 @@ def total_steps(cfg: TrainConfig, num_rows: int, world_size: int) -> int:
 def make_accelerator(run, out: Path):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
+    check_installed(run.log_with)
     return Accelerator(
         mixed_precision="bf16" if run.precision in ("bf16", "fp8") else "no",
-        log_with="tensorboard" if run.tensorboard else None,
+        log_with=run.log_with or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
 
@@ -68,35 +71,74 @@ def check_launch(cfg: TrainConfig, num_processes: int, fsdp: bool) -> None:
         raise ModelLoadError("run.offload_blocks is for one process; with several GPUs use FSDP")
 
 
+class LogWindow:
+    """What the steps since the last metrics record add up: their summed loss (on the device, read once
+    per record: the one host sync), micro-batches, images, time waited for data."""
+
+    def __init__(self, device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.micro, self.images, self.wait = 0, 0, 0.0
+        self.start = time.perf_counter()
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
-        if cfg.run.deterministic:
-            torch.use_deterministic_algorithms(True)
-        self.accelerator = acc = make_accelerator(cfg.run, self.out)
-        self.device = acc.device
-        # The global generators, the same on every rank: a LoRA adapter's init and stochastic rounding
-        # draw from them (the step's own draws come from self.generators). Checkpoints save and restore them.
-        set_seed(cfg.run.seed)
-        if self.device.type == "cuda" and not cfg.run.cudnn_sdpa:
-            torch.backends.cuda.enable_cudnn_sdp(False)
+        self._start_runtime()
         self.lora = cfg.lora.rank > 0
         # Refuse a wrong cache or launch before building anything expensive.
-        self.train_reader = open_cache(cfg.data.train_cache, cfg.data.expected_t5_mode, "training cache",
-                                       latent_logvar=cfg.flow.latent == "sample",
-                                       storage_options=cfg.data.storage_options)
-        self.val_reader = None
-        if cfg.data.val_cache:
-            self.val_reader = open_validation_cache(cfg.data.val_cache, self.train_reader, cfg.data.storage_options)
-        vae = vae_factors(self.train_reader.manifest, f"training cache {cfg.data.train_cache}")
-        check_launch(cfg, acc.num_processes, self._fsdp)
+        vae = self._open_caches()
+        check_launch(cfg, self.accelerator.num_processes, self._fsdp)
         flex_mask = self._flex_mask()
         model = self._build_model(flex_mask)
         self.settings = StepSettings.from_config(
             cfg.flow, vae, flex_mask=flex_mask, guidance=cfg.model.guidance if model.config.guidance_embeds else None)
-        self.max_steps = total_steps(cfg, self.train_reader.num_rows, acc.num_processes)
+        self.max_steps = total_steps(cfg, self.train_reader.num_rows, self.accelerator.num_processes)
         self._prepare(model)
+        self._make_data_slots()
+        self.step = 0
+        self.empty = None
+        if cfg.flow.guidance_dropout > 0:
+            self.empty = EmptyPrompt(self.train_reader.empty_prompt(), self.device)
+        self._val_batches = None
+        # The fixed validation noise, drawn on the first pass and reused (the same values).
+        self.val_noise = ValidationNoise(cfg.data.val_noise_cache_mb << 20)
+        self.samples = TrainingSamples(self)   # run.sample_every 0: nothing loaded
+
+    def _start_runtime(self) -> None:
+        """Determinism, the accelerator and its device, the global seed, the attention kernels."""
+        run = self.cfg.run
+        if not run.progress:
+            silence_progress_bars()
+        if run.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.accelerator = make_accelerator(run, self.out)
+        self.device = self.accelerator.device
+        # The global generators, the same on every rank: a LoRA adapter's init and stochastic rounding
+        # draw from them (the step's own draws come from self.generators). Checkpoints save and restore them.
+        set_seed(run.seed)
+        if self.device.type == "cuda" and not run.cudnn_sdpa:
+            torch.backends.cuda.enable_cudnn_sdp(False)
+
+    def _open_caches(self) -> tuple[float, float]:
+        """The training cache and the held-out one, checked against the config; returns the VAE's factors."""
+        data = self.cfg.data
+        self.train_reader = open_cache(data.train_cache, data.expected_t5_mode, "training cache",
+                                       latent_logvar=self.cfg.flow.latent == "sample",
+                                       storage_options=data.storage_options)
+        self.val_reader = None
+        if data.val_cache:
+            self.val_reader = open_validation_cache(data.val_cache, self.train_reader, data.storage_options)
+        return vae_factors(self.train_reader.manifest, f"training cache {data.train_cache}")
+
+    def _make_data_slots(self) -> None:
+        """DataLoader workers, the stream position, and one noise generator per data slot."""
+        cfg, acc = self.cfg, self.accelerator
         self.num_workers = usable_workers(self.train_reader, cfg.data.num_workers, acc.num_processes)
         if self.num_workers < cfg.data.num_workers:
             acc.print(f"the training cache has too few row groups for data.num_workers {cfg.data.num_workers} "
@@ -107,14 +149,6 @@ class Trainer:
         workers = max(1, self.num_workers)
         self.generators = [torch.Generator(device=self.device).manual_seed(
             cfg.run.seed * 1_000_003 + acc.process_index * workers + w) for w in range(workers)]
-        self.step = 0
-        self.empty = None
-        if cfg.flow.guidance_dropout > 0:
-            self.empty = EmptyPrompt(self.train_reader.empty_prompt(), self.device)
-        self._val_batches = None
-        # The fixed validation noise, drawn on the first pass and reused (the same values).
-        self.val_noise = ValidationNoise(cfg.data.val_noise_cache_mb << 20)
-        self.samples = TrainingSamples(self)   # run.sample_every 0: nothing loaded
 
     @property
     def _fsdp(self) -> bool:
@@ -255,8 +289,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.atomic_write_json(self.out / "config.json", self.cfg.to_dict())
-        if self.cfg.run.tensorboard:
-            self.accelerator.init_trackers("flux-train", config=_flat_hparams(self.cfg))
+        start_trackers(self.accelerator, self.cfg, self.out / "logs")
         return itertools.chain([first], batches)
 
     def _any_batch(self) -> list:
@@ -305,91 +338,129 @@ class Trainer:
     def train(self, stop_after_step: int | None = None, on_batch=None) -> dict:
         """Run to max_steps. `stop_after_step` ends early without final outputs, as a kill would;
         `on_batch(batch)` sees each batch consumed (tests record the keys)."""
-        cfg, acc = self.cfg, self.accelerator
-        run = cfg.run
-        seen: list[str] = []
-        if run.record_keys:
-            inner = on_batch
-            on_batch = lambda b: (seen.extend(b["key"]), inner and inner(b))  # noqa: E731
+        run = self.cfg.run
+        on_batch, seen = self._key_recorder(on_batch)
         self.resume()
-        stream = CacheStream(cfg.data.train_cache, batch_size=cfg.data.batch_size, seed=run.seed,
-                             rank=acc.process_index, world_size=acc.num_processes,
-                             shuffle_buffer=cfg.data.shuffle_buffer, expected_t5_mode=cfg.data.expected_t5_mode,
-                             position=self.position.state_dict() if self.position.workers else None,
-                             latent_logvar=cfg.flow.latent == "sample", storage_options=cfg.data.storage_options)
-        stream.row_groups()   # every shard's footer, before step 1: a damaged shard stops the run here
-        loader = train_loader(stream, self.num_workers, pin_memory=self.device.type == "cuda",
-                              prefetch_factor=cfg.data.prefetch_factor)
-        batches = self._start_outputs(iter(loader))
-        bar = None
-        if run.progress and acc.is_main_process:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        batches = self._start_outputs(self._batches())
+        bar = self._progress_bar()
         summary: dict = {}
         if self.step == 0 and self.val_reader is not None and run.val_every:
             summary = self._log_validation()
-        loss_sum = torch.zeros((), device=self.device)
-        micro, images, wait = 0, 0, 0.0
-        window_start = time.perf_counter()
+        window = LogWindow(self.device)
         self.model.train()
         while self.step < self.max_steps:
-            for k in range(run.grad_accum):
-                t0 = time.perf_counter()
-                batch = next(batches)
-                wait += time.perf_counter() - t0
-                self.position.consumed(batch)
-                if on_batch is not None:
-                    on_batch(batch)
-                images += len(batch["key"])
-                batch = to_device(batch, self.device)
-                last = k == run.grad_accum - 1
-                with micro_batch_sync(acc, self.model, last):
-                    generator = self.generators[int(batch["pos"][0])]   # the batch's DataLoader worker
-                    loss = training_loss(self.model, batch, self.settings, generator, self.empty)
-                    acc.backward(loss / run.grad_accum)
-                loss_sum += loss.detach()
-                micro += 1
-            grad_norm = acc.clip_grad_norm_(self.params, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            if self.ema is not None and self.step % cfg.ema.every == 0:
-                self.ema.update()
+            grad_norm = self.train_step(batches, window, on_batch)
             if bar is not None:
                 bar.update(1)
             if self.step % run.log_every == 0 or self.step == self.max_steps:
-                mean_loss = (acc.reduce(loss_sum, reduction="mean") / micro).item()   # the one host sync
-                elapsed = time.perf_counter() - window_start
-                record = {"step": self.step, "loss": mean_loss, "lr": float(self.scheduler.get_last_lr()[0]),
-                          "images_per_s": images * acc.num_processes / elapsed,
-                          "data_wait": wait / elapsed, "epoch": self.position.epoch,
-                          "samples": self.position.samples * acc.num_processes}
-                if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm)
-                self.log(record)
-                summary.update(record)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['images_per_s']:.1f}")
-                loss_sum.zero_()
-                micro, images, wait = 0, 0, 0.0
-                window_start = time.perf_counter()
+                summary.update(self._log_window(window, grad_norm, bar))
             if run.val_every and self.step % run.val_every == 0 and self.step != self.max_steps:
                 summary.update(self._log_validation())
             if run.checkpoint_every and self.step % run.checkpoint_every == 0:
                 self.save_checkpoint()
             self.samples.after_step(self.step)
             if stop_after_step is not None and self.step >= stop_after_step:
-                if bar is not None:
-                    bar.close()
+                _close(bar)
                 return summary
+        _close(bar)
+        return self._finish(summary, seen)
+
+    def train_step(self, batches, window: LogWindow, on_batch=None):
+        """One optimizer step: run.grad_accum micro-batches, then clipping, the optimizer, the LR
+        schedule and the EMA. Returns the gradient norm before clipping (None without clipping)."""
+        cfg, accum = self.cfg, self.cfg.run.grad_accum
+        for k in range(accum):
+            batch = self._next_batch(batches, window, on_batch)
+            loss = self.forward_backward_step(batch, last=k == accum - 1)
+            window.loss_sum += loss.detach()
+            window.micro += 1
+        grad_norm = None
+        if cfg.optim.grad_clip > 0:
+            grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.ema is not None and self.step % cfg.ema.every == 0:
+            self.ema.update()
+        return grad_norm
+
+    def forward_backward_step(self, batch: dict, last: bool) -> torch.Tensor:
+        """One micro-batch's loss and backward; gradients are synchronized on the `last` one only."""
+        acc = self.accelerator
+        with micro_batch_sync(acc, self.model, last):
+            generator = self.generators[int(batch["pos"][0])]   # the batch's DataLoader worker
+            loss = training_loss(self.model, batch, self.settings, generator, self.empty)
+            acc.backward(loss / self.cfg.run.grad_accum)
+        return loss
+
+    def _next_batch(self, batches, window: LogWindow, on_batch) -> dict:
+        """The next batch on the device, counted in the stream position and the log window."""
+        t0 = time.perf_counter()
+        batch = next(batches)
+        window.wait += time.perf_counter() - t0
+        self.position.consumed(batch)
+        if on_batch is not None:
+            on_batch(batch)
+        window.images += len(batch["key"])
+        return to_device(batch, self.device)
+
+    def _batches(self):
+        """The training stream from the current position, its shards' footers read before step 1
+        (a damaged shard stops the run here)."""
+        cfg, acc = self.cfg, self.accelerator
+        stream = CacheStream(cfg.data.train_cache, batch_size=cfg.data.batch_size, seed=cfg.run.seed,
+                             rank=acc.process_index, world_size=acc.num_processes,
+                             shuffle_buffer=cfg.data.shuffle_buffer, expected_t5_mode=cfg.data.expected_t5_mode,
+                             position=self.position.state_dict() if self.position.workers else None,
+                             latent_logvar=cfg.flow.latent == "sample", storage_options=cfg.data.storage_options)
+        stream.row_groups()
+        loader = train_loader(stream, self.num_workers, pin_memory=self.device.type == "cuda",
+                              prefetch_factor=cfg.data.prefetch_factor)
+        return iter(loader)
+
+    def _key_recorder(self, on_batch):
+        """With run.record_keys, `on_batch` also appends each batch's keys to the list returned."""
+        seen: list[str] = []
+        if not self.cfg.run.record_keys:
+            return on_batch, seen
+
+        def record(batch):
+            seen.extend(batch["key"])
+            if on_batch is not None:
+                on_batch(batch)
+        return record, seen
+
+    def _progress_bar(self):
+        if not (self.cfg.run.progress and self.accelerator.is_main_process):
+            return None
+        from tqdm.auto import tqdm
+        return tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+
+    def _log_window(self, window: LogWindow, grad_norm, bar) -> dict:
+        """Write the metrics record of the steps since the last one, and start a new window."""
+        acc = self.accelerator
+        mean_loss = (acc.reduce(window.loss_sum, reduction="mean") / window.micro).item()   # the one host sync
+        elapsed = time.perf_counter() - window.start
+        record = {"step": self.step, "loss": mean_loss, "lr": float(self.scheduler.get_last_lr()[0]),
+                  "images_per_s": window.images * acc.num_processes / elapsed,
+                  "data_wait": window.wait / elapsed, "epoch": self.position.epoch,
+                  "samples": self.position.samples * acc.num_processes}
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        self.log(record)
         if bar is not None:
-            bar.close()
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['images_per_s']:.1f}")
+        window.reset()
+        return record
+
+    def _finish(self, summary: dict, seen: list[str]) -> dict:
+        """The last validation, the recorded keys, final/, and the trackers closed."""
         summary.update(self._log_validation())
-        if run.record_keys:
+        if self.cfg.run.record_keys:
             self._record(seen)
-        final = self.save_final() if run.save_final else None
-        acc.end_training()
+        final = self.save_final() if self.cfg.run.save_final else None
+        self.accelerator.end_training()
         summary["final"] = str(final) if final else None
         return summary
 
@@ -420,14 +491,9 @@ class Trainer:
         return result
 
 
-def _flat_hparams(cfg: TrainConfig) -> dict:
-    """TensorBoard's hparams take scalars and strings only."""
-    out = {}
-    for section, values in cfg.to_dict().items():
-        for k, v in values.items():
-            if isinstance(v, (int, float, str, bool)):
-                out[f"{section}.{k}"] = v
-    return out
+def _close(bar) -> None:
+    if bar is not None:
+        bar.close()
 
 
 def train(cfg: TrainConfig, stop_after_step: int | None = None, on_batch=None) -> dict:

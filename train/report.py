@@ -1,6 +1,7 @@
-"""Turn a run's metrics.jsonl into what DVC shows: a summary (metrics) and a loss curve (plots).
+"""Turn a run's metrics.jsonl into what DVC shows: a summary (metrics) and a loss curve (plots), and
+the same curve as a PNG (matplotlib, offline: `dvc plots show` renders through a CDN).
 
-    python -m train.report RUN_DIR --summary metrics/train.json --curve metrics/loss.csv
+    python -m train.report RUN_DIR --summary metrics/train.json --curve metrics/loss.csv --plot docs/demo_loss.png
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import csv
 import io
 import sys
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -37,20 +39,46 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
-def loss_curve_csv(records: list[dict]) -> str:
-    """step, train loss, validation loss (empty where not measured at that step)."""
+def loss_curve(records: list[dict]) -> list[dict]:
+    """Per step, in order: {step, loss, val_loss}, None where not measured at that step."""
     rows: dict[int, dict] = {}
     for r in records:
-        row = rows.setdefault(r["step"], {"step": r["step"], "loss": "", "val_loss": ""})
+        row = rows.setdefault(r["step"], {"step": r["step"], "loss": None, "val_loss": None})
         if "loss" in r:
             row["loss"] = r["loss"]
         if "val/loss" in r:
             row["val_loss"] = r["val/loss"]
+    return [rows[s] for s in sorted(rows)]
+
+
+def loss_curve_csv(records: list[dict]) -> str:
+    """step, train loss, validation loss (empty where not measured at that step)."""
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=["step", "loss", "val_loss"])
     writer.writeheader()
-    writer.writerows(rows[s] for s in sorted(rows))
+    writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in loss_curve(records))
     return out.getvalue()
+
+
+def loss_curve_png(curve: list[dict], title: str = "training and validation loss") -> bytes:
+    """The curve drawn by matplotlib's Agg renderer (no display, no network), as PNG bytes: the same
+    bytes for the same curve (no version or date in the file)."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    ax = fig.add_subplot()
+    for key, label, style in (("loss", "training loss", "-"), ("val_loss", "validation loss", "o-")):
+        points = [(r["step"], r[key]) for r in curve if r[key] is not None]
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -61,18 +89,23 @@ def report(
     run_dir: Path = typer.Argument(..., help="the trainer's --output-dir"),
     summary_path: Path = typer.Option(..., "--summary", help="JSON summary to write (DVC metrics)"),
     curve_path: Path = typer.Option(..., "--curve", help="CSV loss curve to write (DVC plots)"),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="the loss curve as a PNG too (matplotlib)"),
 ) -> None:
-    """Turn a run's metrics.jsonl into what DVC shows: a summary (metrics) and a loss curve (plots)."""
+    """Turn a run's metrics.jsonl into what DVC shows: a summary (metrics), a loss curve (plots) and,
+    with --plot, the curve as a PNG."""
     try:
         records = read_records(run_dir)
         summary = summarize(records)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(2)
-    for path in (summary_path, curve_path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+    for path in (summary_path, curve_path, plot_path):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(summary_path, summary)
     atomic_write_bytes(curve_path, loss_curve_csv(records).encode())
+    if plot_path is not None:
+        atomic_write_bytes(plot_path, loss_curve_png(loss_curve(records)))
     print(f"val loss {summary['val_loss_start']:.4f} -> {summary['val_loss']:.4f} in {summary['steps']} steps")
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from shared.cache.files import atomic_write
 from shared.demo_grammar import BACKGROUNDS, COLORS, parse_caption
 
-from .output import write_atomic
 
 FOREGROUND_DISTANCE = 100.0   # RGB distance from the background that counts as foreground
 
@@ -97,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     if report["samples"] == 0:
         print(f"error: {args.samples_dir}: no PNG with a demo-grammar prompt", file=sys.stderr)
         return 2
-    write_atomic(args.report, lambda fh: fh.write((json.dumps(report, indent=2) + "\n").encode()))
+    atomic_write(args.report, lambda fh: fh.write((json.dumps(report, indent=2) + "\n").encode()))
     if args.grid:
         grid = labelled_grid(args.samples_dir, report)
-        write_atomic(args.grid, lambda fh: grid.save(fh, format="PNG"))
+        atomic_write(args.grid, lambda fh: grid.save(fh, format="PNG"))
     print(f"{report['samples']} samples: colour {report['color_accuracy']:.0%} (chance {report['chance_color']:.0%}), "
           f"background {report['background_accuracy']:.0%} (chance {report['chance_background']:.0%})")
     return 0

@@ -56,7 +56,7 @@ def encode_command(
     from .decode import PrepOptions
     from .encode import EncodeOptions
     from .encode_run import run_encode
-    from .progress import SettingsMismatch
+    from .ledger import SettingsMismatch
     from .sources import InputError
     from shared.cache import CacheError
     from shared.cache.store import parse_storage_options

@@ -108,8 +108,7 @@ def bench_components(model: Path, device: str, a) -> None:
     compiled = (False, True) if a.compile else (False,)
     for compile_ in compiled:
         tag = "project compile" if compile_ else "project"
-        enc = Encoders(str(model), device, EncodeOptions(t5_mode="padded", t5_max_length=256, compile=compile_,
-                                                         channels_last=a.channels_last))
+        enc = Encoders(str(model), device, EncodeOptions(t5_mode="padded", t5_max_length=256, compile=compile_))
         with torch.inference_mode():
             t0 = time.perf_counter()
             enc.encode_pixels(pin)
@@ -226,8 +225,7 @@ def bench_pipeline(model: Path, shards_glob: str, out_root: Path, device: str, a
             with KernelTimes(enabled=a.profile) as kernels:
                 stats = run_encode(str(model), shards_glob, out, prep=PrepOptions(resolution=a.resolution),
                                    opts=EncodeOptions(t5_mode=mode, t5_max_length=length,
-                                                      compile=a.compile_pipeline and tag != "padded-512",
-                                                      channels_last=a.channels_last),
+                                                      compile=a.compile_pipeline and tag != "padded-512"),
                                    batch_size=a.batch_size, num_workers=workers, rows_per_shard=a.rows_per_shard,
                                    device=device, progress=False, writer_threads=writer_threads)
                 # The steady part: from the first batch written to the last, before the manifest is written.
@@ -324,8 +322,6 @@ def main(argv=None):
     p.add_argument("--modes", default=None,
                    help="T5 modes, comma list of padded-256, padded-512, trimmed (default: all three; "
                         "tiny: padded-256,trimmed)")
-    p.add_argument("--channels-last", action="store_true",
-                   help="the project's VAE on channels_last (NHWC) input, in components and pipeline runs")
     p.add_argument("--profile", action="store_true",
                    help="print the pipeline runs' GPU time by kernel kind (CUDA, torch.profiler)")
     p.add_argument("--encode-seconds", type=float, default=0,

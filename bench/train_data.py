@@ -9,7 +9,7 @@ import torch
 
 def write_cache(root: Path, name: str, mode: str, length, n: int, latent_hw: int, dims: dict) -> tuple[Path, list]:
     """A synthetic cache (random tensors, bf16) with the shapes of the real thing; reused when present."""
-    from shared.cache import CacheWriter, write_manifest
+    from shared.cache import CacheWriter, cache_manifest, write_manifest
     from safetensors.torch import save_file
     out = root / name
     lengths_file = out / "lengths.json"
@@ -31,10 +31,9 @@ def write_cache(root: Path, name: str, mode: str, length, n: int, latent_hw: int
         shards = w.close()
     save_file({"t5": torch.zeros(max_length if mode == "padded" else 1, dims["t5"]),
                "clip": torch.zeros(dims["clip"]), "t5_len": torch.tensor(1)}, str(out / "empty_prompt.safetensors"))
-    write_manifest(out, {"dtypes": dtypes, "dims": {"latent_channels": 16, "t5_dim": dims["t5"],
-                                                    "clip_dim": dims["clip"]},
-                         "t5": {"mode": mode, "max_length": max_length}, "shards": [s.to_dict() for s in shards],
-                         "rows": n, "skipped": {}, "empty_prompt": "empty_prompt.safetensors",
-                         "vae": {"scaling_factor": 0.3611, "shift_factor": 0.1159}})
+    write_manifest(out, cache_manifest(dtypes=dtypes, dims={"latent_channels": 16, "t5_dim": dims["t5"],
+                                                           "clip_dim": dims["clip"]},
+                                       t5={"mode": mode, "max_length": max_length}, shards=shards,
+                                       vae={"scaling_factor": 0.3611, "shift_factor": 0.1159}))
     lengths_file.write_text(json.dumps(lengths))
     return out, lengths

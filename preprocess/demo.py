@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from shared.cache.files import atomic_write
 from shared.demo_grammar import BACKGROUNDS, COLORS, SHAPES, caption_for
 
 
@@ -50,20 +51,24 @@ def write_demo_shards(out_dir, num_samples: int = 256, size: int = 64, samples_p
     paths = []
     for shard in range((num_samples + samples_per_shard - 1) // samples_per_shard):
         path = out / f"demo-{shard:05d}.tar"
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for i in range(shard * samples_per_shard, min(num_samples, (shard + 1) * samples_per_shard)):
-                color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
-                background = rng.choice(sorted(BACKGROUNDS))
-                img = draw_scene(rng, size, color, shape, background)
-                buf = io.BytesIO()
-                img.save(buf, format="JPEG", quality=95)
-                key, caption = f"{i:09d}", caption_for(color, shape, background)
-                meta = {"key": key, "caption": caption, "width": size, "height": size,
-                        "color": color, "shape": shape, "background": background}
-                _add(tar, f"{key}.jpg", buf.getvalue())
-                _add(tar, f"{key}.txt", caption.encode())
-                _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-        tmp.replace(path)
+        samples = range(shard * samples_per_shard, min(num_samples, (shard + 1) * samples_per_shard))
+        atomic_write(path, lambda f: _write_tar(f, rng, size, samples))
         paths.append(path)
     return paths
+
+
+def _write_tar(file, rng: random.Random, size: int, samples: range) -> None:
+    """One shard's samples, drawn from `rng` in order, as a tar into `file`."""
+    with tarfile.open(fileobj=file, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in samples:
+            color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
+            background = rng.choice(sorted(BACKGROUNDS))
+            img = draw_scene(rng, size, color, shape, background)
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=95)
+            key, caption = f"{i:09d}", caption_for(color, shape, background)
+            meta = {"key": key, "caption": caption, "width": size, "height": size,
+                    "color": color, "shape": shape, "background": background}
+            _add(tar, f"{key}.jpg", buf.getvalue())
+            _add(tar, f"{key}.txt", caption.encode())
+            _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())

@@ -21,9 +21,8 @@ from shared.text import T5_PAD_MULTIPLE, encode_prompts
 from .images import to_model_range
 
 # Attention of the compiled fused T5 (shared/t5_fused.py ATTENTION): auto runs flex attention at
-# long text (padded-256 and -512) and the memory-efficient kernel at short trimmed text. H100,
-# pipeline runs, same call (bench/encode.py --t5-attention, docs/BENCHMARKS.md): padded-256
-# efficient 191.9 img/s, flex 200.0, cudnn 194.8; trimmed efficient 608.0, flex 592.8, cudnn 607.3.
+# long text (padded-256 and -512) and the memory-efficient kernel at short trimmed text, the faster
+# of the two at each (bench/encode.py --t5-attention; docs/BENCHMARKS.md, run E).
 COMPILED_T5_ATTENTION = "auto"
 
 
@@ -41,7 +40,6 @@ class EncodeOptions:
     # whole T5 runs in the compute dtype, whatever the version; True runs `wo` in fp32 (as older
     # transformers did under diffusers' FluxPipeline; slower).
     t5_fp32_wo: bool = False
-    channels_last: bool = False           # NHWC VAE input; measured slower on an H100 in bf16
     # "fused": shared/t5_fused.py (q/k/v and the gated FF's inputs as one matmul each, one SDPA call
     # with T5's position bias); "transformers": the library's T5EncoderModel forward. Same function;
     # t5_fp32_wo needs "transformers".
@@ -104,13 +102,10 @@ class Encoders:
             torch.backends.cudnn.allow_tf32 = True
             # The VAE meets one input shape (or one per aspect bucket): let cuDNN pick its fastest convs.
             torch.backends.cudnn.benchmark = True
-        self.channels_last = opts.channels_last and self.device.type == "cuda"
-        if self.channels_last:
-            self.vae.to(memory_format=torch.channels_last)
         self.vae_encoder = self.vae.encoder
         # Static shapes when compiled: trimmed text is padded to a multiple of T5_PAD_MULTIPLE,
-        # so T5 compiles once per length bucket. Dynamic shapes recompiled for new lengths and
-        # ran trimmed encoding at 22 img/s on an H100 (docs/BENCHMARKS.md, run B).
+        # so T5 compiles once per length bucket; dynamic shapes recompiled for each new length
+        # (docs/BENCHMARKS.md, run B).
         self.t5_pad_multiple = T5_PAD_MULTIPLE if opts.compile else None
         self.pad_batches = opts.compile   # short batches run at full size (see encode_batch)
         if opts.compile:
@@ -145,8 +140,6 @@ class Encoders:
     def encode_pixels(self, pixels_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 [B, 3, H, W] -> posterior (mean, logvar), each [B, C, H/8, W/8], on the device."""
         x = to_model_range(pixels_u8.to(self.device, non_blocking=True), self.compute_dtype)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         moments = self.vae_encoder(x)
         if getattr(self.vae, "quant_conv", None) is not None:
             moments = self.vae.quant_conv(moments)

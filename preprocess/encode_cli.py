@@ -11,6 +11,8 @@ import typer
 # Decoding workers when --num-workers is not given: one per CPU this process may use, at most this
 # many (more than the CPUs drew torch's over-subscription warning and ran no faster).
 MAX_DEFAULT_WORKERS = 4
+DEPRECATED_CHANNELS_LAST = ("warning: --channels-last is deprecated and does nothing (the VAE's NHWC input ran "
+                            "slower); it will be removed")
 
 
 def encode_command(
@@ -44,7 +46,8 @@ def encode_command(
     t5_fp32_wo: bool = typer.Option(False, help="Keep T5's FF down-projections (wo) in fp32 as transformers "
                                                 "loads them (bit-closer to diffusers' FluxPipeline, slower); "
                                                 "default: all of T5 in the compute dtype."),
-    channels_last: bool = typer.Option(False, help="NHWC VAE input on CUDA (measured slower on an H100)."),
+    channels_last: bool = typer.Option(False, help="Deprecated; does nothing (NHWC VAE input ran slower, "
+                                                   "docs/BENCHMARKS.md)."),
     t5_impl: str = typer.Option("fused", help="fused: the project's T5 forward (fused projections, one SDPA call "
                                              "per layer; same function, faster); transformers: the library's."),
     jpeg_draft: bool = typer.Option(True, help="Let libjpeg decode large JPEGs at a reduced scale (faster)."),
@@ -64,12 +67,14 @@ def encode_command(
     from .decode import PrepOptions
     from .encode import EncodeOptions
     from .encode_run import run_encode
-    from .progress import SettingsMismatch
+    from .ledger import SettingsMismatch
     from .sources import InputError
     from shared.cache import CacheError
     from shared.cache.store import parse_storage_options
     from shared.models import ModelLoadError
 
+    if channels_last:
+        typer.echo(DEPRECATED_CHANNELS_LAST, err=True)
     if t5_mode not in (None, "padded", "trimmed"):
         raise typer.BadParameter("--t5-mode must be padded or trimmed")
     if not progress:
@@ -87,7 +92,7 @@ def encode_command(
     prep = PrepOptions(resolution=resolution, buckets=buckets, min_size=min_size, jpeg_draft=jpeg_draft)
     opts = EncodeOptions(t5_mode=t5_mode or "padded", t5_max_length=t5_max_length or None, store_logvar=store_logvar,
                          dtype=dtype, compute_dtype=compute_dtype or None, compile=compile,
-                         t5_fp32_wo=t5_fp32_wo, channels_last=channels_last, t5_impl=t5_impl)
+                         t5_fp32_wo=t5_fp32_wo, t5_impl=t5_impl)
     try:
         stats = run_encode(model, input, output, prep=prep, opts=opts, batch_size=batch_size,
                            num_workers=default_workers() if num_workers is None else num_workers,

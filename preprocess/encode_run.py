@@ -1,5 +1,5 @@
 """One rank's encode run: its input shards -> output shards + done-records; once every rank is
-done, rank 0 writes the manifest. See progress.py for why a kill at any moment is harmless.
+done, rank 0 writes the manifest. See ledger.py (the resume ledger) for why a kill at any moment is harmless.
 
 Nothing is written before the inputs and the model folder are known to exist, and the first
 file written (the run's settings) waits until the encoders have loaded."""
@@ -20,7 +20,7 @@ from shared.precision import canonical_dtype
 from .decode import PrepOptions, ShardBatches, worker_init
 from .encode import EncodeOptions, Encoders, check_model
 from .encode_bar import EncodeBar
-from .progress import (check_or_write_settings, check_progress_version, forget, plan_shards, remove_orphans,
+from .ledger import (check_or_write_settings, check_progress_version, forget, plan_shards, remove_orphans,
                        sweep_temps, write_cache_manifest)
 from .ranks import Ranks
 from .row_writer import RowWriterPool

@@ -80,9 +80,9 @@ class RowWriterPool:
     """Several RowWriterThreads. Every job of one key (an input shard) goes to the same thread, so
     a shard's batches are written in order, while other shards' batches are written beside them.
 
-    One thread wrote padded-256 rows (2 MB each: Parquet pages, the shard's sha256, the file
-    write, fsync at the shard's end) at about the rate the H100 encoded them, and the GPU idled
-    while it caught up. An error in any thread is raised at the next `submit` and at `finish`."""
+    Several, because writing a large row (Parquet pages, the shard's sha256, the file write, fsync at
+    the shard's end) can take as long as encoding it, and one thread then keeps the GPU waiting
+    (docs/BENCHMARKS.md, run D). An error in any thread is raised at the next `submit` and at `finish`."""
 
     def __init__(self, write: Callable, threads: int = 2, max_pending: int = 4):
         if threads < 1:

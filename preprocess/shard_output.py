@@ -10,7 +10,7 @@ import time
 from shared.cache import CacheWriter
 from shared.cache.store import Store
 
-from .progress import write_done
+from .ledger import write_done
 from .sources import InputShard
 
 

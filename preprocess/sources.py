@@ -15,7 +15,6 @@ store's etag) tells a resumed run whether the file was replaced since it was enc
 from __future__ import annotations
 
 import hashlib
-
 import json
 import re
 import tarfile
@@ -24,6 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import fsspec
+from braceexpand import braceexpand
+from webdataset.handlers import ignore_and_continue
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 CAPTION_EXTS = ("txt", "json")
@@ -83,23 +85,12 @@ class InputError(Exception):
 
 
 def _expand_braces(spec: str) -> list[str]:
-    """Shell-style braces: `x-{00000..00009}.tar` (zero padding kept) and `{a,b}`, nested or repeated."""
-    m = re.search(r"\{([^{}]*)\}", spec)
-    if m is None:
+    """Shell-style braces (`x-{00000..00009}.tar`, `{a,b}`, nested), as webdataset expands shard lists;
+    a spec whose braces do not pair is a literal name."""
+    try:
+        return list(braceexpand(spec))
+    except ValueError:   # unbalanced braces
         return [spec]
-    body, head, tail = m.group(1), spec[:m.start()], spec[m.end():]
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        lo, hi = rng.group(1), rng.group(2)
-        width = len(lo) if lo.startswith("0") else 0
-        step = 1 if int(hi) >= int(lo) else -1
-        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
-    elif "," in body:
-        options = body.split(",")
-    else:
-        options = ["{" + body + "}"]   # not a brace pattern: a literal
-        return [head + options[0] + t for t in _expand_braces(tail)]
-    return [e for opt in options for e in _expand_braces(head + opt + tail)]
 
 
 def _safe_id(text: str) -> str:
@@ -235,42 +226,58 @@ def _iter_folder(shard: InputShard):
         yield sample
 
 
+# What damaged data raises while a tar is read (anything else, an OSError above all, is not the data's fault).
+_DAMAGED = (tarfile.TarError, EOFError, zlib.error)
+
+
+class _TarReading:
+    """The handler of one tar's webdataset iteration: damaged data ends the shard and is kept, to be
+    counted as one skip; any other error (a missing file, a network failure) propagates, so the shard
+    is not marked done and a rerun tries it again. It also notes the key of the member being read."""
+
+    def __init__(self):
+        self.error: BaseException | None = None
+        self.member_key: str | None = None   # the key of the last member started
+
+    def __call__(self, exn: BaseException) -> bool:
+        if not isinstance(exn, _DAMAGED):
+            raise exn
+        self.error = exn
+        return False                          # stop reading this tar
+
+    def select(self, name: str) -> bool:
+        """Every member is read; webdataset asks before reading one, which names the sample being read."""
+        self.member_key = split_key(name)[0]
+        return True
+
+
 def _iter_tar(url: str):
-    """Group consecutive tar members by key. A tar cut off mid-way ends the shard: the samples
-    read completely before the cut count, the one being read is skipped as truncated."""
-    current: RawSample | None = None
-    seen: set[str] = set()
+    """The tar's samples (webdataset's member iteration and grouping by key). A tar cut off mid-way
+    ends the shard: the samples read completely before the cut count, the one being read is skipped
+    as truncated."""
+    reading, seen = _TarReading(), set()
     try:
-        with fsspec.open(url, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = split_key(member.name)
-                if current is not None and key != current.key:
-                    yield _dedupe(current, seen)
-                    current = None
-                if current is None:
-                    current = RawSample(key=key)
-                data = tar.extractfile(member).read()
-                if len(data) != member.size:
-                    raise tarfile.ReadError("unexpected end of data")
-                current.files[ext] = data
-    except (tarfile.TarError, EOFError, zlib.error) as e:
-        # Damaged data ends the shard with a counted skip. An OSError (missing file, network
-        # failure) is not the data's fault: it propagates, the shard is not marked done, and a
-        # rerun tries it again.
-        if current is None and not seen:
-            yield Skip(key=url, reason=_shard_error_reason(e))
+        with fsspec.open(url, "rb") as raw:
+            files = tar_file_iterator(raw, skip_meta=None, handler=reading, select_files=reading.select)
+            for group in group_by_keys(({**f, "__url__": url} for f in files), keys=split_key,
+                                       handler=ignore_and_continue):
+                sample = RawSample(key=group["__key__"],
+                                   files={k: v for k, v in group.items() if not k.startswith("__")})
+                if reading.error is not None and sample.key == reading.member_key:
+                    break                     # the sample being read at the cut: skipped below
+                yield _dedupe(sample, seen)
+    except _DAMAGED as e:                     # raised between members (a header), or opening a non-tar
+        reading.error = e
+    if reading.error is not None:
+        if reading.member_key is None:
+            yield Skip(key=url, reason=_shard_error_reason(reading.error))
         else:
-            yield Skip(key=current.key if current else url, reason=SKIP_TRUNCATED_TAR)
-        return
-    if current is not None:
-        yield _dedupe(current, seen)
-    elif not seen:
+            yield Skip(key=reading.member_key, reason=SKIP_TRUNCATED_TAR)
+    elif reading.member_key is None:
         yield Skip(key=url, reason=SKIP_EMPTY_SHARD)   # counted, so the shard is named as yielding nothing
 
 
-def _shard_error_reason(e: Exception) -> str:
+def _shard_error_reason(e: BaseException) -> str:
     msg = str(e).lower()
     return SKIP_TRUNCATED_TAR if ("unexpected end" in msg or isinstance(e, EOFError)) else SKIP_BAD_SHARD
 

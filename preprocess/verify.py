@@ -10,7 +10,7 @@ from shared.cache.keys import KeyReadError, duplicate_keys
 from shared.cache.schema import ARROW_SCHEMA, EMPTY_PROMPT_NAME, SCHEMA_VERSION, SHARD_SUFFIX
 from shared.cache.store import Store, open_store
 
-from .progress import DONE_FOLDER
+from .ledger import DONE_FOLDER
 
 
 def shard_problems(store: Store, entry: dict, size: int | None, checksum: bool = True) -> list[str]:

@@ -18,10 +18,10 @@ import numpy as np
 import typer
 from PIL import Image, ImageDraw
 
+from shared.cache.files import atomic_write
 from shared.demo_grammar import BACKGROUNDS, COLORS, parse_caption
 from shared.params import run_command
 
-from shared.image_files import write_atomic
 
 FOREGROUND_DISTANCE = 100.0   # RGB distance from the background that counts as foreground
 
@@ -103,10 +103,10 @@ def evaluate_samples(
     if report["samples"] == 0:
         print(f"error: {samples_dir}: no PNG with a demo-grammar prompt", file=sys.stderr)
         raise typer.Exit(2)
-    write_atomic(report_path, lambda fh: fh.write((json.dumps(report, indent=2) + "\n").encode()))
+    atomic_write(report_path, lambda fh: fh.write((json.dumps(report, indent=2) + "\n").encode()))
     if grid_path:
         grid = labelled_grid(samples_dir, report)
-        write_atomic(grid_path, lambda fh: grid.save(fh, format="PNG"))
+        atomic_write(grid_path, lambda fh: grid.save(fh, format="PNG"))
     print(f"{report['samples']} samples: colour {report['color_accuracy']:.0%} (chance {report['chance_color']:.0%}), "
           f"background {report['background_accuracy']:.0%} (chance {report['chance_background']:.0%})")
 

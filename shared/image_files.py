@@ -1,20 +1,20 @@
 """Image files of flux-sample and of the trainer's samples: one PNG per (prompt, seed) with its settings
 in text chunks, an optional grid, an index.
 
-Every file appears only when complete (written to a temporary name in the same folder, then renamed),
-so an interrupted run never leaves a truncated image behind.
+Every file appears only when complete (shared's atomic writer: a temporary name in the same folder,
+then a rename), so an interrupted run never leaves a truncated image behind.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from shared.cache.files import atomic_write
 
 INDEX_NAME = "samples.json"
 GRID_NAME = "grid.png"
@@ -29,29 +29,13 @@ def image_name(prompt_index: int, prompt: str, seed: int) -> str:
     return f"{prompt_index:04d}-{slug(prompt)}-seed{seed}.png"
 
 
-def write_atomic(path: Path, write) -> None:
-    """Call `write(file)` on a temp file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; outputs are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_png(image: np.ndarray | Image.Image, path: Path, metadata: dict) -> None:
     """An RGB PNG with each metadata item as a text chunk (strings as-is, other values as JSON)."""
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
     info = PngInfo()
     for k, v in metadata.items():
         info.add_text(k, v if isinstance(v, str) else json.dumps(v))
-    write_atomic(Path(path), lambda fh: img.save(fh, format="PNG", pnginfo=info))
+    atomic_write(Path(path), lambda fh: img.save(fh, format="PNG", pnginfo=info))
 
 
 def read_png_text(path: Path) -> dict:
@@ -71,4 +55,4 @@ def make_grid(images: list[np.ndarray], columns: int) -> Image.Image:
 
 def write_index(out_dir: Path, entries: list[dict]) -> None:
     data = json.dumps({"samples": entries}, indent=2).encode()
-    write_atomic(Path(out_dir) / INDEX_NAME, lambda fh: fh.write(data))
+    atomic_write(Path(out_dir) / INDEX_NAME, lambda fh: fh.write(data))

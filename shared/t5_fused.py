@@ -20,8 +20,8 @@ from torch import nn
 # CUDA only, sdpa elsewhere), auto (flex from FLEX_MIN_LENGTH tokens, efficient below; sdpa off
 # CUDA). bench/t5_attention.py measures each kernel, bench/encode.py --compile each in T5.
 ATTENTION = ("sdpa", "flex", "efficient", "cudnn", "auto")
-# H100, T5-XXL's attention at batch 64 (bench/t5_attention.py, docs/BENCHMARKS.md): at 256 tokens
-# flex 0.135 ms per image, memory-efficient 0.309; at 48 tokens flex 0.066, memory-efficient 0.026.
+# Flex attention is the faster kernel at long text, the memory-efficient one at short text
+# (bench/t5_attention.py; the figures are in docs/BENCHMARKS.md, run E).
 FLEX_MIN_LENGTH = 128
 ACTIVATIONS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -150,7 +150,7 @@ class FusedT5Encoder(nn.Module):
         # `bias` is T5's whole additive mask: position bias, plus the lowest value at padding keys.
         if kernel in ("efficient", "cudnn") and bias.device.type == "cuda" and length % 16 == 0:
             # An SDPA kernel named directly: under torch.compile, SDPA with an additive mask was
-            # lowered to unfused math (scores materialized, a fifth of T5's time on an H100). The
+            # lowered to unfused math (the scores materialized in memory). The
             # kernels run on CUDA, with bias rows 16-element aligned.
             mask = bias.expand(b, self.heads, length, length)
             if kernel == "cudnn":
@@ -162,8 +162,8 @@ class FusedT5Encoder(nn.Module):
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
 
 
-# Flex attention's tile for T5's heads (64 dims): on an H100 at 256 tokens, batch 64, its default tile
-# ran T5-XXL's attention at 0.201 ms per image, this one at 0.135 (bench/t5_attention.py).
+# Flex attention's tile for T5's heads (64 dims), faster than its default tile (bench/t5_attention.py;
+# docs/BENCHMARKS.md, run E).
 FLEX_KERNEL_OPTIONS = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
 
 

@@ -1,6 +1,8 @@
 """Prompt encoding with T5 and CLIP, the same code for the encoder stage and the sampler."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .cache.schema import T5_MODES
@@ -80,6 +82,39 @@ def _pad_to_bucket(ids: torch.Tensor, mask: torch.Tensor, multiple: int, max_len
         return ids, mask
     return (torch.nn.functional.pad(ids, (0, extra), value=pad_id),
             torch.nn.functional.pad(mask, (0, extra), value=0))
+
+
+def stack_text(states: list[torch.Tensor], multiple: int | None = None,
+               alloc: Callable[[tuple], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trimmed T5 states, [L_i, D] per prompt -> ([B, L, D] states, [B, L] bool mask), zero-padded to
+    the longest (rounded up to `multiple`), the mask True at real tokens. The one pad-and-mask of
+    trimmed text for the trainer's batches and the sampler's. `alloc(shape)` gives the [B, L, D]
+    tensor to fill (its contents may be uninitialized); by default zeros beside the states."""
+    longest = max(s.shape[0] for s in states)
+    if multiple:
+        longest = round_up(longest, multiple)
+    shape = (len(states), longest, states[0].shape[1])
+    t5 = alloc(shape) if alloc is not None else states[0].new_zeros(shape)
+    mask = torch.zeros(len(states), longest, dtype=torch.bool, device=t5.device)
+    for i, s in enumerate(states):
+        n = s.shape[0]
+        t5[i, :n] = s
+        t5[i, n:] = 0
+        mask[i, :n] = True
+    return t5, mask
+
+
+def pad_text(t5: torch.Tensor, mask: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 states [..., L, D] and their mask [..., L] (None: every token real) extended with zero states,
+    masked out, to `length` positions; the mask is returned even where none came in."""
+    if mask is None:
+        mask = torch.ones(t5.shape[:-1], dtype=torch.bool, device=t5.device)
+    extra = length - t5.shape[-2]
+    if extra < 0:
+        raise ValueError(f"cannot pad {t5.shape[-2]} text positions to {length}")
+    if extra == 0:
+        return t5, mask
+    return torch.nn.functional.pad(t5, (0, 0, 0, extra)), torch.nn.functional.pad(mask, (0, extra))
 
 
 def _to_device(t: torch.Tensor, device) -> torch.Tensor:

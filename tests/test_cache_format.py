@@ -5,26 +5,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from shared.cache import CacheError, CacheReader, CacheWriter, read_manifest, write_manifest
-from shared.cache.schema import bytes_to_tensor, tensor_to_bytes
+from shared.cache import CacheError, CacheReader, CacheWriter, cache_manifest, read_manifest, write_manifest
 
 
 def _rand(shape, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=g) * 3).to(dtype)
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-@pytest.mark.parametrize("shape", [(16, 4, 6), (7, 64), (32,), (1, 1, 1)])
-def test_bytes_round_trip_bit_exact(dtype, shape):
-    t = _rand(shape, getattr(torch, dtype), 0)
-    back = bytes_to_tensor(tensor_to_bytes(t, dtype), dtype, shape)
-    assert back.dtype == t.dtype and back.shape == t.shape
-    assert torch.equal(back, t)
-    # bit-exact, NaN/inf included
-    special = torch.tensor([float("nan"), float("inf"), -0.0, 1e-30]).to(getattr(torch, dtype))
-    raw = bytes_to_tensor(tensor_to_bytes(special, dtype), dtype, (4,))
-    assert raw.view(torch.uint8).tolist() == special.view(torch.uint8).tolist()
 
 
 def _write_cache(path, rows, *, mode, dtypes, rows_per_shard=3, row_group_rows=2, logvar=False):
@@ -33,9 +19,8 @@ def _write_cache(path, rows, *, mode, dtypes, rows_per_shard=3, row_group_rows=2
         for r in rows:
             w.add(**r, latent_logvar=r["latent"] * 0.5 if logvar else None)
     max_len = max(r["t5"].shape[0] for r in rows)
-    write_manifest(path, {"dtypes": dtypes, "dims": {"latent_channels": 16, "t5_dim": 8, "clip_dim": 12},
-                          "t5": {"mode": mode, "max_length": max_len}, "shards": [s.to_dict() for s in w.shards],
-                          "rows": len(rows)})
+    write_manifest(path, cache_manifest(dtypes=dtypes, dims={"latent_channels": 16, "t5_dim": 8, "clip_dim": 12},
+                                        t5={"mode": mode, "max_length": max_len}, shards=w.shards))
     return w.shards
 
 
@@ -48,6 +33,24 @@ def _rows(n, *, trimmed, dtype, sizes=((4, 6),)):
                          t5=_rand((length, 8), dtype, 100 + i), t5_len=length if trimmed else 5 + i % 3,
                          clip=_rand((12,), dtype, 200 + i), width=100 + i, height=80 + i))
     return rows
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_tensor_bytes_round_trip_bit_exact(tmp_path, dtype):
+    """Writer -> Parquet -> reader keeps every bit of every tensor column, NaN, inf, -0 and tiny values included."""
+    dt = getattr(torch, dtype)
+    latent, t5, clip = _rand((16, 4, 6), dt, 0), _rand((7, 8), dt, 1), _rand((12,), dt, 2)
+    latent.view(-1)[:5] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-30]).to(dt)
+    dtypes = dict.fromkeys(("latent", "t5", "clip"), dtype)
+    with CacheWriter(tmp_path, "part-000", dtypes) as w:
+        w.add(key="k", caption="c", latent=latent, t5=t5, t5_len=7, clip=clip, width=48, height=32)
+    write_manifest(tmp_path, cache_manifest(dtypes=dtypes, dims={"latent_channels": 16, "t5_dim": 8, "clip_dim": 12},
+                                            t5={"mode": "trimmed", "max_length": 7}, shards=w.shards))
+    group = CacheReader(tmp_path).row_group("part-000-00000.parquet", 0)
+    for name, want in (("latent", latent), ("t5", t5), ("clip", clip)):
+        got = group[name][0]
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert got.view(torch.uint8).tolist() == want.view(torch.uint8).tolist(), name
 
 
 @pytest.mark.parametrize("trimmed", [False, True])
@@ -187,7 +190,7 @@ def test_add_batch_does_not_alias_the_callers_tensors(tmp_path):
     latent.zero_()          # the caller reuses its buffer before the row group is written
     w.close()
     reader_rows = pq.read_table(tmp_path / "p-00000.parquet").to_pylist()
-    assert reader_rows[0]["latent"] == tensor_to_bytes(expected[0], "float32")
+    assert reader_rows[0]["latent"] == expected[0].numpy().astype("<f4").tobytes()   # numpy's little-endian bytes
 
 
 def test_add_batch_without_copy_writes_the_same_shard(tmp_path):

@@ -10,7 +10,7 @@ from preprocess.decode import PrepOptions
 from preprocess.encode import EncodeOptions
 from preprocess.encode_run import run_encode
 from preprocess.images import prepare_image, to_model_range
-from preprocess.progress import SettingsMismatch
+from preprocess.ledger import SettingsMismatch
 from preprocess.verify import cache_warnings, verify_cache
 from shared.cache import CacheReader
 from shared.models import ModelLoadError, load_clip, load_t5, load_vae
@@ -227,3 +227,17 @@ def test_a_missing_model_folder_is_refused_leaving_no_output(bad_inputs, tmp_pat
         run_encode(str(tmp_path / "no-model"), str(bad_inputs / "bad-*.tar"), out, prep=PrepOptions(resolution=32),
                    opts=EncodeOptions(), num_workers=2, device="cpu", progress=False)
     assert not out.exists()
+
+
+def test_channels_last_is_accepted_as_a_deprecated_no_op(bad_inputs, tmp_path):
+    """--channels-last (NHWC VAE input, measured slower) still parses; it warns and changes nothing."""
+    from typer.testing import CliRunner
+
+    from preprocess.cli import app
+    args = ["encode", "--model", str(tmp_path / "no-model"), "--input", str(bad_inputs / "bad-*.tar"),
+            "--output", str(tmp_path / "cache"), "--device", "cpu", "--no-progress"]
+    plain, flagged = CliRunner().invoke(app, args), CliRunner().invoke(app, args + ["--channels-last"])
+    assert "--channels-last is deprecated and does nothing" in flagged.output
+    assert "deprecated" not in plain.output
+    assert flagged.exit_code == plain.exit_code == 2 and "no such folder" in flagged.output
+    assert not (tmp_path / "cache").exists()

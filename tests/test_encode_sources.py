@@ -117,3 +117,19 @@ def test_caption_sources():
     a, b = RawSample("a"), RawSample("b")
     a.files["txt"] = b"x"
     assert b.files == {}
+
+
+def test_a_tar_cut_inside_a_samples_caption_skips_that_sample_only(tmp_path):
+    """The cut falls in the second member of a sample: the samples before it are read whole, the one
+    being read is one truncated_tar skip (webdataset reads the members; the handler counts the cut)."""
+    import tarfile
+    path = write_tar(tmp_path / "cut-00000.tar", good_members("cut", 6))
+    with tarfile.open(path) as tar:
+        target = tar.getmember("cut0003.txt")
+        cut_at = target.offset_data + target.size // 2
+    path.write_bytes(path.read_bytes()[:cut_at])
+    [shard] = resolve_inputs(str(path))
+    items = list(iter_shard(shard))
+    assert [i.key for i in items if isinstance(i, RawSample)] == ["cut0000", "cut0001", "cut0002"]
+    assert [(i.key, i.reason) for i in items if isinstance(i, Skip)] == [("cut0003", "truncated_tar")]
+    assert all(set(i.files) == {"jpg", "txt"} for i in items if isinstance(i, RawSample))

@@ -10,7 +10,7 @@ import pytest
 from preprocess.decode import PrepOptions
 from preprocess.encode import EncodeOptions, Encoders
 from preprocess.encode_run import run_encode
-from preprocess.progress import SettingsMismatch
+from preprocess.ledger import SettingsMismatch
 from preprocess.row_writer import RowWriterPool, RowWriterThread
 
 

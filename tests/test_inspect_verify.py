@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from preprocess.cli import app
-from shared.cache import CacheWriter, write_manifest
+from shared.cache import CacheWriter, cache_manifest, write_manifest
 
 DTYPES = dict.fromkeys(("latent", "t5", "clip"), "bfloat16")
 
@@ -23,11 +23,7 @@ def cache(tmp_path):
                   width=64, height=64)
     save_file({"t5": torch.zeros(1, 8), "clip": torch.zeros(12), "t5_len": torch.tensor(1)},
               tmp_path / "empty_prompt.safetensors")
-    write_manifest(tmp_path, {"dtypes": DTYPES, "dims": {"latent_channels": 16, "t5_dim": 8, "clip_dim": 12},
-                              "t5": {"mode": "trimmed", "max_length": 32},
-                              "shards": [s.to_dict() for s in w.shards], "rows": 10,
-                              "skipped": {"corrupt_image": 2, "no_caption": 1},
-                              "empty_prompt": "empty_prompt.safetensors"})
+    write_manifest(tmp_path, _manifest(w.shards, skipped={"corrupt_image": 2, "no_caption": 1}))
     return tmp_path
 
 
@@ -99,9 +95,8 @@ def _write_rows(folder, prefix, keys):
 
 
 def _manifest(shards, **extra):
-    return {"dtypes": DTYPES, "dims": {"latent_channels": 16, "t5_dim": 8, "clip_dim": 12},
-            "t5": {"mode": "trimmed", "max_length": 32}, "shards": [s.to_dict() for s in shards],
-            "rows": sum(s.rows for s in shards), "skipped": {}, "empty_prompt": "empty_prompt.safetensors", **extra}
+    return cache_manifest(dtypes=DTYPES, dims={"latent_channels": 16, "t5_dim": 8, "clip_dim": 12},
+                          t5={"mode": "trimmed", "max_length": 32}, shards=shards, **extra)
 
 
 def test_manifest_writer_and_verify_refuse_a_repeated_key(tmp_path):

@@ -23,7 +23,7 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.model.overrides == {"num_layers": 1}
 
 
-def test_params_yaml_train_section_and_demo_config(tmp_path):
+def test_params_yaml_train_section(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("encode: {batch: 3}\ntrain:\n  data: {train_cache: /c}\n  run: {epochs: 2}\n")
     assert load_config(path).run.epochs == 2.0
@@ -31,8 +31,6 @@ def test_params_yaml_train_section_and_demo_config(tmp_path):
     path.write_text("model: {path: x}\ndata: {size: 64}\ntrain:\n  data: {train_cache: /c}\n  run: {max_steps: 5}\n")
     assert load_config(path).run.max_steps == 5 and load_config(path).data.train_cache == "/c"
     assert load_config(REPO / "params.yaml").data.train_cache == "data/cache/train"
-    demo = load_config(REPO / "train/configs/demo.yaml")
-    assert demo.data.expected_t5_mode == "trimmed" and demo.run.precision == "no"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,4 +1,5 @@
 """The cache stream: every sample once per epoch across ranks and workers, buckets, exact resume, bad caches."""
+import dataclasses
 import itertools
 
 import pytest
@@ -7,7 +8,7 @@ from train_caches import set_manifest, write_cache
 
 from shared.cache import CacheError
 from shared.text import T5_PAD_MULTIPLE
-from train.data import CacheStream, StreamPosition, collate, train_loader, validation_batches
+from train.data import CacheStream, Sample, StreamPosition, collate, train_loader, validation_batches
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +28,10 @@ def test_epoch_covers_each_sample_once_across_ranks_and_workers(cache):
         for slot in (rank * 2, rank * 2 + 1):   # two workers per rank
             keys = []
             for _, items in stream.epoch_batches(0, slot, 4):
-                sizes = {it[3]["latent"].shape for it in items}
+                sizes = {it.sample.latent.shape for it in items}
                 assert len(sizes) == 1, "a batch mixes latent sizes"
                 assert len(items) <= 4
-                keys += [it[3]["key"] for it in items]
+                keys += [it.sample.key for it in items]
             per_slot.append(set(keys))
             seen += keys
     assert sorted(seen) == sorted(all_keys(cache))
@@ -39,7 +40,7 @@ def test_epoch_covers_each_sample_once_across_ranks_and_workers(cache):
 
 def test_epochs_are_shuffled_differently_and_reproducibly(cache):
     stream = CacheStream(cache, batch_size=4, seed=3, shuffle_buffer=5)
-    order = [[it[3]["key"] for _, b in stream.epoch_batches(e, 0, 1) for it in b] for e in (0, 1, 0)]
+    order = [[it.sample.key for _, b in stream.epoch_batches(e, 0, 1) for it in b] for e in (0, 1, 0)]
     assert order[0] == order[2]
     assert order[0] != order[1] and sorted(order[0]) == sorted(order[1])
 
@@ -71,22 +72,22 @@ def test_resume_continues_exactly_with_workers(cache):
 
 
 def test_trimmed_batches_pad_text_and_mask_it():
-    items = [{"key": str(n), "latent": torch.zeros(16, 4, 4), "t5": torch.ones(n, 8), "clip": torch.zeros(8),
-              "t5_len": n} for n in (2, 5)]
+    items = [Sample(key=str(n), latent=torch.zeros(16, 4, 4), t5=torch.ones(n, 8), clip=torch.zeros(8), t5_len=n)
+             for n in (2, 5)]
     batch = collate(items, "trimmed")
     width = T5_PAD_MULTIPLE   # the longest caption (5) rounded up
     assert batch["t5"].shape == (2, width, 8)
     assert batch["t5_mask"].tolist() == [[True] * 2 + [False] * (width - 2), [True] * 5 + [False] * (width - 5)]
     assert batch["t5"][0, 2:].abs().sum() == 0 and batch["t5"][1, 5:].abs().sum() == 0
     assert batch["t5"][1, :5].eq(1).all()
-    longer = collate([{**items[0], "t5": torch.ones(width + 1, 8), "t5_len": width + 1}], "trimmed")
+    longer = collate([dataclasses.replace(items[0], t5=torch.ones(width + 1, 8), t5_len=width + 1)], "trimmed")
     assert longer["t5"].shape[1] == 2 * width
 
 
 def test_worker_batches_are_built_in_shared_memory_with_the_same_values(cache, monkeypatch):
     import train.data as data
     # A DataLoader worker hands its batches over through shared memory: collate builds them there.
-    items = [it[3] for _, b in itertools.islice(CacheStream(cache, batch_size=4).epoch_batches(0, 0, 1), 2)
+    items = [it.sample for _, b in itertools.islice(CacheStream(cache, batch_size=4).epoch_batches(0, 0, 1), 2)
              for it in b]
     here = collate(items[:4], "trimmed")
     monkeypatch.setattr(data, "get_worker_info", lambda: object())

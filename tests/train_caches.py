@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from shared.cache import CacheWriter, write_manifest
+from shared.cache import CacheWriter, cache_manifest, write_manifest
 from shared.cache.store import is_remote, open_store
 
 T5_DIM, CLIP_DIM, CHANNELS, MAX_LEN = 64, 64, 16, 32
@@ -41,13 +41,11 @@ def write_cache(out_dir, n: int, *, t5_mode: str = "trimmed", sizes=((8, 8),), r
     open_store(out_dir).write_bytes("empty_prompt.safetensors", save({
         "t5": torch.zeros(MAX_LEN if t5_mode == "padded" else 1, T5_DIM), "clip": torch.zeros(CLIP_DIM),
         "t5_len": torch.tensor(1)}))
-    write_manifest(out_dir, {
-        "dtypes": dtypes, "dims": {"latent_channels": CHANNELS, "t5_dim": T5_DIM, "clip_dim": CLIP_DIM},
-        "t5": {"mode": t5_mode, "max_length": MAX_LEN}, "shards": [s.to_dict() for s in shards], "rows": n,
-        "skipped": {}, "empty_prompt": "empty_prompt.safetensors",
-        "vae": {"scaling_factor": 0.3611, "shift_factor": 0.1159},
-        "image": {"resolution": 64, "buckets": None, "crop": "center", "min_size": 0},
-    })
+    write_manifest(out_dir, cache_manifest(
+        dtypes=dtypes, dims={"latent_channels": CHANNELS, "t5_dim": T5_DIM, "clip_dim": CLIP_DIM},
+        t5={"mode": t5_mode, "max_length": MAX_LEN}, shards=shards,
+        vae={"scaling_factor": 0.3611, "shift_factor": 0.1159},
+        image={"resolution": 64, "buckets": None, "crop": "center", "min_size": 0}))
     return out_dir
 
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shared.cache import CacheError, CacheReader, check_t5_mode
-from shared.text import T5_PAD_MULTIPLE, round_up
+from shared.text import T5_PAD_MULTIPLE, stack_text
 
 
 def open_cache(cache_dir, expected_t5_mode: str | None = None, where: str = "cache",
@@ -69,6 +70,29 @@ def open_validation_cache(cache_dir, train: CacheReader, storage_options: dict |
     return reader
 
 
+@dataclass
+class Sample:
+    """One cached sample's tensors, cloned out of its row group: latent [C, h, w], T5 [L, D] (only
+    the real tokens when trimmed), CLIP [Dc]; the posterior's log-variance where the stream reads it."""
+    key: str
+    latent: torch.Tensor
+    t5: torch.Tensor
+    clip: torch.Tensor
+    t5_len: int
+    latent_logvar: torch.Tensor | None = None
+
+
+@dataclass
+class StreamItem:
+    """A sample's place in a slot's epoch: its row group (`unit`: shard index, row group index), its
+    row there and its latent size (the batch it joins). `sample` is None while a resumed epoch is
+    replayed light, until its tensors are read (CacheStream._materialize)."""
+    unit: tuple[int, int]
+    row: int
+    size: tuple[int, int]
+    sample: Sample | None
+
+
 def _batch_tensor(like: torch.Tensor, shape: tuple) -> torch.Tensor:
     """An uninitialized contiguous tensor for a batch. In a DataLoader worker it is allocated in shared
     memory, the way the batch reaches the trainer: a private tensor would be copied there whole when
@@ -84,30 +108,24 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(tensors, out=_batch_tensor(tensors[0], (len(tensors), *tensors[0].shape)))
 
 
-def collate(items: list[dict], t5_mode: str) -> dict:
+def collate(items: list[Sample], t5_mode: str) -> dict:
     """Samples of one latent size -> a batch. Trimmed T5 is zero-padded to the batch's longest
     caption, rounded up to T5_PAD_MULTIPLE, with a mask (True = real token); padded T5 has no
     mask (FLUX attends to all of it). `latent_logvar` comes along when the samples carry it."""
     batch = {
-        "key": [it["key"] for it in items],
-        "latent": _stack([it["latent"] for it in items]),
-        "clip": _stack([it["clip"] for it in items]),
-        "t5_len": torch.tensor([it["t5_len"] for it in items], dtype=torch.int64),
+        "key": [it.key for it in items],
+        "latent": _stack([it.latent for it in items]),
+        "clip": _stack([it.clip for it in items]),
+        "t5_len": torch.tensor([it.t5_len for it in items], dtype=torch.int64),
     }
-    if "latent_logvar" in items[0]:
-        batch["latent_logvar"] = _stack([it["latent_logvar"] for it in items])
+    if items[0].latent_logvar is not None:
+        batch["latent_logvar"] = _stack([it.latent_logvar for it in items])
     if t5_mode == "padded":
-        batch["t5"] = _stack([it["t5"] for it in items])
+        batch["t5"] = _stack([it.t5 for it in items])
     else:
-        longest = round_up(max(it["t5"].shape[0] for it in items), T5_PAD_MULTIPLE)
-        t5 = _batch_tensor(items[0]["t5"], (len(items), longest, items[0]["t5"].shape[1]))
-        mask = torch.zeros(len(items), longest, dtype=torch.bool)
-        for i, it in enumerate(items):
-            n = it["t5"].shape[0]
-            t5[i, :n] = it["t5"]
-            t5[i, n:] = 0
-            mask[i, :n] = True
-        batch["t5"], batch["t5_mask"] = t5, mask
+        first = items[0].t5
+        batch["t5"], batch["t5_mask"] = stack_text([it.t5 for it in items], T5_PAD_MULTIPLE,
+                                                   alloc=lambda shape: _batch_tensor(first, shape))
     return batch
 
 
@@ -152,46 +170,46 @@ class CacheStream(IterableDataset):
         return every[slot::num_slots]
 
     # -- reading ------------------------------------------------------------------------------
-    def _read(self, unit: tuple[int, int], light: bool) -> list[list]:
-        """One row group -> items [unit, row, (h, w), data]; data is None when `light`."""
+    def _read(self, unit: tuple[int, int], light: bool) -> list[StreamItem]:
+        """One row group's items, without their tensors when `light`."""
         shard = self.reader.shards[unit[0]]
         if light:
             table = self.reader.table(shard, unit[1], columns=["latent_h", "latent_w"])
             hs, ws = table.column("latent_h").to_pylist(), table.column("latent_w").to_pylist()
-            return [[unit, i, (h, w), None] for i, (h, w) in enumerate(zip(hs, ws))]
+            return [StreamItem(unit, i, (h, w), None) for i, (h, w) in enumerate(zip(hs, ws))]
         rg = self.reader.row_group(shard, unit[1])
         if self.latent_logvar and rg.get("latent_logvar") is None:
             raise CacheError(f"{self.reader.url_of(shard)}: row group {unit[1]} has no latent_logvar values")
-        return [[unit, i, (int(rg["latent_h"][i]), int(rg["latent_w"][i])), _sample(rg, i, self.latent_logvar)]
-                for i in range(len(rg["key"]))]
+        return [StreamItem(unit, i, (int(rg["latent_h"][i]), int(rg["latent_w"][i])),
+                           _sample(rg, i, self.latent_logvar)) for i in range(len(rg["key"]))]
 
-    def _materialize(self, items: list[list]) -> None:
+    def _materialize(self, items: list[StreamItem]) -> None:
         """Read the tensors of items that were replayed light (after a resume)."""
         by_unit: dict = {}
         for it in items:
-            if it[3] is None:
-                by_unit.setdefault(it[0], []).append(it)
+            if it.sample is None:
+                by_unit.setdefault(it.unit, []).append(it)
         for unit, its in by_unit.items():
             full = self._read(unit, light=False)
             for it in its:
-                it[3] = full[it[1]][3]
+                it.sample = full[it.row].sample
 
     # -- the stream ---------------------------------------------------------------------------
     def epoch_batches(self, epoch: int, slot: int, num_slots: int, skip: int = 0):
         """Yield (index, items) for one slot's epoch, from batch `skip` on."""
         rng = np.random.default_rng([self.seed, epoch, slot, 1])
-        buffer: list[list] = []
-        buckets: dict[tuple, list] = {}
+        buffer: list[StreamItem] = []
+        buckets: dict[tuple, list[StreamItem]] = {}
         index = 0
         light = skip > 0
-        current: list[list] = []   # the row group being read (its rest is still light after a replay)
+        current: list[StreamItem] = []   # the row group being read (its rest is still light after a replay)
 
         def emit(item):
-            bucket = buckets.setdefault(item[2], [])
+            bucket = buckets.setdefault(item.size, [])
             bucket.append(item)
             if len(bucket) < self.batch_size:
                 return None
-            buckets[item[2]] = []
+            buckets[item.size] = []
             return bucket
 
         def advance(batch):
@@ -242,21 +260,18 @@ class CacheStream(IterableDataset):
         slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
         while True:
             for index, items in self.epoch_batches(epoch, slot, num_slots, skip):
-                batch = collate([it[3] for it in items], self.t5_mode)
+                batch = collate([it.sample for it in items], self.t5_mode)
                 batch["pos"] = torch.tensor([worker, epoch, index], dtype=torch.int64)
                 yield batch
             epoch, skip = epoch + 1, 0
 
 
-def _sample(rg: dict, i: int, latent_logvar: bool = False) -> dict:
+def _sample(rg: dict, i: int, latent_logvar: bool = False) -> Sample:
     # Clones: a view would keep its whole row group alive while the sample waits in the buffer.
     def pick(x):
         return x[i].clone()
-    out = {"key": rg["key"][i], "latent": pick(rg["latent"]), "t5": pick(rg["t5"]),
-           "clip": pick(rg["clip"]), "t5_len": int(rg["t5_len"][i])}
-    if latent_logvar:
-        out["latent_logvar"] = pick(rg["latent_logvar"])
-    return out
+    return Sample(key=rg["key"][i], latent=pick(rg["latent"]), t5=pick(rg["t5"]), clip=pick(rg["clip"]),
+                  t5_len=int(rg["t5_len"][i]), latent_logvar=pick(rg["latent_logvar"]) if latent_logvar else None)
 
 
 class StreamPosition:

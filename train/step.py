@@ -14,6 +14,7 @@ import torch
 from shared.latents import (VAE_SCALE, VAE_SHIFT, flex_block_mask, image_ids, joint_attention_mask, pack_latents,
                             sample_posterior, scale_latents, text_ids)
 from shared.schedules import sample_timesteps, validation_timesteps
+from shared.text import pad_text
 
 from .data import sample_seed
 
@@ -59,12 +60,9 @@ def drop_text(batch: dict, empty: EmptyPrompt, drop: torch.Tensor, drop_clip: to
             raise ValueError(f"empty-prompt T5 has {empty.t5.shape[0]} positions, the batch {length}")
         empty_t5 = empty.t5
     else:
-        if empty.t5.shape[0] > length:  # keep every position of the empty prompt
-            pad = empty.t5.shape[0] - length
-            t5 = torch.nn.functional.pad(t5, (0, 0, 0, pad))
-            mask = torch.nn.functional.pad(mask, (0, pad))
-            length = empty.t5.shape[0]
-        empty_t5 = torch.nn.functional.pad(empty.t5, (0, 0, 0, length - empty.t5.shape[0]))
+        length = max(length, empty.t5.shape[0])   # keep every position of the empty prompt
+        t5, mask = pad_text(t5, mask, length)
+        empty_t5, _ = pad_text(empty.t5, None, length)
         empty_mask = torch.arange(length, device=mask.device) < empty.t5_len
         mask = torch.where(drop[:, None], empty_mask[None], mask)
     t5 = torch.where(drop[:, None, None], empty_t5.to(t5.dtype)[None], t5)

@@ -8,13 +8,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 TMP_SUFFIX = ".tmp"
 # HashingFile asks the kernel to start writing a file's pages to disk every WRITEBACK_BYTES, without
 # waiting, so the fsync at a shard's end finds little left to write (0: no early write-back). Left
-# to that fsync, the 8 shards that close together in an 8-worker encode wrote GBs in one burst, and
-# an H100 VM's GPU idled meanwhile: padded-256 encode at 201.7 img/s, 216.1 with write-back every
-# 64 MiB, 215.7 writing to RAM (docs/BENCHMARKS.md, run F).
+# to that fsync, shards that close together write GBs in one burst while the GPU waits
+# (docs/BENCHMARKS.md, run F, has the figures).
 WRITEBACK_BYTES = 64 << 20
 _SYNC_FILE_RANGE_WRITE = 2   # linux/fs.h: start write-out of the range's dirty pages, do not wait
 
@@ -51,11 +51,24 @@ def commit_file(tmp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """The one atomic writer: `write(file)` fills a temp file beside `path` (`.NAME.PID.tmp`, in a
+    folder made if missing), which is then committed (commit_file). An error removes the temp file,
+    and `path` keeps what it held before."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    tmp.write_bytes(data)
-    commit_file(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        commit_file(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_json(path: Path, obj) -> None:

@@ -5,7 +5,7 @@ import json
 import os
 
 from .keys import KeyReadError, duplicate_keys
-from .schema import MANIFEST_NAME, SCHEMA_VERSION, T5_MODES
+from .schema import EMPTY_PROMPT_NAME, MANIFEST_NAME, SCHEMA_VERSION, T5_MODES
 from .store import open_store
 
 
@@ -38,6 +38,20 @@ def read_manifest(cache_dir, storage_options: dict | None = None) -> dict:
     if manifest["t5"].get("mode") not in T5_MODES:
         raise CacheError(f"{path}: unknown T5 mode {manifest['t5'].get('mode')!r}")
     return manifest
+
+
+def cache_manifest(*, dtypes: dict, dims: dict, t5: dict, shards: list, rows: int | None = None,
+                   skipped: dict | None = None, empty_prompt: str = EMPTY_PROMPT_NAME, **facts) -> dict:
+    """The one builder of a manifest's fields (DESIGN.md, the cache contract), for write_manifest:
+    `dtypes` per tensor column, `dims` (latent_channels, t5_dim, clip_dim), `t5` (mode, max_length),
+    `shards` (ShardInfo or their dicts), `rows` (their sum unless given), skip counts by reason (sorted),
+    the empty prompt's file; `facts` (encoders, vae, image, command, ...) follow in the order given."""
+    if t5.get("mode") not in T5_MODES:
+        raise ValueError(f"unknown T5 mode {t5.get('mode')!r}; choose one of {', '.join(T5_MODES)}")
+    shards = [s if isinstance(s, dict) else s.to_dict() for s in shards]
+    return {"dtypes": dtypes, "dims": dims, "t5": t5, "shards": shards,
+            "rows": sum(s["rows"] for s in shards) if rows is None else rows,
+            "skipped": dict(sorted((skipped or {}).items())), "empty_prompt": empty_prompt, **facts}
 
 
 def write_manifest(cache_dir, manifest: dict) -> None:

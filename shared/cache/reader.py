@@ -146,13 +146,6 @@ class CacheReader:
         except Exception as e:  # pyarrow raises several types for damaged files
             raise CacheError(f"{path}: not a readable Parquet shard ({e})") from None
 
-    def read_row_group(self, pf: pq.ParquetFile, index: int) -> dict:
-        try:
-            table = pf.read_row_group(index)
-        except Exception as e:
-            raise CacheError(f"row group {index} unreadable ({e})") from None
-        return decode_table(table, self.manifest)
-
     def prefetch(self, shard: str, index: int) -> None:
         """Start fetching a row group that will be read soon (remote stores; local reads need no help)."""
         if self._fetcher is not None:

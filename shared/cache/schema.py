@@ -14,9 +14,6 @@ EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
 SHARD_SUFFIX = ".parquet"
 T5_MODES = ("padded", "trimmed")
 
-# Columns holding tensors (latent_logvar may be all null: a cache without it).
-TENSOR_COLUMNS = ("latent", "latent_logvar", "t5", "clip")
-
 ARROW_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),
     pa.field("caption", pa.string(), nullable=False),
@@ -56,21 +53,6 @@ def numpy_dtype(name: str) -> np.dtype:
     dt = torch_dtype(name)
     bits = _BITS_DTYPES.get(dt, dt)
     return np.dtype({torch.int16: "<i2", torch.float16: "<f2", torch.float32: "<f4"}[bits])
-
-
-def tensor_to_bytes(t: torch.Tensor, dtype_name_: str) -> bytes:
-    """A tensor as raw little-endian bytes of the storage dtype (C order)."""
-    dt = torch_dtype(dtype_name_)
-    t = t.detach().to("cpu", dt).contiguous()
-    bits = _BITS_DTYPES.get(dt)
-    arr = (t.view(bits) if bits is not None else t).numpy()
-    return arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
-
-
-def bytes_to_tensor(buf, dtype_name_: str, shape) -> torch.Tensor:
-    """Inverse of `tensor_to_bytes` (one copy, into a fresh writable tensor)."""
-    arr = np.frombuffer(buf, dtype=numpy_dtype(dtype_name_))
-    return array_to_tensor(arr, dtype_name_).reshape(shape)
 
 
 def array_to_tensor(arr: np.ndarray, dtype_name_: str) -> torch.Tensor:

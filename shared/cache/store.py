@@ -144,9 +144,7 @@ class LocalStore(Store):
         return {prefix + p.name: p.stat().st_size for p in where.iterdir() if p.is_file()}
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        path = self.root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, data)
+        atomic_write_bytes(self.root / name, data)   # the folders it needs are made there
 
     def delete(self, name: str) -> None:
         (self.root / name).unlink(missing_ok=True)

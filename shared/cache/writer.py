@@ -198,7 +198,7 @@ class CacheWriter:
 
 def _binary_column(tensors, dtype_name_: str, copy: bool = True) -> tuple[pa.BinaryArray, np.ndarray]:
     """A batch tensor [B, ...] or B tensors -> a binary array of each row's raw little-endian
-    storage-dtype bytes (as `tensor_to_bytes`), in one buffer that the array owns (one copy);
+    storage-dtype bytes, in one buffer that the array owns (one copy);
     and each row's byte count."""
     dt = torch_dtype(dtype_name_)
     if isinstance(tensors, torch.Tensor):

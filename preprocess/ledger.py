@@ -1,11 +1,12 @@
-"""Resume bookkeeping: the run's settings, one done-record per input shard, orphan cleanup,
-and the manifest built from the done-records of the shards the current --input names.
+"""The resume ledger (the cache's `_progress/` folder): the run's settings, one done-record per input
+shard, orphan cleanup, and the manifest built from the done-records of the shards the current
+--input names.
 
 Exactly-once rests on one order of writes: an input shard's output shards are complete in
-place first (renamed into place, or uploaded whole), its done-record is written (atomically) last. A shard without a done-record
-is not done, whatever files it left behind; a rerun deletes those files and encodes the
-shard again. Output names derive from the input shard's id, so every rank of every run
-knows which leftovers are its own, whatever the number of processes.
+place first (renamed into place, or uploaded whole), its done-record is written (atomically)
+last. A shard without a done-record is not done, whatever files it left behind; a rerun deletes
+those files and encodes the shard again. Output names derive from the input shard's id, so every
+rank of every run knows which leftovers are its own, whatever the number of processes.
 
 A done-record keeps the input's fingerprint (size and mtime, or etag): an input replaced
 since (a download completed, a broken file fixed) is encoded again, its old rows removed
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 
-from shared.cache import write_manifest
+from shared.cache import cache_manifest, write_manifest
 from shared.cache.sample_prompts import SAMPLE_PROMPTS_NAME
 from shared.cache.schema import EMPTY_PROMPT_NAME, MANIFEST_NAME
 from shared.cache.store import Store, open_store
@@ -181,7 +182,7 @@ def sweep_temps(out_dir) -> list[str]:
     return removed
 
 
-def build_manifest(out_dir, records: list[dict], command: str, version: str) -> dict:
+def manifest_of_records(out_dir, records: list[dict], command: str, version: str) -> dict:
     """The manifest covering the given done-records (the current --input's shards, in its order)."""
     settings = read_settings(out_dir)
     shards, skipped, rows = [], {}, 0
@@ -190,20 +191,17 @@ def build_manifest(out_dir, records: list[dict], command: str, version: str) -> 
         rows += rec["rows"]
         for reason, n in rec["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
-    return {
-        "dtypes": settings["dtypes"], "dims": settings["dims"], "t5": settings["t5"],
-        "shards": shards, "rows": rows, "skipped": dict(sorted(skipped.items())),
-        "empty_prompt": EMPTY_PROMPT_NAME, "encoders": settings["encoders"], "vae": settings["vae"],
-        "image": settings["image"], "compute_dtype": settings["compute_dtype"],
-        "t5_wo_dtype": settings.get("t5_wo_dtype"),
-        "inputs_done": [{"id": r["shard"], "url": r["url"], "rows": r["rows"]} for r in records],
+    return cache_manifest(
+        dtypes=settings["dtypes"], dims=settings["dims"], t5=settings["t5"], shards=shards, rows=rows,
+        skipped=skipped, empty_prompt=EMPTY_PROMPT_NAME, encoders=settings["encoders"], vae=settings["vae"],
+        image=settings["image"], compute_dtype=settings["compute_dtype"], t5_wo_dtype=settings.get("t5_wo_dtype"),
+        inputs_done=[{"id": r["shard"], "url": r["url"], "rows": r["rows"]} for r in records],
         # Inputs that yielded no row (unreadable, empty, every sample skipped), named with their skips.
-        "inputs_without_rows": [{"id": r["shard"], "url": r["url"], "skipped": r["skipped"]}
-                                for r in records if r["rows"] == 0],
-        "command": command, "version": version,
+        inputs_without_rows=[{"id": r["shard"], "url": r["url"], "skipped": r["skipped"]}
+                             for r in records if r["rows"] == 0],
+        command=command, version=version,
         # encode --sample-prompts wrote them (with the same T5 settings, which a rerun cannot change)
-        **({"sample_prompts": SAMPLE_PROMPTS_NAME} if open_store(out_dir).exists(SAMPLE_PROMPTS_NAME) else {}),
-    }
+        **({"sample_prompts": SAMPLE_PROMPTS_NAME} if open_store(out_dir).exists(SAMPLE_PROMPTS_NAME) else {}))
 
 
 def write_cache_manifest(out_dir, shards: list[InputShard], command: str, version: str) -> dict:
@@ -214,6 +212,6 @@ def write_cache_manifest(out_dir, shards: list[InputShard], command: str, versio
     if missing:
         raise InputError(f"{out_dir}: no manifest written: input shards not done: {', '.join(missing[:5])}"
                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    manifest = build_manifest(out_dir, records, command, version)
+    manifest = manifest_of_records(out_dir, records, command, version)
     write_manifest(out_dir, manifest)
     return manifest

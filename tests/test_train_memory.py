@@ -198,6 +198,8 @@ REFUSED = [
     ({**LORA, "run.offload_blocks": 2, "run.grad_checkpointing": True, "run.compile": True}, "run.compile"),
     ({"run.offload_blocks": -1}, "run.offload_blocks"),
     ({"optim.name": "sgd"}, "optim.name"),
+    ({**LORA, "model.quantize_base": "int8", "run.sample_every": 2}, "run.sample_every"),
+    ({**LORA, "run.offload_blocks": 2, "run.grad_checkpointing": True, "run.sample_every": 2}, "run.sample_every"),
 ]
 
 

@@ -313,6 +313,9 @@ def validate_memory_options(cfg: TrainConfig) -> None:
                           "has nothing to accumulate: use a larger data.batch_size")
     if run.offload_blocks < 0:
         raise ConfigError("run.offload_blocks is a number of blocks (0: none)")
+    if run.sample_every and (run.offload_blocks or model.quantize_base != "none"):
+        raise ConfigError("run.sample_every renders from a copy of the weights on the device, which "
+                          "run.offload_blocks and model.quantize_base cannot give yet: set run.sample_every 0")
     if run.offload_blocks:
         _validate_offload(cfg, lora)
 

@@ -61,8 +61,6 @@ def plan_samples(cfg, reader, guidance_embeds: bool, device: torch.device) -> Sa
     size = run.sample_size or (reader.manifest.get("image") or {}).get("resolution") or 256
     if size <= 0 or size % (2 * VAE_DOWNSAMPLE):
         raise ModelLoadError(f"run.sample_size must be a positive multiple of 16, got {size}")
-    if cfg.run.offload_blocks or cfg.model.quantize_base != "none":
-        raise ModelLoadError("run.sample_every cannot render with run.offload_blocks or model.quantize_base yet")
     schedule = sampling_conventions(cfg.model)
     steps = run.sample_steps or schedule["default_steps"]
     if steps < 1:

@@ -2,7 +2,7 @@
 import pytest
 from train_caches import read_metrics, tiny_config, write_cache
 
-from train.config import ConfigError
+from train.config import ConfigError, parse_overrides
 from train.loop import train
 
 
@@ -45,7 +45,7 @@ def test_wandb_offline_run_holds_the_metrics_and_config(tmp_path, caches, monkey
     from wandb_offline import config, history
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    records = tracked_run(tmp_path, caches, "[wandb, tensorboard]")
+    records = tracked_run(tmp_path, caches, ["wandb", "tensorboard"])
     files = list((tmp_path / "run/logs/wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
     rows = history(files[0])
@@ -71,7 +71,9 @@ def test_log_with_choices_and_the_old_tensorboard_key(tmp_path, caches):
     with pytest.raises(ConfigError, match="run.log_with: 'comet' is not one of tensorboard | wandb | mlflow"):
         chosen(**{"run.log_with": "comet"})
     with pytest.raises(ConfigError, match="none cannot be combined"):
-        chosen(**{"run.log_with": "[none, wandb]"})
+        chosen(**{"run.log_with": ["none", "wandb"]})
+    # on the command line a list is written as YAML, which parse_overrides reads as a list
+    assert chosen(**dict(parse_overrides(["--run.log_with", "[wandb, tensorboard]"]))) == ["wandb", "tensorboard"]
 
 
 def test_a_tracker_that_is_not_installed_is_refused_by_name(tmp_path, caches):

@@ -265,10 +265,7 @@ TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 def chosen_trackers(run: RunConfig) -> list[str]:
     """run.log_with as the list of trackers to start ([] for none), the old run.tensorboard applied."""
-    given = run.log_with
-    if isinstance(given, str):   # one name (a list of one), or a list as a command line writes it
-        given = read_yaml(given)
-        given = given if isinstance(given, list) else [given]
+    given = [run.log_with] if isinstance(run.log_with, str) else run.log_with   # one name: a list of one
     names = ["none" if n is None else str(n) for n in given]
     for name in names:
         if name not in TRACKERS + ("none",):

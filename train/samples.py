@@ -123,9 +123,7 @@ class TrainingSamples:
     def _images(self) -> list:
         """Every job's uint8 image on the main process ([] elsewhere)."""
         t, acc = self.t, self.t.accelerator
-        if uses_fsdp(acc):
-            return self._gather(self._render_share(acc.unwrap_model(t.model), acc.process_index, acc.num_processes))
-        if not t.lora:
+        if uses_fsdp(acc) or not t.lora:   # in place (under FSDP a LoRA stays unmerged)
             return self._gather(self._render_share(acc.unwrap_model(t.model), acc.process_index, acc.num_processes))
         weights = trainable_weights(acc, t.model)
         model = self._merged_copy(weights) if acc.is_main_process else None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .images import ImageSkip, make_buckets, prepare_image
+from .images import ImageSkip, default_min_size, make_buckets, prepare_image
 from .sources import SKIP_BAD_IMAGE, InputShard, Skip, image_bytes, iter_shard, read_caption
 
 
@@ -21,8 +21,15 @@ from .sources import SKIP_BAD_IMAGE, InputShard, Skip, image_bytes, iter_shard, 
 class PrepOptions:
     resolution: int = 256
     buckets: bool = False
-    min_size: int = 0
+    min_size: int | None = None   # skip short sides under it; None: default_min_size(resolution); 0: keep all
     jpeg_draft: bool = True
+
+    def __post_init__(self):
+        # Resolved here, so encode, its recorded settings and plan all see the same number.
+        if self.min_size is None:
+            object.__setattr__(self, "min_size", default_min_size(self.resolution))
+        elif self.min_size < 0:
+            raise ValueError(f"--min-size must be >= 0, not {self.min_size}")
 
     def bucket_list(self):
         return make_buckets(self.resolution) if self.buckets else None

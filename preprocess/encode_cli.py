@@ -30,8 +30,11 @@ def encode_command(
     resolution: int = typer.Option(256, help="Target side in pixels (short side resized to it, center crop)."),
     buckets: bool = typer.Option(False, help="Aspect-ratio buckets of about resolution^2 pixels instead of "
                                              "square crops."),
-    min_size: int = typer.Option(0, help="Skip images whose short side is smaller (256 = torchtitan's filter "
-                                         "at 256px)."),
+    min_size: str = typer.Option("auto", metavar="auto|PIXELS",
+                                 help="Skip images whose short side is under this many pixels, counted as "
+                                      "too_small (upscaling them would blur the target): auto, the default, is "
+                                      "half of --resolution (32 at 64); 0 keeps every image; 256 = "
+                                      "torchtitan's filter at 256px."),
     t5_mode: Optional[str] = typer.Option(None, help="padded (FLUX-exact, all max_length rows; the default) or "
                                                      "trimmed (real tokens only)."),
     t5_max_length: int = typer.Option(0, help="T5 tokens (512 for FLUX.1-dev, 256 for schnell); 0: the "
@@ -77,6 +80,7 @@ def encode_command(
         typer.echo(DEPRECATED_CHANNELS_LAST, err=True)
     if t5_mode not in (None, "padded", "trimmed"):
         raise typer.BadParameter("--t5-mode must be padded or trimmed")
+    min_size_px = min_size_option(min_size)
     if not progress:
         from shared.quiet import silence_progress_bars
         silence_progress_bars()
@@ -89,7 +93,8 @@ def encode_command(
             raise typer.BadParameter("--input is required (or --sample-prompts alone, on an existing cache)")
         _encode_sample_prompts(model, output, sample_prompts, t5_mode, t5_max_length, device, options)
         return
-    prep = PrepOptions(resolution=resolution, buckets=buckets, min_size=min_size, jpeg_draft=jpeg_draft)
+    prep = PrepOptions(resolution=resolution, buckets=buckets, min_size=min_size_px,
+                       jpeg_draft=jpeg_draft)
     opts = EncodeOptions(t5_mode=t5_mode or "padded", t5_max_length=t5_max_length or None, store_logvar=store_logvar,
                          dtype=dtype, compute_dtype=compute_dtype or None, compile=compile,
                          t5_fp32_wo=t5_fp32_wo, t5_impl=t5_impl)
@@ -121,6 +126,15 @@ def _encode_sample_prompts(model: str, output: str, prompts_file: Path, t5_mode,
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     typer.echo(f"sample prompts: {n} encoded into {output}")
+
+
+def min_size_option(text: str) -> int | None:
+    """--min-size as PrepOptions takes it (None: auto); a bad value stops the command naming the option."""
+    from .images import parse_min_size
+    try:
+        return parse_min_size(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 def default_workers() -> int:

@@ -27,6 +27,10 @@ MAX_ASPECT = 4.0
 AREA_TOLERANCE = 0.15
 # A truncated JPEG must be refused, not decoded half grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# --min-size's default: an image whose short side is under resolution // MIN_SIZE_AUTO_DIVISOR would be
+# upscaled more than that many times to a square crop (an 8x8 icon blown up to 256px is noise to learn).
+MIN_SIZE_AUTO = "auto"
+MIN_SIZE_AUTO_DIVISOR = 2
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,32 @@ class ImageSkip(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+def parse_min_size(text: str | int | None) -> int | None:
+    """--min-size's value: None for auto (see default_min_size), else the pixels (0: keep every image)."""
+    if text is None or str(text).strip().lower() == MIN_SIZE_AUTO:
+        return None
+    try:
+        pixels = int(str(text).strip())
+    except ValueError:
+        pixels = -1
+    if pixels < 0:
+        raise ValueError(f"--min-size must be {MIN_SIZE_AUTO} or a whole number of pixels >= 0 (0 keeps every "
+                         f"image), not {text!r}")
+    return pixels
+
+
+def default_min_size(resolution: int) -> int:
+    """--min-size auto: the smallest short side kept at this --resolution."""
+    return resolution // MIN_SIZE_AUTO_DIVISOR
+
+
+def check_min_size(width: int, height: int, min_size: int) -> None:
+    """The one rule of --min-size, for encode and plan alike: raise ImageSkip(too_small) when the short
+    side (as the image is seen, after EXIF orientation) is under `min_size`."""
+    if min(width, height) < min_size:
+        raise ImageSkip(SKIP_TOO_SMALL, f"{width}x{height} < {min_size}")
 
 
 def make_buckets(resolution: int, multiple: int = SIDE_MULTIPLE, max_aspect: float = MAX_ASPECT) -> list[tuple]:
@@ -124,8 +154,7 @@ def prepare_image(data: bytes, resolution: int, *, buckets: list[tuple] | None =
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # EXIF oddities and the like are not our business
             w, h = oriented_size(img)
-            if min(w, h) < min_size:
-                raise ImageSkip(SKIP_TOO_SMALL, f"{w}x{h} < {min_size}")
+            check_min_size(w, h, min_size)
             tw, th = target_size(w, h, resolution, buckets)
             if jpeg_draft and img.format == "JPEG":
                 # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while both sides stay at least the

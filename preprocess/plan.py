@@ -20,7 +20,7 @@ from shared.precision import canonical_dtype
 
 from .decode import PrepOptions
 from .encode import t5_max_length
-from .images import ImageSkip, open_image, oriented_size, target_size
+from .images import ImageSkip, check_min_size, open_image, oriented_size, target_size
 from .sources import SKIP_TOO_SMALL, InputShard, Skip, image_bytes, iter_shard, read_caption, resolve_inputs
 
 # Encode rates measured in docs/BENCHMARKS.md (stage 1), img/s: GPU kind -> T5 setting -> rate.
@@ -73,10 +73,9 @@ def _sample_row(shard: InputShard, item, prep: PrepOptions, buckets, factor: int
         return why_img or why, None
     try:
         w, h = oriented_size(open_image(data))
+        check_min_size(w, h, prep.min_size)   # encode's rule (prepare_image), on the header's size
     except ImageSkip as e:
         return e.reason, None
-    if min(w, h) < prep.min_size:
-        return SKIP_TOO_SMALL, None
     tw, th = target_size(w, h, prep.resolution, buckets)
     return None, SampleRow(shard.row_key(item.key), caption, w, h, (th // factor, tw // factor), 0)
 

@@ -2,6 +2,7 @@
 
     python bench/memory.py --suite lora       # LoRA rank 16 at 1024px: baseline, bf16/8-bit/nf4 bases, block swap
     python bench/memory.py --suite full       # full-weight training at 512px: adamw8bit, Adafactor, block swap
+    python bench/memory.py --suite speed      # the full-weight rows' speed: trainer and plain loops taking turns
     python bench/memory.py --suite fidelity   # the reduced 2.55B model, 200 steps: 8-bit bases and optimizers
     python bench/memory.py --suite smoke      # a small model on the GPU: every path runs, block swap is exact
     python bench/memory.py --suite smoke --device cpu --tiny    # the same on a CPU, tiny model (a minute)
@@ -79,6 +80,19 @@ def rows(suite: str, tiny: bool) -> list[dict]:
                  "steps": 3, "profile": 3},
                 {**base, "kind": "trainer", "name": "profile: adafactor", "steps": 3, "log_every": 1, "profile": True,
                  "config": {**full, "optim.name": "adafactor"}}]
+    if suite == "speed":   # the full-weight rows' speed, trainer and plain loop taking turns (20 timed steps)
+        base = {"res": 512, "warmup": 3, "steps": 20, "samples": 1, "log_every": 10}
+        plain = {"res": 512, "warmup": 3, "steps": 20}
+        adafactor = {**full, "optim.name": "adafactor"}
+        return [{**plain, "kind": "plain-full", "name": "plain loop, adafactor", "optim": "adafactor"},
+                {**base, "kind": "trainer", "name": "adafactor", "config": adafactor},
+                {**base, "kind": "trainer", "name": "adafactor, one parameter a step", "group_elements": 1,
+                 "config": adafactor},
+                {**plain, "kind": "plain-full", "name": "plain loop, adafactor, again", "optim": "adafactor"},
+                {**base, "kind": "trainer", "name": "adafactor, no DataLoader workers",
+                 "config": {**adafactor, "data.num_workers": 0}},
+                {**plain, "kind": "plain-full", "name": "plain loop, adamw8bit", "optim": "adamw8bit"},
+                {**base, "kind": "trainer", "name": "adamw8bit", "config": {**full, "optim.name": "adamw8bit"}}]
     if suite == "fidelity":
         base = {"res": 256, "warmup": 0, "steps": 200, "overrides": REDUCED, "batch": 2, "log_every": 1,
                 "text": 256, "samples": 64}
@@ -279,6 +293,9 @@ def run_trainer(row: dict, device, cache: Path, work: Path) -> dict:
         save_random_weights(folder, model_config(row), device)
         settings.update({"model.name": str(folder), "model.init": "pretrained", "model.overrides": {}})
         reset_peak(device)
+    if "group_elements" in row:   # the in-backward step groups' size (1: one parameter a step)
+        import train.optim
+        train.optim.GROUP_ELEMENTS = row["group_elements"]
     trainer = Trainer(load_config(None, settings))
     setup = peak_gib(device)
     if not row.get("load"):
@@ -419,7 +436,7 @@ def print_table(results: list[dict]) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=["lora", "full", "fidelity", "smoke"], default="lora")
+    p.add_argument("--suite", choices=["lora", "full", "speed", "fidelity", "smoke"], default="lora")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="smoke suite only: the tiny model (CPU)")
     p.add_argument("--only", default=None, help="row names to run, separated by ; (default: all)")

@@ -113,6 +113,47 @@ def test_in_backward_equals_the_ordinary_step(caches, tmp_path):
     assert all(p.grad is None for p in fused.params)   # each gradient freed by its step
 
 
+def test_step_groups_stay_in_one_block_under_the_cap(tiny_model):
+    from train.optim import _owner, step_groups
+    named = list(build_transformer(ModelConfig(name=str(tiny_model), init="pretrained")).named_parameters())
+    cap = max(p.numel() for _, p in named) // 2
+    groups = step_groups(named, cap)
+    owner = {id(p): _owner(n) for n, p in named}
+    assert [p for g in groups for p in g] == [p for _, p in named]
+    assert all(len({owner[id(p)] for p in g}) == 1 for g in groups)
+    assert all(sum(p.numel() for p in g) <= cap or len(g) == 1 for g in groups)
+    assert any(len(g) > 1 for g in groups) and len({owner[id(p)] for _, p in named}) < len(groups)
+    assert _owner("transformer_blocks.3.attn.to_q.weight") == "transformer_blocks.3"
+    assert _owner("x_embedder.weight") == "x_embedder"
+
+
+def test_grouped_steps_equal_steps_one_parameter_at_a_time(caches, tmp_path, monkeypatch):
+    import train.optim
+    settings = {"optim.name": "adafactor", "model.weights_dtype": "bf16", "run.precision": "bf16",
+                "optim.in_backward": True, "optim.grad_clip": 0.0, "run.max_steps": 3, "run.deterministic": True}
+    grouped = Trainer(tiny_config(tmp_path / "a", *caches, **settings))
+    assert any(len(g) > 1 for g in grouped.optimizer.groups)
+    grouped.train()
+    monkeypatch.setattr(train.optim, "GROUP_ELEMENTS", 1)
+    single = Trainer(tiny_config(tmp_path / "b", *caches, **settings))
+    assert all(len(g) == 1 for g in single.optimizer.groups)
+    single.train()
+    assert losses(tmp_path / "a/run") == losses(tmp_path / "b/run")
+    a, b = weights(grouped), weights(single)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # One state per parameter whatever the grouping: checkpoints of either load into the other.
+    saved_grouped, saved_single = grouped.optimizer.state_dict(), single.optimizer.state_dict()
+    assert len(saved_grouped["inner"]) == len(saved_single["inner"]) == len(grouped.params)
+    for x, y in zip(saved_grouped["inner"], saved_single["inner"]):
+        assert x["param_groups"] == y["param_groups"] and x["state"].keys() == y["state"].keys()
+        assert all(torch.equal(x["state"][0][k], y["state"][0][k]) for k in x["state"].get(0, {}) if torch.is_tensor(
+            x["state"][0][k]))
+    grouped.optimizer.load_state_dict(saved_single)
+    again = grouped.optimizer.state_dict()["inner"]
+    assert all(torch.equal(u["state"][0]["exp_avg_sq_row"], v["state"][0]["exp_avg_sq_row"])
+               for u, v in zip(again, saved_single["inner"]) if "exp_avg_sq_row" in v["state"].get(0, {}))
+
+
 OPTIMIZERS = [("adamw", "fp32", False), ("adamw", "fp32", True), ("adamw8bit", "bf16", False),
               ("adamw8bit", "bf16", True), ("adafactor", "bf16", False), ("adafactor", "bf16", True)]
 

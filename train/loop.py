@@ -23,7 +23,7 @@ from .model import (EMA, add_lora, build_transformer, check_cache_fits, convert_
                     place, sampling_conventions, transformer_blocks, use_flex_attention,
                     weights_dtype)
 from .offload import BlockOffloader, spread
-from .optim import InBackwardOptimizer, make_optimizer
+from .optim import InBackwardOptimizer, make_optimizer, step_groups
 from .records import truncate_records
 from .samples import TrainingSamples
 from .step import (EmptyPrompt, StepSettings, ValidationNoise, summarize_validation, to_device, training_loss,
@@ -202,7 +202,8 @@ class Trainer:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
         if cfg.optim.in_backward:
-            optimizer = InBackwardOptimizer(params, lambda ps: make_optimizer(cfg.optim, ps, self.device))
+            optimizer = InBackwardOptimizer(params, lambda ps: make_optimizer(cfg.optim, ps, self.device),
+                                            step_groups(named))
         else:
             optimizer = make_optimizer(cfg.optim, params, self.device)
         s = cfg.schedule

@@ -78,33 +78,81 @@ def restore_state_on_load(optimizer: torch.optim.Optimizer, device: torch.device
     return optimizer
 
 
+# The largest step group, in elements (64 MiB of bf16 gradients): a group's gradients wait for its
+# last one, so the cap bounds what grouping adds to the peak; fewer, larger steps cost less host time.
+GROUP_ELEMENTS = 1 << 25
+
+
+def step_groups(named: list[tuple[str, torch.nn.Parameter]], max_elements: int | None = None) -> list[list]:
+    """The parameters in groups to step together: consecutive ones of one block (their name up to its
+    first number, `transformer_blocks.3`; else its first part, `x_embedder`), at most `max_elements`
+    each unless one parameter alone is larger. A group never spans two blocks, so each block's
+    weights are stepped within its own backward (the block offloader drops a block after that)."""
+    max_elements = GROUP_ELEMENTS if max_elements is None else max_elements
+    groups: list[list] = []
+    last_owner, size = None, 0
+    for name, p in named:
+        owner = _owner(name)
+        if owner != last_owner or not groups or size + p.numel() > max_elements:
+            groups.append([])
+            last_owner, size = owner, 0
+        groups[-1].append(p)
+        size += p.numel()
+    return groups
+
+
+def _owner(name: str) -> str:
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i + 1])
+    return parts[0]
+
+
 class InBackwardOptimizer(torch.optim.Optimizer):
-    """One optimizer per parameter, stepped by that parameter's post-accumulate-grad hook, which
-    then frees the gradient: the gradients of the whole model never exist at once.
+    """Parameters stepped inside the backward, a group at a time (`groups`, default one parameter
+    each): when the last gradient of a group is accumulated, its parameters' hook steps the group's
+    own optimizer and frees those gradients, so the gradients of the whole model never exist at once.
 
-    To the LR scheduler it is one optimizer (its param_groups are the per-parameter optimizers' own
-    group dicts, so setting an lr there sets it for the step); to checkpoints too (state_dict holds
-    every per-parameter state, in parameter order). `step()` does nothing: the steps happened in the
-    backward. Gradient clipping and accumulation cannot work this way (the config refuses them)."""
+    To the LR scheduler it is one optimizer (its param_groups are the groups' own group dicts, so
+    setting an lr there sets it for the step); to checkpoints too (state_dict holds one state per
+    parameter, in parameter order, whatever the grouping). `step()` steps only a group whose gradients
+    did not all arrive (a parameter unused this step). Gradient clipping and accumulation cannot work
+    this way (the config refuses them)."""
 
-    def __init__(self, params: list, make):
+    def __init__(self, params: list, make, groups: list[list] | None = None):
         params = list(params)
         super().__init__(params, {})
         self.params = params
-        self.inner = [make([p]) for p in params]
+        self.groups = groups if groups is not None else [[p] for p in params]
+        if [p for g in self.groups for p in g] != params:
+            raise ValueError("the step groups must hold each parameter once, in order")
+        self.inner = [make(group) for group in self.groups]
         self.param_groups = [group for opt in self.inner for group in opt.param_groups]
-        self.handles = [p.register_post_accumulate_grad_hook(self._stepper(opt))
-                        for p, opt in zip(params, self.inner)]
+        self.arrived = [0] * len(self.groups)
+        self.handles = [p.register_post_accumulate_grad_hook(self._stepper(g))
+                        for g, group in enumerate(self.groups) for p in group]
 
-    @staticmethod
-    def _stepper(opt: torch.optim.Optimizer):
-        def step_and_free(param: torch.Tensor) -> None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step_and_free
+    def _stepper(self, g: int):
+        size = len(self.groups[g])
+
+        def step_when_complete(param: torch.Tensor) -> None:
+            self.arrived[g] += 1
+            if self.arrived[g] == size:
+                self._step_group(g)
+        return step_when_complete
+
+    def _step_group(self, g: int) -> None:
+        self.inner[g].step()
+        for p in self.groups[g]:
+            p.grad = None
+        self.arrived[g] = 0
 
     @torch.no_grad()
     def step(self, closure=None):
+        for g, count in enumerate(self.arrived):
+            if count:
+                self._step_group(g)
         return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -115,14 +163,27 @@ class InBackwardOptimizer(torch.optim.Optimizer):
                 p.grad = None if set_to_none else p.grad.zero_()
 
     def state_dict(self) -> dict:
-        return {"inner": [opt.state_dict() for opt in self.inner]}
+        """One single-parameter optimizer state dict per parameter, as if each had its own optimizer."""
+        out = []
+        for opt in self.inner:
+            sd = opt.state_dict()
+            group = sd["param_groups"][0]
+            for index in group["params"]:
+                state = {0: sd["state"][index]} if index in sd["state"] else {}
+                out.append({"state": state, "param_groups": [{**group, "params": [0]}]})
+        return {"inner": out}
 
     def load_state_dict(self, state: dict) -> None:
-        if len(state["inner"]) != len(self.inner):
-            raise ValueError(f"the checkpoint's optimizer has {len(state['inner'])} parameters, "
-                             f"this model {len(self.inner)}")
-        for opt, sd in zip(self.inner, state["inner"]):
-            opt.load_state_dict(sd)
+        per_param = state["inner"]
+        if len(per_param) != len(self.params):
+            raise ValueError(f"the checkpoint's optimizer has {len(per_param)} parameters, "
+                             f"this model {len(self.params)}")
+        start = 0
+        for opt, group in zip(self.inner, self.groups):
+            chunk = per_param[start:start + len(group)]
+            start += len(group)
+            opt.load_state_dict({"state": {i: sd["state"][0] for i, sd in enumerate(chunk) if 0 in sd["state"]},
+                                 "param_groups": [{**chunk[0]["param_groups"][0], "params": list(range(len(chunk)))}]})
         # load_state_dict replaces each optimizer's group dicts: share the new ones again.
         self.param_groups[:] = [group for opt in self.inner for group in opt.param_groups]
 

@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from shared.params import config_flags, config_option
+
 # Decoding workers when --num-workers is not given: one per CPU this process may use, at most this
 # many (more than the CPUs drew torch's over-subscription warning and ran no faster).
 MAX_DEFAULT_WORKERS = 4
@@ -16,6 +18,8 @@ DEPRECATED_CHANNELS_LAST = ("warning: --channels-last is deprecated and does not
 
 
 def encode_command(
+    ctx: typer.Context,
+    config: Optional[Path] = config_option("encode"),
     model: str = typer.Option(..., help="FLUX model: a folder in diffusers' layout or a hub id."),
     input: Optional[str] = typer.Option(None, "--input", help="Tar shards (path, glob, brace pattern "
                                                               "x-{00000..00009}.tar, fsspec URL; several joined by "
@@ -98,11 +102,12 @@ def encode_command(
     opts = EncodeOptions(t5_mode=t5_mode or "padded", t5_max_length=t5_max_length or None, store_logvar=store_logvar,
                          dtype=dtype, compute_dtype=compute_dtype or None, compile=compile,
                          t5_fp32_wo=t5_fp32_wo, t5_impl=t5_impl)
+    command = recorded_command(sys.argv, config_flags(ctx))
     try:
         stats = run_encode(model, input, output, prep=prep, opts=opts, batch_size=batch_size,
                            num_workers=default_workers() if num_workers is None else num_workers,
                            rows_per_shard=rows_per_shard, device=device, writer_threads=writer_threads,
-                           command=recorded_command(sys.argv), progress=progress, storage_options=options)
+                           command=command, progress=progress, storage_options=options)
     except (SettingsMismatch, InputError, ModelLoadError, CacheError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
@@ -143,11 +148,22 @@ def default_workers() -> int:
     return max(1, min(MAX_DEFAULT_WORKERS, cpus))
 
 
-def recorded_command(argv: list[str]) -> str:
-    """The command line as the manifest records it, the storage options' values left out: they may
-    hold credentials."""
+def recorded_command(argv: list[str], file_flags: tuple[str, ...] | list[str] = ()) -> str:
+    """The command line as the manifest records it: `--config FILE` written out as `file_flags`, the
+    flags it gave (so the manifest holds the settings, not the name of a file that may change), and
+    the storage options' values left out: they may hold credentials."""
+    args = []
+    rest = iter(argv[1:])
+    for arg in rest:
+        if arg == "--config":
+            next(rest, None)
+            args += file_flags
+        elif arg.startswith("--config="):
+            args += file_flags
+        else:
+            args.append(arg)
     out, hide = ["flux-prep"], False
-    for arg in argv[1:]:
+    for arg in args:
         if hide:
             out.append("<not recorded>")
             hide = False

@@ -7,11 +7,14 @@ from typing import Optional
 
 import typer
 
+from shared.params import config_option
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @app.command()
 def sample(
+    config: Optional[Path] = config_option("sample"),
     model: str = typer.Option(..., "--model", help="FLUX folder (diffusers' layout) or hub id: VAE, text encoders, "
                                                    "tokenizers, and the transformer unless --transformer is given."),
     output_dir: Path = typer.Option(..., "--output", help="Folder for the PNGs (created)."),

@@ -1,5 +1,7 @@
-"""Every stage's settings, one way: a tree of dataclasses, filled from YAML and `--section.key value`
-overrides, checked by pydantic (types, `Literal` choices, unknown keys) before anything is built.
+"""Every stage's settings, one way: each stage reads its own section of a YAML file (params.yaml's
+`train`, `encode`, `sample`) through load_section. The trainer's is a tree of dataclasses, filled from
+it and `--section.key value` overrides, checked by pydantic (types, `Literal` choices, unknown keys)
+before anything is built; encode's and sample's are their commands' options (config_option).
 
 YAML is read as YAML 1.2 (the version DVC writes params.yaml in): only true/false are booleans, so
 `precision: no` is the string "no", and a bool field still takes yes/no/on/off (pydantic reads them).
@@ -14,8 +16,10 @@ import re
 import tokenize
 import typing
 from pathlib import Path
+from typing import Optional
 
 import pydantic
+import typer
 import yaml
 
 
@@ -156,3 +160,98 @@ def run_command(app, argv: list[str] | None, prog_name: str) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return 0
+
+
+# ctx.meta key: what --config gave, for config_flags.
+_FROM_FILE = "shared.params.from_file"
+
+
+def config_option(section: str):
+    """A typer command's `--config FILE` option: FILE's `section` (or the whole file, where it has
+    none) gives the command's options, each key an option's long name with _ for - (`batch_size: 8`
+    is `--batch-size 8`). Flags given on the command line win; each value goes through its option's
+    own type; an unknown key is refused. Click's default_map does the filling, so the command's
+    parameters stay the one list of what it takes. (Recent typer runs its own copy of click, whose
+    classes are not click's: they are duck-typed here.)"""
+    def fill(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]):
+        if value is not None:
+            try:
+                fill_options_from_file(ctx, value, section)
+            except ConfigError as e:
+                raise typer.BadParameter(str(e), ctx=ctx, param=param) from None
+        return value
+
+    return typer.Option(None, "--config", is_eager=True, callback=fill, metavar="FILE",
+                        help=f"YAML file whose {section} section (or the whole file, where it has none) gives "
+                             "this command's options: each key an option's name with _ for - (batch_size: 8 "
+                             "= --batch-size 8; a list for a repeatable one; null: the option's default). "
+                             "Flags given here override it; dvc.yaml passes params.yaml.")
+
+
+def option_keys(command) -> dict[str, tuple[object, str]]:
+    """Each config key a command takes: its options' long names with _ for - (aliases too), with the
+    option and the name the key stands for; --config itself is no key."""
+    keys = {}
+    for param in command.params:
+        if param.param_type_name == "option" and param.name != "config":
+            for opt in param.opts:
+                if opt.startswith("--"):
+                    keys[opt[2:].replace("-", "_")] = (param, opt)
+    return keys
+
+
+def fill_options_from_file(ctx: typer.Context, path, section: str) -> None:
+    """Make file `path`'s `section` the defaults of ctx's options (ctx.default_map), each value
+    checked by its option's type here so that an error names the file and the key."""
+    tree = load_section(path, section)
+    keys = option_keys(ctx.command)
+    defaults, given, from_file = {}, {}, []
+    for key, value in tree.items():
+        if key not in keys:
+            raise ConfigError(f"{path}: unknown key {key!r} in the {section} section; "
+                              f"{ctx.info_name} takes {', '.join(sorted(keys))}")
+        param, opt = keys[key]
+        if param.name in given:
+            raise ConfigError(f"{path}: {section}.{given[param.name]} and {section}.{key} are one option ({opt})")
+        given[param.name] = key
+        if value is None:            # the option's own default
+            continue
+        texts = _option_text(ctx, param, value, f"{path}: {section}.{key}")
+        defaults[param.name] = texts
+        from_file.append((param, opt, texts))
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    ctx.meta[_FROM_FILE] = from_file
+
+
+def _option_text(ctx: typer.Context, param, value, where: str):
+    """`value` as the command line would give it (a string, or a list of them for a repeatable
+    option: one value is a list of one), refused unless the option takes it as it would the flag's
+    (its process_value: type, range, choices). A number goes as its text, so that 1.5 is no integer."""
+    values = value if isinstance(value, list) and param.multiple else [value]
+    if isinstance(value, list) and not param.multiple:
+        raise ConfigError(f"{where}: one value, not a list (got {value!r})")
+    if any(isinstance(v, (list, dict)) for v in values):
+        raise ConfigError(f"{where}: not a single value (got {value!r})")
+    texts = [("true" if v else "false") if isinstance(v, bool) else str(v) for v in values]
+    given = texts if param.multiple else texts[0]
+    try:
+        param.process_value(ctx, given)
+    except typer.BadParameter as e:
+        raise ConfigError(f"{where}: {e.message} (got {value!r})") from None
+    return given
+
+
+def config_flags(ctx: typer.Context) -> list[str]:
+    """The flags that --config's file gave and the command line did not override, in the file's
+    order: what it added to the command line."""
+    flags = []
+    for param, opt, given in ctx.meta.get(_FROM_FILE, []):
+        source = ctx.get_parameter_source(param.name)
+        if source is None or source.name != "DEFAULT_MAP":
+            continue
+        if param.is_flag and param.is_bool_flag:
+            flags += [opt] if param.process_value(ctx, given) else param.secondary_opts[:1]
+        else:
+            for text in (given if param.multiple else [given]):
+                flags += [opt, text]
+    return flags

@@ -1,6 +1,8 @@
 """`flux-prep encode` in-process on the tiny model: rows, skips, values, T5 modes, refusals."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from encode_inputs import (BAD_EXPECTED_SKIPS, BAD_GOOD_KEYS, LONG_CAPTION, bad_members, good_members, truncated_tar,
@@ -241,3 +243,61 @@ def test_channels_last_is_accepted_as_a_deprecated_no_op(bad_inputs, tmp_path):
     assert "deprecated" not in plain.output
     assert flagged.exit_code == plain.exit_code == 2 and "no such folder" in flagged.output
     assert not (tmp_path / "cache").exists()
+
+
+def _encode_cli(args, argv_monkeypatch=None):
+    from typer.testing import CliRunner
+
+    from preprocess.cli import app
+    if argv_monkeypatch is not None:    # the manifest records sys.argv, as the console script sets it
+        argv_monkeypatch.setattr(sys, "argv", ["flux-prep", *args])
+    return CliRunner().invoke(app, args)
+
+
+def test_config_gives_the_options_a_flag_overrides_it_and_the_manifest_records_the_flags(tiny_model, bad_inputs,
+                                                                                         tmp_path, monkeypatch):
+    """--config FILE: its encode section gives encode's options (the other sections are other stages'),
+    a flag given beside it wins, and the manifest records the flags the file gave, not the file's name."""
+    params = tmp_path / "params.yaml"
+    params.write_text("train: {data: {batch_size: 9}}\n"
+                      "encode:\n  resolution: 48\n  min_size: 16\n  t5_mode: trimmed\n  t5_max_length: 16\n"
+                      "  batch_size: 3\n  num_workers: 0\n  device: cpu\n  dtype: fp32\n  progress: false\n")
+    out = tmp_path / "cache"
+    args = ["encode", "--model", str(tiny_model), "--input", str(bad_inputs / "bad-00001.tar"), "--output", str(out),
+            "--config", str(params), "--resolution", "32"]
+    r = _encode_cli(args, monkeypatch)
+    assert r.exit_code == 0, r.output
+    manifest = CacheReader(out).manifest
+    assert manifest["t5"] == {"mode": "trimmed", "max_length": 16} and manifest["dtypes"]["latent"] == "float32"
+    assert {tuple(row["latent"].shape) for row in read_rows(out).values()} == {(16, 4, 4)}   # 32 px, not 48
+    assert manifest["command"] == (
+        f"flux-prep encode --model {tiny_model} --input {bad_inputs / 'bad-00001.tar'} --output {out} "
+        "--min-size 16 --t5-mode trimmed --t5-max-length 16 --batch-size 3 --num-workers 0 --device cpu "
+        "--dtype fp32 --no-progress --resolution 32")
+    # The same settings as flags give the same cache: the file changes nothing but where they are written.
+    flags = manifest["command"].split()[2:]
+    by_flags = _encode_cli(["encode", *flags[:5], str(tmp_path / "by-flags"), *flags[6:]])
+    assert by_flags.exit_code == 0, by_flags.output
+    assert read_rows(tmp_path / "by-flags").keys() == read_rows(out).keys()
+    for key, row in read_rows(tmp_path / "by-flags").items():
+        assert torch.equal(row["latent"], read_rows(out)[key]["latent"])
+
+
+@pytest.mark.parametrize("section, message", [
+    ("resolutoin: 32", r"params.yaml: unknown key 'resolutoin' in the encode section; encode takes batch_size, "),
+    ("trained: lora", r"unknown key 'trained'"),
+    ("resolution: 1.5", r"params.yaml: encode.resolution: .*integer.*\(got 1.5\)"),
+    ("resolution: [32]", r"encode.resolution: one value, not a list"),
+    ("progress: sometimes", r"encode.progress: .*boolean"),
+    ("writer_threads: 0", r"encode.writer_threads: .*greater than or equal to 1"),
+])
+def test_a_bad_config_key_or_value_is_refused_naming_the_file_and_key(bad_inputs, tmp_path, section, message):
+    import re
+    params = tmp_path / "params.yaml"
+    params.write_text(f"encode:\n  {section}\n")
+    out = tmp_path / "cache"
+    r = _encode_cli(["encode", "--model", str(tmp_path / "no-model"), "--input", str(bad_inputs / "bad-*.tar"),
+                     "--output", str(out), "--config", str(params)])
+    assert r.exit_code == 2, r.output
+    assert re.search(message, " ".join(r.output.replace("│", " ").split())), r.output
+    assert not out.exists()

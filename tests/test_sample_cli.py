@@ -228,6 +228,43 @@ def test_bad_input_one_line_error_nothing_written(case, tiny_model, tmp_path):
     assert not out.exists()
 
 
+def test_config_gives_the_options_and_a_flag_overrides_it(base_images, tiny_model, tmp_path):
+    """--config FILE's sample section gives flux-sample's options (keys are the options' names: output,
+    not the function's output_dir); a flag beside it wins. The images are base_images' (the same
+    prompts, seeds and steps given as flags)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT}\na green square\n")
+    out = tmp_path / "out"
+    params = tmp_path / "params.yaml"
+    params.write_text(f"encode: {{resolution: 7}}\nsample:\n  output: {out}\n  prompts_file: {prompts}\n"
+                      "  seed: [1, 2]\n  steps: 9\n  width: 32\n  height: 32\n  grid: true\n  progress: false\n")
+    r = flux_sample("--model", tiny_model, "--config", params, "--steps", 2)
+    assert r.exit_code == 0, r.output
+    pngs = sorted(p.name for p in base_images.glob("0*.png"))
+    assert sorted(p.name for p in out.glob("0*.png")) == pngs and (out / GRID_NAME).is_file()
+    assert read_png_text(out / pngs[0])["steps"] == "2"
+    for name in pngs:
+        assert np.array_equal(pixels(out / name), pixels(base_images / name)), name
+
+
+@pytest.mark.parametrize("section, message", [
+    ("trained: lora", r"params.yaml: unknown key 'trained' in the sample section; flux-sample takes attention_backend"),
+    ("output_dir: x", r"unknown key 'output_dir'"),
+    ("num_seeds: two", r"params.yaml: sample.num_seeds: .*integer"),
+    ("seed: [[1]]", r"sample.seed: not a single value"),
+])
+def test_a_bad_config_key_or_value_is_refused_naming_the_file_and_key(tiny_model, tmp_path, section, message):
+    import re
+    params = tmp_path / "params.yaml"
+    params.write_text(f"sample:\n  {section}\n")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["--model", str(tiny_model), "--prompt", PROMPT, "--output", str(out),
+                                 "--config", str(params)], prog_name="flux-sample")
+    assert r.exit_code == 2, r.output
+    assert re.search(message, " ".join(r.output.replace("│", " ").split())), r.output
+    assert not out.exists()
+
+
 def test_device_and_dtype_auto(monkeypatch):
     from sample.resolve import SampleError
     from sample.run import _device_dtype

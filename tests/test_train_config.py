@@ -190,6 +190,67 @@ def test_each_pipeline_fact_is_written_once(path):
     assert (cfg.model.name, cfg.data.expected_t5_mode) == (params["model"]["path"], params["encode"]["t5_mode"])
 
 
+# The demo's encode command before encode read --config: the manifest must record it unchanged.
+DEMO_ENCODE_COMMAND = ("flux-prep encode --model data/models/tiny --input data/raw/demo-train "
+                       "--output data/cache/train --resolution 64 --t5-mode trimmed --t5-max-length 32 "
+                       "--batch-size 64 --num-workers 1 --no-progress --sample-prompts sample/prompts/demo.txt")
+
+
+def _parsed(command, cmd: str, after: str):
+    """The context `command` (a click command) makes of the arguments after `after` in `cmd`."""
+    import shlex
+    argv = shlex.split(cmd)
+    return command.make_context(after, argv[argv.index(after) + 1:]), argv[argv.index(after):]
+
+
+def _assert_all_from_the_file(ctx, section: dict):
+    """Each key of the section is the value of its option, given by --config alone (not repeated as a flag)."""
+    from shared.params import option_keys
+    keys = option_keys(ctx.command)
+    for key, value in section.items():
+        name = keys[key][0].name
+        assert ctx.get_parameter_source(name).name == "DEFAULT_MAP", f"{key} is on the command line too"
+        assert ctx.params[name] is value if isinstance(value, bool) else str(ctx.params[name]) == str(value), key
+
+
+@pytest.mark.parametrize("path", ["params.yaml", *PRESETS])
+def test_dvc_commands_resolve_to_each_stages_section(path, tmp_path, monkeypatch):
+    """dvc.yaml as DVC resolves it with the preset as params.yaml: encode's and sample's commands, parsed
+    by their own command lines, take every key of their section from --config params.yaml and only the
+    items' facts as flags. The demo's encode records the command it had when every setting was a flag
+    (the same flags in effect: the same cache)."""
+    import shutil
+
+    import typer
+    import yaml
+    from dvc.repo import Repo
+
+    from preprocess.cli import app as prep_app
+    from preprocess.encode_cli import recorded_command
+    from sample.cli import app as sample_app
+    from shared.params import config_flags
+    shutil.copy(REPO / "dvc.yaml", tmp_path)
+    shutil.copy(REPO / path, tmp_path / "params.yaml")
+    Repo.init(str(tmp_path), no_scm=True)
+    cmds = {stage.addressing.rsplit(":", 1)[-1]: stage.cmd for stage in Repo(str(tmp_path)).index.stages}
+    params = yaml.safe_load((REPO / path).read_text())
+    monkeypatch.chdir(tmp_path)
+    encode = typer.main.get_command(prep_app).commands["encode"]
+    for item in ("train", "val"):
+        ctx, argv = _parsed(encode, cmds[f"encode@{item}"], "encode")
+        assert (ctx.params["model"], ctx.params["input"], ctx.params["output"]) == \
+            (params["model"]["path"], params["inputs"][item], params["train"]["data"][f"{item}_cache"])
+        _assert_all_from_the_file(ctx, params["encode"])
+        if path == "params.yaml" and item == "train":
+            assert recorded_command(["flux-prep", *argv], config_flags(ctx)) == DEMO_ENCODE_COMMAND
+    ctx, _ = _parsed(typer.main.get_command(sample_app), cmds["sample"], "flux-sample")
+    trained = params["model"]["trained"]
+    other = {"transformer": "lora", "lora": "transformer"}[trained]
+    assert (ctx.params["model"], ctx.params[trained], ctx.params[other]) == \
+        (params["model"]["path"], f"{params['train']['run']['output_dir']}/final", None)
+    _assert_all_from_the_file(ctx, params["sample"])
+
+
 @pytest.mark.parametrize("stage, package, not_run", [("train", "train", {"report.py"}),
                                                       ("sample", "sample", {"evaluate.py"})])
 def test_stage_deps_are_the_code_it_runs(stage, package, not_run):

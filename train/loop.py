@@ -16,8 +16,8 @@ from shared.quiet import silence_progress_bars
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import (CacheStream, StreamPosition, open_cache, open_validation_cache, train_loader, usable_workers,
-                   vae_factors, validation_batches)
+from .data import (CacheStream, StreamPosition, TrainBatch, open_cache, open_validation_cache, train_loader,
+                   usable_workers, vae_factors, validation_batches)
 from .fsdp import autocast_forward, cast_inputs_on_recompute, keep_lora_dtypes, micro_batch_sync
 from .model import (EMA, add_lora, build_transformer, check_cache_fits, convert_to_float8, load_lora_state_dict,
                     place, sampling_conventions, transformer_blocks, use_flex_attention,
@@ -26,7 +26,7 @@ from .offload import BlockOffloader, spread
 from .optim import InBackwardOptimizer, make_optimizer
 from .records import truncate_records
 from .samples import TrainingSamples
-from .step import (EmptyPrompt, StepSettings, ValidationNoise, summarize_validation, to_device, training_loss,
+from .step import (EmptyPrompt, StepSettings, ValidationNoise, summarize_validation, training_loss,
                    validation_sums)
 from .trackers import check_installed, start_trackers
 
@@ -385,16 +385,16 @@ class Trainer:
             self.ema.update()
         return grad_norm
 
-    def forward_backward_step(self, batch: dict, last: bool) -> torch.Tensor:
+    def forward_backward_step(self, batch: TrainBatch, last: bool) -> torch.Tensor:
         """One micro-batch's loss and backward; gradients are synchronized on the `last` one only."""
         acc = self.accelerator
         with micro_batch_sync(acc, self.model, last):
-            generator = self.generators[int(batch["pos"][0])]   # the batch's DataLoader worker
+            generator = self.generators[int(batch.pos[0])]   # the batch's DataLoader worker
             loss = training_loss(self.model, batch, self.settings, generator, self.empty)
             acc.backward(loss / self.cfg.run.grad_accum)
         return loss
 
-    def _next_batch(self, batches, window: LogWindow, on_batch) -> dict:
+    def _next_batch(self, batches, window: LogWindow, on_batch) -> TrainBatch:
         """The next batch on the device, counted in the stream position and the log window."""
         t0 = time.perf_counter()
         batch = next(batches)
@@ -402,8 +402,8 @@ class Trainer:
         self.position.consumed(batch)
         if on_batch is not None:
             on_batch(batch)
-        window.images += len(batch["key"])
-        return to_device(batch, self.device)
+        window.images += len(batch.key)
+        return batch.to(self.device)
 
     def _batches(self):
         """The training stream from the current position, its shards' footers read before step 1
@@ -426,7 +426,7 @@ class Trainer:
             return on_batch, seen
 
         def record(batch):
-            seen.extend(batch["key"])
+            seen.extend(batch.key)
             if on_batch is not None:
                 on_batch(batch)
         return record, seen

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from train.config import ConfigError, load_config, parse_overrides
-from train.loop import lr_factor
+from train.launch import lr_factor
 from train.model import build_transformer
 
 REPO = Path(__file__).resolve().parent.parent

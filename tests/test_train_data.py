@@ -8,7 +8,7 @@ from train_caches import set_manifest, write_cache
 
 from shared.cache import CacheError
 from shared.text import T5_PAD_MULTIPLE
-from train.data import CacheStream, Sample, StreamPosition, collate, train_loader, validation_batches
+from train.data import CacheStream, Sample, StreamPosition, TrainBatch, collate, train_loader, validation_batches
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def take(loader_iter, n, position, log):
     for _ in range(n):
         batch = next(loader_iter)
         position.consumed(batch)
-        log.append((tuple(batch["pos"].tolist()), batch["key"]))
+        log.append((tuple(batch.pos.tolist()), batch.key))
 
 
 def test_resume_continues_exactly_with_workers(cache):
@@ -76,12 +76,12 @@ def test_trimmed_batches_pad_text_and_mask_it():
              for n in (2, 5)]
     batch = collate(items, "trimmed")
     width = T5_PAD_MULTIPLE   # the longest caption (5) rounded up
-    assert batch["t5"].shape == (2, width, 8)
-    assert batch["t5_mask"].tolist() == [[True] * 2 + [False] * (width - 2), [True] * 5 + [False] * (width - 5)]
-    assert batch["t5"][0, 2:].abs().sum() == 0 and batch["t5"][1, 5:].abs().sum() == 0
-    assert batch["t5"][1, :5].eq(1).all()
+    assert batch.t5.shape == (2, width, 8)
+    assert batch.t5_mask.tolist() == [[True] * 2 + [False] * (width - 2), [True] * 5 + [False] * (width - 5)]
+    assert batch.t5[0, 2:].abs().sum() == 0 and batch.t5[1, 5:].abs().sum() == 0
+    assert batch.t5[1, :5].eq(1).all()
     longer = collate([dataclasses.replace(items[0], t5=torch.ones(width + 1, 8), t5_len=width + 1)], "trimmed")
-    assert longer["t5"].shape[1] == 2 * width
+    assert longer.t5.shape[1] == 2 * width
 
 
 def test_worker_batches_are_built_in_shared_memory_with_the_same_values(cache, monkeypatch):
@@ -92,18 +92,48 @@ def test_worker_batches_are_built_in_shared_memory_with_the_same_values(cache, m
     here = collate(items[:4], "trimmed")
     monkeypatch.setattr(data, "get_worker_info", lambda: object())
     in_worker = collate(items[:4], "trimmed")
-    assert in_worker["t5"].is_shared() and in_worker["latent"].is_shared() and not here["t5"].is_shared()
-    assert here.keys() == in_worker.keys()
-    assert all(torch.equal(here[k], in_worker[k]) for k in here if torch.is_tensor(here[k]))
-    assert in_worker["t5"][~in_worker["t5_mask"]].abs().sum() == 0   # the padding is zero, not stale memory
+    assert in_worker.t5.is_shared() and in_worker.latent.is_shared() and not here.t5.is_shared()
+    assert here.tensors().keys() == in_worker.tensors().keys()
+    assert all(torch.equal(t, in_worker.tensors()[k]) for k, t in here.tensors().items())
+    assert in_worker.t5[~in_worker.t5_mask].abs().sum() == 0   # the padding is zero, not stale memory
     monkeypatch.undo()
     # And through a real worker the trainer gets the very batches the main process would build.
     def first(num_workers, n=8):
         stream = CacheStream(cache, batch_size=4, seed=2, shuffle_buffer=5)
         return list(itertools.islice(train_loader(stream, num_workers=num_workers, pin_memory=False), n))
     for a, b in zip(first(0), first(1), strict=True):
-        assert a["key"] == b["key"] and a.keys() == b.keys()
-        assert all(torch.equal(a[k], b[k]) for k in a if k != "key")
+        assert type(a) is type(b) is TrainBatch   # pickled across the worker boundary whole
+        assert a.key == b.key and a.tensors().keys() == b.tensors().keys()
+        assert all(torch.equal(t, b.tensors()[k]) for k, t in a.tensors().items())
+
+
+def first_loader_batch(cache, num_workers, pin_memory=False):
+    stream = CacheStream(cache, batch_size=4, seed=2, shuffle_buffer=5)
+    return next(iter(train_loader(stream, num_workers=num_workers, pin_memory=pin_memory)))
+
+
+def test_loader_yields_train_batches_and_to_leaves_the_position_on_the_host(cache):
+    """From the main process and through a worker (pickled across the process boundary), the loader
+    yields TrainBatch whole; `to` moves every tensor but `pos`, which the host reads."""
+    for num_workers in (0, 1):
+        batch = first_loader_batch(cache, num_workers)
+        assert type(batch) is TrainBatch and batch.pos.tolist() == [0, 0, 0] and len(batch.key) == 4
+        assert callable(batch.pin_memory)   # what the DataLoader's pin-memory thread calls
+    moved = batch.to("meta")   # a device that the CPU has: the copies are real
+    assert type(moved) is TrainBatch and moved.key == batch.key and moved.pos is batch.pos
+    assert moved.tensors().keys() == batch.tensors().keys() == {"latent", "t5", "clip", "t5_len", "t5_mask", "pos"}
+    assert all(t.device.type == "meta" for k, t in moved.tensors().items() if k != "pos")
+    assert batch.latent.device.type == "cpu"   # a copy: the host batch is unchanged
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinning host memory needs CUDA")
+def test_pin_memory_pins_every_tensor_of_the_batch(cache):
+    plain = first_loader_batch(cache, 1)
+    pinned = first_loader_batch(cache, 1, pin_memory=True)   # through the DataLoader's pin-memory thread
+    assert type(pinned) is TrainBatch and pinned.key == plain.key
+    assert pinned.tensors().keys() == plain.tensors().keys()
+    assert all(t.is_pinned() and torch.equal(t, plain.tensors()[k]) for k, t in pinned.tensors().items())
+    assert not plain.latent.is_pinned()
 
 
 def test_corrupt_shard_error_names_it(tmp_path):
@@ -127,10 +157,10 @@ def test_other_schema_version_or_t5_mode_refused(tmp_path):
 def test_validation_batches_split_by_rank_in_fixed_order(cache):
     from shared.cache import CacheReader
     reader = CacheReader(cache)
-    one = [k for b in validation_batches(reader, 4) for k in b["key"]]
-    two = [[k for b in validation_batches(reader, 4, r, 2) for k in b["key"]] for r in range(2)]
+    one = [k for b in validation_batches(reader, 4) for k in b.key]
+    two = [[k for b in validation_batches(reader, 4, r, 2) for k in b.key] for r in range(2)]
     assert sorted(one) == sorted(two[0] + two[1]) and not set(two[0]) & set(two[1])
-    assert one == [k for b in validation_batches(reader, 4) for k in b["key"]]
+    assert one == [k for b in validation_batches(reader, 4) for k in b.key]
 
 
 def test_val_max_samples_reads_nothing_after_them(tmp_path):
@@ -140,7 +170,7 @@ def test_val_max_samples_reads_nothing_after_them(tmp_path):
     second.write_bytes(second.read_bytes()[: second.stat().st_size // 2])   # never read below its first 8 rows
     reader = CacheReader(cache)
     for cap in (8, 6):
-        keys = [k for b in validation_batches(reader, 4, max_samples=cap) for k in b["key"]]
+        keys = [k for b in validation_batches(reader, 4, max_samples=cap) for k in b.key]
         assert keys == [f"val-{i:05d}" for i in range(cap)]
     with pytest.raises(CacheError, match=second.name):   # what reading one more sample would meet
         list(validation_batches(reader, 4, max_samples=9))
@@ -156,10 +186,10 @@ def test_batches_carry_the_posterior_logvar_when_asked(tmp_path):
             stored.update({k: (rg["latent"][i], rg["latent_logvar"][i]) for i, k in enumerate(rg["key"])})
     batches = [b for _, b in zip(range(2), iter(CacheStream(cache, batch_size=4, latent_logvar=True)))]
     for b in batches:
-        assert b["latent_logvar"].shape == b["latent"].shape
-        for i, k in enumerate(b["key"]):
-            assert torch.equal(b["latent"][i], stored[k][0]) and torch.equal(b["latent_logvar"][i], stored[k][1])
-    assert "latent_logvar" not in next(iter(CacheStream(cache, batch_size=4)))   # not read unless asked
+        assert b.latent_logvar.shape == b.latent.shape
+        for i, k in enumerate(b.key):
+            assert torch.equal(b.latent[i], stored[k][0]) and torch.equal(b.latent_logvar[i], stored[k][1])
+    assert next(iter(CacheStream(cache, batch_size=4))).latent_logvar is None   # not read unless asked
 
 
 def test_a_cache_without_logvar_is_refused_for_posterior_samples(tmp_path):

@@ -27,14 +27,14 @@ RESUME_SETTINGS = {"run.max_steps": 8, "run.checkpoint_every": 3, "data.num_work
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, caches):
     keys_full, keys_cut = [], []
     full = tiny_config(tmp_path / "a", *caches, **RESUME_SETTINGS)
-    train(full, on_batch=lambda b: keys_full.append(tuple(b["key"])))
+    train(full, on_batch=lambda b: keys_full.append(tuple(b.key)))
 
     cut = tiny_config(tmp_path / "b", *caches, **RESUME_SETTINGS)
-    train(cut, stop_after_step=4, on_batch=lambda b: keys_cut.append(tuple(b["key"])))   # killed after step 4
+    train(cut, stop_after_step=4, on_batch=lambda b: keys_cut.append(tuple(b.key)))   # killed after step 4
     assert (tmp_path / "b/run/checkpoints/step-3").is_dir() and not (tmp_path / "b/run/final").exists()
     resumed = tiny_config(tmp_path / "b", *caches, **RESUME_SETTINGS, **{"run.resume": "auto"})
     keys_resumed = []
-    train(resumed, on_batch=lambda b: keys_resumed.append(tuple(b["key"])))
+    train(resumed, on_batch=lambda b: keys_resumed.append(tuple(b.key)))
 
     losses = lambda d: [(m["step"], m["loss"]) for m in read_metrics(d / "run") if "loss" in m]  # noqa: E731
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
@@ -151,7 +151,7 @@ def test_padded_cache_trains(tmp_path):
     cache = write_cache(tmp_path / "p", 8, t5_mode="padded")
     trainer = Trainer(tiny_config(tmp_path, cache, **{"run.max_steps": 2, "flow.guidance_dropout": 0.5}))
     run = first_step_replayed(trainer)
-    assert all("t5_mask" not in b and b["t5"].shape == (4, 32, 64) for b in run["batches"])
+    assert all(b.t5_mask is None and b.t5.shape == (4, 32, 64) for b in run["batches"])
     assert run["logged"] == pytest.approx(run["replayed"], rel=1e-6)
 
 
@@ -180,7 +180,7 @@ def test_epochs_set_the_steps_and_one_epoch_sees_each_sample_once(tmp_path):
     cache = write_cache(tmp_path / "c", 24)   # one latent size: 24 / (batch 4 x accumulation 2) = 3 steps
     keys = []
     summary = train(tiny_config(tmp_path, cache, **{"run.max_steps": None, "run.epochs": 1, "run.grad_accum": 2}),
-                    on_batch=lambda b: keys.extend(b["key"]))
+                    on_batch=lambda b: keys.extend(b.key))
     assert summary["step"] == 3 and [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
     assert sorted(keys) == [f"train-{i:05d}" for i in range(24)]
 

@@ -8,7 +8,8 @@ from train_caches import read_metrics, tiny_config, write_cache
 
 from shared.models import ModelLoadError
 from train.config import ConfigError, ModelConfig
-from train.loop import Trainer, check_launch, train
+from train.launch import check_launch
+from train.loop import Trainer, train
 from train.model import build_transformer, transformer_blocks
 
 pytest.importorskip("torchao", reason="quantized bases and adamw8bit need torchao (the dev extra installs it)")

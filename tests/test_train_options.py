@@ -1,6 +1,7 @@
 """Options of the step, through the trainer: the posterior sample, independent dropout, the guidance
 embedding, the timestep samplers and gradient accumulation."""
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -20,7 +21,7 @@ def test_posterior_sample_and_independent_dropout_train_on_the_cache_logvar(tmp_
         "flow.guidance_dropout_mode": "independent"}))
     assert trainer.settings.latent == "sample" and trainer.settings.dropout_mode == "independent"
     run = first_step_replayed(trainer)
-    assert all(b["latent_logvar"].shape == b["latent"].shape for b in run["batches"])
+    assert all(b.latent_logvar.shape == b.latent.shape for b in run["batches"])
     assert run["logged"] == pytest.approx(run["replayed"], rel=1e-6)
     info = json.loads((tmp_path / "run/final" / TRAINING_INFO).read_text())
     assert info["latent"] == "sample" and info["guidance_dropout_mode"] == "independent"
@@ -45,7 +46,7 @@ def test_guidance_embedding_is_fed_and_trained(tmp_path):
     # The value matters: the same batch and draws with another guidance give another loss.
     batch, g = run["batches"][0], torch.Generator().manual_seed(0)
     r = draw(batch, trainer.settings, g)
-    losses = [flow_matching_loss(run["initial"], batch["latent"], batch["t5"], batch["clip"], batch.get("t5_mask"),
+    losses = [flow_matching_loss(run["initial"], batch.latent, batch.t5, batch.clip, batch.t5_mask,
                                  r["t"], r["noise"], type(trainer.settings)(guidance=value)).mean().item()
               for value in (1.0, 3.5)]
     assert abs(losses[0] - losses[1]) > 1e-5
@@ -60,7 +61,8 @@ def test_samplers_through_the_trainer(tmp_path, sampler):
                                                       "flow.logit_mean": 0.5, "flow.logit_std": 0.7}))
     run = first_step_replayed(trainer)
     assert run["logged"] == pytest.approx(run["replayed"], rel=1e-6)
-    many = {"latent": run["batches"][0]["latent"][:1].expand(20000, -1, -1, -1)}
+    first = run["batches"][0]   # its first latent 20000 times (draw reads only the latents here)
+    many = dataclasses.replace(first, latent=first.latent[:1].expand(20000, -1, -1, -1))
     t = draw(many, trainer.settings, torch.Generator().manual_seed(1))["t"]
     if sampler == "logit_normal":   # sigmoid(N(0.5, 0.7))
         logit = torch.logit(t.double())
@@ -85,7 +87,7 @@ def test_grad_accum_equals_one_big_batch_in_fp32(tmp_path):
     reference = copy.deepcopy(run["initial"])
     generator = torch.Generator().set_state(run["generator_state"])
     draws = [draw(x, trainer.settings, generator) for x in (a, b)]
-    big = {k: torch.cat([a[k], b[k]]) for k in ("latent", "t5", "clip")}
+    big = {k: torch.cat([getattr(a, k), getattr(b, k)]) for k in ("latent", "t5", "clip")}
     loss = flow_matching_loss(reference, big["latent"], big["t5"], big["clip"], None,
                               torch.cat([d["t"] for d in draws]), torch.cat([d["noise"] for d in draws]),
                               trainer.settings).mean()

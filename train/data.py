@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -108,25 +108,53 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(tensors, out=_batch_tensor(tensors[0], (len(tensors), *tensors[0].shape)))
 
 
-def collate(items: list[Sample], t5_mode: str) -> dict:
+@dataclass
+class TrainBatch:
+    """Samples of one latent size, as collate builds them (in a DataLoader worker: in shared memory).
+    `t5_mask` (True = real token) only for trimmed T5; `latent_logvar` only where the stream reads it;
+    `pos` = (worker, epoch, index) on the training stream's batches, None on held-out ones."""
+    key: list[str]
+    latent: torch.Tensor                        # [B, C, h, w]
+    t5: torch.Tensor                            # [B, L, D]
+    clip: torch.Tensor                          # [B, Dc]
+    t5_len: torch.Tensor                        # [B] int64: real tokens per caption
+    t5_mask: torch.Tensor | None = None         # [B, L] bool
+    latent_logvar: torch.Tensor | None = None   # [B, C, h, w]
+    pos: torch.Tensor | None = None             # [3] int64
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensor fields that are set, by name."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: v for name, v in values.items() if isinstance(v, torch.Tensor)}
+
+    def pin_memory(self) -> "TrainBatch":
+        """A copy in pinned memory (the DataLoader's pin-memory thread calls this), for asynchronous copies."""
+        return replace(self, **{name: t.pin_memory() for name, t in self.tensors().items()})
+
+    def to(self, device) -> "TrainBatch":
+        """On `device`, copied without a sync (asynchronous from pinned memory). `pos` stays on the host,
+        which reads it (the stream position, the batch's generator)."""
+        return replace(self, **{name: t.to(device, non_blocking=True) for name, t in self.tensors().items()
+                                if name != "pos"})
+
+
+def collate(items: list[Sample], t5_mode: str) -> TrainBatch:
     """Samples of one latent size -> a batch. Trimmed T5 is zero-padded to the batch's longest
     caption, rounded up to T5_PAD_MULTIPLE, with a mask (True = real token); padded T5 has no
     mask (FLUX attends to all of it). `latent_logvar` comes along when the samples carry it."""
-    batch = {
-        "key": [it.key for it in items],
-        "latent": _stack([it.latent for it in items]),
-        "clip": _stack([it.clip for it in items]),
-        "t5_len": torch.tensor([it.t5_len for it in items], dtype=torch.int64),
-    }
-    if items[0].latent_logvar is not None:
-        batch["latent_logvar"] = _stack([it.latent_logvar for it in items])
+    key = [it.key for it in items]
+    latent = _stack([it.latent for it in items])
+    clip = _stack([it.clip for it in items])
+    t5_len = torch.tensor([it.t5_len for it in items], dtype=torch.int64)
+    latent_logvar = _stack([it.latent_logvar for it in items]) if items[0].latent_logvar is not None else None
     if t5_mode == "padded":
-        batch["t5"] = _stack([it.t5 for it in items])
+        t5, t5_mask = _stack([it.t5 for it in items]), None
     else:
         first = items[0].t5
-        batch["t5"], batch["t5_mask"] = stack_text([it.t5 for it in items], T5_PAD_MULTIPLE,
-                                                   alloc=lambda shape: _batch_tensor(first, shape))
-    return batch
+        t5, t5_mask = stack_text([it.t5 for it in items], T5_PAD_MULTIPLE,
+                                 alloc=lambda shape: _batch_tensor(first, shape))
+    return TrainBatch(key=key, latent=latent, t5=t5, clip=clip, t5_len=t5_len, t5_mask=t5_mask,
+                      latent_logvar=latent_logvar)
 
 
 class CacheStream(IterableDataset):
@@ -261,7 +289,7 @@ class CacheStream(IterableDataset):
         while True:
             for index, items in self.epoch_batches(epoch, slot, num_slots, skip):
                 batch = collate([it.sample for it in items], self.t5_mode)
-                batch["pos"] = torch.tensor([worker, epoch, index], dtype=torch.int64)
+                batch.pos = torch.tensor([worker, epoch, index], dtype=torch.int64)
                 yield batch
             epoch, skip = epoch + 1, 0
 
@@ -284,11 +312,11 @@ class StreamPosition:
         self.next_worker = 0
         self.samples = 0
 
-    def consumed(self, batch: dict) -> None:
-        worker, epoch, index = (int(v) for v in batch["pos"])
+    def consumed(self, batch: TrainBatch) -> None:
+        worker, epoch, index = (int(v) for v in batch.pos)
         self.workers[str(worker)] = [epoch, index + 1]
         self.next_worker = (worker + 1) % self.num_workers
-        self.samples += len(batch["key"])
+        self.samples += len(batch.key)
 
     @property
     def epoch(self) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import time
 from pathlib import Path
 
@@ -16,9 +15,10 @@ from shared.quiet import silence_progress_bars
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import (CacheStream, StreamPosition, open_cache, open_validation_cache, train_loader, usable_workers,
-                   vae_factors, validation_batches)
+from .data import (CacheStream, StreamPosition, TrainBatch, open_cache, open_validation_cache, train_loader,
+                   usable_workers, vae_factors, validation_batches)
 from .fsdp import autocast_forward, cast_inputs_on_recompute, keep_lora_dtypes, micro_batch_sync
+from .launch import LogWindow, check_launch, lr_factor, make_accelerator, total_steps
 from .model import (EMA, add_lora, build_transformer, check_cache_fits, convert_to_float8, load_lora_state_dict,
                     place, sampling_conventions, transformer_blocks, use_flex_attention,
                     weights_dtype)
@@ -26,63 +26,9 @@ from .offload import BlockOffloader, spread
 from .optim import InBackwardOptimizer, make_optimizer, step_groups
 from .records import truncate_records
 from .samples import TrainingSamples
-from .step import (EmptyPrompt, StepSettings, ValidationNoise, summarize_validation, to_device, training_loss,
+from .step import (EmptyPrompt, StepSettings, ValidationNoise, summarize_validation, training_loss,
                    validation_sums)
-from .trackers import check_installed, start_trackers
-
-
-def lr_factor(step: int, warmup: int, total: int, kind: str, min_ratio: float) -> float:
-    """Multiplier of the base lr after `step` optimizer steps: linear warmup, then constant or cosine."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def total_steps(cfg: TrainConfig, num_rows: int, world_size: int) -> int:
-    if cfg.run.max_steps is not None:
-        return cfg.run.max_steps
-    per_step = cfg.data.batch_size * cfg.run.grad_accum * world_size
-    return max(1, math.ceil(cfg.run.epochs * num_rows / per_step))
-
-
-def make_accelerator(run, out: Path):
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-    check_installed(run.log_with)
-    return Accelerator(
-        mixed_precision="bf16" if run.precision in ("bf16", "fp8") else "no",
-        log_with=run.log_with or None,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-    )
-
-
-def check_launch(cfg: TrainConfig, num_processes: int, fsdp: bool) -> None:
-    """Refuse, before the model is built, the options that one launch or another cannot run."""
-    if fsdp and (cfg.model.quantize_base != "none" or cfg.run.offload_blocks or cfg.optim.in_backward):
-        raise ModelLoadError("model.quantize_base, run.offload_blocks and optim.in_backward are for one GPU "
-                             "without FSDP; FSDP shards the weights, gradients and optimizer state instead")
-    if num_processes > 1 and cfg.optim.in_backward:
-        raise ModelLoadError("optim.in_backward steps each parameter with its local gradient, before the "
-                             f"{num_processes} processes have averaged it: use one process (or FSDP without it)")
-    if num_processes > 1 and cfg.run.offload_blocks:
-        raise ModelLoadError("run.offload_blocks is for one process; with several GPUs use FSDP")
-
-
-class LogWindow:
-    """What the steps since the last metrics record add up: their summed loss (on the device, read once
-    per record: the one host sync), micro-batches, images, time waited for data."""
-
-    def __init__(self, device):
-        self.loss_sum = torch.zeros((), device=device)
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss_sum.zero_()
-        self.micro, self.images, self.wait = 0, 0, 0.0
-        self.start = time.perf_counter()
+from .trackers import start_trackers
 
 
 class Trainer:
@@ -386,16 +332,16 @@ class Trainer:
             self.ema.update()
         return grad_norm
 
-    def forward_backward_step(self, batch: dict, last: bool) -> torch.Tensor:
+    def forward_backward_step(self, batch: TrainBatch, last: bool) -> torch.Tensor:
         """One micro-batch's loss and backward; gradients are synchronized on the `last` one only."""
         acc = self.accelerator
         with micro_batch_sync(acc, self.model, last):
-            generator = self.generators[int(batch["pos"][0])]   # the batch's DataLoader worker
+            generator = self.generators[int(batch.pos[0])]   # the batch's DataLoader worker
             loss = training_loss(self.model, batch, self.settings, generator, self.empty)
             acc.backward(loss / self.cfg.run.grad_accum)
         return loss
 
-    def _next_batch(self, batches, window: LogWindow, on_batch) -> dict:
+    def _next_batch(self, batches, window: LogWindow, on_batch) -> TrainBatch:
         """The next batch on the device, counted in the stream position and the log window."""
         t0 = time.perf_counter()
         batch = next(batches)
@@ -403,8 +349,8 @@ class Trainer:
         self.position.consumed(batch)
         if on_batch is not None:
             on_batch(batch)
-        window.images += len(batch["key"])
-        return to_device(batch, self.device)
+        window.images += len(batch.key)
+        return batch.to(self.device)
 
     def _batches(self):
         """The training stream from the current position, its shards' footers read before step 1
@@ -427,7 +373,7 @@ class Trainer:
             return on_batch, seen
 
         def record(batch):
-            seen.extend(batch["key"])
+            seen.extend(batch.key)
             if on_batch is not None:
                 on_batch(batch)
         return record, seen

@@ -16,7 +16,7 @@ from shared.latents import (VAE_SCALE, VAE_SHIFT, flex_block_mask, image_ids, jo
 from shared.schedules import sample_timesteps, validation_timesteps
 from shared.text import pad_text
 
-from .data import sample_seed
+from .data import TrainBatch, sample_seed
 
 
 @dataclass
@@ -49,11 +49,12 @@ class EmptyPrompt:
         self.t5_len = int(encodings["t5_len"])
 
 
-def drop_text(batch: dict, empty: EmptyPrompt, drop: torch.Tensor, drop_clip: torch.Tensor | None = None) -> tuple:
+def drop_text(batch: TrainBatch, empty: EmptyPrompt, drop: torch.Tensor,
+              drop_clip: torch.Tensor | None = None) -> tuple:
     """Replace the T5 encodings of samples where `drop` is True by the empty prompt's, and their CLIP
     encodings where `drop_clip` is (None: where `drop` is, the joint dropout)."""
     drop_clip = drop if drop_clip is None else drop_clip
-    t5, clip, mask = batch["t5"], batch["clip"], batch.get("t5_mask")
+    t5, clip, mask = batch.t5, batch.clip, batch.t5_mask
     length = t5.shape[1]
     if mask is None:  # padded: every caption, and the empty prompt, has all max_length positions
         if empty.t5.shape[0] != length:
@@ -107,13 +108,13 @@ def flow_matching_loss(model, latent: torch.Tensor, t5: torch.Tensor, clip: torc
     return (pred.float() - target).pow(2).mean(dim=(1, 2))
 
 
-def draw(batch: dict, settings: StepSettings, generator: torch.Generator) -> dict:
+def draw(batch: TrainBatch, settings: StepSettings, generator: torch.Generator) -> dict:
     """The step's random draws from the step's generator, in this fixed order (a resumed run, whose
     generator state is restored, repeats them exactly): timesteps [B]; noise [B, C, h, w]; the T5
     dropout coins [B] (in joint mode the one coin for T5 and CLIP); the CLIP coins [B] (independent mode
     only); the posterior's noise [B, C, h, w] (latent: sample only). The options add draws at the end
     only, so joint mode with the posterior mean draws what the trainer always drew."""
-    latent = batch["latent"]
+    latent = batch.latent
     b, _, h, w = latent.shape
     t = sample_timesteps(settings.sampler, b, generator=generator, image_seq_len=(h // 2) * (w // 2),
                          mean=settings.logit_mean, std=settings.logit_std, device=latent.device)
@@ -124,26 +125,20 @@ def draw(batch: dict, settings: StepSettings, generator: torch.Generator) -> dic
         drop_clip = torch.rand(b, generator=generator, device=latent.device) < settings.guidance_dropout
     out = {"t": t, "noise": noise, "drop_t5": drop_t5, "drop_clip": drop_clip}
     if settings.latent == "sample":
-        out["latent"] = sample_posterior(latent, batch["latent_logvar"], generator)
+        out["latent"] = sample_posterior(latent, batch.latent_logvar, generator)
     return out
 
 
-def training_loss(model, batch: dict, settings: StepSettings, generator: torch.Generator,
+def training_loss(model, batch: TrainBatch, settings: StepSettings, generator: torch.Generator,
                   empty: EmptyPrompt | None) -> torch.Tensor:
     """Mean flow-matching loss of one batch (on the model's device), with guidance dropout."""
     r = draw(batch, settings, generator)
     if empty is not None and settings.guidance_dropout > 0:
         t5, clip, mask = drop_text(batch, empty, r["drop_t5"], r["drop_clip"])
     else:
-        t5, clip, mask = batch["t5"], batch["clip"], batch.get("t5_mask")
-    latent = r.get("latent", batch["latent"])
+        t5, clip, mask = batch.t5, batch.clip, batch.t5_mask
+    latent = r.get("latent", batch.latent)
     return flow_matching_loss(model, latent, t5, clip, mask, r["t"], r["noise"], settings).mean()
-
-
-def to_device(batch: dict, device) -> dict:
-    """Host -> device without a sync (pinned memory makes the copy asynchronous)."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k != "pos" else v
-            for k, v in batch.items()}
 
 
 def validation_noise(keys: list[str], shape: tuple, i: int) -> torch.Tensor:
@@ -197,16 +192,16 @@ def validation_sums(model, batches, settings: StepSettings, device, n_timesteps:
     sums = torch.zeros(2, n_timesteps, dtype=torch.float64, device=device)
     ts = validation_timesteps(n_timesteps)
     for batch in batches:
-        batch = to_device(batch, device)
-        keys = batch["key"]
+        batch = batch.to(device)
+        keys = batch.key
         b = len(keys)
-        shape = tuple(batch["latent"].shape[1:])
+        shape = tuple(batch.latent.shape[1:])
         elements = math.prod(shape)     # per sample: the loss is a mean over these (packing keeps them)
         for i, t_value in enumerate(ts.tolist()):
             n = noise.get(keys, shape, i) if noise is not None else validation_noise(keys, shape, i)
             t = torch.full((b,), t_value, device=device)
-            loss = flow_matching_loss(model, batch["latent"], batch["t5"], batch["clip"], batch.get("t5_mask"),
-                                      t, n.to(device), settings)
+            loss = flow_matching_loss(model, batch.latent, batch.t5, batch.clip, batch.t5_mask, t, n.to(device),
+                                      settings)
             sums[0, i] += loss.double().sum() * elements
             sums[1, i] += b * elements
     return sums

@@ -1,0 +1,68 @@
+"""What a launch runs by, outside the Trainer's loop: the accelerator, the options one launch or
+another refuses, the run's length in optimizer steps, the LR schedule, and the log window's sums."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from shared.models import ModelLoadError
+
+from .config import TrainConfig
+from .trackers import check_installed
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str, min_ratio: float) -> float:
+    """Multiplier of the base lr after `step` optimizer steps: linear warmup, then constant or cosine."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def total_steps(cfg: TrainConfig, num_rows: int, world_size: int) -> int:
+    if cfg.run.max_steps is not None:
+        return cfg.run.max_steps
+    per_step = cfg.data.batch_size * cfg.run.grad_accum * world_size
+    return max(1, math.ceil(cfg.run.epochs * num_rows / per_step))
+
+
+def make_accelerator(run, out: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    check_installed(run.log_with)
+    return Accelerator(
+        mixed_precision="bf16" if run.precision in ("bf16", "fp8") else "no",
+        log_with=run.log_with or None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+
+
+def check_launch(cfg: TrainConfig, num_processes: int, fsdp: bool) -> None:
+    """Refuse, before the model is built, the options that one launch or another cannot run."""
+    if fsdp and (cfg.model.quantize_base != "none" or cfg.run.offload_blocks or cfg.optim.in_backward):
+        raise ModelLoadError("model.quantize_base, run.offload_blocks and optim.in_backward are for one GPU "
+                             "without FSDP; FSDP shards the weights, gradients and optimizer state instead")
+    if num_processes > 1 and cfg.optim.in_backward:
+        raise ModelLoadError("optim.in_backward steps each parameter with its local gradient, before the "
+                             f"{num_processes} processes have averaged it: use one process (or FSDP without it)")
+    if num_processes > 1 and cfg.run.offload_blocks:
+        raise ModelLoadError("run.offload_blocks is for one process; with several GPUs use FSDP")
+
+
+class LogWindow:
+    """What the steps since the last metrics record add up: their summed loss (on the device, read once
+    per record: the one host sync), micro-batches, images, time waited for data."""
+
+    def __init__(self, device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.micro, self.images, self.wait = 0, 0, 0.0
+        self.start = time.perf_counter()

@@ -53,7 +53,7 @@ def timed(fn, device, iters, warmup=2) -> float:
 
 
 def clock_note(clock: dict | None) -> str:
-    """bench/kernels.py ClockSampler's means, for a row's note."""
+    """bench/kernel_times.py ClockSampler's means, for a row's note."""
     return (f"; SM clock {clock['mhz']:.0f} MHz, {clock['watts']:.0f} W, at power cap {100 * clock['capped']:.0f}% "
             "of the time" if clock else "")
 
@@ -171,7 +171,7 @@ def bench_components(model: Path, device: str, a) -> None:
                 record("encode", f"{tag} batch {label}", bs / s, "img/s", "VAE+T5+CLIP, no I/O")
                 if a.encode_seconds and device.startswith("cuda"):
                     # As the pipeline runs it: batches queued while earlier ones copy back, no wait each.
-                    from kernels import sustained
+                    from kernel_times import sustained
                     pending = collections.deque()
 
                     def queue_batch():
@@ -218,7 +218,7 @@ def bench_pipeline(model: Path, shards_glob: str, out_root: Path, device: str, a
             if out.exists():
                 import shutil
                 shutil.rmtree(out)
-            from kernels import ClockSampler, KernelTimes
+            from kernel_times import ClockSampler, KernelTimes
             # The board's clock and power after the first batch (steady state). An H100 kept busy
             # sits at its power cap; one that often idles shows below it (docs/BENCHMARKS.md, run F).
             clocks = ClockSampler(torch.cuda.current_device()) if device.startswith("cuda") else None

@@ -7,7 +7,7 @@ The fused T5 (shared/t5_fused.py) runs four matmuls per layer: q/k/v as one, the
 the gated FF's two input projections as one, the FF output. Each row runs one of them (cuBLAS, as
 inductor calls it) back to back for `--seconds`. It reports ms per call and TFLOP/s, and what
 nvidia-smi sampled meanwhile: the SM clock, the board power, and the share of samples in which the
-board's power cap held the clock down (bench/kernels.py sustained; 0 where nvidia-smi is
+board's power cap held the clock down (bench/kernel_times.py sustained; 0 where nvidia-smi is
 missing). The last row runs a layer's four in turn, as the encoder does. Its ms per image over 24
 layers is the floor of T5's matmul time in the encode pipeline, at the clock this GPU sustains.
 """
@@ -17,7 +17,7 @@ import argparse
 import sys
 
 import torch
-from kernels import sustained   # bench/kernels.py: this script's folder is on sys.path
+from kernel_times import sustained   # bench/kernel_times.py: this script's folder is on sys.path
 
 D_MODEL, D_FF, LAYERS = 4096, 10240, 24   # T5-XXL (FLUX's text_encoder_2); q/k/v inner width = d_model
 # name -> (in features, out features) of each fused matmul in a layer

@@ -1,4 +1,4 @@
-"""bench/kernels.py's steady-state busy share: overlapping kernels count once, gaps show."""
+"""bench/kernel_times.py's steady-state busy share: overlapping kernels count once, gaps show."""
 import importlib.util
 import time
 from pathlib import Path
@@ -7,7 +7,7 @@ import pytest
 
 # Loaded by path: bench/ on sys.path would shadow the `sample` package with bench/sample.py.
 _spec = importlib.util.spec_from_file_location(
-    "bench_kernels", Path(__file__).resolve().parents[1] / "bench" / "kernels.py")
+    "bench_kernels", Path(__file__).resolve().parents[1] / "bench" / "kernel_times.py")
 _kernels = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_kernels)
 tail_busy = _kernels.tail_busy

@@ -9,7 +9,8 @@ The caches are bench/train.py's synthetic ones (bench/train_data.py: 256px laten
 started here on 127.0.0.1 (`moto[server]`, the dev extra). Rows:
 - `read`: one process reads every row group through shared.cache.CacheReader, the next one fetched
   ahead as the trainer's stream does: rows/s and MB/s of one DataLoader worker.
-- `stream`: the trainer's DataLoader (train.data.CacheStream + train_loader, --workers workers); the
+- `stream`: the trainer's DataLoader (train.data.CacheStream + train_loader, --workers workers, batches
+  pinned where CUDA is, as the trainer's are); the
   consumer takes a batch of --batch-size, then sleeps batch/rate seconds, the step's time at the
   reduced FLUX's rate (215 samples/s trimmed, 140 padded-256: docs/BENCHMARKS.md, stage 2). Data wait =
   time spent in next() over the timed steps' wall time; the issue's target is under 2%.
@@ -28,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))   # tests/s3_server.py: the same server the tests start
 
-from train_data import write_cache  # noqa: E402 - beside this file
+from train_data import upload, write_cache  # noqa: E402 - beside this file
 
 # name -> (T5 mode, stored length or (min, max) real tokens, samples/s of the reduced FLUX on one H100)
 TEXT = {"trimmed": ("trimmed", (20, 40), 215.0), "padded-256": ("padded", 256, 140.0)}
@@ -51,12 +52,15 @@ def read_rows(cache: str) -> dict:
     return {"rows_per_s": rows / seconds, "mb_per_s": size / seconds / 1e6, "rows": rows}
 
 
-def stream_wait(cache: str, *, batch_size: int, workers: int, rate: float, steps: int, warmup: int) -> dict:
+def stream_wait(cache: str, *, batch_size: int, workers: int, prefetch: int, rate: float, steps: int,
+                warmup: int) -> dict:
     """The trainer's DataLoader over the cache, consumed at `rate` samples/s: the share of time waiting."""
+    import torch
     from train.data import CacheStream, train_loader
     stream = CacheStream(cache, batch_size=batch_size, seed=0, shuffle_buffer=256)
     stream.row_groups()
-    batches = iter(train_loader(stream, workers, pin_memory=False))
+    # pinned on a GPU machine, as the trainer does: the pin-memory thread takes the batches off the queue
+    batches = iter(train_loader(stream, workers, pin_memory=torch.cuda.is_available(), prefetch_factor=prefetch))
     step_s = batch_size / rate
     for _ in range(warmup):          # worker start-up and the first fetches
         next(batches)
@@ -72,23 +76,14 @@ def stream_wait(cache: str, *, batch_size: int, workers: int, rate: float, steps
     return {"data_wait_pct": 100.0 * wait / wall, "wait_per_step_ms": 1000.0 * wait / steps, "step_ms": 1000 * step_s}
 
 
-def upload(local: Path, server, name: str) -> str:
-    import s3fs
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.options())
-    if not fs.exists("bench"):
-        fs.mkdir("bench")
-    t0 = time.perf_counter()
-    fs.put(str(local), f"bench/{name}", recursive=True)
-    print(f"uploaded {name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return f"s3://bench/{name}"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--text", default="trimmed,padded-256", help="comma list of: " + ", ".join(TEXT))
     p.add_argument("--samples", type=int, default=None, help="rows per cache (default 2048 trimmed, 512 padded)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the stream rows")
+    p.add_argument("--prefetch-factor", type=int, default=2, help="batches each worker reads ahead "
+                   "(the trainer's data.prefetch_factor)")
     p.add_argument("--steps", type=int, default=60, help="timed steps per stream row")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--cache-root", default=os.path.join(tempfile.gettempdir(), "flux-bench-caches"))
@@ -106,8 +101,9 @@ def main() -> None:
             remote = upload(local, server, local.name)
             for where, cache in (("local disk", str(local)), ("S3 (moto, 127.0.0.1)", remote)):
                 row = {"text": name, "from": where, "samples": n, **read_rows(cache),
-                       **stream_wait(cache, batch_size=args.batch_size, workers=args.workers, rate=rate,
-                                     steps=args.steps, warmup=args.warmup), "rate": rate}
+                       **stream_wait(cache, batch_size=args.batch_size, workers=args.workers,
+                                     prefetch=args.prefetch_factor, rate=rate, steps=args.steps,
+                                     warmup=args.warmup), "rate": rate}
                 results.append(row)
                 print(json.dumps(row), file=sys.stderr)
     finally:
@@ -116,7 +112,8 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['text']} | {r['from']} | {r['rows_per_s']:.0f} | {r['mb_per_s']:.0f} | {r['rate']:.0f} "
-              f"({args.workers} workers, batch {args.batch_size}) | {r['wait_per_step_ms']:.1f} ms "
+              f"({args.workers} workers, prefetch {args.prefetch_factor}, batch {args.batch_size}) | "
+              f"{r['wait_per_step_ms']:.1f} ms "
               f"of {r['step_ms']:.0f} | {r['data_wait_pct']:.2f}% |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -7,6 +7,8 @@ Rows: `baseline` = FluxTransformer2DModel, eager, autocast bf16, AdamW, random t
 device (no data loading, no masks); `trainer` = train.loop.Trainer streaming a synthetic cache of the
 right shapes (written first under --cache-root, reused on reruns). Text: padded to 256 or 512 T5
 positions (FLUX-exact), or trimmed (20-40 real tokens, padded per batch and masked).
+`--cache-from local,s3` runs the trainer rows on the cache from disk and again from moto's S3 server,
+started on 127.0.0.1 (tests/s3_server.py, the dev extra), the cache uploaded there first.
 `--precision fp8` runs the trainer rows with float8 matmuls (run.precision fp8, torchao); the
 baseline stays bf16. MFU = model FLOPs / (time x bf16 peak) in every precision; model FLOPs =
 6 x (matmul weights each token passes through) x tokens + attention (12 x S^2 x width per layer),
@@ -30,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from flops import PEAK_BF16, attention_flops_per_image, linear_flops_per_image  # noqa: E402 - beside this file
-from train_data import write_cache  # noqa: E402 - beside this file
+from train_data import upload, write_cache  # noqa: E402 - beside this file
 
 from shared.presets import transformer_config  # noqa: E402
 
@@ -96,7 +98,7 @@ def run_baseline(cfg: dict, args, txt_len: int, latent_hw: int, device) -> dict:
     return {"images_per_s": b * args.grad_accum * args.steps / elapsed, "data_wait": 0.0}
 
 
-def run_trainer(cfg_overrides: dict, args, cache: Path, device) -> dict:
+def run_trainer(cfg_overrides: dict, args, cache: str, device) -> dict:
     """The project's trainer, as `accelerate launch train` runs it, on the cache."""
     from accelerate.state import AcceleratorState
     from train.config import load_config
@@ -116,7 +118,7 @@ def run_trainer(cfg_overrides: dict, args, cache: Path, device) -> dict:
     on_batch = None
     if args.profile:
         # Profile two whole optimizer steps after the untimed window (compilation is done by then).
-        from kernels import KernelTimes
+        from kernel_times import KernelTimes
         first = window * args.grad_accum
         span = 2 * args.grad_accum
         seen, prof = [0], KernelTimes()
@@ -161,6 +163,7 @@ def main(argv=None):
     p.add_argument("--text", default=None, help="comma list of text settings (default: all)")
     p.add_argument("--rows", default="baseline,trainer", help="comma list: baseline, trainer")
     p.add_argument("--cache-root", default=os.path.join(tempfile.gettempdir(), "flux-bench-caches"))
+    p.add_argument("--cache-from", default="local", help="comma list: local, s3 (the trainer rows' cache)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--profile", action="store_true",
                    help="print GPU time by kernel kind over two steps of each trainer row (CUDA)")
@@ -188,65 +191,99 @@ def main(argv=None):
     peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
     settings = text_settings(tiny)
     chosen = args.text.split(",") if args.text else list(settings)
-    rows = []
+    shape = {"cfg": cfg, "overrides": overrides, "latent_hw": latent_hw, "dims": dims, "img_tokens": img_tokens,
+             "peak": peak, "meta": meta}
     print(f"model: {params / 1e9:.2f}B params, {img_tokens} image tokens, batch {args.batch_size}, "
           f"grad_accum={args.grad_accum}, compile={args.compile}, grad_checkpointing={args.grad_checkpointing}, "
           f"device={args.device}", flush=True)
-    for name in chosen:
-        mode, length = settings[name]
-        cache, lengths = write_cache(Path(args.cache_root), f"{name}-{latent_hw}-{args.samples}", mode, length,
-                                     args.samples, latent_hw, dims)
-        mean_txt = sum(lengths) / len(lengths)
-        mean_sq = sum((img_tokens + n) ** 2 for n in lengths) / len(lengths)
-        for kind in args.rows.split(","):
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            try:
-                if kind == "baseline":
-                    base_len = length if mode == "padded" else length[1]
-                    result = run_baseline(cfg, args, base_len, latent_hw, device)
-                    txt, sq = base_len, (img_tokens + base_len) ** 2
-                else:
-                    args.profile_label = name
-                    result = run_trainer(overrides, args, cache, device)
-                    txt, sq = mean_txt, mean_sq
-            except torch.OutOfMemoryError:
-                from accelerate.state import AcceleratorState
-                AcceleratorState._reset_state(reset_partial_state=True)
-                torch._dynamo.reset()
-                rows.append({"row": kind, "text": name, "precision": args.precision, "error": "out of memory"})
-                print(f"{kind} {name}: out of memory", flush=True)
-                gc.collect()
-                torch.cuda.empty_cache()
-                continue
-            flops = linear_flops_per_image(meta, img_tokens, txt) + attention_flops_per_image(cfg, img_tokens, sq)
-            ips = result["images_per_s"]
-            row = {"row": kind, "text": name, "precision": "bf16" if kind == "baseline" and args.precision == "fp8"
-                   else args.precision, "images_per_s": ips, "tokens_per_s": ips * (img_tokens + txt),
-                   "mfu": ips * flops / peak if peak else None, "tflops": ips * flops / 1e12,
-                   "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-                   "data_wait": result["data_wait"], "losses": result.get("losses")}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    sources = args.cache_from.split(",")
+    server = s3_server() if "s3" in sources else None
+    try:
+        rows = [row for name in chosen for row in text_rows(name, settings[name], sources, server, args, shape, device)]
+    finally:
+        if server is not None:
+            server.stop()
     print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "params": params, "rows": rows}, indent=1))
 
 
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (the tests' own), its credentials and endpoint in this environment."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from s3_server import S3Server
+    server = S3Server()
+    os.environ.update(server.env())
+    return server
+
+
+def text_rows(name: str, setting, sources: list, server, args, shape: dict, device) -> list:
+    """The rows of one text setting: the baseline once, then the trainer once per cache source."""
+    mode, length = setting
+    hw = shape["latent_hw"]
+    cache, lengths = write_cache(Path(args.cache_root), f"{name}-{hw}-{args.samples}", mode, length,
+                                 args.samples, hw, shape["dims"])
+    where = {"local": str(cache)}
+    if server is not None:
+        where["s3"] = upload(cache, server, cache.name)
+    tokens = shape["img_tokens"]
+    trimmed = (sum(lengths) / len(lengths), sum((tokens + n) ** 2 for n in lengths) / len(lengths))
+    base_len = length if mode == "padded" else length[1]
+    runs = [(kind, "-" if kind == "baseline" else src) for kind in args.rows.split(",")
+            for src in (["-"] if kind == "baseline" else sources)]
+    rows = []
+    for kind, src in runs:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        row = {"row": kind, "text": name, "cache": src,
+               "precision": "bf16" if kind == "baseline" and args.precision == "fp8" else args.precision}
+        try:
+            if kind == "baseline":
+                result = run_baseline(shape["cfg"], args, base_len, hw, device)
+                txt, sq = base_len, (tokens + base_len) ** 2
+            else:
+                args.profile_label = name
+                result = run_trainer(shape["overrides"], args, where[src], device)
+                txt, sq = trimmed
+        except torch.OutOfMemoryError:
+            from accelerate.state import AcceleratorState
+            AcceleratorState._reset_state(reset_partial_state=True)
+            torch._dynamo.reset()
+            result = None
+        if result is None:
+            rows.append({**row, "error": "out of memory"})
+        else:
+            rows.append({**row, **throughput(result, shape, tokens, txt, sq, device)})
+        print(json.dumps(rows[-1]), flush=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def throughput(result: dict, shape: dict, tokens: int, txt: float, sq: float, device) -> dict:
+    """A row's images/s with its tokens/s, TFLOP/s, MFU, peak memory and data wait."""
+    cfg, peak = shape["cfg"], shape["peak"]
+    flops = linear_flops_per_image(shape["meta"], tokens, txt) + attention_flops_per_image(cfg, tokens, sq)
+    ips = result["images_per_s"]
+    return {"images_per_s": ips, "tokens_per_s": ips * (tokens + txt),
+            "mfu": ips * flops / peak if peak else None, "tflops": ips * flops / 1e12,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+            "data_wait": result["data_wait"], "losses": result.get("losses")}
+
+
 def print_table(rows):
-    head = (f"{'row':<9} {'text':<11} {'prec':<5} {'img/s':>8} {'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
+    head = (f"{'row':<9} {'text':<11} {'cache':<6} {'prec':<5} {'img/s':>8} {'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
             f"{'mem GiB':>8} {'data wait':>9}")
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         if "error" in r:
-            print(f"{r['row']:<9} {r['text']:<11} {r.get('precision', ''):<5} {r['error']}")
+            print(f"{r['row']:<9} {r['text']:<11} {r['cache']:<6} {r.get('precision', ''):<5} {r['error']}")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
-        print(f"{r['row']:<9} {r['text']:<11} {r['precision']:<5} {r['images_per_s']:>8.1f} {r['tokens_per_s']:>10.0f} "
+        print(f"{r['row']:<9} {r['text']:<11} {r['cache']:<6} {r['precision']:<5} {r['images_per_s']:>8.1f} "
+              f"{r['tokens_per_s']:>10.0f} "
               f"{r['tflops']:>8.2f} {mfu:>6} {mem:>8} {100 * r['data_wait']:>8.1f}%")
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -37,3 +39,15 @@ def write_cache(root: Path, name: str, mode: str, length, n: int, latent_hw: int
                                        vae={"scaling_factor": 0.3611, "shift_factor": 0.1159}))
     lengths_file.write_text(json.dumps(lengths))
     return out, lengths
+
+
+def upload(local: Path, server, name: str) -> str:
+    """A local cache copied into the bucket `bench` of an S3 server (tests/s3_server.py); its s3:// URL."""
+    import s3fs
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.options())
+    if not fs.exists("bench"):
+        fs.mkdir("bench")
+    t0 = time.perf_counter()
+    fs.put(str(local), f"bench/{name}", recursive=True)
+    print(f"uploaded {name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return f"s3://bench/{name}"

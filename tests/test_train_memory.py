@@ -92,6 +92,26 @@ def test_a_quantized_layer_keeps_only_its_quantized_weight_for_the_backward(kind
     assert torch.allclose(x.grad.float(), ref_x.grad.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("kind", ["int8", "float8", "nf4"])
+def test_a_quantized_layer_under_autocast_computes_in_autocasts_dtype(kind):
+    from train.quantize import quantize_block
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(256, 512)).to(torch.bfloat16).requires_grad_(False)
+    quantize_block(layer, kind)
+    weight = layer[0].weight
+    dense = (weight.get_original_weight() if kind == "nf4" else weight.dequantize()).to(torch.bfloat16)
+    x = torch.randn(8, 256, requires_grad=True)      # fp32, as a LayerNorm's output is under autocast
+    ref_x = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        ref_y = torch.nn.functional.linear(ref_x, dense, layer[0].bias)    # a plain bf16 linear's autocast
+    assert y.dtype == ref_y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), ref_y.float(), rtol=1e-2, atol=1e-2)
+    y.float().square().sum().backward()
+    ref_y.float().square().sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.allclose(x.grad, ref_x.grad, rtol=2e-2, atol=2e-2)
+
+
 def test_published_weights_load_straight_into_bf16(tiny_model):
     from shared.models import load_transformer
     fp32 = load_transformer(str(tiny_model), dtype=torch.float32).state_dict()

@@ -31,25 +31,27 @@ def quantize_block(block: torch.nn.Module, kind: str) -> int:
     if kind == "nf4":
         for m in linears:
             m.weight = torch.nn.Parameter(_to_nf4(tq, m.weight.detach()), requires_grad=False)
-        return len(linears)
-    if kind == "float8":
-        config = tq.Float8WeightOnlyConfig(set_inductor_config=False)
+    elif kind == "float8":
+        tq.quantize_(block, tq.Float8WeightOnlyConfig(set_inductor_config=False))
     elif kind == "int8":
-        config = tq.Int8WeightOnlyConfig(set_inductor_config=False)
+        tq.quantize_(block, tq.Int8WeightOnlyConfig(set_inductor_config=False))
     else:
         raise ModelLoadError(f"model.quantize_base: {kind!r} is not one of none, {', '.join(KINDS)}")
-    tq.quantize_(block, config)
     for m in linears:
         m.__class__ = FrozenQuantizedLinear
     return len(linears)
 
 
 class FrozenQuantizedLinear(torch.nn.Linear):
-    """A linear layer whose torchao-quantized weight stays quantized for the backward too. torchao's
-    weight-only matmul dequantizes the weight to bf16 in Python, above autograd, which then keeps that
-    bf16 copy for the input gradient: during a block's backward, a bf16 copy of all its weights."""
+    """A linear layer whose torchao-quantized weight stays quantized for the backward too, and whose
+    matmul runs in autocast's dtype. torchao's weight-only matmuls dequantize the weight in Python,
+    above autograd (which would then keep that dense copy for the input gradient: during a block's
+    backward, a copy of all its weights) and above autocast (so that an fp32 input, as a LayerNorm's
+    output is under autocast, made int8's matmul run and return fp32)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         return _FrozenLinear.apply(x, self.weight, self.bias)
 
 
@@ -62,7 +64,14 @@ class _FrozenLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        return grad @ weight.dequantize().to(grad.dtype), None, None
+        return grad @ _dense(weight, grad.dtype), None, None
+
+
+def _dense(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The quantized weight dequantized (NF4Tensor's `dequantize` is another function: its `to` is this)."""
+    if type(weight).__name__ == "NF4Tensor":
+        return weight.to(dtype)
+    return weight.dequantize().to(dtype)
 
 
 def _to_nf4(tq, weight: torch.Tensor):

@@ -38,7 +38,8 @@ class DataConfig:
     batch_size: int = 4                   # per process, per micro-step
     num_workers: int = 2                  # DataLoader workers per process
     shuffle_buffer: int = 256             # samples mixed across row groups
-    prefetch_factor: int = 2              # batches each DataLoader worker reads ahead
+    prefetch_factor: int = 4              # batches each DataLoader worker holds ready (2 let a slow
+    #                                       object store's stalls through: docs/BENCHMARKS.md)
     val_batch_size: int = 8               # per process, for the validation loss
     val_max_samples: int | None = None    # cap on validation samples (None: the whole cache)
     val_noise_cache_mb: int = 1024        # host memory per process for the fixed validation noise, drawn

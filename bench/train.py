@@ -197,6 +197,8 @@ def main(argv=None):
           f"grad_accum={args.grad_accum}, compile={args.compile}, grad_checkpointing={args.grad_checkpointing}, "
           f"device={args.device}", flush=True)
     sources = args.cache_from.split(",")
+    if not set(sources) <= {"local", "s3"}:
+        p.error(f"--cache-from: a comma list of local and s3, not {args.cache_from!r}")
     server = s3_server() if "s3" in sources else None
     try:
         rows = [row for name in chosen for row in text_rows(name, settings[name], sources, server, args, shape, device)]
@@ -227,10 +229,9 @@ def text_rows(name: str, setting, sources: list, server, args, shape: dict, devi
     if server is not None:
         where["s3"] = upload(cache, server, cache.name)
     tokens = shape["img_tokens"]
-    trimmed = (sum(lengths) / len(lengths), sum((tokens + n) ** 2 for n in lengths) / len(lengths))
+    cached = (sum(lengths) / len(lengths), sum((tokens + n) ** 2 for n in lengths) / len(lengths))   # mean T5, S^2
     base_len = length if mode == "padded" else length[1]
-    runs = [(kind, "-" if kind == "baseline" else src) for kind in args.rows.split(",")
-            for src in (["-"] if kind == "baseline" else sources)]
+    runs = [(kind, src) for kind in args.rows.split(",") for src in (["-"] if kind == "baseline" else sources)]
     rows = []
     for kind, src in runs:
         if device.type == "cuda":
@@ -244,7 +245,7 @@ def text_rows(name: str, setting, sources: list, server, args, shape: dict, devi
             else:
                 args.profile_label = name
                 result = run_trainer(shape["overrides"], args, where[src], device)
-                txt, sq = trimmed
+                txt, sq = cached
         except torch.OutOfMemoryError:
             from accelerate.state import AcceleratorState
             AcceleratorState._reset_state(reset_partial_state=True)

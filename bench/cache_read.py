@@ -10,10 +10,10 @@ started here on 127.0.0.1 (`moto[server]`, the dev extra). Rows:
 - `read`: one process reads every row group through shared.cache.CacheReader, the next one fetched
   ahead as the trainer's stream does: rows/s and MB/s of one DataLoader worker.
 - `stream`: the trainer's DataLoader (train.data.CacheStream + train_loader, --workers workers, batches
-  pinned where CUDA is, as the trainer's are); the
-  consumer takes a batch of --batch-size, then sleeps batch/rate seconds, the step's time at the
-  reduced FLUX's rate (215 samples/s trimmed, 140 padded-256: docs/BENCHMARKS.md, stage 2). Data wait =
-  time spent in next() over the timed steps' wall time; the issue's target is under 2%.
+  pinned where CUDA is, as the trainer's are); the consumer takes a batch of --batch-size, then
+  sleeps batch/rate seconds, the step's time at the reduced FLUX's rate (215 samples/s trimmed, 140
+  padded-256: docs/BENCHMARKS.md, stage 2). Data wait = time spent in next() over the timed steps'
+  wall time; the issue's target is under 2%.
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))   # tests/s3_server.py: the same server the tests start
 
 from train_data import upload, write_cache  # noqa: E402 - beside this file
+
+from train.config import DataConfig  # noqa: E402
 
 # name -> (T5 mode, stored length or (min, max) real tokens, samples/s of the reduced FLUX on one H100)
 TEXT = {"trimmed": ("trimmed", (20, 40), 215.0), "padded-256": ("padded", 256, 140.0)}
@@ -82,8 +84,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=None, help="rows per cache (default 2048 trimmed, 512 padded)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the stream rows")
-    p.add_argument("--prefetch-factor", type=int, default=2, help="batches each worker reads ahead "
-                   "(the trainer's data.prefetch_factor)")
+    p.add_argument("--prefetch-factor", type=int, default=DataConfig.prefetch_factor,
+                   help="batches each worker holds ready (default: the trainer's data.prefetch_factor)")
     p.add_argument("--steps", type=int, default=60, help="timed steps per stream row")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--cache-root", default=os.path.join(tempfile.gettempdir(), "flux-bench-caches"))

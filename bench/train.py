@@ -236,7 +236,7 @@ def text_rows(name: str, setting, sources: list, server, args, shape: dict, devi
     for kind, src in runs:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        row = {"row": kind, "text": name, "cache": src,
+        row = {"row": kind, "text": name, "cache": src, "cache_url": where.get(src),
                "precision": "bf16" if kind == "baseline" and args.precision == "fp8" else args.precision}
         try:
             if kind == "baseline":

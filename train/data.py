@@ -24,6 +24,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from shared.cache import CacheError, CacheReader, check_t5_mode
 from shared.text import T5_PAD_MULTIPLE, stack_text
 
+from .config import DataConfig
+
 
 def open_cache(cache_dir, expected_t5_mode: str | None = None, where: str = "cache",
                latent_logvar: bool = False, storage_options: dict | None = None) -> CacheReader:
@@ -351,7 +353,8 @@ def usable_workers(reader: CacheReader, num_workers: int, world_size: int) -> in
     return min(num_workers, groups // world_size)
 
 
-def train_loader(stream: CacheStream, num_workers: int, pin_memory: bool, prefetch_factor: int = 2) -> DataLoader:
+def train_loader(stream: CacheStream, num_workers: int, pin_memory: bool,
+                 prefetch_factor: int = DataConfig.prefetch_factor) -> DataLoader:
     """The DataLoader over the stream. Its workers' seeds come from a generator of its own: drawn from
     the global one, they would shift the numbers that stochastic rounding draws after a resume."""
     kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False} if num_workers > 0 else {}

@@ -27,9 +27,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE.parent / "tests"))   # tests/s3_server.py: the same server the tests start
 
-from train_data import upload, write_cache  # noqa: E402 - beside this file
+from train_data import s3_server, upload, write_cache  # noqa: E402 - beside this file
 
 from train.config import DataConfig  # noqa: E402
 
@@ -91,9 +90,7 @@ def main() -> None:
     p.add_argument("--cache-root", default=os.path.join(tempfile.gettempdir(), "flux-bench-caches"))
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
-    from s3_server import S3Server
-    server = S3Server()
-    os.environ.update(server.env())
+    server = s3_server()
     results = []
     try:
         for name in args.text.split(","):

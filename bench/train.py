@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from flops import PEAK_BF16, attention_flops_per_image, linear_flops_per_image  # noqa: E402 - beside this file
-from train_data import upload, write_cache  # noqa: E402 - beside this file
+from train_data import s3_server, upload, write_cache  # noqa: E402 - beside this file
 
 from shared.presets import transformer_config  # noqa: E402
 
@@ -208,15 +208,6 @@ def main(argv=None):
     print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "params": params, "rows": rows}, indent=1))
-
-
-def s3_server():
-    """moto's S3 server on 127.0.0.1 (the tests' own), its credentials and endpoint in this environment."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from s3_server import S3Server
-    server = S3Server()
-    os.environ.update(server.env())
-    return server
 
 
 def text_rows(name: str, setting, sources: list, server, args, shape: dict, device) -> list:

@@ -41,6 +41,17 @@ def write_cache(root: Path, name: str, mode: str, length, n: int, latent_hw: int
     return out, lengths
 
 
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (tests/s3_server.py, the one the tests start), its credentials and
+    endpoint in this process's environment, where the trainer's readers find them."""
+    import os
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from s3_server import S3Server
+    server = S3Server()
+    os.environ.update(server.env())
+    return server
+
+
 def upload(local: Path, server, name: str) -> str:
     """A local cache copied into the bucket `bench` of an S3 server (tests/s3_server.py); its s3:// URL."""
     import s3fs

@@ -20,6 +20,20 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux2_klein(tmp_path_factory):
+    """A tiny FLUX.2 [klein] folder (Flux2KleinPipeline, base: is_distilled false; pooling VAE, seed 0)."""
+    from shared.tiny_flux2 import write_tiny_flux2_klein
+    return write_tiny_flux2_klein(tmp_path_factory.mktemp("tiny_flux2") / "klein", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_dev(tmp_path_factory):
+    """A tiny FLUX.2 [dev] folder (Flux2Pipeline, guidance embedding; pooling VAE, seed 0)."""
+    from shared.tiny_flux2 import write_tiny_flux2_dev
+    return write_tiny_flux2_dev(tmp_path_factory.mktemp("tiny_flux2") / "dev", seed=0)
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """One S3-compatible server (moto) on 127.0.0.1 for the session, its endpoint and credentials in the
     environment (as boto and s3fs read them) while it runs; started by the first test that asks."""

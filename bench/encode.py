@@ -108,45 +108,45 @@ def bench_components(model: Path, device: str, a) -> None:
     compiled = (False, True) if a.compile else (False,)
     for compile_ in compiled:
         tag = "project compile" if compile_ else "project"
-        enc = Encoders(str(model), device, EncodeOptions(t5_mode="padded", t5_max_length=256, compile=compile_))
+        enc = Encoders(str(model), device, EncodeOptions(text_mode="padded", text_max_length=256, compile=compile_))
         with torch.inference_mode():
             t0 = time.perf_counter()
             enc.encode_pixels(pin)
             sync(device)
             s = timed(lambda: enc.encode_pixels(pin), device, a.iters)
             record("VAE", f"{tag} {res}px", bs / s, "img/s", f"batch {bs}, first call {time.perf_counter() - t0:.0f}s")
-            from shared.text import clip_pooled   # CLIP run up to the pooled token, as encode_prompts does
-            s = timed(lambda: clip_pooled(enc.clip, enc.clip_tok(caps, padding="max_length", max_length=77,
+            from shared.family.flux1_text import clip_pooled   # CLIP run up to the pooled token, as encode_prompts does
+            s = timed(lambda: clip_pooled(enc.text.clip, enc.text.clip_tok(caps, padding="max_length", max_length=77,
                                                                  truncation=True, return_tensors="pt").input_ids,
-                                          enc.clip_tok.eos_token_id, device), device, a.iters)
+                                          enc.text.clip_tok.eos_token_id, device), device, a.iters)
             record("CLIP", tag, bs / s, "prompts/s", f"batch {bs}, cut after the pooled token")
 
             def use_mode(label):
-                enc.opts.t5_mode = "trimmed" if label == "trimmed" else "padded"
-                enc.t5_max_length = 512 if label == "trimmed" else int(label.split("-")[1])
+                enc.opts.text_mode = enc.text.mode = "trimmed" if label == "trimmed" else "padded"
+                enc.text.max_length = 512 if label == "trimmed" else int(label.split("-")[1])
 
             def run_t5_project():   # T5 alone, tokenized and bucketed as Encoders.encode_text does
-                from shared.text import _pad_to_bucket
-                padded = enc.opts.t5_mode == "padded"
-                tok = enc.t5_tok(caps, padding="max_length" if padded else "longest", max_length=enc.t5_max_length,
+                from shared.family.flux1_text import _pad_to_bucket
+                padded = enc.opts.text_mode == "padded"
+                tok = enc.text.t5_tok(caps, padding="max_length" if padded else "longest", max_length=enc.text.max_length,
                                  truncation=True, return_tensors="pt")
                 ids, mask = tok.input_ids, tok.attention_mask
-                if not padded and enc.t5_pad_multiple:
-                    ids, mask = _pad_to_bucket(ids, mask, enc.t5_pad_multiple, enc.t5_max_length,
-                                               enc.t5_tok.pad_token_id)
-                return enc.t5(ids.to(device), attention_mask=None if padded else mask.to(device))[0]
+                if not padded and enc.text.pad_multiple:
+                    ids, mask = _pad_to_bucket(ids, mask, enc.text.pad_multiple, enc.text.max_length,
+                                               enc.text.t5_tok.pad_token_id)
+                return enc.text.t5(ids.to(device), attention_mask=None if padded else mask.to(device))[0]
 
             if compile_ and device.startswith("cuda"):
                 # The compiled T5's attention kernels at each padded length asked for
                 # (preprocess.encode.COMPILED_T5_ATTENTION picks one).
                 from shared.t5_fused import ATTENTION
-                chosen, blocks = enc.t5.attention, type(enc.t5).blocks.__get__(enc.t5)
+                chosen, blocks = enc.text.t5.attention, type(enc.text.t5).blocks.__get__(enc.text.t5)
                 for label in [m for m in a.modes if m.startswith("padded-")]:
                     use_mode(label)
                     reference = None
                     for attention in ATTENTION:
-                        enc.t5.attention = attention
-                        enc.t5.blocks = torch.compile(blocks, dynamic=False)
+                        enc.text.t5.attention = attention
+                        enc.text.t5.blocks = torch.compile(blocks, dynamic=False)
                         try:
                             s = timed(run_t5_project, device, a.iters)
                             out = run_t5_project().float()
@@ -157,7 +157,7 @@ def bench_components(model: Path, device: str, a) -> None:
                         diff = (out - reference).abs().max().item()
                         record("T5", f"compile {label} attention={attention}", bs / s, "prompts/s",
                                f"batch {bs}, max |diff| vs {ATTENTION[0]} {diff:.3g}")
-                enc.t5.attention, enc.t5.blocks = chosen, torch.compile(blocks, dynamic=False)
+                enc.text.t5.attention, enc.text.t5.blocks = chosen, torch.compile(blocks, dynamic=False)
             for label in a.modes:
                 use_mode(label)
                 t0 = time.perf_counter()
@@ -166,7 +166,7 @@ def bench_components(model: Path, device: str, a) -> None:
                 first = time.perf_counter() - t0
                 s = timed(run_t5_project, device, a.iters)
                 record("T5", f"{tag} {label}", bs / s, "prompts/s",
-                       f"batch {bs}, T5 {enc.t5_impl}, first call {first:.0f}s")
+                       f"batch {bs}, T5 {enc.text.t5_impl}, first call {first:.0f}s")
                 s = timed(lambda: enc.encode_batch(pin, caps).wait(), device, a.iters)
                 record("encode", f"{tag} batch {label}", bs / s, "img/s", "VAE+T5+CLIP, no I/O")
                 if a.encode_seconds and device.startswith("cuda"):
@@ -224,7 +224,7 @@ def bench_pipeline(model: Path, shards_glob: str, out_root: Path, device: str, a
             clocks = ClockSampler(torch.cuda.current_device()) if device.startswith("cuda") else None
             with KernelTimes(enabled=a.profile) as kernels:
                 stats = run_encode(str(model), shards_glob, out, prep=PrepOptions(resolution=a.resolution),
-                                   opts=EncodeOptions(t5_mode=mode, t5_max_length=length,
+                                   opts=EncodeOptions(text_mode=mode, text_max_length=length,
                                                       compile=a.compile_pipeline and tag != "padded-512"),
                                    batch_size=a.batch_size, num_workers=workers, rows_per_shard=a.rows_per_shard,
                                    device=device, progress=False, writer_threads=writer_threads)

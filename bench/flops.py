@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from train.model import per_sample_layer
+from shared.family import get_family
+
+per_sample_layer = get_family("flux1").per_sample_layer
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 

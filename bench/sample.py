@@ -23,8 +23,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sample.loop import configure_speed  # noqa: E402
-from shared.sampling import TextBatch, denoise, initial_noise  # noqa: E402
+from shared.family import get_family  # noqa: E402
+from shared.sampling import denoise, initial_noise  # noqa: E402
+from shared.text_batch import TextBatch  # noqa: E402
 from shared.latents import image_ids, latent_size, text_ids  # noqa: E402
+
+FLUX1 = get_family("flux1")
 from shared.presets import transformer_config  # noqa: E402
 
 
@@ -147,7 +151,7 @@ def main(argv=None):
     t5 = torch.randn(args.batch, t5_len, cfg.joint_attention_dim, generator=g, device=device, dtype=dtype)
     clip = torch.randn(args.batch, cfg.pooled_projection_dim, generator=g, device=device, dtype=dtype)
     text = TextBatch(t5, clip, None)
-    noise = initial_noise(list(range(args.batch)), size, size, device, dtype)
+    noise = initial_noise(FLUX1, 16, list(range(args.batch)), size, size, device, dtype)
     guidance = torch.full([args.batch], 3.5, device=device, dtype=torch.float32) if cfg.guidance_embeds else None
 
     rows = []
@@ -171,7 +175,7 @@ def main(argv=None):
         reference.append(base)
 
     def ours(n):
-        return denoise(transformer, noise, text, height_px=size, width_px=size, steps=n, shift=True,
+        return denoise(FLUX1, transformer, noise, text, height_px=size, width_px=size, steps=n, shift=True,
                        guidance=3.5 if cfg.guidance_embeds else None)
 
     record("loop eager", ours)

@@ -12,6 +12,7 @@ import torch
 def write_cache(root: Path, name: str, mode: str, length, n: int, latent_hw: int, dims: dict) -> tuple[Path, list]:
     """A synthetic cache (random tensors, bf16) with the shapes of the real thing; reused when present."""
     from shared.cache import CacheWriter, cache_manifest, write_manifest
+    from shared.family.flux1 import FLUX1
     from safetensors.torch import save_file
     out = root / name
     lengths_file = out / "lengths.json"
@@ -22,7 +23,7 @@ def write_cache(root: Path, name: str, mode: str, length, n: int, latent_hw: int
     max_length = length if mode == "padded" else length[1]
     lengths = []
     dtypes = {"latent": "bfloat16", "t5": "bfloat16", "clip": "bfloat16"}
-    with CacheWriter(out, "bench", dtypes, rows_per_shard=256, row_group_rows=32) as w:
+    with CacheWriter(out, "bench", dtypes, text=FLUX1.text, rows_per_shard=256, row_group_rows=32) as w:
         for i in range(n):
             real = length if mode == "padded" else int(torch.randint(length[0], length[1] + 1, (1,), generator=g))
             lengths.append(real)
@@ -33,9 +34,9 @@ def write_cache(root: Path, name: str, mode: str, length, n: int, latent_hw: int
         shards = w.close()
     save_file({"t5": torch.zeros(max_length if mode == "padded" else 1, dims["t5"]),
                "clip": torch.zeros(dims["clip"]), "t5_len": torch.tensor(1)}, str(out / "empty_prompt.safetensors"))
-    write_manifest(out, cache_manifest(dtypes=dtypes, dims={"latent_channels": 16, "t5_dim": dims["t5"],
+    write_manifest(out, cache_manifest(family=FLUX1, dtypes=dtypes, dims={"latent_channels": 16, "t5_dim": dims["t5"],
                                                            "clip_dim": dims["clip"]},
-                                       t5={"mode": mode, "max_length": max_length}, shards=shards,
+                                       text={"mode": mode, "max_length": max_length}, shards=shards,
                                        vae={"scaling_factor": 0.3611, "shift_factor": 0.1159}))
     lengths_file.write_text(json.dumps(lengths))
     return out, lengths

@@ -55,8 +55,9 @@ def encode_command(
                                                 "default: all of T5 in the compute dtype."),
     channels_last: bool = typer.Option(False, help="Deprecated; does nothing (NHWC VAE input ran slower, "
                                                    "docs/BENCHMARKS.md)."),
-    t5_impl: str = typer.Option("fused", help="fused: the project's T5 forward (fused projections, one SDPA call "
-                                             "per layer; same function, faster); transformers: the library's."),
+    t5_impl: Optional[str] = typer.Option(None, help="FLUX.1: fused (the default): the project's T5 forward (fused "
+                                                     "projections, one SDPA call per layer; same function, faster); "
+                                                     "transformers: the library's."),
     jpeg_draft: bool = typer.Option(True, help="Let libjpeg decode large JPEGs at a reduced scale (faster)."),
     rows_per_shard: int = typer.Option(1000, help="Rows per output Parquet shard at most."),
     writer_threads: int = typer.Option(2, min=1, help="Threads writing output shards (each input shard's rows "
@@ -99,9 +100,11 @@ def encode_command(
         return
     prep = PrepOptions(resolution=resolution, buckets=buckets, min_size=min_size_px,
                        jpeg_draft=jpeg_draft)
-    opts = EncodeOptions(t5_mode=t5_mode or "padded", t5_max_length=t5_max_length or None, store_logvar=store_logvar,
-                         dtype=dtype, compute_dtype=compute_dtype or None, compile=compile,
-                         t5_fp32_wo=t5_fp32_wo, t5_impl=t5_impl)
+    # FLUX.1's own text-encoder options, passed on where given (another family refuses them by name)
+    text_options = {k: v for k, v in (("t5_impl", t5_impl), ("t5_fp32_wo", t5_fp32_wo)) if v}
+    opts = EncodeOptions(text_mode=t5_mode or "padded", text_max_length=t5_max_length or None,
+                         store_logvar=store_logvar, dtype=dtype, compute_dtype=compute_dtype or None, compile=compile,
+                         text_options=text_options)
     command = recorded_command(sys.argv, config_flags(ctx))
     try:
         stats = run_encode(model, input, output, prep=prep, opts=opts, batch_size=batch_size,
@@ -125,8 +128,8 @@ def _encode_sample_prompts(model: str, output: str, prompts_file: Path, t5_mode,
     from shared.cache import CacheError
     from shared.models import ModelLoadError
     try:
-        n = encode_sample_prompts(model, output, prompts_file, t5_mode=t5_mode, t5_max_length=t5_max_length or None,
-                                  device=device, storage_options=options)
+        n = encode_sample_prompts(model, output, prompts_file, text_mode=t5_mode,
+                                  text_max_length=t5_max_length or None, device=device, storage_options=options)
     except (CacheError, ModelLoadError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

@@ -31,17 +31,19 @@ CROP_RULE = "resize short side to target (ceil), center crop"
 
 
 def run_settings(enc: Encoders, prep: PrepOptions, opts: EncodeOptions) -> dict:
+    """What the cache's `_progress/settings.json` records, and a rerun must match (ledger.py); the
+    text section and the encoder's own facts are the family's (FLUX.1: "t5", t5_wo_dtype, t5_impl)."""
     store = canonical_dtype(opts.dtype)
-    dtypes = {"latent": store, "t5": store, "clip": store}
+    spec = enc.text_spec
+    dtypes = {"latent": store, **{c: store for c in spec.tensor_columns}}
     if opts.store_logvar:
         dtypes["latent_logvar"] = store
     return {
         "encoders": enc.identities,
         "image": {"resolution": prep.resolution, "buckets": prep.bucket_list(), "crop": CROP_RULE,
                   "min_size": prep.min_size, "jpeg_draft": prep.jpeg_draft},
-        "t5": {"mode": opts.t5_mode, "max_length": enc.t5_max_length},
-        "dtypes": dtypes, "compute_dtype": enc.compute_dtype_name, "t5_wo_dtype": enc.t5_wo_dtype(),
-        "t5_impl": enc.t5_impl,   # recorded, not compared: both implementations compute the same function
+        spec.states: {"mode": opts.text_mode, "max_length": enc.text.max_length},
+        "dtypes": dtypes, "compute_dtype": enc.compute_dtype_name, **enc.text.facts(),
         "dims": enc.dims(), "vae": enc.vae_factors(),
     }
 
@@ -107,8 +109,8 @@ def _encode(model: str, out_dir: Store, todo: list[InputShard], device, *, prep:
     if not out_dir.exists(EMPTY_PROMPT_NAME):
         out_dir.write_bytes(EMPTY_PROMPT_NAME, save_safetensors(enc.empty_prompt()))
     bar = _progress_bar(progress, rank, todo, already_done)
-    outputs = ShardOutputs(out_dir, todo, settings["dtypes"], rows_per_shard=rows_per_shard, t5_mode=opts.t5_mode,
-                           bar=bar, rank=rank)
+    outputs = ShardOutputs(out_dir, todo, settings["dtypes"], rows_per_shard=rows_per_shard, text=enc.text_spec,
+                           text_mode=opts.text_mode, bar=bar, rank=rank)
     # Rows are written by background threads, each input shard's in order, while this one queues
     # the next batches. Each thread holds up to 4 batches: room for its fsync bursts.
     writer = RowWriterPool(outputs.write, threads=writer_threads, max_pending=4)

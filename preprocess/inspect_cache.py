@@ -5,10 +5,10 @@ import pyarrow as pa
 
 from shared.cache import CacheError, read_manifest
 from shared.cache.store import Store, open_store
+from shared.family import family_of_manifest
 
 from .verify import listed_shard_problems
 
-SMALL_COLUMNS = ["caption", "t5_len", "latent_h", "latent_w"]
 
 
 def _quantiles(series) -> str:
@@ -28,15 +28,18 @@ def inspect_cache(cache_dir, storage_options: dict | None = None) -> str:
         raise CacheError("\n".join(problems))
     shards = [s["path"] for s in manifest["shards"]]
     rows = sum(s["rows"] for s in manifest["shards"])
+    family = family_of_manifest(manifest)
+    text = family.text.settings(manifest)
     lines = [f"cache      {store.url}",
+             f"family     {family.name}",
              f"rows       {rows}",
              f"shards     {len(shards)}  ({sum(s['bytes'] for s in manifest['shards']) / 2**20:.1f} MiB)",
-             f"t5         {manifest['t5']['mode']}, max length {manifest['t5']['max_length']}",
+             f"{family.text.states:<10} {text['mode']}, max length {text['max_length']}",
              f"dtypes     {', '.join(f'{k}={v}' for k, v in manifest['dtypes'].items())}"]
     if rows == 0:
         lines.append("(no rows)")
     else:
-        lines += _bytes_per_sample(store, shards, rows) + _distributions(store, shards)
+        lines += _bytes_per_sample(store, shards, rows) + _distributions(store, shards, family.text.length)
     return "\n".join(lines + _skips(manifest))
 
 
@@ -56,26 +59,28 @@ def _bytes_per_sample(store: Store, shards: list[str], rows: int) -> list[str]:
     return lines
 
 
-def _small_columns(store: Store, name: str) -> pa.Table:
+def _small_columns(store: Store, name: str, length: str) -> pa.Table:
     try:
-        return store.open_parquet(name, page_checksum_verification=True).read(columns=SMALL_COLUMNS)
+        return store.open_parquet(name, page_checksum_verification=True).read(
+            columns=["caption", length, "latent_h", "latent_w"])
     except Exception as e:  # pyarrow raises several types for damaged pages
         raise CacheError(f"{store.url_of(name)}: unreadable ({e}); flux-prep verify checks every shard") from None
 
 
-def _distributions(store: Store, shards: list[str]) -> list[str]:
-    """Caption, T5 and latent size distributions, from the small columns only (pages checked)."""
+def _distributions(store: Store, shards: list[str], length: str) -> list[str]:
+    """Caption, text-length (`length`: the family's column) and latent size distributions, from the small
+    columns only (pages checked)."""
     import polars as pl   # here, not at the top: `verify` needs no polars (the GPU image lacks it)
-    tables = store.map(lambda name: _small_columns(store, name), shards)
+    tables = store.map(lambda name: _small_columns(store, name, length), shards)
     df = pl.from_arrow(pa.concat_tables(tables)).select(
         pl.col("caption").str.len_chars().alias("caption_chars"),
         pl.col("caption").str.split(" ").list.len().alias("caption_words"),
-        pl.col("t5_len").cast(pl.Int32), pl.col("latent_h"), pl.col("latent_w"),
+        pl.col(length).cast(pl.Int32), pl.col("latent_h"), pl.col("latent_w"),
     )
     sizes = df.group_by("latent_h", "latent_w").len().sort("len", descending=True)
     return [f"caption chars  {_quantiles(df['caption_chars'])}",
             f"caption words  {_quantiles(df['caption_words'])}",
-            f"t5_len         {_quantiles(df['t5_len'])}",
+            f"{length:<15}{_quantiles(df[length])}",
             "latent sizes   " + ", ".join(f"{h}x{w}: {n}" for h, w, n in sizes.iter_rows())]
 
 

@@ -31,9 +31,10 @@ DONE_DIR = "done"
 # 2: input-shard ids from the shard alone (folder/name), done-records with fingerprints. Version 1
 # ids depended on the whole --input spec, so its records cannot be matched to this run's shards.
 PROGRESS_VERSION = 2
-# What must match between runs writing into one cache; anything else (batch size, workers,
-# rows per shard, device) may change across a resume.
-SETTINGS_KEYS = ("encoders", "image", "t5", "dtypes", "compute_dtype", "t5_wo_dtype", "dims", "vae")
+# What must match between runs writing into one cache: every setting but the ledger's version and those
+# the family records only (its `settings_only`). Anything not in the settings (batch size, workers, rows per
+# shard, device) may change across a resume.
+NOT_COMPARED = ("progress_version",)
 
 
 class SettingsMismatch(Exception):
@@ -57,9 +58,9 @@ def _read_json(store: Store, name: str):
         return None
 
 
-def _comparable(settings: dict) -> dict:
+def _comparable(settings: dict, keys: list[str]) -> dict:
     """Encoders compare by weight hash (a moved folder is the same model), else by source."""
-    out = {k: settings.get(k) for k in SETTINGS_KEYS}
+    out = {k: settings.get(k) for k in keys}
     out["encoders"] = {part: (ident.get("sha256") or ident.get("source"))
                        for part, ident in (settings.get("encoders") or {}).items()}
     return out
@@ -78,9 +79,12 @@ def check_or_write_settings(out_dir, settings: dict) -> None:
     store = open_store(out_dir)
     old = _read_json(store, SETTINGS_FILE)
     if old is not None:
-        a, b = _comparable(old), _comparable(settings)
+        from shared.family import get_family
+        skip = NOT_COMPARED + get_family(settings.get("family")).settings_only
+        keys = [k for k in dict.fromkeys([*settings, *old]) if k not in skip]
+        a, b = _comparable(old, keys), _comparable(settings, keys)
         diffs = [f"{k}: cache has {json.dumps(a[k], sort_keys=True)}, this run {json.dumps(b[k], sort_keys=True)}"
-                 for k in SETTINGS_KEYS if a[k] != b[k]]
+                 for k in keys if a[k] != b[k]]
         if diffs:
             raise SettingsMismatch(
                 f"{out_dir} was encoded with other settings; refusing to mix caches ("
@@ -184,7 +188,9 @@ def sweep_temps(out_dir) -> list[str]:
 
 def manifest_of_records(out_dir, records: list[dict], command: str, version: str) -> dict:
     """The manifest covering the given done-records (the current --input's shards, in its order)."""
+    from shared.family import get_family
     settings = read_settings(out_dir)
+    family = get_family(settings.get("family"))
     shards, skipped, rows = [], {}, 0
     for rec in records:
         shards += rec["outputs"]
@@ -192,9 +198,10 @@ def manifest_of_records(out_dir, records: list[dict], command: str, version: str
         for reason, n in rec["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
     return cache_manifest(
-        dtypes=settings["dtypes"], dims=settings["dims"], t5=settings["t5"], shards=shards, rows=rows,
-        skipped=skipped, empty_prompt=EMPTY_PROMPT_NAME, encoders=settings["encoders"], vae=settings["vae"],
-        image=settings["image"], compute_dtype=settings["compute_dtype"], t5_wo_dtype=settings.get("t5_wo_dtype"),
+        family=family, dtypes=settings["dtypes"], dims=settings["dims"], text=settings[family.text.states],
+        shards=shards, rows=rows, skipped=skipped, empty_prompt=EMPTY_PROMPT_NAME, encoders=settings["encoders"],
+        vae=settings["vae"], image=settings["image"], compute_dtype=settings["compute_dtype"],
+        **{k: settings.get(k) for k in family.manifest_facts},
         inputs_done=[{"id": r["shard"], "url": r["url"], "rows": r["rows"]} for r in records],
         # Inputs that yielded no row (unreadable, empty, every sample skipped), named with their skips.
         inputs_without_rows=[{"id": r["shard"], "url": r["url"], "skipped": r["skipped"]}

@@ -1,7 +1,7 @@
 """`flux-prep plan`: how big a cache an encode would write, and how long it would take, before it runs.
 
 A few input shards are read (captions, and each image's size from its header: no decoding), the
-captions tokenized with the model's T5 tokenizer, and the rows of those samples written with the
+captions tokenized with the model family's text tokenizer, and the rows of those samples written with the
 real CacheWriter with empty tensors: the bytes that are not tensors (keys, captions, the small
 columns, Parquet's own) are measured, the tensors' bytes counted from their shapes. The sample's
 share of rows and of skips, scaled to every input shard, gives the cache's.
@@ -15,17 +15,17 @@ import torch
 
 from shared.cache import CacheWriter
 from shared.cache.schema import torch_dtype
-from shared.models import load_t5_tokenizer, part_config
+from shared.family import Family, family_of_model
+from shared.models import part_config
 from shared.precision import canonical_dtype
 
 from .decode import PrepOptions
-from .encode import t5_max_length
 from .images import ImageSkip, check_min_size, open_image, oriented_size, target_size
 from .sources import SKIP_TOO_SMALL, InputShard, Skip, image_bytes, iter_shard, read_caption, resolve_inputs
 
-# Encode rates measured in docs/BENCHMARKS.md (stage 1), img/s: GPU kind -> T5 setting -> rate.
+# Encode rates measured in docs/BENCHMARKS.md (stage 1), img/s: family -> GPU kind -> text setting -> rate.
 MEASURED_RATES = {
-    "1x H100 80GB": {"padded-256": 216.1, "trimmed": 614.0, "padded-512": 113.3},
+    "flux1": {"1x H100 80GB": {"padded-256": 216.1, "trimmed": 614.0, "padded-512": 113.3}},
 }
 RATE_NOTES = {"padded-512": "VAE+T5+CLIP without I/O (run E): an upper bound"}
 
@@ -37,7 +37,7 @@ class SampleRow:
     width: int
     height: int
     latent_hw: tuple[int, int]
-    t5_len: int
+    text_len: int
 
 
 def sample_shards(shards: list[InputShard], count: int) -> list[InputShard]:
@@ -80,66 +80,68 @@ def _sample_row(shard: InputShard, item, prep: PrepOptions, buckets, factor: int
     return None, SampleRow(shard.row_key(item.key), caption, w, h, (th // factor, tw // factor), 0)
 
 
-def t5_lengths(model: str, captions: list[str], max_length: int | None) -> tuple[list[int], int]:
-    """Each caption's real T5 tokens (end-of-sequence included, as encode counts them), and the max length."""
-    tok = load_t5_tokenizer(model)
-    length = t5_max_length(tok, max_length)
-    if not captions:
-        return [], length
-    mask = tok(captions, padding="longest", max_length=length, truncation=True, return_tensors="pt").attention_mask
-    return mask.sum(1).tolist(), length
-
-
-def other_bytes_per_row(rows: list[SampleRow], dtypes: dict, rows_per_shard: int) -> float:
+def other_bytes_per_row(rows: list[SampleRow], dtypes: dict, rows_per_shard: int, family: Family) -> float:
     """What a row costs beyond its tensors' bytes: the sample's rows written with empty tensors."""
-    with tempfile.TemporaryDirectory() as tmp, CacheWriter(tmp, "plan", dtypes, rows_per_shard=rows_per_shard,
+    spec = family.text
+    with tempfile.TemporaryDirectory() as tmp, CacheWriter(tmp, "plan", dtypes, text=spec,
+                                                           rows_per_shard=rows_per_shard,
                                                            row_group_rows=min(256, rows_per_shard)) as w:
         for r in rows:
-            w.add(key=r.key, caption=r.caption, latent=torch.zeros(16, 0, 0), t5=torch.zeros(0, 1), t5_len=r.t5_len,
-                  clip=torch.zeros(0), width=r.width, height=r.height)
+            empty = {spec.states: torch.zeros(0, 1), spec.length: r.text_len,
+                     **({spec.pooled: torch.zeros(0)} if spec.pooled else {})}
+            w.add(key=r.key, caption=r.caption, latent=torch.zeros(16, 0, 0), width=r.width, height=r.height, **empty)
         shards = w.close()
         return sum(s.bytes for s in shards) / len(rows)
 
 
-def tensor_bytes(row: SampleRow, mode: str, max_length: int, dims: dict, itemsize: int, logvar: bool) -> int:
-    """A row's tensor bytes: latent (and its log-variance), T5 (max_length or real tokens), CLIP."""
+def tensor_bytes(row: SampleRow, mode: str, max_length: int, dims: dict, itemsize: int, logvar: bool,
+                 family: Family) -> int:
+    """A row's tensor bytes: latent (and its log-variance), the text states (max_length or real tokens), a
+    pooled vector where the family has one."""
+    spec = family.text
     latent = dims["latent_channels"] * row.latent_hw[0] * row.latent_hw[1]
-    t5 = (max_length if mode == "padded" else row.t5_len) * dims["t5_dim"]
-    return itemsize * (latent * (2 if logvar else 1) + t5 + dims["clip_dim"])
+    states = (max_length if mode == "padded" else row.text_len) * dims[spec.dim_keys()[spec.states]]
+    pooled = dims[spec.dim_keys()[spec.pooled]] if spec.pooled else 0
+    return itemsize * (latent * (2 if logvar else 1) + states + pooled)
 
 
-def model_dims(model: str) -> dict:
-    vae, t5, clip = (part_config(model, p) for p in ("vae", "text_encoder_2", "text_encoder"))
-    return {"latent_channels": int(vae["latent_channels"]), "t5_dim": int(t5["d_model"]),
-            "clip_dim": int(clip["hidden_size"]), "vae_factor": 2 ** (len(vae["block_out_channels"]) - 1)}
+def model_dims(model: str, family: Family) -> dict:
+    vae = part_config(model, "vae")
+    return {"latent_channels": int(vae["latent_channels"]), **family.text_dims(model),
+            "vae_factor": 2 ** (len(vae["block_out_channels"]) - 1)}
 
 
-def plan(model: str, input_spec: str, prep: PrepOptions, *, t5_mode: str, t5_max_length_opt: int | None,
+def plan(model: str, input_spec: str, prep: PrepOptions, *, text_mode: str, text_max_length: int | None,
          dtype: str, store_logvar: bool, rows_per_shard: int, sample: int = 3) -> dict:
     """The estimate (see the module docstring); JSON-ready."""
     shards = resolve_inputs(input_spec)
-    dims = model_dims(model)
+    family = family_of_model(model)
+    if text_mode not in family.text.modes:
+        raise ValueError(f"{model}: {family.name} text takes mode {' or '.join(family.text.modes)}, not {text_mode!r}")
+    dims = model_dims(model, family)
     picked = sample_shards(shards, sample)
     rows, skips, seen = read_sample(picked, prep, dims["vae_factor"])
-    lengths, max_length = t5_lengths(model, [r.caption for r in rows], t5_max_length_opt)
+    lengths, max_length = family.text_lengths(model, [r.caption for r in rows], text_max_length)
     for r, n in zip(rows, lengths):
-        r.t5_len = int(n)
+        r.text_len = int(n)
     itemsize = torch_dtype(canonical_dtype(dtype)).itemsize
     store = canonical_dtype(dtype)
-    dtypes = {"latent": store, "t5": store, "clip": store, **({"latent_logvar": store} if store_logvar else {})}
+    dtypes = {"latent": store, **{c: store for c in family.text.tensor_columns},
+              **({"latent_logvar": store} if store_logvar else {})}
     scale = len(shards) / len(picked) if not picked[0].files else _folder_scale(shards, picked)
     expected_rows = round(len(rows) * scale)
-    other = other_bytes_per_row(rows, dtypes, rows_per_shard) if rows else 0.0
+    other = other_bytes_per_row(rows, dtypes, rows_per_shard, family) if rows else 0.0
     modes = {}
-    for mode in ("padded", "trimmed"):
-        per_row = (sum(tensor_bytes(r, mode, max_length, dims, itemsize, store_logvar) for r in rows) / len(rows)
-                   + other) if rows else 0.0
+    for mode in family.text.modes:
+        per_row = (sum(tensor_bytes(r, mode, max_length, dims, itemsize, store_logvar, family) for r in rows)
+                   / len(rows) + other) if rows else 0.0
         name = f"padded-{max_length}" if mode == "padded" else "trimmed"
-        modes[name] = {"t5_mode": mode, "bytes_per_sample": per_row, "total_bytes": per_row * expected_rows,
-                       "encode_hours": _hours(name, expected_rows)}
-    chosen = modes[f"padded-{max_length}" if t5_mode == "padded" else "trimmed"]
+        modes[name] = {"text_mode": mode, "bytes_per_sample": per_row, "total_bytes": per_row * expected_rows,
+                       "encode_hours": _hours(family, name, expected_rows)}
+    chosen = modes[f"padded-{max_length}" if text_mode == "padded" else "trimmed"]
     return {"rows": expected_rows, "bytes_per_sample": chosen["bytes_per_sample"], "total_bytes": chosen["total_bytes"],
-            "t5_mode": t5_mode, "t5_max_length": max_length, "modes": modes, "input_shards": len(shards),
+            "family": family.name, "text_mode": text_mode, "text_max_length": max_length, "modes": modes,
+            "input_shards": len(shards),
             "sampled_shards": len(picked), "sampled_samples": seen, "sampled_rows": len(rows),
             "skipped": dict(sorted(skips.items())), "below_min_size": skips.get(SKIP_TOO_SMALL, 0) / max(1, seen),
             "min_size": prep.min_size, "rate_notes": RATE_NOTES}
@@ -150,8 +152,9 @@ def _folder_scale(shards: list[InputShard], picked: list[InputShard]) -> float:
     return sum(len(s.files) for s in shards) / max(1, sum(len(s.files) for s in picked))
 
 
-def _hours(setting: str, rows: int) -> dict:
-    return {kind: rows / rates[setting] / 3600 for kind, rates in MEASURED_RATES.items() if setting in rates}
+def _hours(family: Family, setting: str, rows: int) -> dict:
+    rates = MEASURED_RATES.get(family.name, {})
+    return {kind: rows / by[setting] / 3600 for kind, by in rates.items() if setting in by}
 
 
 def _size(n: float) -> str:
@@ -169,13 +172,13 @@ def format_plan(p: dict) -> str:
              f"below --min-size {p['min_size']}: {100 * p['below_min_size']:.1f}% of the sampled images"]
     if p["skipped"]:
         lines.append("skipped        " + ", ".join(f"{k} {v}" for k, v in p["skipped"].items()) + " (in the sample)")
-    lines.append(f"{'T5 setting':<16}{'bytes/sample':>14}{'total':>12}   encode time (GPU kinds measured in "
+    lines.append(f"{'text setting':<16}{'bytes/sample':>14}{'total':>12}   encode time (GPU kinds measured in "
                  "docs/BENCHMARKS.md)")
-    chosen = f"padded-{p['t5_max_length']}" if p["t5_mode"] == "padded" else "trimmed"
+    chosen = f"padded-{p['text_max_length']}" if p["text_mode"] == "padded" else "trimmed"
     for name, m in p["modes"].items():
         hours = ", ".join(f"{kind}: {h:.2f} h" for kind, h in m["encode_hours"].items()) or "not measured"
         note = f" ({RATE_NOTES[name]})" if name in RATE_NOTES and m["encode_hours"] else ""
         mark = " *" if name == chosen else ""
         lines.append(f"{name + mark:<16}{_size(m['bytes_per_sample']):>14}{_size(m['total_bytes']):>12}   {hours}{note}")
-    lines.append("* the chosen --t5-mode")
+    lines.append(f"* the chosen text mode ({p['family']})")
     return "\n".join(lines)

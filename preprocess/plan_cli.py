@@ -32,7 +32,7 @@ def plan_command(**options):
         raise typer.BadParameter("--t5-mode must be padded or trimmed")
     prep = PrepOptions(resolution=o["resolution"], buckets=o["buckets"], min_size=min_size_option(o["min_size"]))
     try:
-        result = plan(o["model"], o["input"], prep, t5_mode=o["t5_mode"], t5_max_length_opt=o["t5_max_length"] or None,
+        result = plan(o["model"], o["input"], prep, text_mode=o["t5_mode"], text_max_length=o["t5_max_length"] or None,
                       dtype=o["dtype"], store_logvar=o["store_logvar"], rows_per_shard=o["rows_per_shard"],
                       sample=options["sample_shards"])
     except (InputError, ModelLoadError, ValueError) as e:

@@ -1,9 +1,9 @@
 """`flux-prep encode --sample-prompts FILE`: the prompts a training run renders samples of, encoded into
-an existing cache (after the images, or alone), with the cache's T5 mode and length.
+an existing cache (after the images, or alone), with the cache's text mode and length.
 
-They are encoded exactly as flux-sample encodes prompts (shared/sampling.py encode_all, the library's T5,
-one prompt at a time; bf16 on a GPU, fp32 on the CPU, flux-sample's own defaults), so that a sample the
-trainer renders equals flux-sample's image for the same weights and seed."""
+They are encoded exactly as flux-sample encodes prompts (the family's text encoder with the library's
+forward, one prompt at a time; bf16 on a GPU, fp32 on the CPU, flux-sample's own defaults), so that a
+sample the trainer renders equals flux-sample's image for the same weights and seed."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +13,7 @@ import torch
 from shared.cache import CacheError, read_manifest
 from shared.cache.sample_prompts import pack, write_sample_prompts
 from shared.devices import resolve_device
-from shared.models import load_clip, load_t5
-from shared.sampling import PromptEncoding, encode_all
+from shared.family import family_of_manifest, family_of_model
 
 
 def read_prompt_file(path: Path) -> list[str]:
@@ -30,35 +29,39 @@ def read_prompt_file(path: Path) -> list[str]:
     return prompts
 
 
-def check_t5_settings(manifest: dict, t5_mode: str | None, t5_max_length: int | None, where: str) -> None:
-    """Refuse T5 settings asked for on the command line that are not the cache's."""
-    t5 = manifest["t5"]
-    if t5_mode is not None and t5_mode != t5["mode"]:
-        raise CacheError(f"{where}: the cache's T5 mode is {t5['mode']!r}, not {t5_mode!r}; sample prompts are "
-                         "encoded as the cache was (leave --t5-mode out)")
-    if t5_max_length and int(t5_max_length) != int(t5["max_length"]):
-        raise CacheError(f"{where}: the cache's T5 length is {t5['max_length']}, not {t5_max_length}; sample "
-                         "prompts are encoded as the cache was (leave --t5-max-length out)")
+def check_text_settings(manifest: dict, mode: str | None, max_length: int | None, where: str) -> None:
+    """Refuse text settings asked for on the command line that are not the cache's."""
+    spec = family_of_manifest(manifest).text
+    text = spec.settings(manifest)
+    if mode is not None and mode != text["mode"]:
+        raise CacheError(f"{where}: the cache's {spec.label} mode is {text['mode']!r}, not {mode!r}; sample prompts "
+                         "are encoded as the cache was (leave --t5-mode out)")
+    if max_length and int(max_length) != int(text["max_length"]):
+        raise CacheError(f"{where}: the cache's {spec.label} length is {text['max_length']}, not {max_length}; "
+                         "sample prompts are encoded as the cache was (leave --t5-max-length out)")
 
 
-def encode_sample_prompts(model: str, cache: str, prompts_file: Path, *, t5_mode: str | None = None,
-                          t5_max_length: int | None = None, device: str | None = None,
+def encode_sample_prompts(model: str, cache: str, prompts_file: Path, *, text_mode: str | None = None,
+                          text_max_length: int | None = None, device: str | None = None,
                           storage_options: dict | None = None) -> int:
     """Encode the file's prompts (and the empty prompt) into `cache`; returns how many prompts."""
     prompts = read_prompt_file(prompts_file)
     manifest = read_manifest(cache, storage_options)
-    check_t5_settings(manifest, t5_mode, t5_max_length, str(cache))
+    check_text_settings(manifest, text_mode, text_max_length, str(cache))
+    family = family_of_manifest(manifest)
+    if family_of_model(model) is not family:
+        raise CacheError(f"{cache}: a {family.name} cache; {model} is a {family_of_model(model).name} model")
     dev = resolve_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    mode, length = manifest["t5"]["mode"], int(manifest["t5"]["max_length"])
-    t5_tok, t5 = load_t5(model, dtype, dev)
-    clip_tok, clip = load_clip(model, dtype, dev)
-    enc = encode_all(prompts + [""], t5_tok, t5, clip_tok, clip, t5_mode=mode, t5_max_length=length,
-                     batch_size=1)
-    dims = manifest["dims"]
-    if enc[0].t5.shape[-1] != dims["t5_dim"] or enc[0].clip.shape[-1] != dims["clip_dim"]:
-        raise CacheError(f"{cache}: {model}'s text encoders give T5 {enc[0].t5.shape[-1]} / CLIP "
-                         f"{enc[0].clip.shape[-1]} wide states, the cache holds {dims['t5_dim']} / {dims['clip_dim']}")
-    empty: PromptEncoding = enc[-1]
-    write_sample_prompts(cache, pack(prompts, enc[:-1], empty, t5_mode=mode, t5_max_length=length), storage_options)
+    spec = family.text
+    text = spec.settings(manifest)
+    encoder = family.load_text_encoder(model, dev, dtype, mode=text["mode"], max_length=int(text["max_length"]),
+                                       options=family.sampling_text_options)
+    enc = encoder.prompt_encodings(prompts + [""], batch_size=1)
+    have = {spec.states: enc[0].states.shape[-1], **({spec.pooled: enc[0].pooled.shape[-1]} if spec.pooled else {})}
+    want = {c: manifest["dims"][k] for c, k in spec.dim_keys().items()}
+    if have != want:
+        raise CacheError(f"{cache}: {model}'s text encoders give states of widths {have}, the cache holds {want}")
+    write_sample_prompts(cache, pack(prompts, enc[:-1], enc[-1], text=spec, mode=text["mode"],
+                                     max_length=int(text["max_length"])), storage_options)
     return len(prompts)

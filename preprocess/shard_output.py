@@ -20,9 +20,10 @@ class _ShardState:
 
 
 class ShardOutputs:
-    def __init__(self, out_dir: Store, todo: list[InputShard], dtypes: dict, *, rows_per_shard: int, t5_mode: str,
-                 bar=None, rank: int = 0):
-        self.out_dir, self.dtypes, self.rows_per_shard, self.t5_mode = out_dir, dtypes, rows_per_shard, t5_mode
+    def __init__(self, out_dir: Store, todo: list[InputShard], dtypes: dict, *, rows_per_shard: int, text,
+                 text_mode: str, bar=None, rank: int = 0):
+        self.out_dir, self.dtypes, self.rows_per_shard = out_dir, dtypes, rows_per_shard
+        self.text, self.text_mode = text, text_mode    # the family's TextSpec, padded or trimmed
         self.shards = {s.id: s for s in todo}
         self.bar, self.rank = bar, rank
         self.states: dict[str, _ShardState] = {}
@@ -32,8 +33,8 @@ class ShardOutputs:
 
     def _state(self, shard_id: str) -> _ShardState:
         if shard_id not in self.states:
-            writer = CacheWriter(self.out_dir, shard_id, self.dtypes, rows_per_shard=self.rows_per_shard,
-                                 row_group_rows=min(256, self.rows_per_shard))
+            writer = CacheWriter(self.out_dir, shard_id, self.dtypes, text=self.text,
+                                 rows_per_shard=self.rows_per_shard, row_group_rows=min(256, self.rows_per_shard))
             self.states[shard_id] = _ShardState(writer)
         return self.states[shard_id]
 
@@ -45,7 +46,7 @@ class ShardOutputs:
                 st.skipped[reason] = st.skipped.get(reason, 0) + n
                 self.stats["skipped"] += n
         if host is not None:
-            _write_rows(st.writer, item, host.wait(), self.t5_mode)
+            _write_rows(st.writer, item, host.wait(), self.text, self.text_mode)
             st.rows += len(item["keys"])
             with self._lock:
                 self.stats["rows"] += len(item["keys"])
@@ -78,10 +79,13 @@ class ShardOutputs:
             st.writer.abort()
 
 
-def _write_rows(writer: CacheWriter, item: dict, out: dict, t5_mode: str) -> None:
-    lengths = out["t5_len"].tolist()
-    t5 = out["t5"] if t5_mode == "padded" else [out["t5"][i, :n] for i, n in enumerate(lengths)]
+def _write_rows(writer: CacheWriter, item: dict, out: dict, spec, mode: str) -> None:
+    """One batch's rows; trimmed text keeps each caption's real tokens only."""
+    lengths = out[spec.length].tolist()
+    text = {c: out[c] for c in spec.tensor_columns}
+    if mode == "trimmed":
+        text[spec.states] = [out[spec.states][i, :n] for i, n in enumerate(lengths)]
     sizes = item["sizes"].tolist()
-    writer.add_batch(keys=item["keys"], captions=item["captions"], latent=out["latent"], t5=t5, t5_len=lengths,
-                     clip=out["clip"], widths=[s[0] for s in sizes], heights=[s[1] for s in sizes],
-                     latent_logvar=out.get("latent_logvar"), copy=False)   # `out` is this batch's own host copy
+    writer.add_batch(keys=item["keys"], captions=item["captions"], latent=out["latent"], widths=[s[0] for s in sizes],
+                     heights=[s[1] for s in sizes], latent_logvar=out.get("latent_logvar"), copy=False,
+                     **text, **{spec.length: lengths})   # `out` is this batch's own host copy

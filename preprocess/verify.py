@@ -7,15 +7,15 @@ import json
 
 from shared.cache import CacheError, read_manifest
 from shared.cache.keys import KeyReadError, duplicate_keys
-from shared.cache.schema import ARROW_SCHEMA, EMPTY_PROMPT_NAME, SCHEMA_VERSION, SHARD_SUFFIX
+from shared.cache.schema import EMPTY_PROMPT_NAME, SCHEMA_VERSION, SHARD_SUFFIX, arrow_schema
 from shared.cache.store import Store, open_store
 
 from .ledger import DONE_FOLDER
 
 
-def shard_problems(store: Store, entry: dict, size: int | None, checksum: bool = True) -> list[str]:
+def shard_problems(store: Store, entry: dict, size: int | None, schema, checksum: bool = True) -> list[str]:
     """What is wrong with one listed shard whose stored size is `size` (None: not there): missing,
-    size, sha256 (`checksum`), footer, schema, rows."""
+    size, sha256 (`checksum`), footer, `schema` (the cache family's columns), rows."""
     name = entry["path"]
     url = store.url_of(name)
     if size is None:
@@ -29,7 +29,7 @@ def shard_problems(store: Store, entry: dict, size: int | None, checksum: bool =
     except Exception as e:  # pyarrow raises several types for damaged files; a store, OSErrors
         return [f"{url}: not readable as Parquet ({e})"]
     problems = []
-    if not pf.schema_arrow.remove_metadata().equals(ARROW_SCHEMA):
+    if not pf.schema_arrow.remove_metadata().equals(schema):
         problems.append(f"{url}: columns differ from schema version {SCHEMA_VERSION}")
     version = (pf.schema_arrow.metadata or {}).get(b"flux_prep_schema_version", b"?").decode()
     if version != str(SCHEMA_VERSION):
@@ -41,8 +41,11 @@ def shard_problems(store: Store, entry: dict, size: int | None, checksum: bool =
 
 def listed_shard_problems(store: Store, manifest: dict, checksum: bool) -> list[str]:
     """shard_problems of every shard the manifest lists, sizes from one listing of the cache."""
+    from shared.family import family_of_manifest
     sizes = store.sizes()
-    found = store.map(lambda e: shard_problems(store, e, sizes.get(e["path"]), checksum), manifest["shards"])
+    schema = arrow_schema(family_of_manifest(manifest).text)
+    found = store.map(lambda e: shard_problems(store, e, sizes.get(e["path"]), schema, checksum),
+                      manifest["shards"])
     return [p for problems in found for p in problems]
 
 

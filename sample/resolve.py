@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.bfl import config_from_shapes, read_shapes
-from shared.fit import transformer_misfits
+from shared.family import Family, family_of_transformer
 from shared.models import (PICKLE_SUFFIXES, ModelLoadError, part_config, read_training_info, refuse_pickle,
                            require_safetensors, split_transformer_path)
 from shared.sampling import guidance_conventions, schedule_conventions
@@ -145,22 +145,31 @@ def _diffusers_lora(folder: Path, name: str) -> LoraSource:
     return LoraSource("diffusers", folder, name, "transformer" if prefixed else None)
 
 
-def check_fit(tcfg: dict, vae_cfg: dict, t5_cfg: dict, clip_cfg: dict, transformer: str) -> None:
-    """The transformer's input sizes must match what MODEL's VAE and text encoders produce."""
-    latent_ch, d_model, clip_dim = vae_cfg.get("latent_channels"), t5_cfg.get("d_model"), clip_cfg.get("hidden_size")
-    misfits = transformer_misfits(tcfg, latent_ch, d_model, clip_dim)
+def check_fit(family: Family, tcfg: dict, dims: dict, transformer: str) -> None:
+    """The transformer must be of MODEL's family, and its input sizes match what MODEL's VAE and text
+    encoders produce (`dims`: latent_channels and the family's text widths)."""
+    other = family_of_transformer(tcfg) if "_class_name" in tcfg else None
+    if other is not None and other is not family:
+        raise SampleError(f"{transformer}: a {other.name} transformer ({tcfg['_class_name']}), but --model is a "
+                          f"{family.name} model folder: give the text encoders and VAE of its own family")
+    misfits = family.misfits(tcfg, dims)
     if "latent_channels" in misfits:
+        latent_ch = dims["latent_channels"]
         raise SampleError(f"{transformer}: transformer takes {tcfg.get('in_channels')} input channels but the VAE "
                           f"has {latent_ch} latent channels (needs {4 * latent_ch} = 2x2 patches)")
     if "out_channels" in misfits:
         raise SampleError(f"{transformer}: transformer predicts {misfits['out_channels'][0]} channels, not its "
                           f"{tcfg['in_channels']} input channels")
-    if "t5_dim" in misfits:
-        raise SampleError(f"{transformer}: transformer expects T5 states of width {tcfg.get('joint_attention_dim')} "
-                          f"but the model's T5 encoder gives {d_model}")
-    if "clip_dim" in misfits:
-        raise SampleError(f"{transformer}: transformer expects a pooled CLIP vector of width "
-                          f"{tcfg.get('pooled_projection_dim')} but the model's CLIP encoder gives {clip_dim}")
+    spec = family.text
+    keys = spec.dim_keys()
+    if keys[spec.states] in misfits:
+        raise SampleError(f"{transformer}: transformer expects {spec.label} states of width "
+                          f"{tcfg.get('joint_attention_dim')} but the model's {spec.label} encoder gives "
+                          f"{dims[keys[spec.states]]}")
+    if spec.pooled and keys[spec.pooled] in misfits:
+        have, given = misfits[keys[spec.pooled]]
+        raise SampleError(f"{transformer}: transformer expects a pooled {spec.pooled_label} vector of width {have} "
+                          f"but the model's {spec.pooled_label} encoder gives {given}")
 
 
 def _get(info: dict, key: str, nested: tuple[str, str] | None = None):
@@ -174,8 +183,8 @@ def _get(info: dict, key: str, nested: tuple[str, str] | None = None):
 @dataclass
 class Conventions:
     """How this transformer must be prompted and sampled (None: take the tokenizer's, see cli)."""
-    t5_mode: str
-    t5_max_length: int | None
+    text_mode: str
+    text_max_length: int | None
     shift: bool
     steps: int
     guidance_embeds: bool
@@ -195,8 +204,8 @@ def conventions(model: str, tcfg: dict, info: dict, vae_cfg: dict) -> Convention
     if isinstance(resolution, (list, tuple)):
         resolution = resolution[0]
     return Conventions(
-        t5_mode=_get(info, "t5_mode", ("t5", "mode")) or "padded",
-        t5_max_length=_get(info, "t5_max_length", ("t5", "max_length")),
+        text_mode=_get(info, "t5_mode", ("t5", "mode")) or "padded",
+        text_max_length=_get(info, "t5_max_length", ("t5", "max_length")),
         shift=schedule["shift_schedule"],
         steps=schedule["default_steps"],
         guidance_embeds=guidance_embeds,

@@ -16,11 +16,11 @@ from tqdm import tqdm
 
 from shared.cache.schema import dtype_name
 from shared.devices import DeviceError, resolve_device
-from shared.models import ModelLoadError, load_clip, load_t5, load_transformer, load_vae
+from shared.family import Family, family_of_model
+from shared.models import ModelLoadError, load_transformer, load_vae
 from shared.precision import DTYPE_ALIASES, resolve_dtype
-from shared.sampling import (PromptEncoding, decode, denoise, encode_all, fuse_lora_adapter, guided_batch,
-                             initial_noise)
-from shared.text import T5_PAD_MULTIPLE
+from shared.sampling import decode, denoise, fuse_lora_adapter, guided_batch, initial_noise
+from shared.text_batch import TEXT_PAD_MULTIPLE, PromptEncoding
 
 from shared import image_files as output
 from .loop import configure_speed
@@ -72,6 +72,7 @@ def _device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
 @dataclass
 class Plan:
     """Everything checked: what to load and how to sample."""
+    family: Family
     prompts: list[str]
     source: object
     lora: object          # resolve.LoraSource | None
@@ -81,7 +82,7 @@ class Plan:
     steps: int
     guidance: float | None
     cfg_scale: float
-    t5_mode: str
+    text_mode: str
     device: torch.device
     dtype: torch.dtype
 
@@ -98,11 +99,14 @@ def plan(opts: SampleOptions) -> Plan:
     device, dtype = _device_dtype(opts.device, opts.dtype)
     source = resolve_transformer(opts.model, opts.transformer)
     lora, lora_info = resolve_lora(opts.lora)
-    vae_cfg = part_config(opts.model, "vae")
-    t5_cfg = part_config(opts.model, "text_encoder_2")
-    clip_cfg = part_config(opts.model, "text_encoder")
+    try:
+        family = family_of_model(opts.model)
+        vae_cfg = part_config(opts.model, "vae")
+        dims = {"latent_channels": vae_cfg.get("latent_channels"), **family.text_dims(opts.model)}
+    except ModelLoadError as e:
+        raise SampleError(str(e)) from None
     label = opts.transformer or f"{opts.model} (transformer)"
-    check_fit(source.config, vae_cfg, t5_cfg, clip_cfg, label)
+    check_fit(family, source.config, dims, label)
     conv = conventions(opts.model, source.config, {**source.info, **lora_info}, vae_cfg)
     width, height = opts.width or conv.resolution, opts.height or conv.resolution
     if width <= 0 or height <= 0 or width % 16 or height % 16:
@@ -113,11 +117,11 @@ def plan(opts: SampleOptions) -> Plan:
     cfg = conv.cfg_scale if opts.cfg_scale is None else opts.cfg_scale
     if cfg < 1.0:
         raise SampleError(f"--cfg-scale must be 1 (off) or more, got {cfg}")
-    t5_mode = opts.t5_mode or conv.t5_mode
-    if t5_mode not in ("padded", "trimmed"):
-        raise SampleError(f"unknown T5 mode {t5_mode!r}; choose padded or trimmed")
+    text_mode = opts.t5_mode or conv.text_mode
+    if text_mode not in family.text.modes:
+        raise SampleError(f"unknown {family.text.label} mode {text_mode!r}; choose {' or '.join(family.text.modes)}")
     guidance = (conv.guidance if opts.guidance is None else opts.guidance) if conv.guidance_embeds else None
-    return Plan(prompts, source, lora, conv, width, height, steps, guidance, cfg, t5_mode, device, dtype)
+    return Plan(family, prompts, source, lora, conv, width, height, steps, guidance, cfg, text_mode, device, dtype)
 
 
 def _release_memory() -> None:
@@ -127,13 +131,15 @@ def _release_memory() -> None:
 
 
 def encode(opts: SampleOptions, p: Plan) -> tuple[list[PromptEncoding], PromptEncoding | None, int]:
-    t5_tok, t5 = load_t5(opts.model, p.dtype, p.device)
-    clip_tok, clip = load_clip(opts.model, p.dtype, p.device)
-    max_len = opts.t5_max_length or p.conv.t5_max_length or min(512, int(t5_tok.model_max_length))
+    """Every prompt's encoding (and the empty prompt's for CFG), made before the transformer loads; the text
+    encoders then leave memory. Returns them and the text length used."""
+    encoder = p.family.load_text_encoder(opts.model, p.device, p.dtype, mode=p.text_mode,
+                                         max_length=opts.t5_max_length or p.conv.text_max_length,
+                                         options=p.family.sampling_text_options)
     texts = p.prompts + ([""] if p.cfg_scale > 1.0 else [])
-    enc = encode_all(texts, t5_tok, t5, clip_tok, clip, t5_mode=p.t5_mode, t5_max_length=max_len,
-                     batch_size=max(1, opts.batch_size))
-    del t5, clip
+    enc = encoder.prompt_encodings(texts, batch_size=max(1, opts.batch_size))
+    max_len = encoder.max_length
+    del encoder
     _release_memory()
     return enc[:len(p.prompts)], (enc[-1] if p.cfg_scale > 1.0 else None), max_len
 
@@ -189,15 +195,16 @@ def run(opts: SampleOptions) -> list[Path]:
         transformer = load_sampling_transformer(p.source, p.lora, p.dtype, p.device, compile_blocks=opts.compile,
                                                 attention_backend=opts.attention_backend, cudnn_sdpa=opts.cudnn_sdpa,
                                                 fuse_qkv=opts.fuse_qkv)
-        vae = load_vae(opts.model, p.dtype, p.device)
+        vae = load_vae(opts.model, p.dtype, p.device, p.family)
     except ModelLoadError as e:
         raise SampleError(str(e)) from None
     jobs = [(i, s) for i in range(len(p.prompts)) for s in opts.seeds]
     # A compiled transformer meets trimmed text in a few length buckets, not one shape per prompt.
-    pad_multiple = T5_PAD_MULTIPLE if opts.compile and p.t5_mode == "trimmed" else None
+    pad_multiple = TEXT_PAD_MULTIPLE if opts.compile and p.text_mode == "trimmed" else None
+    col = p.family.text.states
     meta = {"model": opts.model, "transformer": opts.transformer or f"{opts.model}/transformer",
             "lora": opts.lora or "", "steps": p.steps, "guidance": p.guidance, "cfg_scale": p.cfg_scale,
-            "width": p.width, "height": p.height, "t5_mode": p.t5_mode, "t5_max_length": max_len,
+            "width": p.width, "height": p.height, f"{col}_mode": p.text_mode, f"{col}_max_length": max_len,
             "shift_schedule": p.conv.shift, "dtype": dtype_name(p.dtype), "software": "flux-sample"}
     written, entries, images = [], [], []
     batches = [jobs[i:i + opts.batch_size] for i in range(0, len(jobs), opts.batch_size)]
@@ -205,10 +212,11 @@ def run(opts: SampleOptions) -> list[Path]:
     steps_bar = tqdm(total=p.steps * len(batches), desc="steps", unit="step", leave=False, disable=not opts.progress)
     for batch in batches:
         text = guided_batch([cond[i] for i, _ in batch], empty, pad_multiple)
-        noise = initial_noise([s for _, s in batch], p.height, p.width, p.device, p.dtype)
-        x0 = denoise(transformer, noise, text, height_px=p.height, width_px=p.width, steps=p.steps,
+        noise = initial_noise(p.family, transformer.config.in_channels // 4, [s for _, s in batch], p.height, p.width,
+                              p.device, p.dtype)
+        x0 = denoise(p.family, transformer, noise, text, height_px=p.height, width_px=p.width, steps=p.steps,
                      shift=p.conv.shift, guidance=p.guidance, cfg_scale=p.cfg_scale, progress=steps_bar)
-        pixels = decode(vae, x0, p.height, p.width).numpy()
+        pixels = decode(p.family, vae, x0, p.height, p.width).numpy()
         for (i, seed), img in zip(batch, pixels):
             path = opts.output / output.image_name(i, p.prompts[i], seed)
             output.save_png(img, path, {"prompt": p.prompts[i], "seed": seed, **meta})

@@ -1,4 +1,4 @@
-"""Loading the five parts of a FLUX model from a folder in diffusers' layout or a hub id.
+"""Loading the parts of a model folder in diffusers' layout or a hub id (a family says which it has).
 
 Weights are read from safetensors only, and no remote code is ever run: a pickled
 checkpoint can execute code when loaded, so every loader here refuses one.
@@ -10,13 +10,14 @@ from pathlib import Path
 
 import torch
 
+# The parts of a model folder in diffusers' layout; a family names what each of its own is (family/).
 PARTS = {
-    "vae": "the VAE (AutoencoderKL)",
-    "transformer": "the Flux transformer",
-    "text_encoder": "the CLIP text encoder",
-    "text_encoder_2": "the T5 text encoder",
-    "tokenizer": "the CLIP tokenizer",
-    "tokenizer_2": "the T5 tokenizer",
+    "vae": "the VAE",
+    "transformer": "the transformer",
+    "text_encoder": "the text encoder",
+    "text_encoder_2": "the second text encoder",
+    "tokenizer": "the tokenizer",
+    "tokenizer_2": "the second tokenizer",
     "scheduler": "the noise schedule",
 }
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -60,32 +61,36 @@ def split_transformer_path(name: str) -> tuple[str, str | None]:
     return name, "transformer"
 
 
-def _source(model: str, part: str) -> tuple[str, dict]:
-    """Where `from_pretrained` finds `part`: a local sub-folder, or the hub id with `subfolder`."""
+def _source(model: str, part: str, what: str | None = None) -> tuple[str, dict]:
+    """Where `from_pretrained` finds `part` (`what` it is, for messages): a local sub-folder, or the hub
+    id with `subfolder`."""
     if part not in PARTS:
         raise ValueError(f"unknown model part {part!r}")
     path = Path(model)
     if path.exists():
         sub = path / part
         if not sub.is_dir():
-            raise ModelLoadError(f"{model}: missing {part}/ ({PARTS[part]}); expected diffusers' FLUX folder layout")
+            raise ModelLoadError(f"{model}: missing {part}/ ({what or PARTS[part]}); expected diffusers' FLUX "
+                                 "folder layout")
         return str(sub), {}
     if not is_hub_id(model):
         raise ModelLoadError(f"{model}: no such folder, and not a hub id of the form 'org/name'")
     return str(model), {"subfolder": part}
 
 
-def _load(loader, model: str, part: str, **kwargs):
-    src, extra = _source(model, part)
+def load_part(loader, model: str, part: str, what: str | None = None, **kwargs):
+    """`loader` (a from_pretrained) of one part of `model`, safetensors only; errors name the part."""
+    src, extra = _source(model, part, what)
+    what = what or PARTS[part]
     local = Path(src).is_dir()
     if local and part not in ("tokenizer", "tokenizer_2"):
-        require_safetensors(Path(src), PARTS[part])
+        require_safetensors(Path(src), what)
     try:
         return loader(src, **extra, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
         if not local and offline():
             raise ModelLoadError(not_here_offline(model, part)) from e
-        raise ModelLoadError(f"{model}: cannot load {part} ({PARTS[part]}): {str(e).splitlines()[0]}") from e
+        raise ModelLoadError(f"{model}: cannot load {part} ({what}): {str(e).splitlines()[0]}") from e
 
 
 def offline() -> bool:
@@ -101,39 +106,38 @@ def not_here_offline(model: str, part: str) -> str:
             f"and as a hub id its {part} is not in the local hub cache while the hub is offline (HF_HUB_OFFLINE)")
 
 
-def load_vae(model: str, dtype=torch.float32, device="cpu"):
-    from diffusers import AutoencoderKL
-    return _load(AutoencoderKL.from_pretrained, model, "vae", torch_dtype=dtype, use_safetensors=True).to(device).eval()
+def load_vae(model: str, dtype=torch.float32, device="cpu", family=None):
+    """The VAE of a model folder/hub id, of its family's class (`family`: given, or read from the folder)."""
+    from .family import family_of_model
+    family = family or family_of_model(model)
+    return load_part(family.vae_cls().from_pretrained, model, "vae", family.parts["vae"], torch_dtype=dtype,
+                     use_safetensors=True).to(device).eval()
 
 
 def load_transformer(model: str, dtype=torch.float32, device="cpu", part: str = "transformer"):
-    """The transformer of a model folder/hub id; `part=None` reads `model` itself as a transformer folder."""
-    from diffusers import FluxTransformer2DModel
+    """The transformer of a model folder/hub id; `part=None` reads `model` itself as a transformer folder.
+    Its class is its family's, read from its config."""
+    from .family import family_of_transformer
+    config = part_config(model, part) if part else _folder_config(model)
+    family = family_of_transformer(config)
+    if family is None:
+        raise ModelLoadError(f"{model}: the transformer's config names class {config.get('_class_name')!r}, "
+                             "not one of flux-prep's families")
+    cls = family.transformer_cls()
     if part is None:
-        path = Path(model)
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{model}: not a transformer folder (no config.json)")
         try:
-            return FluxTransformer2DModel.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True).to(device)
+            return cls.from_pretrained(str(model), torch_dtype=dtype, use_safetensors=True).to(device)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"{model}: cannot load the transformer: {str(e).splitlines()[0]}") from e
-    return _load(FluxTransformer2DModel.from_pretrained, model, part, torch_dtype=dtype,
-                 use_safetensors=True).to(device)
+    return load_part(cls.from_pretrained, model, part, family.parts[part], torch_dtype=dtype,
+                     use_safetensors=True).to(device)
 
 
-def load_t5(model: str, dtype=torch.float32, device="cpu"):
-    """(tokenizer, encoder) for T5."""
-    from transformers import AutoTokenizer, T5EncoderModel
-    tok = _load(AutoTokenizer.from_pretrained, model, "tokenizer_2", trust_remote_code=False)
-    enc = _load(T5EncoderModel.from_pretrained, model, "text_encoder_2", dtype=dtype, use_safetensors=True,
-                trust_remote_code=False)
-    return tok, enc.to(device).eval()
-
-
-def load_t5_tokenizer(model: str):
-    """T5's tokenizer alone (no weights)."""
-    from transformers import AutoTokenizer
-    return _load(AutoTokenizer.from_pretrained, model, "tokenizer_2", trust_remote_code=False)
+def _folder_config(folder: str) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{folder}: not a transformer folder (no config.json)")
+    return json.loads(path.read_text())
 
 
 def part_config(model: str, part: str, filename: str = "config.json", required: bool = True) -> dict | None:
@@ -164,23 +168,14 @@ def _hub_file(model: str, part: str, filename: str) -> Path:
         raise ModelLoadError(f"{model}: cannot read {part}/{filename} ({str(e).splitlines()[0]})") from e
 
 
-def load_clip(model: str, dtype=torch.float32, device="cpu"):
-    """(tokenizer, encoder) for CLIP-L's text tower."""
-    from transformers import AutoTokenizer, CLIPTextModel
-    tok = _load(AutoTokenizer.from_pretrained, model, "tokenizer", trust_remote_code=False)
-    enc = _load(CLIPTextModel.from_pretrained, model, "text_encoder", dtype=dtype, use_safetensors=True,
-                trust_remote_code=False)
-    return tok, enc.to(device).eval()
-
-
-def model_identity(model: str, part: str) -> dict:
+def model_identity(model: str, part: str, what: str | None = None) -> dict:
     """What identifies a part's weights for a cache manifest: its source and a hash of its files.
 
     The hash covers each safetensors file's name, size and header (tensor names, shapes,
     dtypes, offsets) and its first and last MiB; hashing 10 GB of T5 on every run would
     cost more than it protects."""
     import hashlib
-    src, extra = _source(model, part)
+    src, extra = _source(model, part, what)
     info = {"source": str(model), "part": part}
     folder = Path(src)
     if not folder.is_dir():
@@ -199,6 +194,24 @@ def model_identity(model: str, part: str) -> dict:
     if cfg.is_file():
         h.update(cfg.read_bytes())
     return info | {"sha256": h.hexdigest()}
+
+
+def model_index(model: str) -> dict | None:
+    """A model folder's (or cached hub model's) model_index.json, None where it has none."""
+    path = Path(model) / "model_index.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if Path(model).exists():
+        return None
+    if not is_hub_id(model):
+        raise ModelLoadError(f"{model}: no such folder, and not a hub id of the form 'org/name'")
+    from huggingface_hub import hf_hub_download
+    try:
+        return json.loads(Path(hf_hub_download(model, "model_index.json")).read_text())
+    except Exception as e:  # noqa: BLE001 - the hub client's many error types, named once
+        if offline():
+            raise ModelLoadError(not_here_offline(model, "model_index.json")) from e
+        raise ModelLoadError(f"{model}: cannot read model_index.json ({str(e).splitlines()[0]})") from e
 
 
 def read_training_info(transformer_dir) -> dict:

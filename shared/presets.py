@@ -16,6 +16,7 @@ class Preset:
     default_steps: int          # sampling steps the model is made for
     shift_schedule: bool        # whether sampling shifts the schedule by image-token count
     hub_id: str | None = None   # where the real weights live
+    family: str = "flux1"       # shared/family/
 
 
 _FLUX_TRANSFORMER = dict(

@@ -7,6 +7,7 @@ import torch
 
 import shared.cache.files as files
 from shared.cache import CacheWriter
+from shared.family.flux1 import FLUX1
 from shared.cache.files import HashingFile
 
 CHUNK = os.urandom(3000)
@@ -57,8 +58,8 @@ def test_shards_are_the_same_bytes_with_and_without_write_back(tmp_path, monkeyp
     shas = {}
     for writeback in (0, 1024):
         monkeypatch.setattr(files, "WRITEBACK_BYTES", writeback)
-        with CacheWriter(tmp_path / str(writeback), "part-000", {"latent": "bfloat16", "t5": "bfloat16",
-                                                                 "clip": "bfloat16"}, rows_per_shard=4) as w:
+        dtypes = {"latent": "bfloat16", "t5": "bfloat16", "clip": "bfloat16"}
+        with CacheWriter(tmp_path / str(writeback), "part-000", dtypes, text=FLUX1.text, rows_per_shard=4) as w:
             for r in rows:
                 w.add(**r)
         shas[writeback] = [s.sha256 for s in w.shards]

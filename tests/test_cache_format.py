@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from shared.cache import CacheError, CacheReader, CacheWriter, cache_manifest, read_manifest, write_manifest
+from shared.family.flux1 import FLUX1
 
 
 def _rand(shape, dtype, seed):
@@ -14,13 +15,14 @@ def _rand(shape, dtype, seed):
 
 
 def _write_cache(path, rows, *, mode, dtypes, rows_per_shard=3, row_group_rows=2, logvar=False):
-    with CacheWriter(path, "part-000", dtypes, rows_per_shard=rows_per_shard,
+    with CacheWriter(path, "part-000", dtypes, text=FLUX1.text, rows_per_shard=rows_per_shard,
                      row_group_rows=row_group_rows) as w:
         for r in rows:
             w.add(**r, latent_logvar=r["latent"] * 0.5 if logvar else None)
     max_len = max(r["t5"].shape[0] for r in rows)
-    write_manifest(path, cache_manifest(dtypes=dtypes, dims={"latent_channels": 16, "t5_dim": 8, "clip_dim": 12},
-                                        t5={"mode": mode, "max_length": max_len}, shards=w.shards))
+    write_manifest(path, cache_manifest(family=FLUX1, dtypes=dtypes,
+                                        dims={"latent_channels": 16, "t5_dim": 8, "clip_dim": 12},
+                                        text={"mode": mode, "max_length": max_len}, shards=w.shards))
     return w.shards
 
 
@@ -42,10 +44,11 @@ def test_tensor_bytes_round_trip_bit_exact(tmp_path, dtype):
     latent, t5, clip = _rand((16, 4, 6), dt, 0), _rand((7, 8), dt, 1), _rand((12,), dt, 2)
     latent.view(-1)[:5] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-30]).to(dt)
     dtypes = dict.fromkeys(("latent", "t5", "clip"), dtype)
-    with CacheWriter(tmp_path, "part-000", dtypes) as w:
+    with CacheWriter(tmp_path, "part-000", dtypes, text=FLUX1.text) as w:
         w.add(key="k", caption="c", latent=latent, t5=t5, t5_len=7, clip=clip, width=48, height=32)
-    write_manifest(tmp_path, cache_manifest(dtypes=dtypes, dims={"latent_channels": 16, "t5_dim": 8, "clip_dim": 12},
-                                            t5={"mode": "trimmed", "max_length": 7}, shards=w.shards))
+    write_manifest(tmp_path, cache_manifest(family=FLUX1, dtypes=dtypes,
+                                        dims={"latent_channels": 16, "t5_dim": 8, "clip_dim": 12},
+                                            text={"mode": "trimmed", "max_length": 7}, shards=w.shards))
     group = CacheReader(tmp_path).row_group("part-000-00000.parquet", 0)
     for name, want in (("latent", latent), ("t5", t5), ("clip", clip)):
         got = group[name][0]
@@ -93,7 +96,8 @@ def test_same_shapes_decode_as_one_stacked_tensor(tmp_path):
 def test_row_groups_sized_by_bytes(tmp_path):
     rows = _rows(10, trimmed=False, dtype=torch.float32)
     dtypes = dict.fromkeys(("latent", "t5", "clip"), "float32")
-    with CacheWriter(tmp_path, "p", dtypes, rows_per_shard=100, row_group_rows=100, row_group_bytes=5000) as w:
+    with CacheWriter(tmp_path, "p", dtypes, text=FLUX1.text, rows_per_shard=100, row_group_rows=100,
+                     row_group_bytes=5000) as w:
         for r in rows:
             w.add(**r)
     meta = pq.ParquetFile(tmp_path / "p-00000.parquet").metadata
@@ -104,7 +108,7 @@ def test_row_groups_sized_by_bytes(tmp_path):
 
 def test_no_partial_shard_visible_and_abort_cleans(tmp_path):
     dtypes = dict.fromkeys(("latent", "t5", "clip"), "bfloat16")
-    w = CacheWriter(tmp_path, "p", dtypes, rows_per_shard=5, row_group_rows=1)
+    w = CacheWriter(tmp_path, "p", dtypes, text=FLUX1.text, rows_per_shard=5, row_group_rows=1)
     for r in _rows(7, trimmed=False, dtype=torch.bfloat16):
         w.add(**r)
     visible = sorted(p.name for p in tmp_path.glob("*.parquet"))
@@ -136,7 +140,7 @@ def test_manifest_version_and_fields_checked(tmp_path):
 
 
 def test_bad_shapes_refused(tmp_path):
-    w = CacheWriter(tmp_path, "p", dict.fromkeys(("latent", "t5", "clip"), "bfloat16"))
+    w = CacheWriter(tmp_path, "p", dict.fromkeys(("latent", "t5", "clip"), "bfloat16"), text=FLUX1.text)
     with pytest.raises(ValueError, match="bad shapes"):
         w.add(key="x", caption="", latent=torch.zeros(16, 4), t5=torch.zeros(3, 8), t5_len=3,
               clip=torch.zeros(12), width=1, height=1)
@@ -160,10 +164,10 @@ def test_add_batch_equals_adding_rows_one_by_one(tmp_path, trimmed):
         r["latent_logvar"] = -r["latent"]
     dtypes = {**dict.fromkeys(("latent", "t5", "clip"), "bfloat16"), "latent_logvar": "float16"}
     limits = dict(rows_per_shard=5, row_group_rows=3, row_group_bytes=3000)
-    with CacheWriter(tmp_path / "one", "p", dtypes, **limits) as w:
+    with CacheWriter(tmp_path / "one", "p", dtypes, text=FLUX1.text, **limits) as w:
         for r in rows:
             w.add(**r)
-    with CacheWriter(tmp_path / "batch", "p", dtypes, **limits) as w:
+    with CacheWriter(tmp_path / "batch", "p", dtypes, text=FLUX1.text, **limits) as w:
         for lo, hi in ((0, 4), (4, 5), (5, 11)):
             part = rows[lo:hi]
 
@@ -183,7 +187,7 @@ def test_add_batch_does_not_alias_the_callers_tensors(tmp_path):
     rows = _rows(2, trimmed=False, dtype=torch.float32)
     dtypes = dict.fromkeys(("latent", "t5", "clip"), "float32")
     latent = torch.stack([r["latent"] for r in rows])
-    w = CacheWriter(tmp_path, "p", dtypes, row_group_rows=100)
+    w = CacheWriter(tmp_path, "p", dtypes, text=FLUX1.text, row_group_rows=100)
     w.add_batch(keys=["a", "b"], captions=["", ""], latent=latent, t5=torch.stack([r["t5"] for r in rows]),
                 clip=torch.stack([r["clip"] for r in rows]), t5_len=[1, 1], widths=[1, 1], heights=[1, 1])
     expected = latent.clone()
@@ -198,7 +202,7 @@ def test_add_batch_without_copy_writes_the_same_shard(tmp_path):
     dtypes = dict.fromkeys(("latent", "t5", "clip"), "bfloat16")
     shas = []
     for copy in (True, False):
-        w = CacheWriter(tmp_path / str(copy), "p", dtypes, row_group_rows=2)
+        w = CacheWriter(tmp_path / str(copy), "p", dtypes, text=FLUX1.text, row_group_rows=2)
         w.add_batch(keys=["a", "b", "c"], captions=["x", "y", "z"], latent=torch.stack([r["latent"] for r in rows]),
                     t5=torch.stack([r["t5"] for r in rows]), clip=torch.stack([r["clip"] for r in rows]),
                     t5_len=[1, 1, 1], widths=[8, 8, 8], heights=[8, 8, 8], copy=copy)

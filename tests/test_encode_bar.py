@@ -72,7 +72,7 @@ def test_a_remote_style_tar_gets_its_total_once_one_is_encoded(tars, tmp_path):
 def test_encode_shows_the_total_it_reaches(tiny_model, tars, tmp_path, capsys):
     shutil.copy(sorted(tars.glob("*.tar"))[0], tmp_path / "in.tar")
     run_encode(str(tiny_model), str(tmp_path / "in.tar"), tmp_path / "cache", prep=PrepOptions(resolution=16),
-               opts=EncodeOptions(t5_mode="trimmed", compute_dtype="fp32"), batch_size=3, num_workers=0,
+               opts=EncodeOptions(text_mode="trimmed", compute_dtype="fp32"), batch_size=3, num_workers=0,
                rows_per_shard=4, device="cpu", progress=True)
     err = capsys.readouterr().err
     assert "encode[rank 0]: 100%" in err and "8/8 [" in err, err

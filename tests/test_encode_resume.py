@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from shared.cache import CacheReader
-from shared.cache.schema import ARROW_SCHEMA
+from shared.cache.schema import arrow_schema
+from shared.family.flux1 import FLUX1
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
        "PYTHONUNBUFFERED": "1"}
@@ -128,7 +129,7 @@ def test_two_processes_equal_one(tiny_model, demo_data, clean_run, tmp_path):
     clean = raw_rows(clean_run)
     assert rows.keys() == clean.keys()
     for key, row in rows.items():
-        for col in ARROW_SCHEMA.names:   # every column of the contract
+        for col in arrow_schema(FLUX1.text).names:   # every column of the contract
             assert row[col] == clean[key][col], (key, col)
     m = CacheReader(out).manifest
     assert len(m["inputs_done"]) == 30 and m["rows"] == 360

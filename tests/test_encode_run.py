@@ -15,8 +15,8 @@ from preprocess.images import prepare_image, to_model_range
 from preprocess.ledger import SettingsMismatch
 from preprocess.verify import cache_warnings, verify_cache
 from shared.cache import CacheReader
-from shared.models import ModelLoadError, load_clip, load_t5, load_vae
-from shared.text import encode_prompts
+from shared.family.flux1_text import encode_prompts, load_clip, load_t5
+from shared.models import ModelLoadError, load_vae
 
 
 def read_rows(cache) -> dict:
@@ -33,7 +33,7 @@ def read_rows(cache) -> dict:
 
 def _encode(tiny_model, spec, out, mode="padded", dtype="fp32", **kw):
     prep = PrepOptions(**{"resolution": 32, "min_size": 16, **kw.pop("prep", {})})
-    opts = EncodeOptions(t5_mode=mode, dtype=dtype, compute_dtype="fp32", **kw)
+    opts = EncodeOptions(text_mode=mode, dtype=dtype, compute_dtype="fp32", **kw)
     return run_encode(str(tiny_model), spec, out, prep=prep, opts=opts, batch_size=3, num_workers=0,
                       rows_per_shard=2, device="cpu", progress=False)
 
@@ -110,7 +110,7 @@ def test_changed_options_are_refused_and_rerun_is_a_no_op(tiny_model, bad_inputs
     assert again["rows"] == 0 and again["shards_skipped_done"] == 1 and again["manifest_written"]
     assert {p.name: p.read_bytes() for p in out.glob("*.parquet")} == before
     for change in ({"mode": "trimmed"}, {"dtype": "bf16"}, {"store_logvar": True},
-                   {"prep": {"buckets": True}}, {"t5_max_length": 16}):
+                   {"prep": {"buckets": True}}, {"text_max_length": 16}):
         with pytest.raises(SettingsMismatch, match="refusing to mix"):
             _encode(tiny_model, spec, out, **change)
     assert {p.name: p.read_bytes() for p in out.glob("*.parquet")} == before

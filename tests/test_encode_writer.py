@@ -125,11 +125,11 @@ def test_pool_raises_one_threads_error_at_the_next_submit_of_any_key():
 
 def test_t5_wo_dtype_follows_the_option(tiny_model):
     full = Encoders(str(tiny_model), "cpu", EncodeOptions(compute_dtype="bf16"))
-    kept = Encoders(str(tiny_model), "cpu", EncodeOptions(compute_dtype="bf16", t5_fp32_wo=True))
-    assert full.t5_wo_dtype() == "bfloat16"
-    assert kept.t5_wo_dtype() == "float32"
-    assert all(p.dtype.is_floating_point and p.dtype.itemsize == 2 for p in full.t5.parameters())
-    assert {p.dtype.itemsize for n, p in kept.t5.named_parameters() if ".wo." not in n} == {2}
+    kept = Encoders(str(tiny_model), "cpu", EncodeOptions(compute_dtype="bf16", text_options={"t5_fp32_wo": True}))
+    assert full.text.facts()["t5_wo_dtype"] == "bfloat16"
+    assert kept.text.facts()["t5_wo_dtype"] == "float32"
+    assert all(p.dtype.is_floating_point and p.dtype.itemsize == 2 for p in full.text.t5.parameters())
+    assert {p.dtype.itemsize for n, p in kept.text.t5.named_parameters() if ".wo." not in n} == {2}
 
 
 def test_t5_wo_choice_is_recorded_and_a_different_choice_refused(tiny_model, tmp_path):
@@ -146,4 +146,4 @@ def test_t5_wo_choice_is_recorded_and_a_different_choice_refused(tiny_model, tmp
     from shared.cache import CacheReader
     assert CacheReader(out).manifest["t5_wo_dtype"] == "bfloat16"
     with pytest.raises(SettingsMismatch, match="t5_wo_dtype"):
-        encode(t5_fp32_wo=True)
+        encode(text_options={"t5_fp32_wo": True})

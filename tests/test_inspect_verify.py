@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from preprocess.cli import app
 from shared.cache import CacheWriter, cache_manifest, write_manifest
+from shared.family.flux1 import FLUX1
 
 DTYPES = dict.fromkeys(("latent", "t5", "clip"), "bfloat16")
 
@@ -15,7 +16,7 @@ DTYPES = dict.fromkeys(("latent", "t5", "clip"), "bfloat16")
 @pytest.fixture
 def cache(tmp_path):
     g = torch.Generator().manual_seed(0)
-    with CacheWriter(tmp_path, "part-000", DTYPES, rows_per_shard=4, row_group_rows=2) as w:
+    with CacheWriter(tmp_path, "part-000", DTYPES, text=FLUX1.text, rows_per_shard=4, row_group_rows=2) as w:
         for i in range(10):
             n = 3 + i % 5
             w.add(key=f"{i:04d}", caption="a red circle " + "x " * i, latent=torch.randn(16, 4, 4, generator=g),
@@ -87,7 +88,7 @@ def test_verify_not_a_cache(tmp_path):
 
 def _write_rows(folder, prefix, keys):
     g = torch.Generator().manual_seed(len(prefix))
-    with CacheWriter(folder, prefix, DTYPES, rows_per_shard=8) as w:
+    with CacheWriter(folder, prefix, DTYPES, text=FLUX1.text, rows_per_shard=8) as w:
         for key in keys:
             w.add(key=key, caption="a caption", latent=torch.randn(16, 4, 4, generator=g), t5=torch.randn(3, 8),
                   t5_len=3, clip=torch.randn(12), width=64, height=64)
@@ -95,8 +96,8 @@ def _write_rows(folder, prefix, keys):
 
 
 def _manifest(shards, **extra):
-    return cache_manifest(dtypes=DTYPES, dims={"latent_channels": 16, "t5_dim": 8, "clip_dim": 12},
-                          t5={"mode": "trimmed", "max_length": 32}, shards=shards, **extra)
+    return cache_manifest(family=FLUX1, dtypes=DTYPES, dims={"latent_channels": 16, "t5_dim": 8, "clip_dim": 12},
+                          text={"mode": "trimmed", "max_length": 32}, shards=shards, **extra)
 
 
 def test_manifest_writer_and_verify_refuse_a_repeated_key(tmp_path):

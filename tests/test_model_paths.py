@@ -2,7 +2,8 @@
 import pytest
 
 from shared.cache import CacheError, CacheReader
-from shared.models import ModelLoadError, load_t5_tokenizer
+from shared.family.flux1_text import load_t5_tokenizer
+from shared.models import ModelLoadError
 
 
 def test_a_hub_id_while_offline_says_offline_and_where_the_folder_was_looked_for(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from shared.cache import CacheError, CacheReader, CacheWriter
+from shared.family.flux1 import FLUX1
 from shared.cache.store import open_store
 from train_caches import write_cache
 
@@ -44,7 +45,7 @@ def test_a_failed_upload_leaves_no_object_and_no_parts(s3_server, s3_bucket):
     store = open_store(f"{s3_bucket}/cache", options)
     big = torch.randn(3 << 20)       # 12 MiB of float32 rows
     with pytest.raises(RuntimeError):
-        with CacheWriter(store, "x", DTYPES, rows_per_shard=10, row_group_rows=1) as w:
+        with CacheWriter(store, "x", DTYPES, text=FLUX1.text, rows_per_shard=10, row_group_rows=1) as w:
             for i in range(3):
                 w.add(key=f"k{i}", caption="c", latent=big.view(1, 1024, -1)[:, :, :1024], t5=big.view(-1, 1024),
                       t5_len=1, clip=torch.zeros(4), width=8, height=8)
@@ -54,7 +55,7 @@ def test_a_failed_upload_leaves_no_object_and_no_parts(s3_server, s3_bucket):
     bucket = s3_bucket.removeprefix("s3://")
     assert fs.find(bucket) == []
     assert fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []) == []
-    with CacheWriter(store, "x", DTYPES, rows_per_shard=10, row_group_rows=1) as w:
+    with CacheWriter(store, "x", DTYPES, text=FLUX1.text, rows_per_shard=10, row_group_rows=1) as w:
         w.add(key="k", caption="c", latent=torch.zeros(1, 8, 8), t5=big.view(-1, 1024)[:2048], t5_len=2048,
               clip=torch.zeros(4), width=8, height=8)
     shard = w.shards[0]

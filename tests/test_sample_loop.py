@@ -5,11 +5,29 @@ import numpy as np
 import pytest
 import torch
 
-from shared.sampling import TextBatch, decode, denoise, encode_all, guided_batch, initial_noise
 from sample.run import SampleOptions, encode, load_sampling_transformer, plan
-from shared.models import load_clip, load_t5
+from shared.family.flux1 import FLUX1
+from shared.sampling import decode, guided_batch
+from shared.sampling import denoise as _denoise
+from shared.sampling import initial_noise as _initial_noise
+from shared.text_batch import TextBatch
 
 PROMPT = "a red circle on a blue background"
+
+
+def initial_noise(seeds, height, width, device, dtype):
+    return _initial_noise(FLUX1, 16, seeds, height, width, device, dtype)
+
+
+def denoise(transformer, noise, text, **kw):
+    return _denoise(FLUX1, transformer, noise, text, **kw)
+
+
+def encode_all(model, prompts, mode):
+    """FLUX.1's text encodings as flux-sample makes them (the library's T5)."""
+    encoder = FLUX1.load_text_encoder(str(model), "cpu", torch.float32, mode=mode, max_length=32,
+                                      options=FLUX1.sampling_text_options)
+    return encoder.prompt_encodings(prompts)
 W, H, STEPS, SEED = 64, 48, 4, 3
 
 
@@ -30,7 +48,7 @@ def _ours(model, **kw):
                 height_px=H, width_px=W, steps=STEPS, shift=p.conv.shift, guidance=p.guidance,
                 cfg_scale=p.cfg_scale)
     from shared.models import load_vae
-    return x, decode(load_vae(str(model)), x, H, W).numpy()
+    return x, decode(FLUX1, load_vae(str(model)), x, H, W).numpy()
 
 
 def _pipeline(model, output_type, **kw):
@@ -74,10 +92,8 @@ def test_trimmed_batch_masks_padding(tiny_model):
     gives alone (no padding at all); and trimmed is a different conditioning from padded."""
     from shared.models import load_transformer
     prompts = ["a red circle", "two small blue squares on a large green background"]
-    t5_tok, t5 = load_t5(str(tiny_model))
-    clip_tok, clip = load_clip(str(tiny_model))
-    enc = encode_all(prompts, t5_tok, t5, clip_tok, clip, t5_mode="trimmed", t5_max_length=32)
-    assert enc[0].t5.shape[0] < enc[1].t5.shape[0]
+    enc = encode_all(tiny_model, prompts, "trimmed")
+    assert enc[0].states.shape[0] < enc[1].states.shape[0]
     transformer = load_transformer(str(tiny_model))
     run = dict(height_px=32, width_px=32, steps=2)
     batch = TextBatch.collate(enc)
@@ -89,10 +105,10 @@ def test_trimmed_batch_masks_padding(tiny_model):
         assert torch.allclose(together[i], alone[0], atol=1e-5), i
     # length buckets (for a compiled transformer): more masked padding, the same images
     bucketed = TextBatch.collate(enc, pad_multiple=16)
-    assert bucketed.t5.shape[1] == 16 and batch.t5.shape[1] < 16
+    assert bucketed.states.shape[1] == 16 and batch.states.shape[1] < 16
     x_bucket = denoise(transformer, initial_noise([0, 1], 32, 32, "cpu", torch.float32), bucketed, **run)
     assert torch.allclose(x_bucket, together, atol=1e-5)
-    padded = encode_all(prompts[:1], t5_tok, t5, clip_tok, clip, t5_mode="padded", t5_max_length=32)
+    padded = encode_all(tiny_model, prompts[:1], "padded")
     x_pad = denoise(transformer, initial_noise([0], 32, 32, "cpu", torch.float32), TextBatch.collate(padded), **run)
     assert (x_pad[0] - together[0]).abs().max() > 1e-4
 
@@ -108,9 +124,7 @@ def test_speed_options_keep_the_result(tiny_model):
     latents; the 'eager' compile backend checks the full-graph tracing without a C++ toolchain."""
     from sample.loop import configure_speed
     from shared.models import load_transformer
-    t5_tok, t5 = load_t5(str(tiny_model))
-    clip_tok, clip = load_clip(str(tiny_model))
-    text = TextBatch.collate(encode_all([PROMPT], t5_tok, t5, clip_tok, clip, t5_mode="padded", t5_max_length=32))
+    text = TextBatch.collate(encode_all(tiny_model, [PROMPT], "padded"))
     run = dict(height_px=32, width_px=32, steps=2)
     noise = initial_noise([0], 32, 32, "cpu", torch.float32)
     plain = denoise(load_transformer(str(tiny_model)), noise, text, **run)

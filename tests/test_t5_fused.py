@@ -6,7 +6,7 @@ import torch
 from transformers import T5Config, T5EncoderModel
 
 from preprocess.encode import EncodeOptions, Encoders
-from shared.models import load_t5
+from shared.family.flux1_text import load_t5
 from shared.t5_fused import FusedT5Encoder
 
 CAPTIONS = ["a red circle on a white background", "blue", "a long caption " + "with many words " * 6]
@@ -73,16 +73,18 @@ def test_a_non_gated_t5_is_refused_with_the_reason():
 
 
 def test_encoders_use_the_fused_forward_unless_told_otherwise(tiny_model):
-    assert Encoders(str(tiny_model), "cpu", EncodeOptions()).t5_impl == "fused"
-    assert Encoders(str(tiny_model), "cpu", EncodeOptions(t5_impl="transformers")).t5_impl == "transformers"
-    assert Encoders(str(tiny_model), "cpu", EncodeOptions(t5_fp32_wo=True)).t5_impl == "transformers"
+    def impl(**options):
+        return Encoders(str(tiny_model), "cpu", EncodeOptions(text_options=options)).text.t5_impl
+    assert impl() == "fused"
+    assert impl(t5_impl="transformers") == "transformers"
+    assert impl(t5_fp32_wo=True) == "transformers"
     with pytest.raises(ValueError, match="t5_impl"):
-        Encoders(str(tiny_model), "cpu", EncodeOptions(t5_impl="fast"))
+        impl(t5_impl="fast")
 
 
 @pytest.mark.parametrize("mode", ["padded", "trimmed"])
 def test_a_short_batch_padded_to_full_size_gives_the_same_rows(tiny_model, mode):
-    enc = Encoders(str(tiny_model), "cpu", EncodeOptions(t5_mode=mode, t5_max_length=32))
+    enc = Encoders(str(tiny_model), "cpu", EncodeOptions(text_mode=mode, text_max_length=32))
     pixels = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     plain = enc.encode_batch(pixels, CAPTIONS).wait()
     enc.pad_batches = True          # what --compile turns on

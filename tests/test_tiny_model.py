@@ -7,8 +7,8 @@ import torch
 from typer.testing import CliRunner
 
 from preprocess.cli import app
-from shared.models import ModelLoadError, load_clip, load_t5, load_transformer, load_vae, model_identity, refuse_pickle
-from shared.text import encode_prompts
+from shared.family.flux1_text import encode_prompts, load_clip, load_t5
+from shared.models import ModelLoadError, load_transformer, load_vae, model_identity, refuse_pickle
 
 LAYOUT = ["model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
           "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
@@ -161,7 +161,7 @@ def test_trimmed_length_buckets_leave_real_tokens_unchanged(tiny_model):
 
 @pytest.mark.parametrize("legacy_eos", [False, True])
 def test_clip_runs_only_up_to_the_pooled_token_with_the_same_result(tiny_model, legacy_eos):
-    from shared.text import clip_pooled
+    from shared.family.flux1_text import clip_pooled
     clip_tok, clip = load_clip(str(tiny_model))
     if legacy_eos:   # older CLIP configs say eos_token_id 2: transformers then pools at the largest token id
         for module in (clip, getattr(clip, "text_model", None)):   # where each transformers version reads it

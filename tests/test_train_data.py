@@ -7,7 +7,7 @@ import torch
 from train_caches import set_manifest, write_cache
 
 from shared.cache import CacheError
-from shared.text import T5_PAD_MULTIPLE
+from shared.text_batch import TEXT_PAD_MULTIPLE
 from train.data import CacheStream, Sample, StreamPosition, TrainBatch, collate, train_loader, validation_batches
 
 
@@ -72,16 +72,16 @@ def test_resume_continues_exactly_with_workers(cache):
 
 
 def test_trimmed_batches_pad_text_and_mask_it():
-    items = [Sample(key=str(n), latent=torch.zeros(16, 4, 4), t5=torch.ones(n, 8), clip=torch.zeros(8), t5_len=n)
+    items = [Sample(key=str(n), latent=torch.zeros(16, 4, 4), text=torch.ones(n, 8), pooled=torch.zeros(8), text_len=n)
              for n in (2, 5)]
     batch = collate(items, "trimmed")
-    width = T5_PAD_MULTIPLE   # the longest caption (5) rounded up
-    assert batch.t5.shape == (2, width, 8)
-    assert batch.t5_mask.tolist() == [[True] * 2 + [False] * (width - 2), [True] * 5 + [False] * (width - 5)]
-    assert batch.t5[0, 2:].abs().sum() == 0 and batch.t5[1, 5:].abs().sum() == 0
-    assert batch.t5[1, :5].eq(1).all()
-    longer = collate([dataclasses.replace(items[0], t5=torch.ones(width + 1, 8), t5_len=width + 1)], "trimmed")
-    assert longer.t5.shape[1] == 2 * width
+    width = TEXT_PAD_MULTIPLE   # the longest caption (5) rounded up
+    assert batch.text.shape == (2, width, 8)
+    assert batch.text_mask.tolist() == [[True] * 2 + [False] * (width - 2), [True] * 5 + [False] * (width - 5)]
+    assert batch.text[0, 2:].abs().sum() == 0 and batch.text[1, 5:].abs().sum() == 0
+    assert batch.text[1, :5].eq(1).all()
+    longer = collate([dataclasses.replace(items[0], text=torch.ones(width + 1, 8), text_len=width + 1)], "trimmed")
+    assert longer.text.shape[1] == 2 * width
 
 
 def test_worker_batches_are_built_in_shared_memory_with_the_same_values(cache, monkeypatch):
@@ -92,10 +92,10 @@ def test_worker_batches_are_built_in_shared_memory_with_the_same_values(cache, m
     here = collate(items[:4], "trimmed")
     monkeypatch.setattr(data, "get_worker_info", lambda: object())
     in_worker = collate(items[:4], "trimmed")
-    assert in_worker.t5.is_shared() and in_worker.latent.is_shared() and not here.t5.is_shared()
+    assert in_worker.text.is_shared() and in_worker.latent.is_shared() and not here.text.is_shared()
     assert here.tensors().keys() == in_worker.tensors().keys()
     assert all(torch.equal(t, in_worker.tensors()[k]) for k, t in here.tensors().items())
-    assert in_worker.t5[~in_worker.t5_mask].abs().sum() == 0   # the padding is zero, not stale memory
+    assert in_worker.text[~in_worker.text_mask].abs().sum() == 0   # the padding is zero, not stale memory
     monkeypatch.undo()
     # And through a real worker the trainer gets the very batches the main process would build.
     def first(num_workers, n=8):
@@ -121,7 +121,8 @@ def test_loader_yields_train_batches_and_to_leaves_the_position_on_the_host(cach
         assert callable(batch.pin_memory)   # what the DataLoader's pin-memory thread calls
     moved = batch.to("meta")   # a device that the CPU has: the copies are real
     assert type(moved) is TrainBatch and moved.key == batch.key and moved.pos is batch.pos
-    assert moved.tensors().keys() == batch.tensors().keys() == {"latent", "t5", "clip", "t5_len", "t5_mask", "pos"}
+    fields = {"latent", "text", "pooled", "text_len", "text_mask", "pos"}
+    assert moved.tensors().keys() == batch.tensors().keys() == fields
     assert all(t.device.type == "meta" for k, t in moved.tensors().items() if k != "pos")
     assert batch.latent.device.type == "cpu"   # a copy: the host batch is unchanged
 
@@ -148,7 +149,7 @@ def test_corrupt_shard_error_names_it(tmp_path):
 def test_other_schema_version_or_t5_mode_refused(tmp_path):
     cache = write_cache(tmp_path / "c", 8, t5_mode="padded")
     with pytest.raises(CacheError, match="T5 mode 'padded'"):
-        CacheStream(cache, batch_size=4, expected_t5_mode="trimmed")
+        CacheStream(cache, batch_size=4, expected_text_mode="trimmed")
     set_manifest(cache, schema_version=99)
     with pytest.raises(CacheError, match="schema version"):
         CacheStream(cache, batch_size=4)
@@ -206,7 +207,7 @@ def test_a_cache_without_logvar_is_refused_for_posterior_samples(tmp_path):
 @pytest.mark.parametrize("change, named", [
     ({"vae": {"scaling_factor": 1.0, "shift_factor": 0.0}}, "vae"),
     ({"dims": {"latent_channels": 16, "t5_dim": 32, "clip_dim": 64}}, "dims"),
-    ({"t5": {"mode": "trimmed", "max_length": 77}}, "t5 max_length"),
+    ({"t5": {"mode": "trimmed", "max_length": 77}}, "T5 max_length"),
     ({"encoders": {"t5": {"source": "other", "sha256": "ab"}}}, "encoders"),
 ])
 def test_validation_cache_encoded_otherwise_is_refused(tmp_path, change, named):
@@ -228,16 +229,16 @@ def test_encoders_compare_by_weights_not_by_path(tmp_path):
 
 
 def test_no_default_vae_factors(tmp_path):
-    from train.data import open_cache, open_validation_cache, vae_factors
+    from train.data import open_cache, open_validation_cache, vae_facts
     cache = write_cache(tmp_path / "c", 8)
-    assert vae_factors(open_cache(cache).manifest, "here") == (0.1159, 0.3611)
+    assert vae_facts(open_cache(cache), "here") == {"scaling_factor": 0.3611, "shift_factor": 0.1159}
     val = write_cache(tmp_path / "v", 8, prefix="val")
     set_manifest(val, vae={"scaling_factor": 0.3611})
     with pytest.raises(CacheError, match="v: the manifest has no vae.shift_factor"):
         open_validation_cache(val, open_cache(cache))
     set_manifest(cache, vae=None)
     with pytest.raises(CacheError, match="here: the manifest has no vae.shift_factor"):
-        vae_factors(open_cache(cache).manifest, "here")
+        vae_facts(open_cache(cache), "here")
 
 
 def test_too_few_row_groups_name_the_encode_option_and_an_empty_cache_says_it_is_empty(tmp_path):

@@ -10,6 +10,7 @@ from train_caches import read_metrics, tiny_config, write_cache
 from shared.models import ModelLoadError
 from shared.presets import transformer_config
 from train.loop import Trainer, train
+from shared.family.flux1 import FLUX1
 from train.model import convert_to_float8, float8_layer
 
 pytest.importorskip("torchao.float8", reason="fp8 needs torchao (the dev extra installs it)")
@@ -30,7 +31,7 @@ def test_token_wise_layers_get_float8_and_the_rest_stay():
     from torchao.float8.float8_linear import Float8Linear
     model = tiny_model()
     linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    count = convert_to_float8(model)
+    count = convert_to_float8(model, FLUX1)
     converted = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
     assert len(converted) == count
     assert {"context_embedder", "transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
@@ -39,7 +40,7 @@ def test_token_wise_layers_get_float8_and_the_rest_stay():
     kept = linear - converted
     assert {"x_embedder", "proj_out", "norm_out.linear", "transformer_blocks.0.norm1.linear",
             "single_transformer_blocks.0.norm.linear", "time_text_embed.timestep_embedder.linear_1"} <= kept
-    assert not any(float8_layer(n, m) for n, m in model.named_modules() if n in kept)
+    assert not any(float8_layer(FLUX1, n, m) for n, m in model.named_modules() if n in kept)
 
 
 def test_fp8_trains_like_bf16_saves_plain_weights_and_resumes(tmp_path, cache):
@@ -82,4 +83,4 @@ def test_fp8_with_lora_is_refused_before_the_model_is_built(tmp_path, cache):
 def test_fp8_without_torchao_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.float8", None)   # import fails as if not installed
     with pytest.raises(ModelLoadError, match=r"pip install -e '\.\[fp8\]'"):
-        convert_to_float8(tiny_model())
+        convert_to_float8(tiny_model(), FLUX1)

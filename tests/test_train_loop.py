@@ -151,7 +151,7 @@ def test_padded_cache_trains(tmp_path):
     cache = write_cache(tmp_path / "p", 8, t5_mode="padded")
     trainer = Trainer(tiny_config(tmp_path, cache, **{"run.max_steps": 2, "flow.guidance_dropout": 0.5}))
     run = first_step_replayed(trainer)
-    assert all(b.t5_mask is None and b.t5.shape == (4, 32, 64) for b in run["batches"])
+    assert all(b.text_mask is None and b.text.shape == (4, 32, 64) for b in run["batches"])
     assert run["logged"] == pytest.approx(run["replayed"], rel=1e-6)
 
 

@@ -8,6 +8,7 @@ from safetensors import safe_open
 
 from train.checkpoint import write_lora_adapter
 from train.config import LoraConfig, ModelConfig
+from shared.family.flux1 import FLUX1
 from train.model import add_lora, build_transformer
 
 
@@ -18,7 +19,7 @@ def read(path) -> tuple[dict, dict]:
 
 def test_write_lora_adapter_writes_what_save_lora_adapter_writes(tmp_path):
     model = build_transformer(ModelConfig(name="tiny"), dtype=torch.bfloat16)
-    add_lora(model, LoraConfig(rank=4, alpha=8))
+    add_lora(model, LoraConfig(rank=4, alpha=8), FLUX1)
     with torch.no_grad():   # B starts at zero: give every tensor its own values
         for p in model.parameters():
             if p.requires_grad:

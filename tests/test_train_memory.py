@@ -10,7 +10,10 @@ from shared.models import ModelLoadError
 from train.config import ConfigError, ModelConfig
 from train.launch import check_launch
 from train.loop import Trainer, train
-from train.model import build_transformer, transformer_blocks
+from shared.family.flux1 import FLUX1
+from train.model import build_transformer
+
+transformer_blocks = FLUX1.blocks
 
 pytest.importorskip("torchao", reason="quantized bases and adamw8bit need torchao (the dev extra installs it)")
 

@@ -6,10 +6,12 @@ import json
 
 import pytest
 import torch
+
 from train_caches import first_step_replayed, read_metrics, tiny_config, write_cache
 
 from shared.models import TRAINING_INFO
 from shared.schedules import shift_mu, time_shift
+from shared.text_batch import TextBatch
 from train.loop import Trainer
 from train.step import draw, flow_matching_loss
 
@@ -46,8 +48,8 @@ def test_guidance_embedding_is_fed_and_trained(tmp_path):
     # The value matters: the same batch and draws with another guidance give another loss.
     batch, g = run["batches"][0], torch.Generator().manual_seed(0)
     r = draw(batch, trainer.settings, g)
-    losses = [flow_matching_loss(run["initial"], batch.latent, batch.t5, batch.clip, batch.t5_mask,
-                                 r["t"], r["noise"], type(trainer.settings)(guidance=value)).mean().item()
+    losses = [flow_matching_loss(run["initial"], batch.latent, batch.text_batch(), r["t"], r["noise"],
+                                 dataclasses.replace(trainer.settings, guidance=value)).mean().item()
               for value in (1.0, 3.5)]
     assert abs(losses[0] - losses[1]) > 1e-5
 
@@ -87,8 +89,8 @@ def test_grad_accum_equals_one_big_batch_in_fp32(tmp_path):
     reference = copy.deepcopy(run["initial"])
     generator = torch.Generator().set_state(run["generator_state"])
     draws = [draw(x, trainer.settings, generator) for x in (a, b)]
-    big = {k: torch.cat([getattr(a, k), getattr(b, k)]) for k in ("latent", "t5", "clip")}
-    loss = flow_matching_loss(reference, big["latent"], big["t5"], big["clip"], None,
+    big = {k: torch.cat([getattr(a, k), getattr(b, k)]) for k in ("latent", "text", "pooled")}
+    loss = flow_matching_loss(reference, big["latent"], TextBatch(big["text"], big["pooled"]),
                               torch.cat([d["t"] for d in draws]), torch.cat([d["noise"] for d in draws]),
                               trainer.settings).mean()
     loss.backward()

@@ -4,12 +4,21 @@ import dataclasses
 import pytest
 import torch
 
-from shared.latents import pack_latents
+from shared.family.flux1 import FLUX1
+from shared.latents import VAE_SCALE, VAE_SHIFT, pack_latents
 from shared.presets import transformer_config
+from shared.text_batch import TextBatch
 from train.data import TrainBatch
 from train.model import use_flex_attention
-from train.step import (EmptyPrompt, StepSettings, ValidationNoise, draw, drop_text, flow_matching_loss,
-                        predict, summarize_validation, training_loss, validation_sums)
+from train.step import (EmptyPrompt, ValidationNoise, draw, drop_text, flow_matching_loss, summarize_validation,
+                        training_loss, validation_sums)
+from train.step import StepSettings as _StepSettings
+
+
+def StepSettings(vae=None, **kw):
+    """The step settings of a FLUX.1 cache made by the FLUX VAE (or `vae`: its shift and scale)."""
+    vae = vae or {"shift_factor": VAE_SHIFT, "scaling_factor": VAE_SCALE}
+    return _StepSettings(family=FLUX1, vae=vae, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +31,17 @@ def model():
 def make_batch(b=3, h=8, w=6, length=7, seed=0):
     g = torch.Generator().manual_seed(seed)
     return TrainBatch(key=[f"k{i}" for i in range(b)], latent=torch.randn(b, 16, h, w, generator=g),
-                      t5=torch.randn(b, length, 64, generator=g), clip=torch.randn(b, 64, generator=g),
-                      t5_len=torch.full((b,), length, dtype=torch.int64))
+                      text=torch.randn(b, length, 64, generator=g), pooled=torch.randn(b, 64, generator=g),
+                      text_len=torch.full((b,), length, dtype=torch.int64))
+
+
+def _parts(text: TextBatch):
+    return text.states, text.pooled, text.mask
 
 
 def test_one_step_loss_equals_hand_written_formula(model):
     batch = make_batch()
-    settings = StepSettings(sampler="uniform", vae_shift=0.1, vae_scale=0.5)
+    settings = StepSettings(sampler="uniform", vae={"shift_factor": 0.1, "scaling_factor": 0.5})
     loss = training_loss(model, batch, settings, torch.Generator().manual_seed(7), None)
 
     # The same draws, in the documented order, then the formula written out by hand.
@@ -41,8 +54,8 @@ def test_one_step_loss_equals_hand_written_formula(model):
     img_ids = torch.zeros(h // 2, w // 2, 3)
     img_ids[..., 1] = torch.arange(h // 2)[:, None]
     img_ids[..., 2] = torch.arange(w // 2)[None, :]
-    pred = model(hidden_states=pack_latents(x_t), encoder_hidden_states=batch.t5,
-                 pooled_projections=batch.clip, timestep=t, img_ids=img_ids.reshape(-1, 3),
+    pred = model(hidden_states=pack_latents(x_t), encoder_hidden_states=batch.text,
+                 pooled_projections=batch.pooled, timestep=t, img_ids=img_ids.reshape(-1, 3),
                  txt_ids=torch.zeros(7, 3), return_dict=False)[0]
     reference = ((pred - pack_latents(noise - x0)) ** 2).mean()
     torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-7)
@@ -50,15 +63,15 @@ def test_one_step_loss_equals_hand_written_formula(model):
 
 def test_padding_content_does_not_change_the_loss(model):
     batch = make_batch(length=9)
-    batch.t5_mask = torch.tensor([[True] * 4 + [False] * 5, [True] * 9, [True] * 6 + [False] * 3])
-    other = dataclasses.replace(batch, t5=batch.t5.clone())
-    other.t5[~batch.t5_mask] = 100.0 * torch.randn(int((~batch.t5_mask).sum()), 64)
+    batch.text_mask = torch.tensor([[True] * 4 + [False] * 5, [True] * 9, [True] * 6 + [False] * 3])
+    other = dataclasses.replace(batch, text=batch.text.clone())
+    other.text[~batch.text_mask] = 100.0 * torch.randn(int((~batch.text_mask).sum()), 64)
     settings = StepSettings()
     a = training_loss(model, batch, settings, torch.Generator().manual_seed(1), None)
     b = training_loss(model, other, settings, torch.Generator().manual_seed(1), None)
     assert abs((a - b).item()) < 1e-6
     # ...while without the mask the padding does matter (the test can fail).
-    c = training_loss(model, dataclasses.replace(other, t5_mask=None), settings,
+    c = training_loss(model, dataclasses.replace(other, text_mask=None), settings,
                       torch.Generator().manual_seed(1), None)
     assert abs((a - c).item()) > 1e-4
 
@@ -70,14 +83,14 @@ def test_flex_block_mask_masks_what_the_sdpa_mask_masks(model):
     sdpa, flex = model, copy.deepcopy(model)
     use_flex_attention(flex)
     batch = make_batch(length=9)
-    batch.t5_mask = torch.tensor([[True] * 4 + [False] * 5, [True] * 9, [True] * 6 + [False] * 3])
-    other = dataclasses.replace(batch, t5=batch.t5.clone())
-    other.t5[~batch.t5_mask] = 100.0 * torch.randn(int((~batch.t5_mask).sum()), 64)
+    batch.text_mask = torch.tensor([[True] * 4 + [False] * 5, [True] * 9, [True] * 6 + [False] * 3])
+    other = dataclasses.replace(batch, text=batch.text.clone())
+    other.text[~batch.text_mask] = 100.0 * torch.randn(int((~batch.text_mask).sum()), 64)
     with torch.no_grad():
         ref = training_loss(sdpa, batch, StepSettings(), torch.Generator().manual_seed(1), None)
         got = training_loss(flex, batch, StepSettings(flex_mask=True), torch.Generator().manual_seed(1), None)
         padded = training_loss(flex, other, StepSettings(flex_mask=True), torch.Generator().manual_seed(1), None)
-        unmasked = training_loss(flex, dataclasses.replace(other, t5_mask=None), StepSettings(),
+        unmasked = training_loss(flex, dataclasses.replace(other, text_mask=None), StepSettings(),
                                  torch.Generator().manual_seed(1), None)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     assert abs((padded - got).item()) < 1e-5 and abs((unmasked - got).item()) > 1e-4
@@ -85,44 +98,44 @@ def test_flex_block_mask_masks_what_the_sdpa_mask_masks(model):
 
 def test_guidance_dropout_uses_empty_prompt():
     batch = make_batch(b=4, length=5)
-    batch.t5_mask = torch.ones(4, 5, dtype=torch.bool)
+    batch.text_mask = torch.ones(4, 5, dtype=torch.bool)
     empty = EmptyPrompt({"t5": torch.full((2, 64), 3.0), "clip": torch.full((64,), 2.0),
-                         "t5_len": torch.tensor(2)}, "cpu")
+                         "t5_len": torch.tensor(2)}, FLUX1.text, "cpu")
     drop = torch.tensor([True, False, True, False])
-    t5, clip, mask = drop_text(batch, empty, drop)
+    t5, clip, mask = _parts(drop_text(batch, empty, drop))
     assert torch.equal(t5[0, :2], torch.full((2, 64), 3.0)) and t5[0, 2:].abs().sum() == 0
     assert mask[0].tolist() == [True, True, False, False, False] and mask[1].all()
-    assert torch.equal(clip[2], torch.full((64,), 2.0)) and torch.equal(t5[1], batch.t5[1])
+    assert torch.equal(clip[2], torch.full((64,), 2.0)) and torch.equal(t5[1], batch.text[1])
     coins = draw(make_batch(b=4000, h=2, w=2), StepSettings(guidance_dropout=0.1), torch.Generator().manual_seed(0))
-    assert 0.07 < coins["drop_t5"].float().mean() < 0.13 and coins["drop_clip"] is coins["drop_t5"]   # joint
+    assert 0.07 < coins["drop_text"].float().mean() < 0.13 and coins["drop_pooled"] is coins["drop_text"]   # joint
 
 
 def test_padded_text_dropout_gives_every_position_of_the_empty_prompt():
     batch = make_batch(b=3, length=4)                  # padded: no mask, every caption has all 4 positions
     empty = EmptyPrompt({"t5": torch.full((4, 64), 3.0), "clip": torch.full((64,), 2.0),
-                         "t5_len": torch.tensor(1)}, "cpu")
-    t5, clip, mask = drop_text(batch, empty, torch.tensor([False, True, False]))
+                         "t5_len": torch.tensor(1)}, FLUX1.text, "cpu")
+    t5, clip, mask = _parts(drop_text(batch, empty, torch.tensor([False, True, False])))
     assert mask is None
     assert torch.equal(t5[1], torch.full((4, 64), 3.0)) and torch.equal(clip[1], torch.full((64,), 2.0))
-    assert torch.equal(t5[[0, 2]], batch.t5[[0, 2]]) and torch.equal(clip[[0, 2]], batch.clip[[0, 2]])
-    with pytest.raises(ValueError, match="empty-prompt T5 has 4 positions, the batch 5"):
+    assert torch.equal(t5[[0, 2]], batch.text[[0, 2]]) and torch.equal(clip[[0, 2]], batch.pooled[[0, 2]])
+    with pytest.raises(ValueError, match="empty-prompt text has 4 positions, the batch 5"):
         drop_text(make_batch(b=3, length=5), empty, torch.tensor([False, True, False]))
 
 
 def test_independent_dropout_drops_t5_and_clip_with_a_coin_each():
     batch = make_batch(b=2, length=5)
-    batch.t5_mask = torch.ones(2, 5, dtype=torch.bool)
+    batch.text_mask = torch.ones(2, 5, dtype=torch.bool)
     empty = EmptyPrompt({"t5": torch.full((2, 64), 3.0), "clip": torch.full((64,), 2.0),
-                         "t5_len": torch.tensor(2)}, "cpu")
-    t5, clip, mask = drop_text(batch, empty, torch.tensor([True, False]), torch.tensor([False, True]))
-    assert torch.equal(t5[0, :2], torch.full((2, 64), 3.0)) and torch.equal(clip[0], batch.clip[0])
+                         "t5_len": torch.tensor(2)}, FLUX1.text, "cpu")
+    t5, clip, mask = _parts(drop_text(batch, empty, torch.tensor([True, False]), torch.tensor([False, True])))
+    assert torch.equal(t5[0, :2], torch.full((2, 64), 3.0)) and torch.equal(clip[0], batch.pooled[0])
     assert mask[0].tolist() == [True, True, False, False, False]        # the mask follows the T5 coin
-    assert torch.equal(t5[1], batch.t5[1]) and mask[1].all() and torch.equal(clip[1], torch.full((64,), 2.0))
+    assert torch.equal(t5[1], batch.text[1]) and mask[1].all() and torch.equal(clip[1], torch.full((64,), 2.0))
     # torchtitan's p = 0.447: each encoder dropped 44.7% of the time, both together p^2 = 20%.
     coins = draw(make_batch(b=20000, h=2, w=2), StepSettings(guidance_dropout=0.447, dropout_mode="independent"),
                  torch.Generator().manual_seed(0))
-    t5_rate, clip_rate = coins["drop_t5"].float().mean(), coins["drop_clip"].float().mean()
-    both = (coins["drop_t5"] & coins["drop_clip"]).float().mean()
+    t5_rate, clip_rate = coins["drop_text"].float().mean(), coins["drop_pooled"].float().mean()
+    both = (coins["drop_text"] & coins["drop_pooled"]).float().mean()
     assert abs(t5_rate - 0.447) < 0.015 and abs(clip_rate - 0.447) < 0.015 and abs(both - 0.2) < 0.015
 
 
@@ -138,10 +151,10 @@ def test_draws_come_in_the_documented_order():
     settings = StepSettings(guidance_dropout=0.5, dropout_mode="independent", latent="sample")
     r = draw(batch, settings, torch.Generator().manual_seed(11))
     assert torch.equal(r["t"], t) and torch.equal(r["noise"], noise)
-    assert torch.equal(r["drop_t5"], t5_coins) and torch.equal(r["drop_clip"], clip_coins)
+    assert torch.equal(r["drop_text"], t5_coins) and torch.equal(r["drop_pooled"], clip_coins)
     torch.testing.assert_close(r["latent"], batch.latent + torch.exp(batch.latent_logvar / 2) * posterior_noise)
     joint = draw(batch, StepSettings(guidance_dropout=0.5), torch.Generator().manual_seed(11))
-    assert torch.equal(joint["drop_t5"], t5_coins) and "latent" not in joint   # the same first draws
+    assert torch.equal(joint["drop_text"], t5_coins) and "latent" not in joint   # the same first draws
 
 
 def test_posterior_sample_is_what_the_loss_trains_on(model):
@@ -149,7 +162,7 @@ def test_posterior_sample_is_what_the_loss_trains_on(model):
     batch.latent_logvar = torch.full(batch.latent.shape, -1.0)
     sample, mean = StepSettings(latent="sample"), StepSettings()
     r = draw(batch, sample, torch.Generator().manual_seed(3))
-    expected = flow_matching_loss(model, r["latent"], batch.t5, batch.clip, None, r["t"], r["noise"], sample)
+    expected = flow_matching_loss(model, r["latent"], batch.text_batch(), r["t"], r["noise"], sample)
     loss = training_loss(model, batch, sample, torch.Generator().manual_seed(3), None)
     torch.testing.assert_close(loss, expected.mean(), rtol=1e-6, atol=1e-7)
     assert abs(loss - training_loss(model, batch, mean, torch.Generator().manual_seed(3), None)) > 1e-4
@@ -219,8 +232,9 @@ def test_validation_loss_is_squared_error_over_latent_elements_at_the_reference_
             for i, t in enumerate(REFERENCE_TIMESTEPS):
                 noise = validation_noise(b.key, tuple(b.latent.shape[1:]), i)
                 x0 = scale_latents(b.latent)
-                pred = predict(model, (1 - t) * x0 + t * noise, torch.full((len(b.key),), t), b.t5, b.clip,
-                               None, None)
+                h, w = b.latent.shape[-2:]
+                pred = FLUX1.predict(model, pack_latents((1 - t) * x0 + t * noise), torch.full((len(b.key),), t),
+                                     TextBatch(b.text, b.pooled), h, w)
                 err = (pred - pack_latents(noise - x0)).double().pow(2)
                 sse[i] += err.sum()
                 per_sample_means += err.mean(dim=(1, 2)).tolist()

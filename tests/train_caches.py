@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save
 
 from shared.cache import CacheWriter, cache_manifest, write_manifest
+from shared.family.flux1 import FLUX1
 from shared.cache.store import is_remote, open_store
 
 T5_DIM, CLIP_DIM, CHANNELS, MAX_LEN = 64, 64, 16, 32
@@ -28,7 +29,8 @@ def write_cache(out_dir, n: int, *, t5_mode: str = "trimmed", sizes=((8, 8),), r
     text = torch.randn(classes, MAX_LEN, T5_DIM, generator=proto)
     clip = torch.randn(classes, CLIP_DIM, generator=proto)
     dtypes = {"latent": dtype, "t5": dtype, "clip": dtype, **({"latent_logvar": dtype} if logvar else {})}
-    with CacheWriter(out_dir, prefix, dtypes, rows_per_shard=rows_per_shard, row_group_rows=row_group_rows) as w:
+    with CacheWriter(out_dir, prefix, dtypes, text=FLUX1.text, rows_per_shard=rows_per_shard,
+                     row_group_rows=row_group_rows) as w:
         for i in range(n):
             c = int(torch.randint(classes, (1,), generator=g))
             size = sizes[i % len(sizes)]
@@ -42,8 +44,8 @@ def write_cache(out_dir, n: int, *, t5_mode: str = "trimmed", sizes=((8, 8),), r
         "t5": torch.zeros(MAX_LEN if t5_mode == "padded" else 1, T5_DIM), "clip": torch.zeros(CLIP_DIM),
         "t5_len": torch.tensor(1)}))
     write_manifest(out_dir, cache_manifest(
-        dtypes=dtypes, dims={"latent_channels": CHANNELS, "t5_dim": T5_DIM, "clip_dim": CLIP_DIM},
-        t5={"mode": t5_mode, "max_length": MAX_LEN}, shards=shards,
+        family=FLUX1, dtypes=dtypes, dims={"latent_channels": CHANNELS, "t5_dim": T5_DIM, "clip_dim": CLIP_DIM},
+        text={"mode": t5_mode, "max_length": MAX_LEN}, shards=shards,
         vae={"scaling_factor": 0.3611, "shift_factor": 0.1159},
         image={"resolution": 64, "buckets": None, "crop": "center", "min_size": 0}))
     return out_dir
@@ -87,7 +89,8 @@ def first_step_replayed(trainer) -> dict:
     generator = torch.Generator().set_state(state)
     batches: list = []
     trainer.train(on_batch=batches.append)
-    empty = EmptyPrompt(trainer.train_reader.empty_prompt(), "cpu") if trainer.empty is not None else None
+    empty = (EmptyPrompt(trainer.train_reader.empty_prompt(), trainer.family.text, "cpu")
+             if trainer.empty is not None else None)
     with torch.no_grad():
         replayed = training_loss(initial, batches[0], trainer.settings, generator, empty).item()
     logged = next(m["loss"] for m in read_metrics(trainer.out) if m.get("step") == 1 and "loss" in m)

@@ -21,51 +21,57 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shared.cache import CacheError, CacheReader, check_t5_mode
-from shared.text import T5_PAD_MULTIPLE, stack_text
+from shared.cache import CacheError, CacheReader, check_text_mode
+from shared.text_batch import TEXT_PAD_MULTIPLE, TextBatch, pad_and_mask
 
 from .config import DataConfig
 
 
-def open_cache(cache_dir, expected_t5_mode: str | None = None, where: str = "cache",
+def open_cache(cache_dir, expected_text_mode: str | None = None, where: str = "cache",
                latent_logvar: bool = False, storage_options: dict | None = None) -> CacheReader:
     """Open a cache (a folder or a URL; `storage_options` for its file system) and refuse one of
-    another schema version (read_manifest) or T5 mode, or one without the posterior's log-variance
+    another schema version (read_manifest) or text mode, or one without the posterior's log-variance
     when `latent_logvar` (flow.latent: sample) needs it."""
     reader = CacheReader(cache_dir, storage_options)
-    check_t5_mode(reader.manifest, expected_t5_mode, where=f"{where} {cache_dir}")
+    check_text_mode(reader.manifest, expected_text_mode, where=f"{where} {cache_dir}")
     if latent_logvar and "latent_logvar" not in reader.manifest["dtypes"]:
         raise CacheError(f"{where} {cache_dir} has no latent_logvar column, which flow.latent: sample needs "
                          "(the posterior's log-variance): encode with --store-logvar, or use flow.latent: mean")
     return reader
 
 
-def vae_factors(manifest: dict, where: str) -> tuple[float, float]:
-    """(shift, scale) of the VAE that encoded the cache's latents. No default: latents scaled with
-    another VAE's factors would train silently on the wrong x0."""
-    vae = manifest.get("vae") or {}
-    if not isinstance(vae.get("shift_factor"), (int, float)) or not isinstance(vae.get("scaling_factor"), (int, float)):
-        raise CacheError(f"{where}: the manifest has no vae.shift_factor and vae.scaling_factor (the latents' "
-                         "scale and shift); a cache written by flux-prep encode records them")
-    return float(vae["shift_factor"]), float(vae["scaling_factor"])
+def vae_facts(reader: CacheReader, where: str) -> dict:
+    """What the cache records of the VAE that encoded its latents (FLUX.1: shift and scale), all the
+    family's normalisation needs. No default: latents normalised with another VAE's factors would
+    train silently on the wrong x0."""
+    facts = reader.manifest.get("vae") or {}
+    missing = [k for k in reader.family.vae_fact_keys if not isinstance(facts.get(k), (int, float, list))]
+    if missing:
+        raise CacheError(f"{where}: the manifest has no vae.{', vae.'.join(missing)} (how the latents are "
+                         "normalised); a cache written by flux-prep encode records them")
+    return facts
 
 
-def encoding_facts(manifest: dict) -> dict:
-    """What makes two caches' tensors comparable: the encoders (by weight hash, else by source), the
-    VAE's factors, the tensor dims, the T5 mode and length."""
+def encoding_facts(reader: CacheReader) -> dict:
+    """What makes two caches' tensors comparable: the family, the encoders (by weight hash, else by
+    source), the VAE's factors, the tensor dims, the text mode and length."""
+    manifest, spec = reader.manifest, reader.family.text
     encoders = {part: (ident.get("sha256") or ident.get("source")) if isinstance(ident, dict) else ident
                 for part, ident in (manifest.get("encoders") or {}).items()}
-    return {"encoders": encoders, "vae": manifest.get("vae"), "dims": manifest.get("dims"),
-            "t5 mode": manifest["t5"].get("mode"), "t5 max_length": manifest["t5"].get("max_length")}
+    text = spec.settings(manifest)
+    return {"family": reader.family.name, "encoders": encoders, "vae": manifest.get("vae"),
+            "dims": manifest.get("dims"), f"{spec.label} mode": text.get("mode"),
+            f"{spec.label} max_length": text.get("max_length")}
 
 
 def open_validation_cache(cache_dir, train: CacheReader, storage_options: dict | None = None) -> CacheReader:
     """Open the held-out cache, refusing one encoded otherwise than the training cache: its loss
     would measure the difference between the encodings, not the model."""
-    reader = open_cache(cache_dir, train.t5_mode, "validation cache", storage_options=storage_options)
-    vae_factors(reader.manifest, f"validation cache {cache_dir}")
-    ours, theirs = encoding_facts(reader.manifest), encoding_facts(train.manifest)
-    diffs = [f"{k}: {ours[k]!r} (training cache: {theirs[k]!r})" for k in ours if ours[k] != theirs[k]]
+    reader = open_cache(cache_dir, train.text_mode, "validation cache", storage_options=storage_options)
+    vae_facts(reader, f"validation cache {cache_dir}")
+    ours, theirs = encoding_facts(reader), encoding_facts(train)
+    diffs = [f"{k}: {ours.get(k)!r} (training cache: {theirs.get(k)!r})" for k in dict.fromkeys([*ours, *theirs])
+             if ours.get(k) != theirs.get(k)]
     if diffs:
         raise CacheError(f"validation cache {cache_dir} was encoded otherwise than the training cache "
                          f"{train.dir}: " + "; ".join(diffs))
@@ -74,13 +80,14 @@ def open_validation_cache(cache_dir, train: CacheReader, storage_options: dict |
 
 @dataclass
 class Sample:
-    """One cached sample's tensors, cloned out of its row group: latent [C, h, w], T5 [L, D] (only
-    the real tokens when trimmed), CLIP [Dc]; the posterior's log-variance where the stream reads it."""
+    """One cached sample's tensors, cloned out of its row group: latent [C, h, w], text states [L, D]
+    (only the real tokens when trimmed), the pooled vector [Dp] where the family has one; the posterior's
+    log-variance where the stream reads it."""
     key: str
     latent: torch.Tensor
-    t5: torch.Tensor
-    clip: torch.Tensor
-    t5_len: int
+    text: torch.Tensor
+    pooled: torch.Tensor | None
+    text_len: int
     latent_logvar: torch.Tensor | None = None
 
 
@@ -113,16 +120,20 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
 @dataclass
 class TrainBatch:
     """Samples of one latent size, as collate builds them (in a DataLoader worker: in shared memory).
-    `t5_mask` (True = real token) only for trimmed T5; `latent_logvar` only where the stream reads it;
-    `pos` = (worker, epoch, index) on the training stream's batches, None on held-out ones."""
+    `text_mask` (True = real token) only for trimmed text; `pooled` where the family has one;
+    `latent_logvar` only where the stream reads it; `pos` = (worker, epoch, index) on the training
+    stream's batches, None on held-out ones."""
     key: list[str]
     latent: torch.Tensor                        # [B, C, h, w]
-    t5: torch.Tensor                            # [B, L, D]
-    clip: torch.Tensor                          # [B, Dc]
-    t5_len: torch.Tensor                        # [B] int64: real tokens per caption
-    t5_mask: torch.Tensor | None = None         # [B, L] bool
+    text: torch.Tensor                          # [B, L, D]
+    text_len: torch.Tensor                      # [B] int64: real tokens per caption
+    pooled: torch.Tensor | None = None          # [B, Dp]
+    text_mask: torch.Tensor | None = None       # [B, L] bool
     latent_logvar: torch.Tensor | None = None   # [B, C, h, w]
     pos: torch.Tensor | None = None             # [3] int64
+
+    def text_batch(self) -> TextBatch:
+        return TextBatch(self.text, self.pooled, self.text_mask)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensor fields that are set, by name."""
@@ -140,22 +151,22 @@ class TrainBatch:
                                 if name != "pos"})
 
 
-def collate(items: list[Sample], t5_mode: str) -> TrainBatch:
-    """Samples of one latent size -> a batch. Trimmed T5 is zero-padded to the batch's longest
-    caption, rounded up to T5_PAD_MULTIPLE, with a mask (True = real token); padded T5 has no
+def collate(items: list[Sample], text_mode: str) -> TrainBatch:
+    """Samples of one latent size -> a batch. Trimmed text is zero-padded to the batch's longest
+    caption, rounded up to TEXT_PAD_MULTIPLE, with a mask (True = real token); padded text has no
     mask (FLUX attends to all of it). `latent_logvar` comes along when the samples carry it."""
     key = [it.key for it in items]
     latent = _stack([it.latent for it in items])
-    clip = _stack([it.clip for it in items])
-    t5_len = torch.tensor([it.t5_len for it in items], dtype=torch.int64)
+    pooled = _stack([it.pooled for it in items]) if items[0].pooled is not None else None
+    text_len = torch.tensor([it.text_len for it in items], dtype=torch.int64)
     latent_logvar = _stack([it.latent_logvar for it in items]) if items[0].latent_logvar is not None else None
-    if t5_mode == "padded":
-        t5, t5_mask = _stack([it.t5 for it in items]), None
+    if text_mode == "padded":
+        text, text_mask = _stack([it.text for it in items]), None
     else:
-        first = items[0].t5
-        t5, t5_mask = stack_text([it.t5 for it in items], T5_PAD_MULTIPLE,
-                                 alloc=lambda shape: _batch_tensor(first, shape))
-    return TrainBatch(key=key, latent=latent, t5=t5, clip=clip, t5_len=t5_len, t5_mask=t5_mask,
+        first = items[0].text
+        text, text_mask = pad_and_mask([it.text for it in items], TEXT_PAD_MULTIPLE,
+                                       alloc=lambda shape: _batch_tensor(first, shape))
+    return TrainBatch(key=key, latent=latent, text=text, pooled=pooled, text_len=text_len, text_mask=text_mask,
                       latent_logvar=latent_logvar)
 
 
@@ -167,12 +178,12 @@ class CacheStream(IterableDataset):
     A remote cache's next `read_ahead` row groups are fetched while the current one is consumed."""
 
     def __init__(self, cache_dir, *, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle_buffer: int = 256, expected_t5_mode: str | None = None, position: dict | None = None,
+                 shuffle_buffer: int = 256, expected_text_mode: str | None = None, position: dict | None = None,
                  latent_logvar: bool = False, storage_options: dict | None = None, read_ahead: int = 2):
-        self.reader = open_cache(cache_dir, expected_t5_mode, "training cache", latent_logvar, storage_options)
+        self.reader = open_cache(cache_dir, expected_text_mode, "training cache", latent_logvar, storage_options)
         self.read_ahead = read_ahead
         self.latent_logvar = latent_logvar
-        self.t5_mode = self.reader.t5_mode
+        self.text_mode = self.reader.text_mode
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer = max(1, shuffle_buffer)
@@ -211,7 +222,7 @@ class CacheStream(IterableDataset):
         if self.latent_logvar and rg.get("latent_logvar") is None:
             raise CacheError(f"{self.reader.url_of(shard)}: row group {unit[1]} has no latent_logvar values")
         return [StreamItem(unit, i, (int(rg["latent_h"][i]), int(rg["latent_w"][i])),
-                           _sample(rg, i, self.latent_logvar)) for i in range(len(rg["key"]))]
+                           _sample(rg, i, self.reader.family.text, self.latent_logvar)) for i in range(len(rg["key"]))]
 
     def _materialize(self, items: list[StreamItem]) -> None:
         """Read the tensors of items that were replayed light (after a resume)."""
@@ -290,18 +301,19 @@ class CacheStream(IterableDataset):
         slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
         while True:
             for index, items in self.epoch_batches(epoch, slot, num_slots, skip):
-                batch = collate([it.sample for it in items], self.t5_mode)
+                batch = collate([it.sample for it in items], self.text_mode)
                 batch.pos = torch.tensor([worker, epoch, index], dtype=torch.int64)
                 yield batch
             epoch, skip = epoch + 1, 0
 
 
-def _sample(rg: dict, i: int, latent_logvar: bool = False) -> Sample:
+def _sample(rg: dict, i: int, spec, latent_logvar: bool = False) -> Sample:
     # Clones: a view would keep its whole row group alive while the sample waits in the buffer.
     def pick(x):
         return x[i].clone()
-    return Sample(key=rg["key"][i], latent=pick(rg["latent"]), t5=pick(rg["t5"]), clip=pick(rg["clip"]),
-                  t5_len=int(rg["t5_len"][i]), latent_logvar=pick(rg["latent_logvar"]) if latent_logvar else None)
+    return Sample(key=rg["key"][i], latent=pick(rg["latent"]), text=pick(rg[spec.states]),
+                  pooled=pick(rg[spec.pooled]) if spec.pooled else None, text_len=int(rg[spec.length][i]),
+                  latent_logvar=pick(rg["latent_logvar"]) if latent_logvar else None)
 
 
 class StreamPosition:
@@ -377,13 +389,13 @@ def validation_batches(reader: CacheReader, batch_size: int, rank: int = 0, worl
         if i % world_size == rank:
             size = (int(rg["latent_h"][r]), int(rg["latent_w"][r]))
             bucket = buckets.setdefault(size, [])
-            bucket.append(_sample(rg, r))
+            bucket.append(_sample(rg, r, reader.family.text))
             if len(bucket) == batch_size:
-                yield collate(bucket, reader.t5_mode)
+                yield collate(bucket, reader.text_mode)
                 buckets[size] = []
     for size in sorted(buckets):
         if buckets[size]:
-            yield collate(buckets[size], reader.t5_mode)
+            yield collate(buckets[size], reader.text_mode)
 
 
 def _validation_rows(reader: CacheReader, max_samples: int | None):

@@ -16,12 +16,11 @@ from shared.quiet import silence_progress_bars
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import (CacheStream, StreamPosition, TrainBatch, open_cache, open_validation_cache, train_loader,
-                   usable_workers, vae_factors, validation_batches)
+                   usable_workers, vae_facts, validation_batches)
 from .fsdp import autocast_forward, cast_inputs_on_recompute, keep_lora_dtypes, micro_batch_sync
 from .launch import LogWindow, check_launch, lr_factor, make_accelerator, total_steps
 from .model import (EMA, add_lora, build_transformer, check_cache_fits, convert_to_float8, load_lora_state_dict,
-                    place, sampling_conventions, transformer_blocks, use_flex_attention,
-                    weights_dtype)
+                    model_family, place, sampling_conventions, use_flex_attention, weights_dtype)
 from .offload import BlockOffloader, spread
 from .optim import InBackwardOptimizer, make_optimizer, step_groups
 from .records import truncate_records
@@ -38,19 +37,21 @@ class Trainer:
         self._start_runtime()
         self.lora = cfg.lora.rank > 0
         # Refuse a wrong cache or launch before building anything expensive.
+        self.family = model_family(cfg.model)
         vae = self._open_caches()
         check_launch(cfg, self.accelerator.num_processes, self._fsdp)
         flex_mask = self._flex_mask()
         model = self._build_model(flex_mask)
         self.settings = StepSettings.from_config(
-            cfg.flow, vae, flex_mask=flex_mask, guidance=cfg.model.guidance if model.config.guidance_embeds else None)
+            cfg.flow, self.family, vae, flex_mask=flex_mask,
+            guidance=cfg.model.guidance if model.config.guidance_embeds else None)
         self.max_steps = total_steps(cfg, self.train_reader.num_rows, self.accelerator.num_processes)
         self._prepare(model)
         self._make_data_slots()
         self.step = 0
         self.empty = None
         if cfg.flow.guidance_dropout > 0:
-            self.empty = EmptyPrompt(self.train_reader.empty_prompt(), self.device)
+            self.empty = EmptyPrompt(self.train_reader.empty_prompt(), self.family.text, self.device)
         self._val_batches = None
         # The fixed validation noise, drawn on the first pass and reused (the same values).
         self.val_noise = ValidationNoise(cfg.data.val_noise_cache_mb << 20)
@@ -71,8 +72,8 @@ class Trainer:
         if self.device.type == "cuda" and not run.cudnn_sdpa:
             torch.backends.cuda.enable_cudnn_sdp(False)
 
-    def _open_caches(self) -> tuple[float, float]:
-        """The training cache and the held-out one, checked against the config; returns the VAE's factors."""
+    def _open_caches(self) -> dict:
+        """The training cache and the held-out one, checked against the config; returns the VAE's facts."""
         data = self.cfg.data
         self.train_reader = open_cache(data.train_cache, data.expected_t5_mode, "training cache",
                                        latent_logvar=self.cfg.flow.latent == "sample",
@@ -80,7 +81,7 @@ class Trainer:
         self.val_reader = None
         if data.val_cache:
             self.val_reader = open_validation_cache(data.val_cache, self.train_reader, data.storage_options)
-        return vae_factors(self.train_reader.manifest, f"training cache {data.train_cache}")
+        return vae_facts(self.train_reader, f"training cache {data.train_cache}")
 
     def _make_data_slots(self) -> None:
         """DataLoader workers, the stream position, and one noise generator per data slot."""
@@ -109,7 +110,7 @@ class Trainer:
         if masking == "flex" and self.device.type != "cuda":
             raise ModelLoadError("run.masked_attention flex needs a CUDA device (flex attention has no CPU backward)")
         # Only trimmed caches have text padding to mask; padded text keeps the flash kernel.
-        return masking == "flex" and self.train_reader.t5_mode == "trimmed"
+        return masking == "flex" and self.train_reader.text_mode == "trimmed"
 
     def _build_model(self, flex_mask: bool):
         """The transformer as it trains: built or loaded in its weights' dtype, placed block by block
@@ -118,18 +119,18 @@ class Trainer:
         # FSDP shards the weights after prepare(): build on the host there, on the device otherwise.
         model = build_transformer(cfg.model, seed=run.seed, device="cpu" if self._fsdp else self.device,
                                   dtype=weights_dtype(cfg))
-        check_cache_fits(model, self.train_reader.manifest)
-        offloaded = spread(run.offload_blocks, len(transformer_blocks(model)))
+        check_cache_fits(model, self.family, self.train_reader)
+        blocks = self.family.blocks(model)
+        offloaded = spread(run.offload_blocks, len(blocks))
         if not self._fsdp:
-            place(model, self.device, cfg.model.quantize_base, host_blocks=set(offloaded))
+            place(model, self.family, self.device, cfg.model.quantize_base, host_blocks=set(offloaded))
         if self.lora:
-            add_lora(model, cfg.lora)
+            add_lora(model, cfg.lora, self.family)
         self.offloader = None
         if offloaded:
-            self.offloader = BlockOffloader(transformer_blocks(model), offloaded, self.device,
-                                            move_trainable=not self.lora)
+            self.offloader = BlockOffloader(blocks, offloaded, self.device, move_trainable=not self.lora)
         if run.precision == "fp8":
-            convert_to_float8(model)
+            convert_to_float8(model, self.family)
         if flex_mask:
             use_flex_attention(model)
         if run.grad_checkpointing:
@@ -170,7 +171,7 @@ class Trainer:
             self.model, self.optimizer = acc.prepare(model, optimizer, device_placement=placement)
         if self._fsdp and self.lora:
             autocast_forward(acc, self.model)
-        cast_inputs_on_recompute(acc, transformer_blocks(acc.unwrap_model(self.model)), cfg.run.grad_checkpointing)
+        cast_inputs_on_recompute(acc, self.family.blocks(acc.unwrap_model(self.model)), cfg.run.grad_checkpointing)
         acc.register_for_checkpointing(self.scheduler)
         self.ema = None
         if cfg.ema.decay > 0:   # from the parameters as they train: FSDP replaced them with sharded ones
@@ -254,9 +255,10 @@ class Trainer:
     def training_info(self) -> dict:
         """flux_prep.json: how the model trained so far must be sampled (final/ and each checkpoint hold it)."""
         m = self.train_reader.manifest
+        text = self.family.text.settings(m)
         guidance_embeds = bool(self.accelerator.unwrap_model(self.model).config.guidance_embeds)
         return {
-            "t5_mode": m["t5"]["mode"], "t5_max_length": m["t5"]["max_length"],
+            "t5_mode": text["mode"], "t5_max_length": text["max_length"],
             **sampling_conventions(self.cfg.model),
             "guidance_dropout": self.cfg.flow.guidance_dropout,
             "guidance_dropout_mode": self.cfg.flow.guidance_dropout_mode, "latent": self.cfg.flow.latent,
@@ -358,7 +360,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         stream = CacheStream(cfg.data.train_cache, batch_size=cfg.data.batch_size, seed=cfg.run.seed,
                              rank=acc.process_index, world_size=acc.num_processes,
-                             shuffle_buffer=cfg.data.shuffle_buffer, expected_t5_mode=cfg.data.expected_t5_mode,
+                             shuffle_buffer=cfg.data.shuffle_buffer, expected_text_mode=cfg.data.expected_t5_mode,
                              position=self.position.state_dict() if self.position.workers else None,
                              latent_logvar=cfg.flow.latent == "sample", storage_options=cfg.data.storage_options)
         stream.row_groups()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from shared.fit import transformer_misfits
+from shared.family import Family, family_of_model, get_family
 from shared.models import ModelLoadError, load_transformer, read_training_info, split_transformer_path
 from shared.sampling import schedule_conventions
 from shared.presets import PRESETS, get_preset, transformer_config
@@ -17,13 +17,20 @@ from .config import LoraConfig, ModelConfig, TrainConfig
 from .quantize import quantize_block
 
 
+def model_family(cfg: ModelConfig) -> Family:
+    """The family of model.name: a preset's, else the model folder's (its model_index.json)."""
+    if cfg.name in PRESETS:
+        return get_family(get_preset(cfg.name).family)
+    model, part = split_transformer_path(cfg.name)
+    return family_of_model(model)
+
+
 def build_transformer(cfg: ModelConfig, seed: int = 0, device="cpu", dtype=torch.float32):
-    """The FluxTransformer2DModel to train, its weights in `dtype` (fp32, or bf16 for LoRA's frozen base
-    and for bf16 training); mixed precision casts per op.
+    """The transformer to train (its family's class), its weights in `dtype` (fp32, or bf16 for LoRA's
+    frozen base and for bf16 training); mixed precision casts per op.
 
     Published weights load on the host straight into `dtype` (place() then moves them block by block).
     A random init is built directly on `device` (initialising billions of weights on the host is slow)."""
-    from diffusers import FluxTransformer2DModel
     if cfg.init == "pretrained":
         if cfg.overrides:
             raise ModelLoadError("model.overrides change the architecture; they need model.init: random")
@@ -33,19 +40,19 @@ def build_transformer(cfg: ModelConfig, seed: int = 0, device="cpu", dtype=torch
         model, part = split_transformer_path(source)
         return load_transformer(model, dtype=dtype, part=part)
     config = _random_init_config(cfg)
+    cls = model_family(cfg).transformer_cls()
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device, _default_dtype(dtype):
         torch.manual_seed(seed)
-        return FluxTransformer2DModel(**config)
+        return cls(**config)
 
 
 def _random_init_config(cfg: ModelConfig) -> dict:
-    from diffusers import FluxTransformer2DModel
     if cfg.name in PRESETS:
         return transformer_config(cfg.name, **cfg.overrides)
     model, part = split_transformer_path(cfg.name)
     try:
-        config = dict(FluxTransformer2DModel.load_config(model, **({"subfolder": part} if part else {})))
+        config = dict(model_family(cfg).transformer_cls().load_config(model, **({"subfolder": part} if part else {})))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{cfg.name}: cannot read the transformer config: {str(e).splitlines()[0]}") from e
     config = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -74,22 +81,14 @@ def weights_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.lora.rank > 0 or cfg.model.weights_dtype == "bf16" else torch.float32
 
 
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
-
-
-def transformer_blocks(model) -> list[torch.nn.Module]:
-    """The repeated blocks in the order the forward runs them: the double-stream ones, then the single."""
-    return [block for name in BLOCK_LISTS for block in getattr(model, name)]
-
-
-def place(model, device, quantize_base: str = "none", host_blocks=()) -> None:
+def place(model, family: Family, device, quantize_base: str = "none", host_blocks=()) -> None:
     """Move the model to `device` one block at a time, quantizing each block as it arrives, so that
     weights loaded on the host never exist whole on the device in bf16. Blocks whose index is in
     `host_blocks` stay where they are (the BlockOffloader takes them)."""
     for name, child in model.named_children():
-        if name not in BLOCK_LISTS:
+        if name not in family.block_lists:
             child.to(device)
-    for i, block in enumerate(transformer_blocks(model)):
+    for i, block in enumerate(family.blocks(model)):
         if i in host_blocks:
             continue
         block.to(device)
@@ -97,25 +96,15 @@ def place(model, device, quantize_base: str = "none", host_blocks=()) -> None:
             quantize_block(block, quantize_base)
 
 
-# Linear layers left out of float8 (see convert_to_float8), besides the per-sample ones: the first
-# and last layers, by name.
-FLOAT8_KEEP = ("x_embedder", "proj_out")
-
-
-def per_sample_layer(name: str) -> bool:
-    """Whether a Flux linear layer sees one row per image, not per token: the modulation layers of
-    the norms and the timestep/guidance/CLIP embedding."""
-    return "norm" in name or name.startswith("time_text_embed")
-
-
-def float8_layer(name: str, module) -> bool:
-    """Whether convert_to_float8 gives this linear layer float8 matmuls."""
-    if not isinstance(module, torch.nn.Linear) or name in FLOAT8_KEEP or per_sample_layer(name):
+def float8_layer(family: Family, name: str, module) -> bool:
+    """Whether convert_to_float8 gives this linear layer float8 matmuls: not the first and last layers
+    (family.float8_keep), not those that see one row per image (family.per_sample_layer)."""
+    if not isinstance(module, torch.nn.Linear) or name in family.float8_keep or family.per_sample_layer(name):
         return False
     return module.in_features % 16 == 0 and module.out_features % 16 == 0   # float8 GEMM alignment
 
 
-def convert_to_float8(model) -> int:
+def convert_to_float8(model, family: Family) -> int:
     """Give the transformer's token-wise linear layers float8 matmuls (torchao's Float8Linear,
     dynamic tensorwise scales) and return how many. Weights, gradients and optimizer states stay
     fp32: only each matmul's inputs are scaled and cast to float8, output in bf16. The first and
@@ -125,10 +114,11 @@ def convert_to_float8(model) -> int:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as e:
         raise ModelLoadError("run.precision fp8 needs torchao: pip install -e '.[fp8]'") from e
-    count = sum(1 for n, m in model.named_modules() if float8_layer(n, m))
+    count = sum(1 for n, m in model.named_modules() if float8_layer(family, n, m))
     if count == 0:
         raise ModelLoadError("run.precision fp8: no linear layer of this model has float8-aligned sizes")
-    convert_to_float8_training(model, config=Float8LinearConfig(), module_filter_fn=lambda m, fqn: float8_layer(fqn, m))
+    convert_to_float8_training(model, config=Float8LinearConfig(),
+                               module_filter_fn=lambda m, fqn: float8_layer(family, fqn, m))
     return count
 
 
@@ -169,35 +159,38 @@ def _scheduler_config(model: str) -> dict | None:
         return None
 
 
-def check_cache_fits(model, manifest: dict) -> None:
-    """Refuse a cache whose tensor sizes do not match the transformer's input layers."""
-    c = model.config
-    dims = manifest["dims"]
-    misfits = transformer_misfits(c, dims["latent_channels"], dims["t5_dim"], dims["clip_dim"])
-    wrong = []
-    if "t5_dim" in misfits:
-        wrong.append(f"T5 dim {dims['t5_dim']} vs joint_attention_dim {c.joint_attention_dim}")
-    if "clip_dim" in misfits:
-        wrong.append(f"CLIP dim {dims['clip_dim']} vs pooled_projection_dim {c.pooled_projection_dim}")
-    if "latent_channels" in misfits:
-        wrong.append(f"{dims['latent_channels']} latent channels (x4 packed) vs in_channels {c.in_channels}")
+def check_cache_fits(model, family: Family, reader) -> None:
+    """Refuse a cache of another family, or whose tensor sizes do not match the transformer's input layers."""
+    if reader.family is not family:
+        raise ModelLoadError(f"the cache {reader.dir} holds {reader.family.name} encodings; the model is "
+                             f"{family.name}: encode the images with this model's folder")
+    # (the transformer's size, the cache's): its input channels take 2x2 patches of 4 x latent_channels,
+    # joint_attention_dim the text states (t5_dim), pooled_projection_dim a pooled vector (clip_dim)
+    misfits = family.misfits(model.config, reader.manifest["dims"])
+    wrong = [f"{key}: the cache gives {given}, the transformer takes {have}" for key, (have, given) in misfits.items()
+             if key != "out_channels"]
     if wrong:
         raise ModelLoadError("the cache does not fit the model: " + "; ".join(wrong))
 
 
-def add_lora(model, cfg: LoraConfig) -> None:
-    """Freeze the model and add a LoRA adapter (peft) on the attention and MLP projections, its
-    weights in fp32 whatever the base's dtype (diffusers' cast_training_params)."""
+def add_lora(model, cfg: LoraConfig, family: Family) -> None:
+    """Freeze the model and add a LoRA adapter (peft) on `lora.targets` (default: the family's attention and
+    MLP projections), its weights in fp32 whatever the base's dtype (diffusers' cast_training_params)."""
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig as PeftLoraConfig
     model.requires_grad_(False)
     with warnings.catch_warnings():   # peft, on a torchao base: merging would need the quantizer (never merged here)
         warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass.*")
         model.add_adapter(PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, init_lora_weights="gaussian",
-                                         target_modules=cfg.targets))
+                                         target_modules=lora_targets(cfg, family)))
     if not any(p.requires_grad for p in model.parameters()):
-        raise ModelLoadError(f"LoRA targets matched no module: {cfg.targets}")
+        raise ModelLoadError(f"LoRA targets matched no module: {lora_targets(cfg, family)}")
     cast_training_params(model, dtype=torch.float32)
+
+
+def lora_targets(cfg: LoraConfig, family: Family) -> str:
+    """lora.targets, or the family's attention and MLP projections where it is left empty."""
+    return cfg.targets or family.default_lora_targets
 
 
 def load_lora_state_dict(model, state: dict) -> None:

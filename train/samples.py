@@ -25,8 +25,8 @@ from shared import image_files
 from shared.cache.sample_prompts import read_sample_prompts
 from shared.latents import VAE_DOWNSAMPLE
 from shared.models import ModelLoadError, load_vae
-from shared.sampling import (PromptEncoding, decode, denoise, fuse_lora_adapter, guidance_conventions, guided_batch,
-                             initial_noise)
+from shared.sampling import decode, denoise, fuse_lora_adapter, guidance_conventions, guided_batch, initial_noise
+from shared.text_batch import PromptEncoding
 
 from .fsdp import trainable_weights, uses_fsdp
 from .model import sampling_conventions
@@ -68,26 +68,41 @@ def plan_samples(cfg, reader, guidance_embeds: bool, device: torch.device) -> Sa
     info = {"guidance_dropout": cfg.flow.guidance_dropout, "guidance": cfg.model.guidance if guidance_embeds else None}
     guidance, cfg_scale = guidance_conventions(info, guidance_embeds)
     enc = read_sample_prompts(reader.store, reader.manifest, f"training cache {cfg.data.train_cache}")
-    cond = [PromptEncoding(t.to(device), c.to(device)) for t, c in zip(enc["t5"], enc["clip"])]
-    empty = PromptEncoding(enc["empty_t5"].to(device), enc["empty_clip"].to(device)) if cfg_scale > 1 else None
+    cond = [_on(e, device) for e in enc["cond"]]
+    empty = _on(enc["empty"], device) if cfg_scale > 1 else None
     # flux-sample's dtype on this device (bf16 on a GPU, fp32 on the CPU)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return SamplePlan(enc["prompts"], cond, empty, seeds, int(size), int(steps), schedule["shift_schedule"],
                       guidance, cfg_scale, dtype)
 
 
-def load_decoder(cfg, manifest: dict, dtype, device):
+def _on(e: PromptEncoding, device) -> PromptEncoding:
+    return PromptEncoding(e.states.to(device), None if e.pooled is None else e.pooled.to(device))
+
+
+def load_decoder(cfg, reader, dtype, device):
     """The VAE of run.sample_vae (else model.name) with its encoder dropped, checked to be the VAE
-    whose scale and shift made the cache's latents."""
+    whose normalisation (FLUX.1: scale and shift) made the cache's latents."""
     source = cfg.run.sample_vae or cfg.model.name
-    vae = load_vae(source, dtype, device)
+    vae = load_vae(source, dtype, device, reader.family)
     vae.encoder = None
-    want = manifest.get("vae") or {}
-    have = {"scaling_factor": float(vae.config.scaling_factor), "shift_factor": float(vae.config.shift_factor or 0.0)}
-    if any(abs(have[k] - float(want.get(k, have[k]))) > 1e-6 for k in have):
-        raise ModelLoadError(f"{source}: its VAE scales latents by {have}, the cache's by {want}: set run.sample_vae "
-                             "to the model folder the cache was encoded with")
+    want = reader.manifest.get("vae") or {}
+    have = reader.family.vae_facts(vae)
+    if not _same_facts(have, want):
+        raise ModelLoadError(f"{source}: its VAE normalises latents by {_short(have)}, the cache's by {_short(want)}: "
+                             "set run.sample_vae to the model folder the cache was encoded with")
     return vae
+
+
+def _same_facts(have: dict, want: dict) -> bool:
+    """Equal within 1e-6 (numbers, or lists of them), a fact the cache lacks taken as equal."""
+    flat = lambda v: [float(x) for x in (v if isinstance(v, list) else [v])]   # noqa: E731
+    return all(len(flat(v)) == len(flat(want.get(k, v)))
+               and all(abs(a - b) <= 1e-6 for a, b in zip(flat(v), flat(want.get(k, v)))) for k, v in have.items())
+
+
+def _short(facts: dict) -> dict:
+    return {k: (v if not isinstance(v, list) else f"[{len(v)} values]") for k, v in facts.items()}
 
 
 class TrainingSamples:
@@ -101,7 +116,9 @@ class TrainingSamples:
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         self.plan = plan_samples(trainer.cfg, trainer.train_reader, bool(unwrapped.config.guidance_embeds),
                                  trainer.device)
-        self.vae = load_decoder(trainer.cfg, trainer.train_reader.manifest, self.plan.dtype, trainer.device)
+        self.vae = load_decoder(trainer.cfg, trainer.train_reader, self.plan.dtype, trainer.device)
+        self.family = trainer.family
+        self.latent_channels = unwrapped.config.in_channels // 4
 
     def after_step(self, step: int) -> None:
         """Render at every sample_every-th step and at the last one."""
@@ -163,11 +180,11 @@ class TrainingSamples:
             index = mine[k] if k < len(mine) else mine[0] if mine else 0
             i, seed = jobs[index]
             text = guided_batch([p.cond[i]], p.empty)
-            noise = initial_noise([seed], p.size, p.size, self.t.device, p.dtype)
+            noise = initial_noise(self.family, self.latent_channels, [seed], p.size, p.size, self.t.device, p.dtype)
             with self.t.accelerator.autocast() if autocast else contextlib.nullcontext():
-                x0 = denoise(model, noise, text, height_px=p.size, width_px=p.size, steps=p.steps, shift=p.shift,
-                             guidance=p.guidance, cfg_scale=p.cfg_scale, progress=bar)
-            image = decode(self.vae, x0, p.size, p.size)[0].numpy()
+                x0 = denoise(self.family, model, noise, text, height_px=p.size, width_px=p.size, steps=p.steps,
+                             shift=p.shift, guidance=p.guidance, cfg_scale=p.cfg_scale, progress=bar)
+            image = decode(self.family, self.vae, x0, p.size, p.size)[0].numpy()
             if k < len(mine):
                 out.append((index, image))
         if bar is not None:

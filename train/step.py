@@ -1,8 +1,9 @@
 """The flow-matching step (docs/DESIGN.md, "Training") and the validation loss.
 
-x0 = (z - shift) * scale with z the VAE posterior's mean (flow.latent: mean) or a sample of it
-(sample: mean + exp(logvar / 2) * n), x_t = (1 - t) x0 + t n, v = n - x0, loss = mse(model(x_t, t, text), v).
-Every formula (scale, posterior sample, packing, position ids, timestep samplers) comes from `shared`.
+x0 = the family's normalisation of z, the VAE posterior's mean (flow.latent: mean) or a sample of it
+(sample: mean + exp(logvar / 2) * n); x_t = (1 - t) x0 + t n, v = n - x0, loss = mse(model(x_t, t, text), v).
+Every formula comes from `shared`: the family's (normalisation, tokens, position ids, the transformer call:
+shared/family/) and the timestep samplers' (shared/schedules.py).
 """
 from __future__ import annotations
 
@@ -11,119 +12,104 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.latents import (VAE_SCALE, VAE_SHIFT, flex_block_mask, image_ids, joint_attention_mask, pack_latents,
-                            sample_posterior, scale_latents, text_ids)
+from shared.family import Family
+from shared.latents import sample_posterior
 from shared.schedules import sample_timesteps, validation_timesteps
-from shared.text import pad_text
+from shared.text_batch import TextBatch, pad_text
 
 from .data import TrainBatch, sample_seed
 
 
 @dataclass
 class StepSettings:
+    family: Family
+    vae: dict                            # the cache's VAE facts (the family's normalisation)
     sampler: str = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
     guidance_dropout: float = 0.0
-    dropout_mode: str = "joint"          # joint: one coin drops T5 and CLIP; independent: a coin each
+    dropout_mode: str = "joint"          # joint: one coin drops text and pooled vector; independent: a coin each
     latent: str = "mean"                 # mean: the posterior mean; sample: a sample of the posterior
     guidance: float | None = None        # set for guidance-distilled models (guidance_embeds=True)
-    vae_shift: float = VAE_SHIFT
-    vae_scale: float = VAE_SCALE
     flex_mask: bool = False              # text padding masked through flex attention (run.masked_attention)
 
     @classmethod
-    def from_config(cls, flow, vae: tuple[float, float], **kw) -> "StepSettings":
-        """From the config's flow section (FlowConfig) and the cache's VAE (shift, scale)."""
-        return cls(sampler=flow.sampler, logit_mean=flow.logit_mean, logit_std=flow.logit_std,
-                   guidance_dropout=flow.guidance_dropout, dropout_mode=flow.guidance_dropout_mode,
-                   latent=flow.latent, vae_shift=vae[0], vae_scale=vae[1], **kw)
+    def from_config(cls, flow, family: Family, vae: dict, **kw) -> "StepSettings":
+        """From the config's flow section (FlowConfig), the cache's family and VAE facts."""
+        return cls(family=family, vae=vae, sampler=flow.sampler, logit_mean=flow.logit_mean,
+                   logit_std=flow.logit_std, guidance_dropout=flow.guidance_dropout,
+                   dropout_mode=flow.guidance_dropout_mode, latent=flow.latent, **kw)
+
+    def x0_shape(self, latent_shape) -> tuple:
+        """The shape of one sample's x0 (and noise) for a cached latent [C, h, w]."""
+        return self.family.x0_shape(*latent_shape)
 
 
 class EmptyPrompt:
     """The cache's empty-prompt encodings on the training device, for guidance dropout."""
 
-    def __init__(self, encodings: dict, device):
-        self.t5 = encodings["t5"].to(device)            # [L_e, D]
-        self.clip = encodings["clip"].to(device)        # [Dc]
-        self.t5_len = int(encodings["t5_len"])
+    def __init__(self, encodings: dict, spec, device):
+        self.states = encodings[spec.states].to(device)                                   # [L_e, D]
+        self.pooled = encodings[spec.pooled].to(device) if spec.pooled else None          # [Dp]
+        self.length = int(encodings[spec.length])
 
 
 def drop_text(batch: TrainBatch, empty: EmptyPrompt, drop: torch.Tensor,
-              drop_clip: torch.Tensor | None = None) -> tuple:
-    """Replace the T5 encodings of samples where `drop` is True by the empty prompt's, and their CLIP
-    encodings where `drop_clip` is (None: where `drop` is, the joint dropout)."""
-    drop_clip = drop if drop_clip is None else drop_clip
-    t5, clip, mask = batch.t5, batch.clip, batch.t5_mask
-    length = t5.shape[1]
+              drop_pooled: torch.Tensor | None = None) -> TextBatch:
+    """The batch's text, where `drop` is True the empty prompt's instead, and its pooled vector where
+    `drop_pooled` is (None: where `drop` is, the joint dropout)."""
+    drop_pooled = drop if drop_pooled is None else drop_pooled
+    states, pooled, mask = batch.text, batch.pooled, batch.text_mask
+    length = states.shape[1]
     if mask is None:  # padded: every caption, and the empty prompt, has all max_length positions
-        if empty.t5.shape[0] != length:
-            raise ValueError(f"empty-prompt T5 has {empty.t5.shape[0]} positions, the batch {length}")
-        empty_t5 = empty.t5
+        if empty.states.shape[0] != length:
+            raise ValueError(f"empty-prompt text has {empty.states.shape[0]} positions, the batch {length}")
+        empty_states = empty.states
     else:
-        length = max(length, empty.t5.shape[0])   # keep every position of the empty prompt
-        t5, mask = pad_text(t5, mask, length)
-        empty_t5, _ = pad_text(empty.t5, None, length)
-        empty_mask = torch.arange(length, device=mask.device) < empty.t5_len
+        length = max(length, empty.states.shape[0])   # keep every position of the empty prompt
+        states, mask = pad_text(states, mask, length)
+        empty_states, _ = pad_text(empty.states, None, length)
+        empty_mask = torch.arange(length, device=mask.device) < empty.length
         mask = torch.where(drop[:, None], empty_mask[None], mask)
-    t5 = torch.where(drop[:, None, None], empty_t5.to(t5.dtype)[None], t5)
-    clip = torch.where(drop_clip[:, None], empty.clip.to(clip.dtype)[None], clip)
-    return t5, clip, mask
+    states = torch.where(drop[:, None, None], empty_states.to(states.dtype)[None], states)
+    if pooled is not None:
+        pooled = torch.where(drop_pooled[:, None], empty.pooled.to(pooled.dtype)[None], pooled)
+    return TextBatch(states, pooled, mask)
 
 
-def predict(model, x_t: torch.Tensor, t: torch.Tensor, t5: torch.Tensor, clip: torch.Tensor,
-            t5_mask: torch.Tensor | None, guidance: float | None, flex_mask: bool = False) -> torch.Tensor:
-    """The transformer's velocity for a [B, C, h, w] x_t, packed: [B, hw/4, 4C]. `flex_mask`: the
-    text padding goes to the model as a flex-attention BlockMask (its attention backend is "flex")."""
-    b, _, h, w = x_t.shape
-    device = x_t.device
-    packed = pack_latents(x_t)
-    mask = joint_attention_mask(t5_mask, packed.shape[1])
-    if mask is not None and flex_mask:
-        mask = flex_block_mask(mask)
-    out = model(
-        hidden_states=packed,
-        encoder_hidden_states=t5,
-        pooled_projections=clip,
-        timestep=t,
-        img_ids=image_ids(h, w, device=device),
-        txt_ids=text_ids(t5.shape[1], device=device),
-        guidance=None if guidance is None else torch.full((b,), float(guidance), device=device),
-        joint_attention_kwargs=None if mask is None else {"attention_mask": mask},
-        return_dict=False,
-    )[0]
-    return out
-
-
-def flow_matching_loss(model, latent: torch.Tensor, t5: torch.Tensor, clip: torch.Tensor,
-                       t5_mask: torch.Tensor | None, t: torch.Tensor, noise: torch.Tensor,
+def flow_matching_loss(model, latent: torch.Tensor, text: TextBatch, t: torch.Tensor, noise: torch.Tensor,
                        settings: StepSettings) -> torch.Tensor:
-    """Per-sample loss [B] (float32) for given timesteps and noise; `latent` is the VAE posterior's
-    mean or a sample of it, before scale/shift."""
-    x0 = scale_latents(latent.float(), settings.vae_shift, settings.vae_scale)
-    tb = t.view(-1, 1, 1, 1)
+    """Per-sample loss [B] (float32) for given timesteps and noise (x0-shaped); `latent` is the VAE
+    posterior's mean or a sample of it, before the family's normalisation."""
+    family = settings.family
+    h, w = latent.shape[-2:]
+    x0 = family.to_x0(latent, settings.vae)
+    tb = t.view(-1, *([1] * (x0.ndim - 1)))
     x_t = (1.0 - tb) * x0 + tb * noise
-    target = pack_latents(noise - x0)
-    pred = predict(model, x_t, t, t5.float(), clip.float(), t5_mask, settings.guidance, settings.flex_mask)
+    target = family.pack(noise - x0)
+    text = TextBatch(text.states.float(), None if text.pooled is None else text.pooled.float(), text.mask)
+    pred = family.predict(model, family.pack(x_t), t, text, h, w, settings.guidance, settings.flex_mask)
     return (pred.float() - target).pow(2).mean(dim=(1, 2))
 
 
 def draw(batch: TrainBatch, settings: StepSettings, generator: torch.Generator) -> dict:
     """The step's random draws from the step's generator, in this fixed order (a resumed run, whose
-    generator state is restored, repeats them exactly): timesteps [B]; noise [B, C, h, w]; the T5
-    dropout coins [B] (in joint mode the one coin for T5 and CLIP); the CLIP coins [B] (independent mode
-    only); the posterior's noise [B, C, h, w] (latent: sample only). The options add draws at the end
-    only, so joint mode with the posterior mean draws what the trainer always drew."""
+    generator state is restored, repeats them exactly): timesteps [B]; noise [B, *x0 shape]; the text
+    dropout coins [B] (in joint mode the one coin for the text and the pooled vector); the pooled
+    vector's coins [B] (independent mode only); the posterior's noise [B, C, h, w] (latent: sample only).
+    The options add draws at the end only, so joint mode with the posterior mean draws what the
+    trainer always drew."""
     latent = batch.latent
     b, _, h, w = latent.shape
-    t = sample_timesteps(settings.sampler, b, generator=generator, image_seq_len=(h // 2) * (w // 2),
+    t = sample_timesteps(settings.sampler, b, generator=generator, image_seq_len=settings.family.image_tokens(h, w),
                          mean=settings.logit_mean, std=settings.logit_std, device=latent.device)
-    noise = torch.randn(latent.shape, generator=generator, device=latent.device, dtype=torch.float32)
-    drop_t5 = torch.rand(b, generator=generator, device=latent.device) < settings.guidance_dropout
-    drop_clip = drop_t5
+    noise = torch.randn((b, *settings.x0_shape(latent.shape[1:])), generator=generator, device=latent.device,
+                        dtype=torch.float32)
+    drop_text_ = torch.rand(b, generator=generator, device=latent.device) < settings.guidance_dropout
+    drop_pooled = drop_text_
     if settings.dropout_mode == "independent":
-        drop_clip = torch.rand(b, generator=generator, device=latent.device) < settings.guidance_dropout
-    out = {"t": t, "noise": noise, "drop_t5": drop_t5, "drop_clip": drop_clip}
+        drop_pooled = torch.rand(b, generator=generator, device=latent.device) < settings.guidance_dropout
+    out = {"t": t, "noise": noise, "drop_text": drop_text_, "drop_pooled": drop_pooled}
     if settings.latent == "sample":
         out["latent"] = sample_posterior(latent, batch.latent_logvar, generator)
     return out
@@ -134,11 +120,11 @@ def training_loss(model, batch: TrainBatch, settings: StepSettings, generator: t
     """Mean flow-matching loss of one batch (on the model's device), with guidance dropout."""
     r = draw(batch, settings, generator)
     if empty is not None and settings.guidance_dropout > 0:
-        t5, clip, mask = drop_text(batch, empty, r["drop_t5"], r["drop_clip"])
+        text = drop_text(batch, empty, r["drop_text"], r["drop_pooled"])
     else:
-        t5, clip, mask = batch.t5, batch.clip, batch.t5_mask
+        text = batch.text_batch()
     latent = r.get("latent", batch.latent)
-    return flow_matching_loss(model, latent, t5, clip, mask, r["t"], r["noise"], settings).mean()
+    return flow_matching_loss(model, latent, text, r["t"], r["noise"], settings).mean()
 
 
 def validation_noise(keys: list[str], shape: tuple, i: int) -> torch.Tensor:
@@ -195,13 +181,12 @@ def validation_sums(model, batches, settings: StepSettings, device, n_timesteps:
         batch = batch.to(device)
         keys = batch.key
         b = len(keys)
-        shape = tuple(batch.latent.shape[1:])
+        shape = tuple(settings.x0_shape(batch.latent.shape[1:]))
         elements = math.prod(shape)     # per sample: the loss is a mean over these (packing keeps them)
         for i, t_value in enumerate(ts.tolist()):
             n = noise.get(keys, shape, i) if noise is not None else validation_noise(keys, shape, i)
             t = torch.full((b,), t_value, device=device)
-            loss = flow_matching_loss(model, batch.latent, batch.t5, batch.clip, batch.t5_mask, t, n.to(device),
-                                      settings)
+            loss = flow_matching_loss(model, batch.latent, batch.text_batch(), t, n.to(device), settings)
             sums[0, i] += loss.double().sum() * elements
             sums[1, i] += b * elements
     return sums

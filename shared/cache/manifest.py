@@ -5,7 +5,7 @@ import json
 import os
 
 from .keys import KeyReadError, duplicate_keys
-from .schema import EMPTY_PROMPT_NAME, MANIFEST_NAME, SCHEMA_VERSION, T5_MODES
+from .schema import EMPTY_PROMPT_NAME, MANIFEST_NAME, SCHEMA_VERSION
 from .store import open_store
 
 
@@ -32,24 +32,32 @@ def read_manifest(cache_dir, storage_options: dict | None = None) -> dict:
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise CacheError(f"{path}: cache schema version {version!r}, this flux-prep reads version {SCHEMA_VERSION}")
-    for field in ("shards", "dtypes", "dims", "t5"):
+    from ..family import family_of_manifest
+    try:
+        spec = family_of_manifest(manifest).text
+    except ValueError as e:
+        raise CacheError(f"{path}: {e}") from None
+    for field in ("shards", "dtypes", "dims", spec.states):
         if field not in manifest:
             raise CacheError(f"{path}: manifest has no {field!r}")
-    if manifest["t5"].get("mode") not in T5_MODES:
-        raise CacheError(f"{path}: unknown T5 mode {manifest['t5'].get('mode')!r}")
+    if manifest[spec.states].get("mode") not in spec.modes:
+        raise CacheError(f"{path}: unknown {spec.label} mode {manifest[spec.states].get('mode')!r}")
     return manifest
 
 
-def cache_manifest(*, dtypes: dict, dims: dict, t5: dict, shards: list, rows: int | None = None,
+def cache_manifest(*, family, dtypes: dict, dims: dict, text: dict, shards: list, rows: int | None = None,
                    skipped: dict | None = None, empty_prompt: str = EMPTY_PROMPT_NAME, **facts) -> dict:
     """The one builder of a manifest's fields (DESIGN.md, the cache contract), for write_manifest:
-    `dtypes` per tensor column, `dims` (latent_channels, t5_dim, clip_dim), `t5` (mode, max_length),
-    `shards` (ShardInfo or their dicts), `rows` (their sum unless given), skip counts by reason (sorted),
-    the empty prompt's file; `facts` (encoders, vae, image, command, ...) follow in the order given."""
-    if t5.get("mode") not in T5_MODES:
-        raise ValueError(f"unknown T5 mode {t5.get('mode')!r}; choose one of {', '.join(T5_MODES)}")
+    `family` (shared/family/) whose text columns the shards hold, `dtypes` per tensor column, `dims`
+    (latent_channels and the text columns' widths, e.g. t5_dim, clip_dim), `text` (mode, max_length;
+    under the text states' column name: "t5" for FLUX.1), `shards` (ShardInfo or their dicts), `rows` (their
+    sum unless given), skip counts by reason (sorted), the empty prompt's file; `facts` (encoders, vae,
+    image, command, ...) follow in the order given."""
+    spec = family.text
+    if text.get("mode") not in spec.modes:
+        raise ValueError(f"unknown {spec.label} mode {text.get('mode')!r}; choose one of {', '.join(spec.modes)}")
     shards = [s if isinstance(s, dict) else s.to_dict() for s in shards]
-    return {"dtypes": dtypes, "dims": dims, "t5": t5, "shards": shards,
+    return {"dtypes": dtypes, "dims": dims, spec.states: text, "shards": shards,
             "rows": sum(s["rows"] for s in shards) if rows is None else rows,
             "skipped": dict(sorted((skipped or {}).items())), "empty_prompt": empty_prompt, **facts}
 
@@ -66,8 +74,10 @@ def write_manifest(cache_dir, manifest: dict) -> None:
     store.write_json(MANIFEST_NAME, {"schema_version": SCHEMA_VERSION, **manifest})
 
 
-def check_t5_mode(manifest: dict, expected_mode: str | None, where: str = "cache") -> None:
-    """Refuse a cache whose T5 convention differs from what the caller was configured for."""
-    mode = manifest["t5"]["mode"]
+def check_text_mode(manifest: dict, expected_mode: str | None, where: str = "cache") -> None:
+    """Refuse a cache whose text convention differs from what the caller was configured for."""
+    from ..family import family_of_manifest
+    spec = family_of_manifest(manifest).text
+    mode = spec.settings(manifest)["mode"]
     if expected_mode is not None and mode != expected_mode:
-        raise CacheError(f"{where} was encoded with T5 mode {mode!r} but {expected_mode!r} is expected")
+        raise CacheError(f"{where} was encoded with {spec.label} mode {mode!r} but {expected_mode!r} is expected")

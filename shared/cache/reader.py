@@ -48,33 +48,41 @@ def decode_binary_column(arr, dtype_name: str, shapes: list[tuple[int, ...]]):
 
 
 def decode_table(table: pa.Table, manifest: dict) -> dict:
-    """A Parquet table (usually one row group) -> a dict of lists and tensors.
+    """A Parquet table (usually one row group) -> a dict of lists and tensors, by column name.
 
-    latent: [N, C, h, w] or a list of [C, h, w]; t5: [N, L, D] (padded) or a list of
-    [len_i, D] (trimmed); clip: [N, D]; t5_len, latent_h/w, width, height: int64 tensors."""
+    latent: [N, C, h, w] or a list of [C, h, w]; the text states (FLUX.1's "t5"): [N, L, D] (padded) or a
+    list of [len_i, D] (trimmed); a pooled vector ("clip"): [N, D]; the text length ("t5_len"), latent_h/w,
+    width, height: int64 tensors."""
+    from ..family import family_of_manifest
+    spec = family_of_manifest(manifest).text
     dims, dtypes = manifest["dims"], manifest["dtypes"]
     lh = table.column("latent_h").to_numpy().astype(np.int64)
     lw = table.column("latent_w").to_numpy().astype(np.int64)
-    t5_len = table.column("t5_len").to_numpy().astype(np.int64)
-    c, t5_dim, clip_dim = dims["latent_channels"], dims["t5_dim"], dims["clip_dim"]
+    lengths = table.column(spec.length).to_numpy().astype(np.int64)
     n = table.num_rows
-    latent_shapes = [(c, int(h), int(w)) for h, w in zip(lh, lw)]
-    if manifest["t5"]["mode"] == "padded":
-        t5_shapes = [(manifest["t5"]["max_length"], t5_dim)] * n
+    latent_shapes = [(dims["latent_channels"], int(h), int(w)) for h, w in zip(lh, lw)]
+    states_dim = dims[spec.dim_keys()[spec.states]]
+    text = spec.settings(manifest)
+    if text["mode"] == "padded":
+        states_shapes = [(text["max_length"], states_dim)] * n
     else:
-        t5_shapes = [(int(length), t5_dim) for length in t5_len]
+        states_shapes = [(int(length), states_dim) for length in lengths]
     out = {
         "key": table.column("key").to_pylist(),
         "caption": table.column("caption").to_pylist(),
         "latent": decode_binary_column(table.column("latent"), dtypes["latent"], latent_shapes),
-        "t5": decode_binary_column(table.column("t5"), dtypes["t5"], t5_shapes),
-        "clip": decode_binary_column(table.column("clip"), dtypes["clip"], [(clip_dim,)] * n),
-        "t5_len": torch.from_numpy(t5_len),
+        spec.states: decode_binary_column(table.column(spec.states), dtypes[spec.states], states_shapes),
+    }
+    if spec.pooled:
+        out[spec.pooled] = decode_binary_column(table.column(spec.pooled), dtypes[spec.pooled],
+                                                [(dims[spec.dim_keys()[spec.pooled]],)] * n)
+    out.update({
+        spec.length: torch.from_numpy(lengths),
         "latent_h": torch.from_numpy(lh),
         "latent_w": torch.from_numpy(lw),
         "width": torch.from_numpy(table.column("width").to_numpy().astype(np.int64)),
         "height": torch.from_numpy(table.column("height").to_numpy().astype(np.int64)),
-    }
+    })
     if "latent_logvar" in table.column_names:
         out["latent_logvar"] = decode_binary_column(
             table.column("latent_logvar"), dtypes.get("latent_logvar", dtypes["latent"]), latent_shapes)
@@ -92,7 +100,9 @@ class CacheReader:
         self.manifest = read_manifest(self.store)
         self.shards = [s["path"] for s in self.manifest["shards"]]
         self.num_rows = sum(s["rows"] for s in self.manifest["shards"])
-        self.t5_mode = self.manifest["t5"]["mode"]
+        from ..family import family_of_manifest
+        self.family = family_of_manifest(self.manifest)
+        self.text_mode = self.family.text.settings(self.manifest)["mode"]
         self._entries = {s["path"]: s for s in self.manifest["shards"]}
         self._footers: dict[str, pq.FileMetaData] = {}
         self._fetcher = self._new_fetcher()
@@ -177,7 +187,8 @@ class CacheReader:
             yield self.row_group(shard, i)
 
     def empty_prompt(self) -> dict:
-        """The empty prompt's encodings: t5 [L, D], clip [D], t5_len (for guidance dropout and CFG)."""
+        """The empty prompt's encodings by column (FLUX.1: t5 [L, D], clip [D], t5_len), for guidance
+        dropout and CFG."""
         from safetensors.torch import load
         name = self.manifest.get("empty_prompt", EMPTY_PROMPT_NAME)
         try:

@@ -1,6 +1,7 @@
 """The prompts a training run renders samples of, encoded once with the cache (a side file that the
-manifest names): T5 and CLIP encodings made as flux-sample makes them (the library's T5, one prompt
-at a time, in the encoder's compute dtype), kept in float32, with the cache's T5 mode and length.
+manifest names): the family's text encodings made as flux-sample makes them (the library's encoders, one
+prompt at a time, in the encoder's compute dtype), kept in float32, with the cache's text mode and length.
+Tensors and metadata are named by the cache's text columns (FLUX.1: t5, t5_len, clip, empty_t5, empty_clip).
 
 The empty prompt is stored beside them, encoded the same way, for classifier-free guidance: the
 cache's own `empty_prompt.safetensors` is in the storage dtype and made by the batched encoder."""
@@ -18,19 +19,23 @@ SAMPLE_PROMPTS_NAME = "sample_prompts.safetensors"
 FORMAT = "flux-prep sample prompts 1"
 
 
-def pack(prompts: list[str], encodings: list, empty, *, t5_mode: str, t5_max_length: int) -> bytes:
-    """safetensors bytes: t5 [N, L, D] (zero past each prompt's t5_len when trimmed), t5_len [N],
-    clip [N, Dc], empty_t5 [L0, D], empty_clip [Dc]; the prompts and T5 settings in the metadata.
-    `encodings`, `empty`: PromptEncoding-like (t5 [L, D], clip [Dc])."""
+def pack(prompts: list[str], encodings: list, empty, *, text, mode: str, max_length: int) -> bytes:
+    """safetensors bytes: states [N, L, D] (zero past each prompt's length when trimmed), lengths [N], pooled
+    [N, Dp] where the family has one, and the empty prompt's; the prompts and text settings in the metadata.
+    `encodings`, `empty`: PromptEncoding; `text`: the family's TextSpec."""
     from safetensors.torch import save
-    longest = max(e.t5.shape[0] for e in encodings)
-    t5 = torch.zeros(len(encodings), longest, encodings[0].t5.shape[1], dtype=torch.float32)
-    for i, e in enumerate(encodings):
-        t5[i, :e.t5.shape[0]] = e.t5.float().cpu()
-    tensors = {"t5": t5, "t5_len": torch.tensor([e.t5.shape[0] for e in encodings], dtype=torch.int64),
-               "clip": torch.stack([e.clip.float().cpu() for e in encodings]),
-               "empty_t5": empty.t5.float().cpu().contiguous(), "empty_clip": empty.clip.float().cpu().contiguous()}
-    meta = {"format": FORMAT, "prompts": json.dumps(prompts), "t5_mode": t5_mode, "t5_max_length": str(t5_max_length)}
+
+    from ..text_batch import pad_and_mask
+    states, _ = pad_and_mask([e.states.float().cpu() for e in encodings])
+    tensors = {text.states: states,
+               text.length: torch.tensor([e.states.shape[0] for e in encodings], dtype=torch.int64)}
+    if text.pooled:
+        tensors[text.pooled] = torch.stack([e.pooled.float().cpu() for e in encodings])
+    tensors[f"empty_{text.states}"] = empty.states.float().cpu().contiguous()
+    if text.pooled:
+        tensors[f"empty_{text.pooled}"] = empty.pooled.float().cpu().contiguous()
+    meta = {"format": FORMAT, "prompts": json.dumps(prompts), f"{text.states}_mode": mode,
+            f"{text.states}_max_length": str(max_length)}
     return save(tensors, metadata=meta)
 
 
@@ -44,9 +49,12 @@ def write_sample_prompts(cache, data: bytes, storage_options: dict | None = None
 
 
 def read_sample_prompts(store, manifest: dict, where: str) -> dict:
-    """{"prompts": [...], "t5": [[L_i, D] per prompt], "clip": [[Dc] per prompt], "empty_t5", "empty_clip"},
-    refusing a side file whose T5 mode or length is not the cache's (the cache was encoded again since)."""
+    """{"prompts": [...], "cond": [PromptEncoding per prompt], "empty": PromptEncoding}, refusing a side file
+    whose text mode or length is not the cache's (the cache was encoded again since)."""
     from safetensors.torch import load
+
+    from ..family import family_of_manifest
+    from ..text_batch import PromptEncoding
     name = manifest.get("sample_prompts")
     if not name:
         raise CacheError(f"{where}: no sample prompts; encode them with flux-prep encode --sample-prompts FILE "
@@ -57,14 +65,18 @@ def read_sample_prompts(store, manifest: dict, where: str) -> dict:
         raise CacheError(f"{where}: the manifest names {name}, which is missing") from None
     tensors = load(data)
     meta = _metadata(data)
-    t5 = manifest["t5"]
-    if meta.get("format") != FORMAT or meta.get("t5_mode") != t5["mode"] \
-            or int(meta.get("t5_max_length", -1)) != int(t5["max_length"]):
-        raise CacheError(f"{where}: {name} was encoded with T5 {meta.get('t5_mode')}/{meta.get('t5_max_length')}, "
-                         f"the cache with {t5['mode']}/{t5['max_length']}: encode the sample prompts again")
-    lengths = tensors["t5_len"].tolist()
-    return {"prompts": json.loads(meta["prompts"]), "t5": [tensors["t5"][i, :n] for i, n in enumerate(lengths)],
-            "clip": list(tensors["clip"]), "empty_t5": tensors["empty_t5"], "empty_clip": tensors["empty_clip"]}
+    spec = family_of_manifest(manifest).text
+    settings, col = spec.settings(manifest), spec.states
+    if meta.get("format") != FORMAT or meta.get(f"{col}_mode") != settings["mode"] \
+            or int(meta.get(f"{col}_max_length", -1)) != int(settings["max_length"]):
+        raise CacheError(f"{where}: {name} was encoded with {spec.label} {meta.get(f'{col}_mode')}/"
+                         f"{meta.get(f'{col}_max_length')}, the cache with {settings['mode']}/"
+                         f"{settings['max_length']}: encode the sample prompts again")
+    lengths = tensors[spec.length].tolist()
+    pooled = list(tensors[spec.pooled]) if spec.pooled else [None] * len(lengths)
+    cond = [PromptEncoding(tensors[col][i, :n], p) for i, (n, p) in enumerate(zip(lengths, pooled))]
+    empty = PromptEncoding(tensors[f"empty_{col}"], tensors[f"empty_{spec.pooled}"] if spec.pooled else None)
+    return {"prompts": json.loads(meta["prompts"]), "cond": cond, "empty": empty}
 
 
 def _metadata(data: bytes) -> dict:

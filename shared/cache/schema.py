@@ -1,5 +1,6 @@
 """The cache contract, version 1 (docs/DESIGN.md): one row per sample, tensors as raw
-little-endian bytes in binary columns, shapes in integer columns, dtypes in the manifest."""
+little-endian bytes in binary columns, shapes in integer columns, dtypes in the manifest; the text
+columns are the model family's (shared/family/)."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,21 +13,25 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
 SHARD_SUFFIX = ".parquet"
-T5_MODES = ("padded", "trimmed")
 
-ARROW_SCHEMA = pa.schema([
-    pa.field("key", pa.string(), nullable=False),
-    pa.field("caption", pa.string(), nullable=False),
-    pa.field("latent", pa.binary(), nullable=False),
-    pa.field("latent_logvar", pa.binary(), nullable=True),
-    pa.field("latent_h", pa.int16(), nullable=False),
-    pa.field("latent_w", pa.int16(), nullable=False),
-    pa.field("t5", pa.binary(), nullable=False),
-    pa.field("t5_len", pa.int16(), nullable=False),
-    pa.field("clip", pa.binary(), nullable=False),
-    pa.field("width", pa.int32(), nullable=False),
-    pa.field("height", pa.int32(), nullable=False),
-])
+
+def arrow_schema(text) -> pa.Schema:
+    """The shards' columns for a family's text columns (`text`: its TextSpec). FLUX.1's: key, caption,
+    latent, latent_logvar, latent_h, latent_w, t5, t5_len, clip, width, height."""
+    return pa.schema([
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("latent", pa.binary(), nullable=False),
+        pa.field("latent_logvar", pa.binary(), nullable=True),
+        pa.field("latent_h", pa.int16(), nullable=False),
+        pa.field("latent_w", pa.int16(), nullable=False),
+        pa.field(text.states, pa.binary(), nullable=False),
+        pa.field(text.length, pa.int16(), nullable=False),
+        *([pa.field(text.pooled, pa.binary(), nullable=False)] if text.pooled else []),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+    ])
+
 
 # Storage dtypes a cache may use, by name (part of the contract: named here, mapped in shared/precision.py).
 # bf16 has no numpy type: it travels as int16 bits.

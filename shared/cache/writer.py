@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .schema import _BITS_DTYPES, ARROW_SCHEMA, SCHEMA_VERSION, SHARD_SUFFIX, torch_dtype
+from .schema import _BITS_DTYPES, SCHEMA_VERSION, SHARD_SUFFIX, arrow_schema, torch_dtype
 from .store import open_store
 
 # Tensor bytes barely compress (bf16 noise-like values) and compression costs read speed;
@@ -28,7 +28,8 @@ class ShardInfo:
 
 
 class CacheWriter:
-    """Writes rows into shards `{prefix}-{index:05d}.parquet` under `out_dir`.
+    """Writes rows into shards `{prefix}-{index:05d}.parquet` under `out_dir`, with the text columns of
+    `text` (a family's TextSpec: shared/family/).
 
     A shard holds at most `rows_per_shard` rows, in row groups of at most
     `row_group_rows` rows and about `row_group_bytes` bytes (a reader streams a row
@@ -37,10 +38,12 @@ class CacheWriter:
     partial shard; `close()` returns the finished shards.
     """
 
-    def __init__(self, out_dir, prefix: str, dtypes: dict[str, str], *, rows_per_shard: int = 1000,
+    def __init__(self, out_dir, prefix: str, dtypes: dict[str, str], *, text, rows_per_shard: int = 1000,
                  row_group_rows: int = 256, row_group_bytes: int = 64 << 20):
         if rows_per_shard < 1 or row_group_rows < 1:
             raise ValueError("rows_per_shard and row_group_rows must be positive")
+        self.text = text
+        self.schema = arrow_schema(text)
         self.store = open_store(out_dir)
         self.store.makedirs()
         self.prefix = prefix
@@ -59,57 +62,65 @@ class CacheWriter:
         self._shard_rows = 0
 
     # -- rows -----------------------------------------------------------------------------------
-    def add(self, *, key: str, caption: str, latent: torch.Tensor, t5: torch.Tensor, t5_len: int,
-            clip: torch.Tensor, width: int, height: int, latent_logvar: torch.Tensor | None = None) -> None:
-        """Add one sample. `latent` is [C, h, w]; `t5` is [L, D] (only the rows to store)."""
-        if latent.ndim != 3 or t5.ndim != 2 or clip.ndim != 1:
-            raise ValueError(f"bad shapes for {key!r}: latent {tuple(latent.shape)}, t5 {tuple(t5.shape)}, "
-                             f"clip {tuple(clip.shape)}")
-        self.add_batch(keys=[key], captions=[caption], latent=[latent], t5=[t5], t5_len=[t5_len], clip=[clip],
-                       widths=[width], heights=[height],
-                       latent_logvar=None if latent_logvar is None else [latent_logvar])
+    def add(self, *, key: str, caption: str, latent: torch.Tensor, width: int, height: int,
+            latent_logvar: torch.Tensor | None = None, **text) -> None:
+        """Add one sample. `latent` is [C, h, w]; `text` the family's text columns: states [L, D] (only the
+        rows to store), their length, a pooled vector [Dp] (FLUX.1: t5=, t5_len=, clip=)."""
+        self.add_batch(keys=[key], captions=[caption], latent=[latent], widths=[width], heights=[height],
+                       latent_logvar=None if latent_logvar is None else [latent_logvar],
+                       **{name: [value] for name, value in text.items()})
 
-    def add_batch(self, *, keys: list[str], captions: list[str], latent, t5, t5_len, clip, widths, heights,
-                  latent_logvar=None, copy: bool = True) -> None:
+    def add_batch(self, *, keys: list[str], captions: list[str], latent, widths, heights, latent_logvar=None,
+                  copy: bool = True, **text) -> None:
         """Add B samples at once: the same rows, row groups and shards as B `add` calls, at a
         fraction of the cost (each tensor column is copied once, into one buffer, per batch).
 
         Tensor arguments are a batch tensor ([B, C, h, w], [B, L, D], [B, D]) or a list of B
-        per-row tensors ([C, h, w], [L_i, D], [D]); `t5_len`, `widths`, `heights` are B ints.
-        `copy=False`: CPU batch tensors already in the storage dtype are referenced, not copied,
-        until their row group is written; the caller must not change them (the encoder hands over
-        fresh host copies, 2 MB a row at padded-256: the copy was a fifth of the writer's time)."""
-        n = len(keys)
+        per-row tensors ([C, h, w], [L_i, D], [D]); the text length, `widths`, `heights` are B ints.
+        `text`: the family's text columns by name. `copy=False`: CPU batch tensors already in the storage
+        dtype are referenced, not copied, until their row group is written; the caller must not change them
+        (the encoder hands over fresh host copies, 2 MB a row at padded-256: the copy was a fifth of the
+        writer's time)."""
+        spec, n = self.text, len(keys)
+        expected = {spec.states, spec.length} | ({spec.pooled} if spec.pooled else set())
+        if set(text) != expected:
+            raise ValueError(f"add_batch: text columns {sorted(text)}, the cache's are {sorted(expected)}")
         if n == 0:
             return
-        if n > 1 and n * t5[0].numel() * torch_dtype(self.dtypes["t5"]).itemsize >= 1 << 30:
+        states = text[spec.states]
+        if n > 1 and n * states[0].numel() * torch_dtype(self.dtypes[spec.states]).itemsize >= 1 << 30:
             h = n // 2     # Arrow's binary offsets are 32-bit: keep each column well under 2 GiB
             for part in (slice(0, h), slice(h, n)):
-                self.add_batch(keys=keys[part], captions=captions[part], latent=latent[part], t5=t5[part],
-                               t5_len=t5_len[part], clip=clip[part], widths=widths[part], heights=heights[part],
-                               latent_logvar=None if latent_logvar is None else latent_logvar[part], copy=copy)
+                self.add_batch(keys=keys[part], captions=captions[part], latent=latent[part], widths=widths[part],
+                               heights=heights[part], copy=copy,
+                               latent_logvar=None if latent_logvar is None else latent_logvar[part],
+                               **{name: value[part] for name, value in text.items()})
             return
-        if not (len(captions) == len(latent) == len(t5) == len(t5_len) == len(clip) == len(widths)
-                == len(heights) == n) or (latent_logvar is not None and len(latent_logvar) != n):
+        if not all(len(c) == n for c in (captions, latent, widths, heights, *text.values())) \
+                or (latent_logvar is not None and len(latent_logvar) != n):
             raise ValueError(f"add_batch: columns of unequal length for {n} keys")
         lat_shapes = [tuple(x.shape) for x in latent]
-        if any(len(sh) != 3 for sh in lat_shapes) or any(x.ndim != 2 for x in t5) or any(x.ndim != 1 for x in clip):
+        if any(len(sh) != 3 for sh in lat_shapes) or any(x.ndim != 2 for x in states) \
+                or (spec.pooled and any(x.ndim != 1 for x in text[spec.pooled])):
             raise ValueError(f"bad shapes in batch starting {keys[0]!r}: latent {lat_shapes[0]}, "
-                             f"t5 {tuple(t5[0].shape)}, clip {tuple(clip[0].shape)}")
+                             + ", ".join(f"{c} {tuple(text[c][0].shape)}" for c in spec.tensor_columns))
         lat_dtype = self.dtypes["latent"]
         columns, row_bytes = {}, np.zeros(n, dtype=np.int64)
-        for c, values in (("latent", latent), ("t5", t5), ("clip", clip), ("latent_logvar", latent_logvar)):
+        for c, values in (("latent", latent), *((c, text[c]) for c in spec.tensor_columns),
+                          ("latent_logvar", latent_logvar)):
             if values is None:
                 columns[c] = pa.nulls(n, pa.binary())
             else:
                 columns[c], nbytes = _binary_column(values, self.dtypes.get(c, lat_dtype), copy)
                 row_bytes += nbytes
-        batch = pa.RecordBatch.from_arrays([
-            pa.array(keys, pa.string()), pa.array(captions, pa.string()), columns["latent"], columns["latent_logvar"],
-            pa.array([sh[1] for sh in lat_shapes], pa.int16()), pa.array([sh[2] for sh in lat_shapes], pa.int16()),
-            columns["t5"], pa.array([int(x) for x in t5_len], pa.int16()), columns["clip"],
-            pa.array([int(x) for x in widths], pa.int32()), pa.array([int(x) for x in heights], pa.int32()),
-        ], schema=ARROW_SCHEMA)
+        columns.update({
+            "key": pa.array(keys, pa.string()), "caption": pa.array(captions, pa.string()),
+            "latent_h": pa.array([sh[1] for sh in lat_shapes], pa.int16()),
+            "latent_w": pa.array([sh[2] for sh in lat_shapes], pa.int16()),
+            spec.length: pa.array([int(x) for x in text[spec.length]], pa.int16()),
+            "width": pa.array([int(x) for x in widths], pa.int32()),
+            "height": pa.array([int(x) for x in heights], pa.int32())})
+        batch = pa.RecordBatch.from_arrays([columns[name] for name in self.schema.names], schema=self.schema)
         self._add_record_batch(batch, np.cumsum(row_bytes))
 
     def _add_record_batch(self, batch: pa.RecordBatch, cum_bytes: np.ndarray) -> None:
@@ -140,7 +151,7 @@ class CacheWriter:
             return
         if self._writer is None:
             self._open_shard()
-        table = pa.Table.from_batches(self._pending, schema=ARROW_SCHEMA)
+        table = pa.Table.from_batches(self._pending, schema=self.schema)
         self._writer.write_table(table, row_group_size=table.num_rows)
         self._shard_rows += table.num_rows
         self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
@@ -150,10 +161,10 @@ class CacheWriter:
         self._name = f"{self.prefix}-{self.next_index:05d}{SHARD_SUFFIX}"
         self._sink = self.store.create(self._name)
         self._writer = pq.ParquetWriter(
-            self._sink.file, ARROW_SCHEMA.with_metadata({"flux_prep_schema_version": str(SCHEMA_VERSION)}),
-            compression={c: _COMPRESSION.get(c, "none") for c in ARROW_SCHEMA.names},
+            self._sink.file, self.schema.with_metadata({"flux_prep_schema_version": str(SCHEMA_VERSION)}),
+            compression={c: _COMPRESSION.get(c, "none") for c in self.schema.names},
             use_dictionary=["key", "caption"],
-            write_statistics=["latent_h", "latent_w", "t5_len", "width", "height"],
+            write_statistics=["latent_h", "latent_w", self.text.length, "width", "height"],
             # A CRC per page: CacheReader checks them as it reads, so a flipped byte stops a reader
             # at its row group without a full sha256 pass over the cache first.
             write_page_checksum=True,

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from shared.text import pad_text, stack_text
+from shared.text_batch import pad_and_mask, pad_text
 
 
 def _states(lengths, dim=4, seed=0):
@@ -12,10 +12,10 @@ def _states(lengths, dim=4, seed=0):
 
 
 @pytest.mark.parametrize("multiple", [None, 16])
-def test_stack_text_pads_to_the_longest_and_masks_the_padding(multiple):
+def test_pad_and_mask_pads_to_the_longest_and_masks_the_padding(multiple):
     lengths = [3, 7, 5]
     states = _states(lengths)
-    t5, mask = stack_text(states, multiple)
+    t5, mask = pad_and_mask(states, multiple)
     width = 7 if multiple is None else 16
     assert t5.shape == (3, width, 4) and mask.shape == (3, width) and mask.dtype == torch.bool
     assert torch.equal(t5[:, :7], pad_sequence(states, batch_first=True))
@@ -23,7 +23,7 @@ def test_stack_text_pads_to_the_longest_and_masks_the_padding(multiple):
     assert mask.tolist() == [[i < n for i in range(width)] for n in lengths]
 
 
-def test_stack_text_fills_an_uninitialized_buffer_and_zeroes_its_padding():
+def test_pad_and_mask_fills_an_uninitialized_buffer_and_zeroes_its_padding():
     states = _states([2, 6], dim=3)
     buffers = []
 
@@ -31,7 +31,7 @@ def test_stack_text_fills_an_uninitialized_buffer_and_zeroes_its_padding():
         buffers.append(torch.full(shape, float("nan")))
         return buffers[-1]
 
-    t5, mask = stack_text(states, None, alloc=alloc)
+    t5, mask = pad_and_mask(states, None, alloc=alloc)
     assert t5 is buffers[0]
     assert torch.equal(t5, pad_sequence(states, batch_first=True))
     assert mask.sum(1).tolist() == [2, 6]

@@ -1,0 +1,150 @@
+"""What a model family is to the stages: the small object each stage asks instead of naming an encoder.
+
+A family owns what differs between FLUX.1 and FLUX.2 (docs/DESIGN.md, "Model families"): the parts a
+model folder has; which text encoder `encode` runs and the cache columns it fills (TextSpec); how a VAE
+posterior becomes the transformer's x0 and its tokens (normalisation, patches, position ids); the one
+prediction function the trainer and the sampler both call; the block lists that checkpointing, block swap,
+FSDP and compile walk; default LoRA targets; the sampling schedule. The stages hold the rest: data,
+loops, files. Subclasses: family/flux1.py, family/flux2.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TEXT_MODES = ("padded", "trimmed")
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """The cache's text columns of a family: token states [L, D] and their real-token count, and a pooled
+    vector [Dp] where the family has one. Their names are the cache's column names, and name the manifest's
+    text section (`manifest[states]`: mode, max_length) and dims (`{states}_dim`, `{pooled}_dim`)."""
+    states: str
+    length: str
+    pooled: str | None
+    modes: tuple[str, ...]        # the text modes this family's transformer can be trained on
+    label: str                    # the encoder, in messages ("T5", "Qwen3")
+    pooled_label: str | None = None   # the pooled vector's encoder, in messages ("CLIP")
+
+    @property
+    def tensor_columns(self) -> tuple[str, ...]:
+        return (self.states,) + ((self.pooled,) if self.pooled else ())
+
+    def dim_keys(self) -> dict[str, str]:
+        """{column: its manifest dims key}."""
+        return {c: f"{c}_dim" for c in self.tensor_columns}
+
+    def settings(self, manifest: dict) -> dict:
+        """The cache's text settings: {"mode", "max_length"}."""
+        return manifest[self.states]
+
+
+class Family:
+    """The interface every family implements; defaults are what FLUX.1 and FLUX.2 share."""
+    name: str
+    pipelines: tuple[str, ...]        # model_index.json `_class_name`s of this family's folders
+    transformer_class: str            # diffusers' class names
+    vae_class: str
+    text: TextSpec
+    parts: dict[str, str]             # a model folder's parts -> what each is (for messages)
+    text_parts: tuple[str, ...]       # the parts its text encoder loads
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
+    default_lora_targets: str
+    float8_keep: tuple[str, ...] = ("x_embedder", "proj_out")   # first and last layers stay bf16
+    vae_fact_keys: tuple[str, ...] = ()        # what vae_facts records, all of which to_x0 needs
+    manifest_facts: tuple[str, ...] = ()       # the text encoder's facts the manifest records (compared on a rerun)
+    settings_only: tuple[str, ...] = ()        # its facts the encode settings record, not compared
+    sampling_text_options: dict = {}           # the text encoder's options as flux-sample runs it
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
+
+    # -- classes and blocks ---------------------------------------------------------------------
+    def transformer_cls(self):
+        import diffusers
+        return getattr(diffusers, self.transformer_class)
+
+    def vae_cls(self):
+        import diffusers
+        return getattr(diffusers, self.vae_class)
+
+    def blocks(self, model) -> list[torch.nn.Module]:
+        """The repeated blocks in the order the forward runs them: the double-stream ones, then the single."""
+        return [block for name in self.block_lists for block in getattr(model, name)]
+
+    def per_sample_layer(self, name: str) -> bool:
+        """Whether a linear layer sees one row per image, not per token (modulation, time embedding)."""
+        raise NotImplementedError
+
+    # -- latents ---------------------------------------------------------------------------------
+    def vae_facts(self, vae) -> dict:
+        """What the cache's manifest records of the VAE so that the trainer can normalise without it."""
+        raise NotImplementedError
+
+    def to_x0(self, latent: torch.Tensor, facts: dict) -> torch.Tensor:
+        """A VAE posterior mean (or sample) [B, C, h, w] -> the transformer's x0, float32."""
+        raise NotImplementedError
+
+    def from_x0(self, x0: torch.Tensor, facts: dict) -> torch.Tensor:
+        """The inverse of to_x0: what the VAE decoder takes."""
+        raise NotImplementedError
+
+    def x0_shape(self, channels: int, h: int, w: int) -> tuple[int, int, int]:
+        """The shape of one x0 for a latent of `channels` x h x w (the VAE's own)."""
+        raise NotImplementedError
+
+    def pack(self, x0: torch.Tensor) -> torch.Tensor:
+        """x0-shaped [B, ...] -> the transformer's image tokens [B, N, D]."""
+        raise NotImplementedError
+
+    def unpack(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Tokens [B, N, D] of an h x w latent (the VAE's size) -> x0-shaped [B, ...]."""
+        raise NotImplementedError
+
+    def image_tokens(self, h: int, w: int) -> int:
+        """Image tokens of an h x w latent: 2x2 patches in every FLUX."""
+        return (h // 2) * (w // 2)
+
+    # -- the transformer call ----------------------------------------------------------------------
+    def predict(self, model, tokens: torch.Tensor, timestep: torch.Tensor, text, h: int, w: int,
+                guidance: float | None = None, flex_mask: bool = False) -> torch.Tensor:
+        """The velocity of image tokens [B, N, D] at `timestep` [B] (in [0, 1]), for `text` (a TextBatch)
+        and an h x w latent; `guidance` feeds a guidance embedding. The one transformer call of the
+        trainer and of the sampler."""
+        raise NotImplementedError
+
+    # -- sampling ----------------------------------------------------------------------------------
+    def sampling_sigmas(self, steps: int, image_tokens: int, shift: bool) -> torch.Tensor:
+        """`steps + 1` noise levels from 1 down to 0 (float32), as the family's pipeline takes them."""
+        raise NotImplementedError
+
+    # -- checks ------------------------------------------------------------------------------------
+    def misfits(self, tcfg, dims: dict) -> dict[str, tuple]:
+        """{check: (the transformer's size, the size given)} for each input size that does not fit
+        `dims` (the VAE's latent_channels and the text columns' widths)."""
+        get = tcfg.get if isinstance(tcfg, dict) else lambda k: getattr(tcfg, k, None)
+        in_ch = get("in_channels")
+        out_ch = get("out_channels") or in_ch
+        checks = {"latent_channels": (in_ch, 4 * dims["latent_channels"]), "out_channels": (out_ch, in_ch),
+                  self.text.dim_keys()[self.text.states]: (get("joint_attention_dim"),
+                                                           dims[self.text.dim_keys()[self.text.states]])}
+        checks.update(self._more_misfits(get, dims))
+        return {k: v for k, v in checks.items() if v[0] != v[1]}
+
+    def _more_misfits(self, get, dims: dict) -> dict:
+        return {}
+
+    def text_dims(self, model: str) -> dict:
+        """The text columns' widths ({"t5_dim": ..., ...}) from the model folder's configs, no weights read."""
+        raise NotImplementedError
+
+    def text_lengths(self, model: str, captions: list[str], max_length: int | None) -> tuple[list[int], int]:
+        """Each caption's real text tokens as encode counts them, and the max length (tokenizer only)."""
+        raise NotImplementedError
+
+    def load_text_encoder(self, model: str, device, dtype: torch.dtype, *, mode: str, max_length: int | None,
+                          compile: bool = False, options: dict | None = None):
+        """The family's text encoder (a TextEncoder: encode, empty, prompt_encodings, identities, dims, facts)."""
+        raise NotImplementedError

@@ -1,0 +1,106 @@
+"""FLUX.1 ([dev], [schnell] and models of their shape): T5-XXL + pooled CLIP-L, the 16-channel VAE with
+shift and scale, 2x2 patches of 64 channels, 3-axis position ids. Formulas: shared/latents.py,
+shared/schedules.py; text encoders: flux1_text.py."""
+from __future__ import annotations
+
+import torch
+
+from .. import latents, schedules
+from .base import Family, TextSpec
+
+
+class Flux1(Family):
+    name = "flux1"
+    pipelines = ("FluxPipeline",)
+    transformer_class = "FluxTransformer2DModel"
+    vae_class = "AutoencoderKL"
+    text = TextSpec(states="t5", length="t5_len", pooled="clip", modes=("padded", "trimmed"), label="T5",
+                    pooled_label="CLIP")
+    parts = {
+        "vae": "the VAE (AutoencoderKL)",
+        "transformer": "the Flux transformer",
+        "text_encoder": "the CLIP text encoder",
+        "text_encoder_2": "the T5 text encoder",
+        "tokenizer": "the CLIP tokenizer",
+        "tokenizer_2": "the T5 tokenizer",
+        "scheduler": "the noise schedule",
+    }
+    text_parts = ("text_encoder_2", "tokenizer_2", "text_encoder", "tokenizer")
+    vae_fact_keys = ("shift_factor", "scaling_factor")
+    # The encoder's facts in the manifest (compared on a rerun), and those only recorded (flux1_text.py).
+    manifest_facts = ("t5_wo_dtype",)
+    settings_only = ("t5_impl",)
+    # flux-sample (and the cache's sample prompts) encode with the library's T5, not the fused one
+    sampling_text_options = {"t5_impl": "transformers"}
+    # The attention and MLP projections of both block kinds (regex, peft's full match).
+    default_lora_targets = (
+        r".*blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+        r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|proj_mlp|proj_out)"
+    )
+
+    def per_sample_layer(self, name: str) -> bool:
+        """The modulation layers of the norms and the timestep/guidance/CLIP embedding."""
+        return "norm" in name or name.startswith("time_text_embed")
+
+    # -- latents ---------------------------------------------------------------------------------
+    def vae_facts(self, vae) -> dict:
+        cfg = vae.config
+        return {"scaling_factor": float(cfg.scaling_factor), "shift_factor": float(cfg.shift_factor or 0.0)}
+
+    def to_x0(self, latent: torch.Tensor, facts: dict) -> torch.Tensor:
+        return latents.scale_latents(latent.float(), facts["shift_factor"], facts["scaling_factor"])
+
+    def from_x0(self, x0: torch.Tensor, facts: dict) -> torch.Tensor:
+        return latents.unscale_latents(x0, facts["shift_factor"], facts["scaling_factor"])
+
+    def x0_shape(self, channels: int, h: int, w: int) -> tuple[int, int, int]:
+        return channels, h, w
+
+    def pack(self, x0: torch.Tensor) -> torch.Tensor:
+        return latents.pack_latents(x0)
+
+    def unpack(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        return latents.unpack_latents(tokens, h, w)
+
+    # -- the transformer call ----------------------------------------------------------------------
+    def predict(self, model, tokens, timestep, text, h, w, guidance=None, flex_mask=False):
+        device = tokens.device
+        mask = latents.joint_attention_mask(text.mask, tokens.shape[1])
+        if mask is not None and flex_mask:
+            mask = latents.flex_block_mask(mask)
+        return model(
+            hidden_states=tokens,
+            encoder_hidden_states=text.states,
+            pooled_projections=text.pooled,
+            timestep=timestep,
+            img_ids=latents.image_ids(h, w, device=device),
+            txt_ids=latents.text_ids(text.states.shape[1], device=device),
+            guidance=None if guidance is None else torch.full((tokens.shape[0],), float(guidance), device=device),
+            joint_attention_kwargs=None if mask is None else {"attention_mask": mask},
+            return_dict=False,
+        )[0]
+
+    # -- sampling ----------------------------------------------------------------------------------
+    def sampling_sigmas(self, steps: int, image_tokens: int, shift: bool) -> torch.Tensor:
+        return schedules.sampling_sigmas(steps, image_tokens, shift=shift)
+
+    # -- checks ------------------------------------------------------------------------------------
+    def _more_misfits(self, get, dims: dict) -> dict:
+        return {"clip_dim": (get("pooled_projection_dim"), dims["clip_dim"])}
+
+    def text_dims(self, model: str) -> dict:
+        from ..models import part_config
+        return {"t5_dim": int(part_config(model, "text_encoder_2")["d_model"]),
+                "clip_dim": int(part_config(model, "text_encoder")["hidden_size"])}
+
+    def text_lengths(self, model: str, captions: list[str], max_length: int | None) -> tuple[list[int], int]:
+        from .flux1_text import t5_lengths
+        return t5_lengths(model, captions, max_length)
+
+    def load_text_encoder(self, model, device, dtype, *, mode, max_length, compile=False, options=None):
+        from .flux1_text import Flux1TextEncoder
+        return Flux1TextEncoder(model, device, dtype, mode=mode, max_length=max_length, compile=compile,
+                                options=options)
+
+
+FLUX1 = Flux1()

@@ -145,6 +145,22 @@ def _diffusers_lora(folder: Path, name: str) -> LoraSource:
     return LoraSource("diffusers", folder, name, "transformer" if prefixed else None)
 
 
+def base_mismatch(lora_info: dict, lora: str, target: str, identity: dict) -> str | None:
+    """A warning naming both when a LoRA's flux_prep.json records another base ("base": its source and
+    transformer hash, or a random init) than the transformer `target` (`identity`: transformer_identity's)
+    it is applied to. Adapters that record no base (older runs, others' adapters) are not checked."""
+    base = lora_info.get("base") or {}
+    if base.get("init") == "random":
+        return (f"{lora} was trained on randomly initialised weights of {base.get('source')}'s config "
+                f"(lora.allow_random_base), not on {target}: what it learned corrects those random weights")
+    ours, theirs = base.get("sha256"), identity.get("sha256")
+    if ours and theirs and ours != theirs:
+        return (f"{lora} was trained on the transformer of {base.get('source')} (sha256 {ours[:16]}), and is "
+                f"applied to {target} (sha256 {theirs[:16]}), other weights: its images may be wrong "
+                "(--no-check-base silences this)")
+    return None
+
+
 def check_fit(tcfg: dict, vae_cfg: dict, t5_cfg: dict, clip_cfg: dict, transformer: str) -> None:
     """The transformer's input sizes must match what MODEL's VAE and text encoders produce."""
     latent_ch, d_model, clip_dim = vae_cfg.get("latent_channels"), t5_cfg.get("d_model"), clip_cfg.get("hidden_size")

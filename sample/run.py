@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from shared.cache.schema import dtype_name
 from shared.devices import DeviceError, resolve_device
-from shared.models import ModelLoadError, load_clip, load_t5, load_transformer, load_vae
+from shared.models import ModelLoadError, load_clip, load_t5, load_transformer, load_vae, transformer_identity
 from shared.precision import DTYPE_ALIASES, resolve_dtype
 from shared.sampling import (PromptEncoding, decode, denoise, encode_all, fuse_lora_adapter, guided_batch,
                              initial_noise)
@@ -24,8 +24,8 @@ from shared.text import T5_PAD_MULTIPLE
 
 from shared import image_files as output
 from .loop import configure_speed
-from .resolve import (SampleError, check_fit, conventions, part_config, read_prompts, resolve_lora,
-                      resolve_transformer)
+from .resolve import (SampleError, base_mismatch, check_fit, conventions, part_config, read_prompts,
+                      resolve_lora, resolve_transformer)
 
 
 @dataclass
@@ -53,6 +53,7 @@ class SampleOptions:
     cudnn_sdpa: bool = True
     fuse_qkv: bool = False
     progress: bool = True
+    check_base: bool = True   # warn when a LoRA's recorded base is not the transformer it is applied to
 
 
 def _device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -84,6 +85,7 @@ class Plan:
     t5_mode: str
     device: torch.device
     dtype: torch.dtype
+    warnings: list[str] = field(default_factory=list)
 
 
 def plan(opts: SampleOptions) -> Plan:
@@ -117,7 +119,17 @@ def plan(opts: SampleOptions) -> Plan:
     if t5_mode not in ("padded", "trimmed"):
         raise SampleError(f"unknown T5 mode {t5_mode!r}; choose padded or trimmed")
     guidance = (conv.guidance if opts.guidance is None else opts.guidance) if conv.guidance_embeds else None
-    return Plan(prompts, source, lora, conv, width, height, steps, guidance, cfg, t5_mode, device, dtype)
+    warnings = [w for w in [_lora_base_warning(opts, source, lora_info, label)] if w]
+    return Plan(prompts, source, lora, conv, width, height, steps, guidance, cfg, t5_mode, device, dtype, warnings)
+
+
+def _lora_base_warning(opts: SampleOptions, source, lora_info: dict, label: str) -> str | None:
+    """Whether the LoRA's recorded base is the transformer it is applied to (hashed only when there is a record)."""
+    if opts.lora is None or not opts.check_base or not lora_info.get("base"):
+        return None
+    folder = {"model": opts.model, "folder": source.path}.get(source.kind)
+    identity = transformer_identity(folder) if folder else {}
+    return base_mismatch(lora_info, opts.lora, label, identity)
 
 
 def _release_memory() -> None:
@@ -184,6 +196,8 @@ def run(opts: SampleOptions) -> list[Path]:
     for note in (p.source.note, p.lora.note if p.lora else ""):
         if note:
             print(f"flux-sample: {note}", file=sys.stderr)
+    for warning in p.warnings:
+        print(f"flux-sample: warning: {warning}", file=sys.stderr)
     try:
         cond, empty, max_len = encode(opts, p)
         transformer = load_sampling_transformer(p.source, p.lora, p.dtype, p.device, compile_blocks=opts.compile,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -19,9 +20,9 @@ from .data import (CacheStream, StreamPosition, TrainBatch, open_cache, open_val
                    usable_workers, vae_factors, validation_batches)
 from .fsdp import autocast_forward, cast_inputs_on_recompute, keep_lora_dtypes, micro_batch_sync
 from .launch import LogWindow, check_launch, lr_factor, make_accelerator, total_steps
-from .model import (EMA, add_lora, build_transformer, check_cache_fits, convert_to_float8, load_lora_state_dict,
-                    place, sampling_conventions, transformer_blocks, use_flex_attention,
-                    weights_dtype)
+from .model import (EMA, add_lora, base_identity, build_transformer, check_cache_fits, check_guidance,
+                    convert_to_float8, describe_base, load_lora_state_dict, place, sampling_conventions,
+                    t5_mode_change, transformer_blocks, use_flex_attention, weights_dtype)
 from .offload import BlockOffloader, spread
 from .optim import InBackwardOptimizer, make_optimizer, step_groups
 from .records import truncate_records
@@ -42,6 +43,7 @@ class Trainer:
         check_launch(cfg, self.accelerator.num_processes, self._fsdp)
         flex_mask = self._flex_mask()
         model = self._build_model(flex_mask)
+        self._check_base(model)
         self.settings = StepSettings.from_config(
             cfg.flow, vae, flex_mask=flex_mask, guidance=cfg.model.guidance if model.config.guidance_embeds else None)
         self.max_steps = total_steps(cfg, self.train_reader.num_rows, self.accelerator.num_processes)
@@ -141,6 +143,20 @@ class Trainer:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             model.compile_repeated_blocks(fullgraph=False, dynamic=False)
         return model
+
+    def _check_base(self, model) -> None:
+        """Say which base was loaded; refuse or warn about what does not fit it (model.guidance, the T5 mode)."""
+        cfg = self.cfg
+        self.base = base_identity(cfg.model, cfg.run.seed)
+        self.accelerator.print(describe_base(self.base))
+        check_guidance(cfg.model, model)
+        change = t5_mode_change(cfg.model, self.train_reader.t5_mode, str(cfg.data.train_cache))
+        if change:
+            self.warn(change)
+
+    def warn(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
 
     def _prepare(self, model) -> None:
         """The optimizer and LR schedule, accelerate's wrapping, and what checkpoints hold."""
@@ -264,7 +280,7 @@ class Trainer:
             # what the sampler should default to: the guidance value trained with, the image size
             "guidance": self.cfg.model.guidance if guidance_embeds else None,
             "resolution": m.get("image", {}).get("resolution"),
-            "base_model": self.cfg.model.name, "init": self.cfg.model.init,
+            "base_model": self.cfg.model.name, "init": self.cfg.model.init, "base": self.base,
             "timestep_sampler": self.cfg.flow.sampler, "steps_trained": self.step,
             "lora": {"rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha or self.cfg.lora.rank,
                      "adapter": ".", "weights": "pytorch_lora_weights.safetensors"} if self.lora else None,

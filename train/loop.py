@@ -19,7 +19,8 @@ from .config import TrainConfig
 from .data import (CacheStream, StreamPosition, TrainBatch, open_cache, open_validation_cache, train_loader,
                    usable_workers, vae_factors, validation_batches)
 from .fsdp import autocast_forward, cast_inputs_on_recompute, keep_lora_dtypes, micro_batch_sync
-from .launch import LogWindow, check_launch, lr_factor, make_accelerator, total_steps
+from .launch import (LogWindow, StopRequest, TrainingInterrupted, check_launch, lr_factor, make_accelerator,
+                     total_steps)
 from .model import (EMA, add_lora, base_identity, build_transformer, check_cache_fits, check_guidance,
                     convert_to_float8, describe_base, load_lora_state_dict, place, sampling_conventions,
                     t5_mode_change, transformer_blocks, use_flex_attention, weights_dtype)
@@ -300,7 +301,12 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
     def train(self, stop_after_step: int | None = None, on_batch=None) -> dict:
         """Run to max_steps. `stop_after_step` ends early without final outputs, as a kill would;
-        `on_batch(batch)` sees each batch consumed (tests record the keys)."""
+        `on_batch(batch)` sees each batch consumed (tests record the keys). Ctrl-C stops at the end of
+        the step under way with a checkpoint, raising TrainingInterrupted (StopRequest)."""
+        with StopRequest(self.accelerator.is_main_process) as stop:
+            return self._train(stop, stop_after_step, on_batch)
+
+    def _train(self, stop: StopRequest, stop_after_step: int | None, on_batch) -> dict:
         run = self.cfg.run
         on_batch, seen = self._key_recorder(on_batch)
         self.resume()
@@ -312,6 +318,9 @@ class Trainer:
         window = LogWindow(self.device)
         self.model.train()
         while self.step < self.max_steps:
+            if stop.requested(self.accelerator):
+                _close(bar)
+                raise self._interrupted()
             grad_norm = self.train_step(batches, window, on_batch)
             if bar is not None:
                 bar.update(1)
@@ -327,6 +336,13 @@ class Trainer:
                 return summary
         _close(bar)
         return self._finish(summary, seen)
+
+    def _interrupted(self) -> TrainingInterrupted:
+        """Between steps, on Ctrl-C: a checkpoint of this step unless one exists (or no step was taken)."""
+        found = ckpt.checkpoint_dirs(self.out)
+        if self.step == 0 or (found and found[-1].name == f"step-{self.step}"):
+            return TrainingInterrupted(self.step, self.max_steps, found[-1] if found else None, saved=False)
+        return TrainingInterrupted(self.step, self.max_steps, self.save_checkpoint(), saved=True)
 
     def train_step(self, batches, window: LogWindow, on_batch=None):
         """One optimizer step: run.grad_accum micro-batches, then clipping, the optimizer, the LR

@@ -31,11 +31,12 @@ def main(argv: list[str] | None = None) -> None:
     from shared.cache import CacheError
     from shared.models import ModelLoadError
 
+    from .checkpoint import CheckpointWriteError
     from .launch import TrainingInterrupted
     from .loop import train
     try:
         summary = train(cfg)
-    except (CacheError, ModelLoadError, FileNotFoundError, ValueError) as e:
+    except (CacheError, ModelLoadError, FileNotFoundError, ValueError, CheckpointWriteError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(1)
     except TrainingInterrupted as e:

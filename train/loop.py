@@ -320,7 +320,9 @@ class Trainer:
         while self.step < self.max_steps:
             if stop.requested(self.accelerator):
                 _close(bar)
-                raise self._interrupted()
+                interrupted = self._interrupted()
+                self.accelerator.end_training()   # the trackers' last records flushed
+                raise interrupted
             grad_norm = self.train_step(batches, window, on_batch)
             if bar is not None:
                 bar.update(1)

@@ -64,7 +64,8 @@ def tiny_config(tmp_path, train_cache, val_cache=None, **overrides):
     base = {
         "data.train_cache": str(train_cache), "data.val_cache": str(val_cache) if val_cache else None,
         "data.batch_size": 4, "data.num_workers": 0, "data.shuffle_buffer": 8,
-        "model.name": "tiny", "model.init": "random", "lora.allow_random_base": True, "run.output_dir": str(tmp_path / "run"), "run.max_steps": 4,
+        "model.name": "tiny", "model.init": "random", "lora.allow_random_base": True,
+        "run.output_dir": str(tmp_path / "run"), "run.max_steps": 4,
         "run.precision": "no", "run.log_every": 1, "run.tensorboard": False, "run.progress": False,
         "optim.lr": 1e-3, "flow.guidance_dropout": 0.0,
     }

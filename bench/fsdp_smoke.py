@@ -39,11 +39,12 @@ def parse_args(argv=None):
 def write_config(root: Path, cache: Path, steps: int, resume: str | None, args) -> Path:
     import yaml
     cfg = {"data": {"train_cache": str(cache), "batch_size": 4, "num_workers": 1, "shuffle_buffer": 4},
-           "model": {"name": "tiny"},
+           "model": {"name": "tiny", "init": "random"},
            "run": {"output_dir": str(root / "run"), "precision": args.precision, "log_every": 1,
                    "tensorboard": False, "progress": False, "max_steps": steps, "checkpoint_every": 2,
                    "resume": resume},
-           "flow": {"guidance_dropout": 0.2}, "lora": {"rank": args.lora}, "ema": {"decay": args.ema}}
+           "flow": {"guidance_dropout": 0.2}, "lora": {"rank": args.lora, "allow_random_base": True},
+           "ema": {"decay": args.ema}}
     path = root / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

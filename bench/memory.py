@@ -287,7 +287,8 @@ def run_trainer(row: dict, device, cache: Path, work: Path) -> dict:
                 "run.output_dir": str(work / "run"), "run.tensorboard": False, "run.progress": False,
                 "run.save_final": False, "flow.guidance_dropout": 0.1, "run.seed": 0,
                 "run.max_steps": row["warmup"] + row["steps"], "run.log_every": row.get("log_every", 1),
-                **row["config"]}
+                # random weights of the real shapes (the load rows read them from disk), a LoRA's base too
+                "model.init": "random", "lora.allow_random_base": True, **row["config"]}
     if row.get("load"):
         folder = work.parent / "weights"
         save_random_weights(folder, model_config(row), device)

@@ -87,7 +87,7 @@ def trainer_settings(args, cache: Path, out: Path) -> dict:
             "run.precision": args.precision, "run.grad_checkpointing": args.grad_checkpointing,
             "run.grad_accum": args.grad_accum, "run.tensorboard": False, "run.progress": False,
             "run.save_final": False, "flow.guidance_dropout": 0.1, "optim.lr": 1e-5,
-            "lora.rank": args.lora, "ema.decay": args.ema}
+            "lora.rank": args.lora, "lora.allow_random_base": True, "ema.decay": args.ema}
 
 
 def launch_command(row: str, args, settings_file: Path, port: int) -> list[str]:

@@ -49,6 +49,9 @@ def sample(
     fuse_qkv: bool = typer.Option(False, "--fuse-qkv", help="Fuse each attention's q/k/v into one matmul."),
     progress: bool = typer.Option(True, help="Progress bars (--no-progress: none, the libraries' "
                                              "weight-loading bars included)."),
+    check_base: bool = typer.Option(True, help="Warn when the LoRA's flux_prep.json names another base (source "
+                                               "and transformer hash) than the transformer it is applied to "
+                                               "(--no-check-base: no check)."),
 ):
     """Make images from prompts with a FLUX transformer (trained or published); one PNG per prompt and seed,
     settings recorded in the PNG's text chunks."""
@@ -71,7 +74,7 @@ def sample(
             lora=lora, seeds=seeds, steps=steps, width=width, height=height, guidance=guidance,
             cfg_scale=cfg_scale, batch_size=batch_size, grid=grid, device=device, dtype=dtype, t5_mode=t5_mode,
             t5_max_length=t5_max_length, compile=compile, attention_backend=attention_backend,
-            cudnn_sdpa=cudnn_sdpa, fuse_qkv=fuse_qkv, progress=progress)
+            cudnn_sdpa=cudnn_sdpa, fuse_qkv=fuse_qkv, progress=progress, check_base=check_base)
         written = run(opts)
     except (SampleError, ModelLoadError) as e:
         typer.echo(f"flux-sample: error: {e}", err=True)

@@ -145,6 +145,22 @@ def _diffusers_lora(folder: Path, name: str) -> LoraSource:
     return LoraSource("diffusers", folder, name, "transformer" if prefixed else None)
 
 
+def base_mismatch(lora_info: dict, lora: str, target: str, identity: dict) -> str | None:
+    """A warning naming both when a LoRA's flux_prep.json records another base ("base": its source and
+    transformer hash, or a random init) than the transformer `target` (`identity`: transformer_identity's)
+    it is applied to. Adapters that record no base (older runs, others' adapters) are not checked."""
+    base = lora_info.get("base") or {}
+    if base.get("init") == "random":
+        return (f"{lora} was trained on randomly initialised weights of {base.get('source')}'s config "
+                f"(lora.allow_random_base), not on {target}: what it learned corrects those random weights")
+    ours, theirs = base.get("sha256"), identity.get("sha256")
+    if ours and theirs and ours != theirs:
+        return (f"{lora} was trained on the transformer of {base.get('source')} (sha256 {ours[:16]}), and is "
+                f"applied to {target} (sha256 {theirs[:16]}), other weights: its images may be wrong "
+                "(--no-check-base silences this)")
+    return None
+
+
 def check_fit(family: Family, tcfg: dict, dims: dict, transformer: str) -> None:
     """The transformer must be of MODEL's family, and its input sizes match what MODEL's VAE and text
     encoders produce (`dims`: latent_channels and the family's text widths)."""

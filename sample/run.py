@@ -17,15 +17,15 @@ from tqdm import tqdm
 from shared.cache.schema import dtype_name
 from shared.devices import DeviceError, resolve_device
 from shared.family import Family, family_of_model
-from shared.models import ModelLoadError, load_transformer, load_vae
+from shared.models import ModelLoadError, load_transformer, load_vae, transformer_identity
 from shared.precision import DTYPE_ALIASES, resolve_dtype
 from shared.sampling import decode, denoise, fuse_lora_adapter, guided_batch, initial_noise
 from shared.text_batch import TEXT_PAD_MULTIPLE, PromptEncoding
 
 from shared import image_files as output
 from .loop import configure_speed
-from .resolve import (SampleError, check_fit, conventions, part_config, read_prompts, resolve_lora,
-                      resolve_transformer)
+from .resolve import (SampleError, base_mismatch, check_fit, conventions, part_config, read_prompts,
+                      resolve_lora, resolve_transformer)
 
 
 @dataclass
@@ -53,6 +53,7 @@ class SampleOptions:
     cudnn_sdpa: bool = True
     fuse_qkv: bool = False
     progress: bool = True
+    check_base: bool = True   # warn when a LoRA's recorded base is not the transformer it is applied to
 
 
 def _device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -85,6 +86,7 @@ class Plan:
     text_mode: str
     device: torch.device
     dtype: torch.dtype
+    warnings: list[str] = field(default_factory=list)
 
 
 def plan(opts: SampleOptions) -> Plan:
@@ -121,7 +123,18 @@ def plan(opts: SampleOptions) -> Plan:
     if text_mode not in family.text.modes:
         raise SampleError(f"unknown {family.text.label} mode {text_mode!r}; choose {' or '.join(family.text.modes)}")
     guidance = (conv.guidance if opts.guidance is None else opts.guidance) if conv.guidance_embeds else None
-    return Plan(family, prompts, source, lora, conv, width, height, steps, guidance, cfg, text_mode, device, dtype)
+    warnings = [w for w in [_lora_base_warning(opts, source, lora_info, label)] if w]
+    return Plan(family, prompts, source, lora, conv, width, height, steps, guidance, cfg, text_mode, device, dtype,
+                warnings)
+
+
+def _lora_base_warning(opts: SampleOptions, source, lora_info: dict, label: str) -> str | None:
+    """Whether the LoRA's recorded base is the transformer it is applied to (hashed only when there is a record)."""
+    if opts.lora is None or not opts.check_base or not lora_info.get("base"):
+        return None
+    folder = {"model": opts.model, "folder": source.path}.get(source.kind)
+    identity = transformer_identity(folder) if folder else {}
+    return base_mismatch(lora_info, opts.lora, label, identity)
 
 
 def _release_memory() -> None:
@@ -190,6 +203,8 @@ def run(opts: SampleOptions) -> list[Path]:
     for note in (p.source.note, p.lora.note if p.lora else ""):
         if note:
             print(f"flux-sample: {note}", file=sys.stderr)
+    for warning in p.warnings:
+        print(f"flux-sample: warning: {warning}", file=sys.stderr)
     try:
         cond, empty, max_len = encode(opts, p)
         transformer = load_sampling_transformer(p.source, p.lora, p.dtype, p.device, compile_blocks=opts.compile,

@@ -174,12 +174,18 @@ def model_identity(model: str, part: str, what: str | None = None) -> dict:
     The hash covers each safetensors file's name, size and header (tensor names, shapes,
     dtypes, offsets) and its first and last MiB; hashing 10 GB of T5 on every run would
     cost more than it protects."""
-    import hashlib
     src, extra = _source(model, part, what)
     info = {"source": str(model), "part": part}
     folder = Path(src)
     if not folder.is_dir():
         return info | {"sha256": None}
+    return info | {"sha256": folder_sha256(folder)}
+
+
+def folder_sha256(folder: Path) -> str:
+    """model_identity's hash of a weights folder: each safetensors file's name, size, header and first
+    and last MiB, and its config.json."""
+    import hashlib
     h = hashlib.sha256()
     for f in sorted(folder.glob("*.safetensors")):
         size = f.stat().st_size
@@ -193,7 +199,28 @@ def model_identity(model: str, part: str, what: str | None = None) -> dict:
     cfg = folder / "config.json"
     if cfg.is_file():
         h.update(cfg.read_bytes())
-    return info | {"sha256": h.hexdigest()}
+    return h.hexdigest()
+
+
+def transformer_identity(name: str) -> dict:
+    """{"source": name, "sha256": ...} of the transformer that `name` (a model folder or hub id, whose
+    transformer/ it is, or a transformer folder) loads: what a LoRA run records as its base and
+    flux-sample compares with the transformer it applies the adapter to. sha256 is None where the
+    files are not on this machine (a hub id not in the local hub cache)."""
+    model, part = split_transformer_path(name)
+    folder = Path(model) / part if part else Path(model)
+    if not folder.is_dir() and is_hub_id(model):
+        folder = _hub_cached_part(model, part)
+    return {"source": str(name), "sha256": folder_sha256(folder) if folder and folder.is_dir() else None}
+
+
+def _hub_cached_part(model: str, part: str) -> Path | None:
+    """A hub model's part folder in the local hub cache (its newest snapshot), or None; never downloads."""
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(model, allow_patterns=[f"{part}/*"], local_files_only=True)) / part
+    except Exception:  # noqa: BLE001 -- not cached, or the hub client's many error types: unknown
+        return None
 
 
 def model_index(model: str) -> dict | None:

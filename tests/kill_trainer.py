@@ -1,11 +1,13 @@
-"""Run the trainer and SIGKILL it at a chosen moment, as a crash or the OOM killer would:
+"""Run the trainer and SIGKILL it at a chosen moment, as a crash or the OOM killer would, or Ctrl-C it:
 
-    python tests/kill_trainer.py checkpoint|metrics STEP TRAINER-ARGS...
+    python tests/kill_trainer.py checkpoint|metrics|sigint|sigint-twice STEP TRAINER-ARGS...
 
 `checkpoint STEP`: right after accelerate's save_state has written step STEP's weights and optimizer
 into the checkpoint's temporary folder, before the checkpoint is complete. `metrics STEP`: in the
 middle of appending step STEP's training record to metrics.jsonl (the first half of the line reaches
-the file, then the kill). The trainer is the real one; only the moment of the kill is chosen here."""
+the file, then the kill). `sigint STEP`: SIGINT to the process group, as a terminal's Ctrl-C sends it
+(DataLoader workers included; run this in a session of its own), during step STEP's first micro-batch;
+`sigint-twice`: two of them. The trainer is the real one; only the moment of the signal is chosen here."""
 import json
 import os
 import signal
@@ -41,8 +43,22 @@ def kill_during_metrics(step: int) -> None:
     Trainer.log = logging
 
 
+def interrupt_during_step(step: int, times: int = 1) -> None:
+    from train.loop import Trainer
+    forward = Trainer.forward_backward_step
+
+    def stepping(self, batch, last):
+        if self.step == step - 1 and not getattr(self, "interrupted_here", False):
+            self.interrupted_here = True
+            for _ in range(times):
+                os.killpg(os.getpgrp(), signal.SIGINT)
+        return forward(self, batch, last)
+    Trainer.forward_backward_step = stepping
+
+
 if __name__ == "__main__":
     kind, at = sys.argv[1], int(sys.argv[2])
-    {"checkpoint": kill_during_checkpoint, "metrics": kill_during_metrics}[kind](at)
+    {"checkpoint": kill_during_checkpoint, "metrics": kill_during_metrics, "sigint": interrupt_during_step,
+     "sigint-twice": lambda s: interrupt_during_step(s, times=2)}[kind](at)
     from train.cli import main
     main(sys.argv[3:])

@@ -59,12 +59,15 @@ def set_manifest(cache_dir, **changes) -> None:
 
 
 def tiny_config(tmp_path, train_cache, val_cache=None, **overrides):
-    """A TrainConfig for the tiny preset on the CPU; overrides as {'section.key': value}."""
+    """A TrainConfig for the tiny preset on the CPU; overrides as {'section.key': value}. The preset has
+    no published weights: its init is random, a LoRA's base included (lora.allow_random_base), unless a
+    test loads a model folder with model.init pretrained."""
     from train.config import load_config
     base = {
         "data.train_cache": str(train_cache), "data.val_cache": str(val_cache) if val_cache else None,
         "data.batch_size": 4, "data.num_workers": 0, "data.shuffle_buffer": 8,
-        "model.name": "tiny", "run.output_dir": str(tmp_path / "run"), "run.max_steps": 4,
+        "model.name": "tiny", "model.init": "random", "lora.allow_random_base": True,
+        "run.output_dir": str(tmp_path / "run"), "run.max_steps": 4,
         "run.precision": "no", "run.log_every": 1, "run.tensorboard": False, "run.progress": False,
         "optim.lr": 1e-3, "flow.guidance_dropout": 0.0,
     }

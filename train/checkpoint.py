@@ -13,9 +13,11 @@ final/               config.json + diffusion_pytorch_model.safetensors + flux_pr
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import traceback
 from pathlib import Path
 
 import torch
@@ -59,29 +61,86 @@ def save_checkpoint(accelerator, output_dir, step: int, rank_state: dict, genera
     root = Path(output_dir) / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f"step-{step}.tmp"
+    with written_or_removed(tmp, f"checkpoints/{final.name}", output_dir, accelerator.is_main_process):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if sharded:
+            import torch.distributed.checkpoint as dcp
+            for name, state in sharded.items():
+                dcp.save(state, checkpoint_id=str(tmp / name))
+        rank = accelerator.process_index
+        atomic_write_json(tmp / f"rank{rank}.json", rank_state)
+        save_file({f"worker{w}": g.get_state() for w, g in enumerate(generators)},
+                  str(tmp / f"rank{rank}.safetensors"))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if info is not None:
+                atomic_write_json(tmp / TRAINING_INFO, {**info, "ema": False})
+            atomic_write_json(tmp / "trainer_state.json", {"step": step, "world_size": accelerator.num_processes})
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if sharded:
-        import torch.distributed.checkpoint as dcp
-        for name, state in sharded.items():
-            dcp.save(state, checkpoint_id=str(tmp / name))
-    rank = accelerator.process_index
-    atomic_write_json(tmp / f"rank{rank}.json", rank_state)
-    save_file({f"worker{w}": g.get_state() for w, g in enumerate(generators)}, str(tmp / f"rank{rank}.safetensors"))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if info is not None:
-            atomic_write_json(tmp / TRAINING_INFO, {**info, "ema": False})
-        atomic_write_json(tmp / "trainer_state.json", {"step": step, "world_size": accelerator.num_processes})
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+class CheckpointWriteError(Exception):
+    """A checkpoint (or final/) that could not be written for want of space; its partial folder is removed."""
+
+
+@contextlib.contextmanager
+def written_or_removed(tmp: Path, name: str, output_dir, main: bool):
+    """Write `name` (as the user knows it: checkpoints/step-N, final) into its temporary folder `tmp`. On a
+    failure the partial folder is removed (on a full disk it would keep the disk full), and a full disk is
+    said in words, naming the latest complete checkpoint, which is kept; other errors pass through."""
+    try:
+        yield
+    except BaseException as e:   # Ctrl-C twice too: a partial folder is of no use
+        full = isinstance(e, Exception) and disk_full(e, tmp.parent)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not full:
+            raise
+        _release_writers(e)
+        found = checkpoint_dirs(output_dir)
+        latest = f"the latest complete checkpoint, kept, is {found[-1]}" if found else "there is no complete checkpoint"
+        raise CheckpointWriteError(f"no space left on device while writing {name} in {output_dir} (the partial "
+                                   f"{tmp.name} removed); {latest}: free some space, then resume with "
+                                   "--run.resume auto") from e
+
+
+def _release_writers(e: BaseException) -> None:
+    """A failed writer (torch.save's) holds its deleted file open from the frames of the error's tracebacks,
+    keeping the space taken while the error is held: clear the frames' locals along the chain."""
+    while e is not None:
+        traceback.clear_frames(e.__traceback__)
+        e = e.__cause__ or e.__context__
+
+
+NO_SPACE_WORDS = ("No space left on device", "Disk quota exceeded", "StorageFull")
+NEARLY_FULL = 64 << 20   # bytes: torch.save's error on a full disk ("unexpected pos") carries no errno
+
+
+def disk_full(e: BaseException, folder: Path) -> bool:
+    """Whether a write failed for want of space: ENOSPC or EDQUOT in the exception's chain, or the words of
+    safetensors' error for it, or (torch.save says only "unexpected pos") hardly any space left in `folder`."""
+    import errno
+    cause = e
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(words in str(cause) for words in NO_SPACE_WORDS):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    try:
+        return shutil.disk_usage(folder).free < NEARLY_FULL
+    except OSError:
+        return False
 
 
 def load_checkpoint(accelerator, path: Path, generators: list[torch.Generator],
@@ -188,12 +247,13 @@ def save_final(accelerator, model, output_dir, info: dict, lora: bool, ema=None)
     targets = [(tmp, state)]
     if ema_state is not None:   # the EMA averages the trainable parameters; the rest are the model's
         targets.append((tmp / "ema", ema_state if lora else {**state, **ema_state}))
-    for folder, weights in targets:
-        if lora:
-            write_lora_adapter(unwrapped, weights, folder)
-        else:
-            write_transformer(unwrapped, weights, folder)
-        atomic_write_json(folder / TRAINING_INFO, {**info, "ema": folder != tmp})
+    with written_or_removed(tmp, "final", out, main=True):
+        for folder, weights in targets:
+            if lora:
+                write_lora_adapter(unwrapped, weights, folder)
+            else:
+                write_transformer(unwrapped, weights, folder)
+            atomic_write_json(folder / TRAINING_INFO, {**info, "ema": folder != tmp})
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final

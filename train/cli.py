@@ -31,14 +31,47 @@ def main(argv: list[str] | None = None) -> None:
     from shared.cache import CacheError
     from shared.models import ModelLoadError
 
+    from .checkpoint import CheckpointWriteError
+    from .launch import TrainingInterrupted
     from .loop import train
     try:
         summary = train(cfg)
-    except (CacheError, ModelLoadError, FileNotFoundError, ValueError) as e:
+    except (CacheError, ModelLoadError, FileNotFoundError, ValueError, CheckpointWriteError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(1)
+    except TrainingInterrupted as e:
+        print(f"{e}\n{resume_hint(argv)}", file=sys.stderr)
+        raise SystemExit(SIGINT_EXIT)
+    except KeyboardInterrupt:   # Ctrl-C twice, or before the loop began
+        print(f"{stopped_at_once(cfg.run.output_dir)}\n{resume_hint(argv)}", file=sys.stderr)
+        raise SystemExit(SIGINT_EXIT)
     if summary.get("final"):
         print(f"wrote {summary['final']}")
+
+
+SIGINT_EXIT = 130   # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
+
+
+def stopped_at_once(output_dir) -> str:
+    from .checkpoint import checkpoint_dirs
+    found = checkpoint_dirs(output_dir)
+    latest = f"the latest checkpoint is {found[-1]}" if found else "there is no checkpoint (a rerun starts at step 0)"
+    return f"interrupted: stopped at once, saving nothing; {latest}"
+
+
+def resume_hint(argv: list[str]) -> str:
+    """The command that resumes this run: its own arguments with --run.resume auto."""
+    import shlex
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--run.resume", "--resume"):
+            skip = True
+        elif not arg.startswith(("--run.resume=", "--resume=")):
+            kept.append(arg)
+    return (f"resume with: python -m train {shlex.join(kept + ['--run.resume', 'auto'])}   (or the same arguments "
+            "after accelerate launch train)")
 
 
 def one_line(e: Exception) -> str:

@@ -49,7 +49,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "tiny"                    # preset (tiny, flux-schnell, flux-dev) or a model folder / hub id
-    init: Literal["random", "pretrained"] = "random"   # random: from the preset/config; pretrained: load the weights
+    # pretrained: load the published (or a trained) model's weights; random: build from the preset/config
+    # with fresh weights (seed run.seed); auto: pretrained for a LoRA (lora.rank > 0), random otherwise
+    init: Literal["auto", "random", "pretrained"] = "auto"
     overrides: dict = field(default_factory=dict)   # transformer config changes, e.g. {num_layers: 4}
     guidance: float = 1.0                 # fed to the guidance embedding of guidance-distilled models
     # Full training: the dtype the trainable weights are kept in (bf16 halves their memory; the
@@ -99,6 +101,9 @@ class LoraConfig:
     rank: int = 0                         # 0: full fine-tuning / training; >0: LoRA of this rank
     alpha: float | None = None            # None: alpha = rank
     targets: str = DEFAULT_LORA_TARGETS   # regex of the module names to adapt (peft's full match)
+    # A LoRA is applied to the published weights it was trained on, so a LoRA on a randomly initialised
+    # base (model.init random) is refused unless this is true (tests and benchmarks of the mechanics)
+    allow_random_base: bool = False
 
 
 @dataclass
@@ -259,6 +264,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("flow.guidance_dropout is a probability in [0, 1]")
     cfg.run.log_with = chosen_trackers(cfg.run)
     validate_memory_options(cfg)
+    validate_base(cfg)
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
@@ -285,6 +291,19 @@ def auto_precision(lora: bool) -> str:
     """run.precision auto: bf16 where it is fast (CUDA) and for LoRA (its frozen base is bf16), else fp32."""
     import torch
     return "bf16" if lora or torch.cuda.is_available() else "no"
+
+
+def validate_base(cfg: TrainConfig) -> None:
+    """Resolve model.init auto and refuse a LoRA on a randomly initialised base, naming the keys: such an
+    adapter learns to correct random weights, not the model flux-sample --lora applies it to. (A preset
+    without published weights is refused where the model is built: dvc.yaml passes model.name.)"""
+    model, rank = cfg.model, cfg.lora.rank
+    if model.init == "auto":
+        model.init = "pretrained" if rank > 0 else "random"
+    if rank > 0 and model.init == "random" and not cfg.lora.allow_random_base:
+        raise ConfigError(f"lora.rank {rank} with model.init random trains the adapter on a randomly initialised "
+                          "base, not on the weights it will be applied to: leave model.init at auto (pretrained "
+                          "for a LoRA), or set lora.allow_random_base true to mean it")
 
 
 def validate_memory_options(cfg: TrainConfig) -> None:

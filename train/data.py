@@ -369,9 +369,17 @@ def train_loader(stream: CacheStream, num_workers: int, pin_memory: bool,
                  prefetch_factor: int = DataConfig.prefetch_factor) -> DataLoader:
     """The DataLoader over the stream. Its workers' seeds come from a generator of its own: drawn from
     the global one, they would shift the numbers that stochastic rounding draws after a resume."""
-    kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False} if num_workers > 0 else {}
+    kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False,
+              "worker_init_fn": _ignore_sigint} if num_workers > 0 else {}
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       generator=torch.Generator().manual_seed(stream.seed), **kwargs)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """Ctrl-C reaches the workers too (a terminal signals the whole group): they keep serving the step
+    that the trainer finishes before it stops (train/launch.py's StopRequest); they end with the loader."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # -- validation ------------------------------------------------------------------------------

@@ -1,8 +1,12 @@
 """What a launch runs by, outside the Trainer's loop: the accelerator, the options one launch or
-another refuses, the run's length in optimizer steps, the LR schedule, and the log window's sums."""
+another refuses, the run's length in optimizer steps, the LR schedule, the log window's sums, and
+Ctrl-C (a request to stop at the end of the step)."""
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -66,3 +70,50 @@ class LogWindow:
         self.loss_sum.zero_()
         self.micro, self.images, self.wait = 0, 0, 0.0
         self.start = time.perf_counter()
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) while the loop runs: the first asks it to stop at the end of the current step,
+    where it saves a checkpoint; the second stops at once (KeyboardInterrupt), without one. A terminal
+    sends it to every process of the group: DataLoader workers ignore it (train/data.py), so that the
+    step under way can finish."""
+
+    def __init__(self, announce: bool):
+        self.asked = False
+        self.announce = announce   # the main process says it, once
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():   # handlers belong to the main thread
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        if self.announce:   # os.write: a handler may interrupt a print in progress
+            os.write(2, b"\ninterrupted: stopping at the end of this step to save a checkpoint "
+                        b"(Ctrl-C again stops at once, without one)\n")
+
+    def requested(self, accelerator) -> bool:
+        """Whether to stop now; with several processes, whether any was asked (all stop at the same step)."""
+        if accelerator.num_processes == 1:
+            return self.asked
+        asked = torch.tensor([float(self.asked)], device=accelerator.device)
+        return bool(accelerator.reduce(asked, reduction="sum").item() > 0)
+
+
+class TrainingInterrupted(Exception):
+    """The run stopped on Ctrl-C at `step`; `checkpoint` is the latest complete one (None: none), `saved`
+    whether it was written on the way out."""
+
+    def __init__(self, step: int, max_steps: int, checkpoint: Path | None, saved: bool):
+        self.step, self.max_steps, self.checkpoint, self.saved = step, max_steps, checkpoint, saved
+        where = f"saved {checkpoint}" if saved else f"the latest checkpoint is {checkpoint}" if checkpoint \
+            else "no checkpoint was written (a rerun starts at step 0)"
+        super().__init__(f"interrupted at step {step} of {max_steps}: {where}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -18,9 +19,11 @@ from .config import TrainConfig
 from .data import (CacheStream, StreamPosition, TrainBatch, open_cache, open_validation_cache, train_loader,
                    usable_workers, vae_facts, validation_batches)
 from .fsdp import autocast_forward, cast_inputs_on_recompute, keep_lora_dtypes, micro_batch_sync
-from .launch import LogWindow, check_launch, lr_factor, make_accelerator, total_steps
-from .model import (EMA, add_lora, build_transformer, check_cache_fits, convert_to_float8, load_lora_state_dict,
-                    model_family, place, sampling_conventions, use_flex_attention, weights_dtype)
+from .launch import (LogWindow, StopRequest, TrainingInterrupted, check_launch, lr_factor, make_accelerator,
+                     total_steps)
+from .model import (EMA, add_lora, base_identity, build_transformer, check_cache_fits, check_guidance,
+                    convert_to_float8, describe_base, load_lora_state_dict, model_family, place,
+                    sampling_conventions, text_mode_change, use_flex_attention, weights_dtype)
 from .offload import BlockOffloader, spread
 from .optim import InBackwardOptimizer, make_optimizer, step_groups
 from .records import truncate_records
@@ -42,6 +45,7 @@ class Trainer:
         check_launch(cfg, self.accelerator.num_processes, self._fsdp)
         flex_mask = self._flex_mask()
         model = self._build_model(flex_mask)
+        self._check_base(model)
         self.settings = StepSettings.from_config(
             cfg.flow, self.family, vae, flex_mask=flex_mask,
             guidance=cfg.model.guidance if model.config.guidance_embeds else None)
@@ -142,6 +146,20 @@ class Trainer:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             model.compile_repeated_blocks(fullgraph=False, dynamic=False)
         return model
+
+    def _check_base(self, model) -> None:
+        """Say which base was loaded; refuse or warn about what does not fit it (model.guidance, the T5 mode)."""
+        cfg = self.cfg
+        self.base = base_identity(cfg.model, cfg.run.seed)
+        self.accelerator.print(describe_base(self.base))
+        check_guidance(cfg.model, model)
+        change = text_mode_change(cfg.model, self.family, self.train_reader.text_mode, str(cfg.data.train_cache))
+        if change:
+            self.warn(change)
+
+    def warn(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
 
     def _prepare(self, model) -> None:
         """The optimizer and LR schedule, accelerate's wrapping, and what checkpoints hold."""
@@ -266,7 +284,7 @@ class Trainer:
             # what the sampler should default to: the guidance value trained with, the image size
             "guidance": self.cfg.model.guidance if guidance_embeds else None,
             "resolution": m.get("image", {}).get("resolution"),
-            "base_model": self.cfg.model.name, "init": self.cfg.model.init,
+            "base_model": self.cfg.model.name, "init": self.cfg.model.init, "base": self.base,
             "timestep_sampler": self.cfg.flow.sampler, "steps_trained": self.step,
             "lora": {"rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha or self.cfg.lora.rank,
                      "adapter": ".", "weights": "pytorch_lora_weights.safetensors"} if self.lora else None,
@@ -286,7 +304,12 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
     def train(self, stop_after_step: int | None = None, on_batch=None) -> dict:
         """Run to max_steps. `stop_after_step` ends early without final outputs, as a kill would;
-        `on_batch(batch)` sees each batch consumed (tests record the keys)."""
+        `on_batch(batch)` sees each batch consumed (tests record the keys). Ctrl-C stops at the end of
+        the step under way with a checkpoint, raising TrainingInterrupted (StopRequest)."""
+        with StopRequest(self.accelerator.is_main_process) as stop:
+            return self._train(stop, stop_after_step, on_batch)
+
+    def _train(self, stop: StopRequest, stop_after_step: int | None, on_batch) -> dict:
         run = self.cfg.run
         on_batch, seen = self._key_recorder(on_batch)
         self.resume()
@@ -298,6 +321,11 @@ class Trainer:
         window = LogWindow(self.device)
         self.model.train()
         while self.step < self.max_steps:
+            if stop.requested(self.accelerator):
+                _close(bar)
+                interrupted = self._interrupted()
+                self.accelerator.end_training()   # the trackers' last records flushed
+                raise interrupted
             grad_norm = self.train_step(batches, window, on_batch)
             if bar is not None:
                 bar.update(1)
@@ -313,6 +341,13 @@ class Trainer:
                 return summary
         _close(bar)
         return self._finish(summary, seen)
+
+    def _interrupted(self) -> TrainingInterrupted:
+        """Between steps, on Ctrl-C: a checkpoint of this step unless one exists (or no step was taken)."""
+        found = ckpt.checkpoint_dirs(self.out)
+        if self.step == 0 or (found and found[-1].name == f"step-{self.step}"):
+            return TrainingInterrupted(self.step, self.max_steps, found[-1] if found else None, saved=False)
+        return TrainingInterrupted(self.step, self.max_steps, self.save_checkpoint(), saved=True)
 
     def train_step(self, batches, window: LogWindow, on_batch=None):
         """One optimizer step: run.grad_accum micro-batches, then clipping, the optimizer, the LR

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from shared.family import Family, family_of_model, get_family
-from shared.models import ModelLoadError, load_transformer, read_training_info, split_transformer_path
+from shared.models import (TRAINING_INFO, ModelLoadError, load_transformer, read_training_info,
+                           split_transformer_path, transformer_identity)
 from shared.sampling import schedule_conventions
 from shared.presets import PRESETS, get_preset, transformer_config
 
@@ -36,7 +37,10 @@ def build_transformer(cfg: ModelConfig, seed: int = 0, device="cpu", dtype=torch
             raise ModelLoadError("model.overrides change the architecture; they need model.init: random")
         source = get_preset(cfg.name).hub_id if cfg.name in PRESETS else cfg.name
         if source is None:
-            raise ModelLoadError(f"preset {cfg.name!r} has no published weights; use model.init: random")
+            raise ModelLoadError(f"preset {cfg.name!r} has no published weights to load (model.init pretrained, "
+                                 "a LoRA's default): set model.name to a model folder or hub id (flux-prep "
+                                 "tiny-model DIR writes a tiny one), or model.init random (with a LoRA, and "
+                                 "lora.allow_random_base true)")
         model, part = split_transformer_path(source)
         return load_transformer(model, dtype=dtype, part=part)
     config = _random_init_config(cfg)
@@ -132,6 +136,49 @@ def use_flex_attention(model) -> None:
     _AttentionBackendRegistry.set_active_backend(default)
 
 
+def base_identity(cfg: ModelConfig, seed: int) -> dict:
+    """What the run starts from, for flux_prep.json ("base") and the log: the source of its weights
+    (a preset's hub id for a preset) and their hash, or the config a random init was built from."""
+    if cfg.init == "pretrained":
+        source = get_preset(cfg.name).hub_id if cfg.name in PRESETS else cfg.name
+        return {"init": "pretrained", **transformer_identity(source)}
+    return {"init": "random", "source": cfg.name, "seed": seed, "sha256": None}
+
+
+def describe_base(base: dict) -> str:
+    """The log line naming the base a run loaded."""
+    if base["init"] == "pretrained":
+        digest = f"sha256 {base['sha256'][:16]}" if base["sha256"] else "not hashed: not on this machine"
+        return f"base model: pretrained weights of {base['source']} (transformer {digest})"
+    return f"base model: random weights (seed {base['seed']}) of {base['source']}'s config (model.init random)"
+
+
+def base_training_info(name: str) -> dict:
+    """The flux_prep.json of the model `name` names, when a trainer wrote it (empty for published weights)."""
+    model, part = split_transformer_path(name)
+    return read_training_info(Path(model) / part if part else model) if Path(model).is_dir() else {}
+
+
+def check_guidance(cfg: ModelConfig, model) -> None:
+    """model.guidance feeds the guidance embedding: refuse a value that a model without one would drop."""
+    if not model.config.guidance_embeds and cfg.guidance != ModelConfig.guidance:
+        raise ModelLoadError(f"model.guidance {cfg.guidance} is fed to a guidance embedding, and {cfg.name} has none "
+                             "(guidance_embeds false; guidance-distilled models such as flux-dev have one): remove "
+                             "model.guidance, or train a model with guidance_embeds")
+
+
+def text_mode_change(cfg: ModelConfig, family: Family, cache_mode: str, cache: str) -> str | None:
+    """A warning when pretrained weights that a trainer trained on one text mode go on training on a cache of
+    the other (the model is moved to the cache's convention, which flux_prep.json then records)."""
+    trained = base_training_info(cfg.name).get("t5_mode") if cfg.init == "pretrained" else None
+    if trained is None or trained == cache_mode:
+        return None
+    return (f"{cfg.name} was trained on {trained} {family.text.label} text (its {TRAINING_INFO}), and the "
+            f"training cache {cache} "
+            f"holds {cache_mode} text: this run retrains it to {cache_mode}'s convention. To keep its own, "
+            f"encode the cache with --t5-mode {trained}")
+
+
 def sampling_conventions(cfg: ModelConfig) -> dict:
     """shift_schedule / default_steps of the model being trained (for flux_prep.json and the trainer's
     samples), by flux-sample's rule (shared/sampling.py): a preset's values, else what the model folder's
@@ -140,8 +187,7 @@ def sampling_conventions(cfg: ModelConfig) -> dict:
         p = get_preset(cfg.name)
         return {"shift_schedule": p.shift_schedule, "default_steps": p.default_steps}
     model, part = split_transformer_path(cfg.name)
-    info = read_training_info(Path(model) / part if part else model) if Path(model).is_dir() else {}
-    return schedule_conventions(info, _scheduler_config(model) if part else None)
+    return schedule_conventions(base_training_info(cfg.name), _scheduler_config(model) if part else None)
 
 
 def _scheduler_config(model: str) -> dict | None:

@@ -3,6 +3,9 @@
 `_class_name`, a cache by its manifest's `family`, a trained model by its flux_prep.json."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from .base import TEXT_MODES, Family, TextSpec
 from .flux1 import FLUX1
 
@@ -49,7 +52,8 @@ def family_of_model(model: str) -> Family:
             raise ModelLoadError(f"{model}: model_index.json names pipeline {index.get('_class_name')!r}, not one "
                                  f"of flux-prep's families ({_pipelines()})")
         return fam
-    config = part_config(model, "transformer", required=False)
+    own = Path(model) / "config.json"   # a transformer folder itself (a trainer's final/)
+    config = json.loads(own.read_text()) if own.is_file() else part_config(model, "transformer", required=False)
     fam = family_of_transformer(config or {})
     if fam is None:
         raise ModelLoadError(f"{model}: no model_index.json and no transformer config naming a known family "

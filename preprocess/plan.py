@@ -4,7 +4,9 @@ A few input shards are read (captions, and each image's size from its header: no
 captions tokenized with the model's T5 tokenizer, and the rows of those samples written with the
 real CacheWriter with empty tensors: the bytes that are not tensors (keys, captions, the small
 columns, Parquet's own) are measured, the tensors' bytes counted from their shapes. The sample's
-share of rows and of skips, scaled to every input shard, gives the cache's.
+share of rows and of skips, scaled to every input shard, gives the cache's: tars scale by their bytes
+(a short last tar sampled beside full ones stands for its own size, not for a full one's), a folder's
+shards by their files.
 """
 from __future__ import annotations
 
@@ -127,7 +129,7 @@ def plan(model: str, input_spec: str, prep: PrepOptions, *, t5_mode: str, t5_max
     itemsize = torch_dtype(canonical_dtype(dtype)).itemsize
     store = canonical_dtype(dtype)
     dtypes = {"latent": store, "t5": store, "clip": store, **({"latent_logvar": store} if store_logvar else {})}
-    scale = len(shards) / len(picked) if not picked[0].files else _folder_scale(shards, picked)
+    scale = _folder_scale(shards, picked) if picked[0].files else _tar_scale(shards, picked)
     expected_rows = round(len(rows) * scale)
     other = other_bytes_per_row(rows, dtypes, rows_per_shard) if rows else 0.0
     modes = {}
@@ -140,7 +142,8 @@ def plan(model: str, input_spec: str, prep: PrepOptions, *, t5_mode: str, t5_max
     chosen = modes[f"padded-{max_length}" if t5_mode == "padded" else "trimmed"]
     return {"rows": expected_rows, "bytes_per_sample": chosen["bytes_per_sample"], "total_bytes": chosen["total_bytes"],
             "t5_mode": t5_mode, "t5_max_length": max_length, "modes": modes, "input_shards": len(shards),
-            "sampled_shards": len(picked), "sampled_samples": seen, "sampled_rows": len(rows),
+            "input_bytes": _input_bytes(shards), "sampled_shards": len(picked), "sampled_bytes": _input_bytes(picked),
+            "sampled_samples": seen, "sampled_rows": len(rows),
             "skipped": dict(sorted(skips.items())), "below_min_size": skips.get(SKIP_TOO_SMALL, 0) / max(1, seen),
             "min_size": prep.min_size, "rate_notes": RATE_NOTES}
 
@@ -148,6 +151,19 @@ def plan(model: str, input_spec: str, prep: PrepOptions, *, t5_mode: str, t5_max
 def _folder_scale(shards: list[InputShard], picked: list[InputShard]) -> float:
     """A folder's shards list their files: scale by files, not by shards (the last one is short)."""
     return sum(len(s.files) for s in shards) / max(1, sum(len(s.files) for s in picked))
+
+
+def _input_bytes(shards: list[InputShard]) -> int | None:
+    """The tars' bytes (their fingerprints' sizes); None for a folder, or where a store gave no size."""
+    sizes = [s.fingerprint.get("size") for s in shards]
+    return sum(sizes) if sizes and all(isinstance(n, int) for n in sizes) else None
+
+
+def _tar_scale(shards: list[InputShard], picked: list[InputShard]) -> float:
+    """Tars scale by bytes: 3 sampled of 8 tars of 128 samples and one of 4, the short one among them,
+    scaled by count predicted 693 rows for 900. By count only where sizes are unknown."""
+    total, sampled = _input_bytes(shards), _input_bytes(picked)
+    return total / sampled if total and sampled else len(shards) / len(picked)
 
 
 def _hours(setting: str, rows: int) -> dict:
@@ -163,8 +179,10 @@ def _size(n: float) -> str:
 
 
 def format_plan(p: dict) -> str:
-    lines = [f"input          {p['input_shards']} input shards; sampled {p['sampled_shards']} "
-             f"({p['sampled_samples']} samples, {p['sampled_rows']} would be rows)",
+    in_bytes = f" ({_size(p['input_bytes'])})" if p.get("input_bytes") else ""
+    sampled_bytes = f", {_size(p['sampled_bytes'])}" if p.get("sampled_bytes") else ""
+    lines = [f"input          {p['input_shards']} input shards{in_bytes}; sampled {p['sampled_shards']} "
+             f"({p['sampled_samples']} samples, {p['sampled_rows']} would be rows{sampled_bytes})",
              f"rows           {p['rows']:,} expected",
              f"below --min-size {p['min_size']}: {100 * p['below_min_size']:.1f}% of the sampled images"]
     if p["skipped"]:

@@ -114,6 +114,9 @@ def encode_command(
     except OSError as e:   # a store that cannot be reached, a missing bucket, refused credentials
         typer.echo(f"error: {output}: {type(e).__name__}: {e}", err=True)
         raise typer.Exit(2)
+    except KeyboardInterrupt:
+        typer.echo(interrupted_message(input, output, options), err=True)
+        raise typer.Exit(130) from None
     _report(stats, output)
     if sample_prompts is not None and stats["rank"] == 0:
         _encode_sample_prompts(model, output, sample_prompts, None, None, device, options)
@@ -173,6 +176,30 @@ def recorded_command(argv: list[str], file_flags: tuple[str, ...] | list[str] = 
             out.append(arg)
             hide = arg == "--storage-options"
     return " ".join(out)
+
+
+def interrupted_message(input_spec: str, output: str, storage_options: dict) -> str:
+    """After Ctrl-C: what the cache keeps (its done input shards) and how to go on. The shards being
+    encoded have no done-record, so a rerun encodes them again (ledger.py)."""
+    from .ledger import kept_progress
+    from .ranks import Ranks
+    from .sources import resolve_inputs
+    from shared.cache.store import open_store
+    ranks = Ranks()
+    who = f"rank {ranks.rank}/{ranks.world}: " if ranks.world > 1 else ""
+    rerun = "rerun the same command to resume (a done input shard is never encoded again)"
+    try:
+        kept = kept_progress(open_store(output, storage_options), resolve_inputs(input_spec))
+    except Exception as e:  # noqa: BLE001 - the summary must not hide the interrupt behind a traceback
+        return f"{who}interrupted; {output} could not be read back ({type(e).__name__}: {e}); {rerun}"
+    if kept["done"] == 0:
+        return f"{who}interrupted before any input shard was done: nothing in {output} is kept; {rerun}"
+    if kept["done"] == kept["total"]:
+        return (f"{who}interrupted: all {kept['total']} input shards are done in {output} ({kept['rows']} rows in "
+                f"{kept['outputs']} output shards); rerun the same command to write the manifest")
+    return (f"{who}interrupted: kept {kept['done']} of {kept['total']} input shards done in {output} "
+            f"({kept['rows']} rows in {kept['outputs']} output shards); the other {kept['total'] - kept['done']} "
+            f"(those being encoded included) are not done; {rerun}")
 
 
 def _report(stats: dict, output: str) -> None:

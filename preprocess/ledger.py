@@ -204,6 +204,13 @@ def manifest_of_records(out_dir, records: list[dict], command: str, version: str
         **({"sample_prompts": SAMPLE_PROMPTS_NAME} if open_store(out_dir).exists(SAMPLE_PROMPTS_NAME) else {}))
 
 
+def kept_progress(out_dir, shards: list[InputShard]) -> dict:
+    """What the done-records of these input shards keep: shards done, their rows and output shards."""
+    records = [r for r in read_records(out_dir, [s.id for s in shards]) if r is not None]
+    return {"done": len(records), "total": len(shards), "rows": sum(r.get("rows", 0) for r in records),
+            "outputs": sum(len(r.get("outputs", [])) for r in records)}
+
+
 def write_cache_manifest(out_dir, shards: list[InputShard], command: str, version: str) -> dict:
     """Write the manifest of this run's input shards, every one of them done; returns it.
     Raises InputError naming the shards without a done-record."""

@@ -132,3 +132,29 @@ def test_two_processes_equal_one(tiny_model, demo_data, clean_run, tmp_path):
             assert row[col] == clean[key][col], (key, col)
     m = CacheReader(out).manifest
     assert len(m["inputs_done"]) == 30 and m["rows"] == 360
+
+
+def test_ctrl_c_says_what_was_kept_exits_130_and_a_rerun_resumes(tiny_model, demo_data, clean_run, tmp_path):
+    """SIGINT (a terminal's Ctrl-C) partway: exit 130 and a message counting the done input shards it keeps
+    (as many as there are done-records), saying that the same command resumes; it does, exactly."""
+    out = tmp_path / "cache"
+    done_dir = out / "_progress" / "done"
+    proc = subprocess.Popen([sys.executable, "-m", "preprocess", *encode_args(tiny_model, demo_data, out)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if done_dir.is_dir() and len(list(done_dir.glob("*.json"))) >= 2:
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    done = len(list(done_dir.glob("*.json")))
+    assert 2 <= done < 30
+    assert f"interrupted: kept {done} of 30 input shards done in {out}" in err
+    assert f"the other {30 - done} (those being encoded included) are not done" in err
+    assert "rerun the same command to resume" in err and "Traceback" not in err
+    assert not list(out.rglob("*.tmp")), "the interrupted shards' temp files are removed"
+    rerun = run_cli(encode_args(tiny_model, demo_data, out))
+    assert f"{done} were done" in rerun.stdout
+    assert raw_rows(out) == raw_rows(clean_run)

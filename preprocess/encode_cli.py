@@ -207,7 +207,7 @@ def _report(stats: dict, output: str) -> None:
     rate = stats["rows"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
     typer.echo(f"rank {stats['rank']}/{stats['world']}: {stats['rows']} rows, {stats['skipped']} skipped, "
                f"{stats['shards_done']} input shards encoded ({stats['shards_skipped_done']} were done, "
-               f"{stats['shards_reencoded']} changed and encoded again), {rate:.1f} img/s")
+               f"{stats['shards_reencoded']} changed or damaged and encoded again), {rate:.1f} img/s")
     if stats["rank"] == 0:   # rank 0 writes it, once every rank is done
         typer.echo(f"rank 0/{stats['world']}: manifest written: {stats['manifest_url']} "
                    f"({stats['cache_rows']} rows)")

@@ -124,12 +124,15 @@ def encode_command(
 
 def _encode_sample_prompts(model: str, output: str, prompts_file: Path, t5_mode, t5_max_length, device,
                            options: dict) -> None:
+    from .output_lock import OutputLock
     from .sample_prompts import encode_sample_prompts
     from shared.cache import CacheError
+    from shared.cache.store import open_store
     from shared.models import ModelLoadError
     try:
-        n = encode_sample_prompts(model, output, prompts_file, t5_mode=t5_mode, t5_max_length=t5_max_length or None,
-                                  device=device, storage_options=options)
+        with OutputLock.acquire(open_store(output, options), "encode --sample-prompts"):   # it rewrites the manifest
+            n = encode_sample_prompts(model, output, prompts_file, t5_mode=t5_mode,
+                                      t5_max_length=t5_max_length or None, device=device, storage_options=options)
     except (CacheError, ModelLoadError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

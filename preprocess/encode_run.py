@@ -22,6 +22,7 @@ from .encode import EncodeOptions, Encoders, check_model
 from .encode_bar import EncodeBar
 from .ledger import (check_or_write_settings, check_progress_version, forget, plan_shards, remove_orphans,
                        sweep_temps, write_cache_manifest)
+from .output_lock import hold_output
 from .ranks import Ranks
 from .row_writer import RowWriterPool
 from .shard_output import ShardOutputs
@@ -59,7 +60,9 @@ def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: 
     shards = resolve_inputs(input_spec)
     check_model(model)
     ranks.start()
+    lock = None
     try:
+        lock = hold_output(out_dir, ranks, command or " ".join(sys.argv))   # before anything is written or deleted
         mine = shards[ranks.rank::ranks.world]
         todo, changed = _start(out_dir, mine, ranks)
         stats = _encode(model, out_dir, todo, device, prep=prep, opts=opts, batch_size=batch_size,
@@ -69,6 +72,8 @@ def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: 
         stats.update(_finish(out_dir, shards, ranks, command or " ".join(sys.argv)))
         stats["manifest_s"] = time.perf_counter() - t_manifest
     finally:
+        if lock is not None:
+            lock.release()
         ranks.close()
     stats.update(rank=ranks.rank, world=ranks.world, shards_skipped_done=len(mine) - len(todo),
                  shards_reencoded=changed, manifest_url=out_dir.url_of(MANIFEST_NAME))

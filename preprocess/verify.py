@@ -13,6 +13,7 @@ from shared.cache.schema import ARROW_SCHEMA, EMPTY_PROMPT_NAME, MANIFEST_NAME, 
 from shared.cache.store import Store, open_store
 
 from .ledger import DONE_FOLDER, forget, remove_orphans
+from .output_lock import OutputLock
 
 
 def shard_problems(store: Store, entry: dict, size: int | None, checksum: bool = True) -> list[str]:
@@ -102,7 +103,7 @@ def cache_warnings(cache_dir, storage_options: dict | None = None) -> list[str]:
 def _outputs_of_other_inputs(store: Store, manifest: dict) -> dict[str, str]:
     """Output shard name -> input shard id, for done inputs that the manifest does not cover."""
     covered = {i["id"] for i in manifest.get("inputs_done", [])}
-    names = sorted(n for n in store.sizes(DONE_FOLDER) if n.endswith(".json"))
+    names = _done_records(store)
     owned = {}
     for record in store.map(lambda n: _record(store, n), names):
         if record is not None and record.get("shard") not in covered:
@@ -126,10 +127,19 @@ def repair_cache(cache_dir, storage_options: dict | None = None) -> dict:
     Returns {"dropped": [{"id", "url", "problems"}], "unreadable": [record names], "command": the
     manifest's encode command or None}."""
     store = open_store(cache_dir, storage_options)
-    names = sorted(n for n in store.sizes(DONE_FOLDER) if n.endswith(".json"))
-    if not names:
+    if not _done_records(store):
         raise CacheError(f"{store.url}: no {DONE_FOLDER}/ here: not an encode's cache, or nothing of it is done; "
                          "nothing to repair")
+    with OutputLock.acquire(store, "verify --repair", "flux-prep verify --repair"):   # no encode writes meanwhile
+        return _repair(store)
+
+
+def _done_records(store: Store) -> list[str]:
+    return sorted(n for n in store.sizes(DONE_FOLDER) if n.endswith(".json"))
+
+
+def _repair(store: Store) -> dict:
+    names = _done_records(store)
     command = _recorded_command(store)
     records = store.map(lambda n: _record(store, n), names)
     sizes = store.sizes()

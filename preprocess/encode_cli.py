@@ -206,7 +206,9 @@ def interrupted_message(input_spec: str, output: str, storage_options: dict) -> 
 
 
 def _report(stats: dict, output: str) -> None:
-    """This rank's summary; exit 1 when the cache holds no row at all (naming the inputs that gave none)."""
+    """This rank's summary (rank 0: the cache's skips, named); exit 1 when the cache holds no row at all
+    (naming the inputs that gave none)."""
+    from .sources import named_skips
     rate = stats["rows"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
     typer.echo(f"rank {stats['rank']}/{stats['world']}: {stats['rows']} rows, {stats['skipped']} skipped, "
                f"{stats['shards_done']} input shards encoded ({stats['shards_skipped_done']} were done, "
@@ -214,6 +216,11 @@ def _report(stats: dict, output: str) -> None:
     if stats["rank"] == 0:   # rank 0 writes it, once every rank is done
         typer.echo(f"rank 0/{stats['world']}: manifest written: {stats['manifest_url']} "
                    f"({stats['cache_rows']} rows)")
+        skipped, examples = stats["cache_skipped"], stats["skipped_examples"]
+        if skipped:
+            typer.echo(f"rank 0/{stats['world']}: the cache's skipped samples, by reason:")
+        for reason, n in sorted(skipped.items()):
+            typer.echo(f"  {reason} {n}{named_skips(n, examples.get(reason, []))}")
     if stats["cache_rows"] == 0:
         named = "; ".join(f"{i['id']} ({i['url']}): {_skips(i['skipped'])}" for i in stats["inputs_without_rows"][:10])
         typer.echo(f"error: {output} holds no rows: no input shard yielded a sample ({named})", err=True)

@@ -160,14 +160,16 @@ def _finish(out_dir: Store, shards: list[InputShard], ranks: Ranks, command: str
     if ranks.rank == 0:
         try:
             manifest = write_cache_manifest(out_dir, shards, command, package_version())
-            result = {"rows": manifest["rows"], "without_rows": manifest["inputs_without_rows"]}
+            result = {"rows": manifest["rows"], "without_rows": manifest["inputs_without_rows"],
+                      "skipped": manifest["skipped"], "skipped_examples": manifest["skipped_examples"]}
         except Exception as e:
             ranks.from_rank0({"error": f"{type(e).__name__}: {e}"})   # the other ranks stop too
             raise
     result = ranks.from_rank0(result)
     if "error" in result:
         raise CacheError(f"rank 0 could not write the manifest ({result['error']})")
-    return {"manifest_written": True, "cache_rows": result["rows"], "inputs_without_rows": result["without_rows"]}
+    return {"manifest_written": True, "cache_rows": result["rows"], "inputs_without_rows": result["without_rows"],
+            "cache_skipped": result["skipped"], "skipped_examples": result["skipped_examples"]}
 
 
 def package_version() -> str:

@@ -6,6 +6,7 @@ import pyarrow as pa
 from shared.cache import CacheError, read_manifest
 from shared.cache.store import Store, open_store
 
+from .sources import named_skips
 from .verify import listed_shard_problems
 
 SMALL_COLUMNS = ["caption", "t5_len", "latent_h", "latent_w"]
@@ -81,8 +82,9 @@ def _distributions(store: Store, shards: list[str]) -> list[str]:
 
 def _skips(manifest: dict) -> list[str]:
     """Samples skipped by reason, and the input shards that yielded no row, at any row count."""
-    skipped = manifest.get("skipped", {})
-    lines = [f"skipped        {sum(skipped.values())}"] + [f"  {k:<22} {v}" for k, v in sorted(skipped.items())]
+    skipped, examples = manifest.get("skipped", {}), manifest.get("skipped_examples", {})
+    lines = [f"skipped        {sum(skipped.values())}"] + [f"  {k:<22} {v}{named_skips(v, examples.get(k, []))}"
+                                                          for k, v in sorted(skipped.items())]
     empty = manifest.get("inputs_without_rows", [])
     if empty:
         lines.append(f"inputs without rows  {len(empty)}")

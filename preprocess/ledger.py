@@ -25,7 +25,7 @@ from shared.cache.sample_prompts import SAMPLE_PROMPTS_NAME
 from shared.cache.schema import EMPTY_PROMPT_NAME, MANIFEST_NAME
 from shared.cache.store import Store, open_store
 
-from .sources import InputError, InputShard
+from .sources import SKIP_EXAMPLES, InputError, InputShard
 
 PROGRESS_DIR = "_progress"
 SETTINGS_NAME = "settings.json"
@@ -209,16 +209,21 @@ def sweep_temps(out_dir) -> list[str]:
 def manifest_of_records(out_dir, records: list[dict], command: str, version: str) -> dict:
     """The manifest covering the given done-records (the current --input's shards, in its order)."""
     settings = read_settings(out_dir)
-    shards, skipped, rows = [], {}, 0
+    shards, skipped, examples, rows = [], {}, {}, 0
     for rec in records:
         shards += rec["outputs"]
         rows += rec["rows"]
         for reason, n in rec["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
+        for reason, names in rec.get("skipped_examples", {}).items():   # older records have none
+            kept = examples.setdefault(reason, [])
+            kept += names[:SKIP_EXAMPLES - len(kept)]
     return cache_manifest(
         dtypes=settings["dtypes"], dims=settings["dims"], t5=settings["t5"], shards=shards, rows=rows,
         skipped=skipped, empty_prompt=EMPTY_PROMPT_NAME, encoders=settings["encoders"], vae=settings["vae"],
         image=settings["image"], compute_dtype=settings["compute_dtype"], t5_wo_dtype=settings.get("t5_wo_dtype"),
+        # The first SKIP_EXAMPLES skipped samples of each reason, named (sources.skipped_name).
+        skipped_examples=dict(sorted(examples.items())),
         inputs_done=[{"id": r["shard"], "url": r["url"], "rows": r["rows"]} for r in records],
         # Inputs that yielded no row (unreadable, empty, every sample skipped), named with their skips.
         inputs_without_rows=[{"id": r["shard"], "url": r["url"], "skipped": r["skipped"]}

@@ -23,7 +23,8 @@ from shared.precision import canonical_dtype
 from .decode import PrepOptions
 from .encode import t5_max_length
 from .images import ImageSkip, check_min_size, open_image, oriented_size, target_size
-from .sources import SKIP_TOO_SMALL, InputShard, Skip, image_bytes, iter_shard, read_caption, resolve_inputs
+from .sources import (SKIP_TOO_SMALL, InputShard, Skip, add_example, image_bytes, iter_shard, named_skips,
+                      read_caption, resolve_inputs, skipped_name)
 
 # Encode rates measured in docs/BENCHMARKS.md (stage 1), img/s: GPU kind -> T5 setting -> rate.
 MEASURED_RATES = {
@@ -50,10 +51,10 @@ def sample_shards(shards: list[InputShard], count: int) -> list[InputShard]:
     return [shards[round(i * step)] for i in range(count)]
 
 
-def read_sample(shards: list[InputShard], prep: PrepOptions, factor: int = 8) -> tuple[list, dict, int]:
-    """(rows the sample would give, skips by reason, samples read), from headers and captions only;
-    `factor`: the VAE's downsampling."""
-    rows, skips, seen = [], {}, 0
+def read_sample(shards: list[InputShard], prep: PrepOptions, factor: int = 8) -> tuple[list, dict, int, dict]:
+    """(rows the sample would give, skips by reason, samples read, skipped samples named by reason),
+    from headers and captions only; `factor`: the VAE's downsampling."""
+    rows, skips, seen, examples = [], {}, 0, {}
     buckets = prep.bucket_list()
     for shard in shards:
         for item in iter_shard(shard):
@@ -61,9 +62,10 @@ def read_sample(shards: list[InputShard], prep: PrepOptions, factor: int = 8) ->
             why, row = _sample_row(shard, item, prep, buckets, factor)
             if why is not None:
                 skips[why] = skips.get(why, 0) + 1
+                add_example(examples, why, skipped_name(shard, item.key, getattr(item, "files", ())))
             else:
                 rows.append(row)
-    return rows, skips, seen
+    return rows, skips, seen, examples
 
 
 def _sample_row(shard: InputShard, item, prep: PrepOptions, buckets, factor: int):
@@ -122,7 +124,7 @@ def plan(model: str, input_spec: str, prep: PrepOptions, *, t5_mode: str, t5_max
     shards = resolve_inputs(input_spec)
     dims = model_dims(model)
     picked = sample_shards(shards, sample)
-    rows, skips, seen = read_sample(picked, prep, dims["vae_factor"])
+    rows, skips, seen, examples = read_sample(picked, prep, dims["vae_factor"])
     lengths, max_length = t5_lengths(model, [r.caption for r in rows], t5_max_length_opt)
     for r, n in zip(rows, lengths):
         r.t5_len = int(n)
@@ -144,7 +146,8 @@ def plan(model: str, input_spec: str, prep: PrepOptions, *, t5_mode: str, t5_max
             "t5_mode": t5_mode, "t5_max_length": max_length, "modes": modes, "input_shards": len(shards),
             "input_bytes": _input_bytes(shards), "sampled_shards": len(picked), "sampled_bytes": _input_bytes(picked),
             "sampled_samples": seen, "sampled_rows": len(rows),
-            "skipped": dict(sorted(skips.items())), "below_min_size": skips.get(SKIP_TOO_SMALL, 0) / max(1, seen),
+            "skipped": dict(sorted(skips.items())), "skipped_examples": dict(sorted(examples.items())),
+            "below_min_size": skips.get(SKIP_TOO_SMALL, 0) / max(1, seen),
             "min_size": prep.min_size, "rate_notes": RATE_NOTES}
 
 
@@ -186,7 +189,8 @@ def format_plan(p: dict) -> str:
              f"rows           {p['rows']:,} expected",
              f"below --min-size {p['min_size']}: {100 * p['below_min_size']:.1f}% of the sampled images"]
     if p["skipped"]:
-        lines.append("skipped        " + ", ".join(f"{k} {v}" for k, v in p["skipped"].items()) + " (in the sample)")
+        lines.append(f"skipped        {sum(p['skipped'].values())} in the sample:")
+        lines += [f"  {k} {v}{named_skips(v, p.get('skipped_examples', {}).get(k, []))}" for k, v in p["skipped"].items()]
     lines.append(f"{'T5 setting':<16}{'bytes/sample':>14}{'total':>12}   encode time (GPU kinds measured in "
                  "docs/BENCHMARKS.md)")
     chosen = f"padded-{p['t5_max_length']}" if p["t5_mode"] == "padded" else "trimmed"

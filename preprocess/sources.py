@@ -45,6 +45,9 @@ SKIP_TRUNCATED_TAR = "truncated_tar"        # the sample being read where a tar 
 SKIP_BAD_SHARD = "unreadable_shard"         # not a tar at all
 SKIP_EMPTY_SHARD = "empty_shard"            # a readable tar without a single member
 SKIP_DUPLICATE_KEY = "duplicate_key"
+# Skipped samples named per reason (in an input shard's done-record, and in the manifest): enough for a
+# user to find the files, bounded for a web-scale input where a reason may count millions.
+SKIP_EXAMPLES = 20
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,29 @@ def _folder_shards(folder: Path, per_shard: int) -> list[InputShard]:
         shards.append(InputShard(id=f"{base}-{i // per_shard:05d}", url=str(folder), files=tuple(run),
                                  fingerprint={"files_stat_sha256": stats}))
     return shards
+
+
+def skipped_name(shard: InputShard, key: str, files=()) -> str:
+    """A skipped sample as a user finds it: its key as the cache would have it (a tar's carries the tar's
+    prefix) and its files' extensions, `sub/img001 (jpg, txt)`; a whole unreadable tar by its URL."""
+    if key == shard.url:
+        return key
+    name = shard.row_key(key)
+    return f"{name} ({', '.join(sorted(files))})" if files else name
+
+
+def add_example(examples: dict[str, list[str]], reason: str, name: str) -> None:
+    """Keep `name` among the first SKIP_EXAMPLES of its reason."""
+    kept = examples.setdefault(reason, [])
+    if len(kept) < SKIP_EXAMPLES:
+        kept.append(name)
+
+
+def named_skips(count: int, names: list[str]) -> str:
+    """What follows a skip reason's count: `: a (jpg, txt), b (png)`, saying so where not all are named."""
+    if not names:
+        return ""
+    return (f" (the first {len(names)} named)" if len(names) < count else "") + ": " + ", ".join(names)
 
 
 def split_key(name: str) -> tuple[str, str]:

@@ -23,8 +23,12 @@ def encode_command(
     model: str = typer.Option(..., help="FLUX model: a folder in diffusers' layout or a hub id."),
     input: Optional[str] = typer.Option(None, "--input", help="Tar shards (path, glob, brace pattern "
                                                               "x-{00000..00009}.tar, fsspec URL; several joined by "
-                                                              "'::') or a folder of images with .txt captions. "
-                                                              "Required unless --sample-prompts runs alone."),
+                                                              "'::') or a folder of images (jpg, jpeg, png, webp, "
+                                                              "bmp, tif, tiff, gif; sub-folders too), each captioned "
+                                                              "by the file of its name ending .txt, else .caption, "
+                                                              "else .json's caption field. Two images of one name "
+                                                              "are skipped (same_stem). Required unless "
+                                                              "--sample-prompts runs alone."),
     output: str = typer.Option(..., help="Cache folder (Parquet shards + manifest.json): a path, or a URL "
                                          "of any fsspec file system (s3://bucket/prefix, gs://..., az://...)."),
     storage_options: str = typer.Option("", help="fsspec options for --output's file system, as JSON "
@@ -103,6 +107,7 @@ def encode_command(
                          dtype=dtype, compute_dtype=compute_dtype or None, compile=compile,
                          t5_fp32_wo=t5_fp32_wo, t5_impl=t5_impl)
     command = recorded_command(sys.argv, config_flags(ctx))
+    warn_repeat_folders(input)
     try:
         stats = run_encode(model, input, output, prep=prep, opts=opts, batch_size=batch_size,
                            num_workers=default_workers() if num_workers is None else num_workers,
@@ -137,6 +142,14 @@ def _encode_sample_prompts(model: str, output: str, prompts_file: Path, t5_mode,
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     typer.echo(f"sample prompts: {n} encoded into {output}")
+
+
+def warn_repeat_folders(input_spec: str) -> None:
+    """Say that kohya's `10_name/` repeat counts are ignored (once: rank 0 of a launch)."""
+    from .sources import repeat_folder_warning
+    warning = repeat_folder_warning(input_spec)
+    if warning and os.environ.get("RANK", "0") == "0":
+        typer.echo(f"warning: {warning}", err=True)
 
 
 def min_size_option(text: str) -> int | None:

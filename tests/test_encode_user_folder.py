@@ -1,5 +1,6 @@
 """A LoRA user's folder of captioned images: skipped files named where the counts are shown (manifest,
-encode's summary, inspect, plan)."""
+encode's summary, inspect, plan); captions as users save them (kohya's .caption and repeat folders, a
+byte-order mark, two images of one name)."""
 from __future__ import annotations
 
 import json
@@ -49,3 +50,22 @@ def test_skipped_files_are_named_in_the_manifest_encode_inspect_and_plan(tiny_mo
     assert "  bad_image 1: broken (jpg, txt)" in planned.output and "  too_small 1: tiny (jpg, txt)" in planned.output
     as_json = json.loads(CliRunner().invoke(app, _args("plan", tiny_model, folder, tmp_path / "p", "--json")).stdout)
     assert as_json["skipped_examples"] == m["skipped_examples"]
+
+
+def test_a_kohya_folder_is_read_and_its_repeat_counts_said_to_be_ignored(tiny_model, tmp_path):
+    dog = tmp_path / "train" / "10_dog"
+    dog.mkdir(parents=True)
+    (dog / "x.png").write_bytes(image_bytes((40, 40), fmt="PNG"))
+    (dog / "x.caption").write_bytes(b"\xef\xbb\xbfa photo of sks dog")    # kohya's extension, Notepad's BOM
+    (dog / "y.jpg").write_bytes(image_bytes((40, 40)))
+    (dog / "y.png").write_bytes(image_bytes((40, 40), fmt="PNG"))
+    (dog / "y.txt").write_text("which image?")
+    encoded = CliRunner().invoke(app, _args("encode", tiny_model, tmp_path / "train", tmp_path / "c"))
+    assert encoded.exit_code == 0, encoded.output
+    assert f"warning: {dog} (10 repeats): named as kohya repeat folders" in encoded.output
+    assert "repeat counts are ignored" in encoded.output
+    reader = CacheReader(tmp_path / "c")
+    captions = {k: c for s in reader.shards for g in reader.iter_shard(s) for k, c in zip(g["key"], g["caption"])}
+    assert captions == {"10_dog/x": "a photo of sks dog"}
+    assert reader.manifest["skipped_examples"] == {"same_stem": ["10_dog/y (jpg, png, txt)"]}
+    assert "  same_stem 1: 10_dog/y (jpg, png, txt)" in encoded.output

@@ -65,8 +65,8 @@ def _held_message(store: Store, held: dict | None) -> str:
         return f"{store.url}: locked by {lock}, which cannot be read; if no encode is running, delete it and rerun"
     who = (f"{held.get('what', 'an encode')} (pid {held.get('pid')} on {held.get('host')}, since "
            f"{held.get('since')}: {held.get('command')})")
-    where = ("still running" if _running_here(held)
-             else "on another host: whether it still runs cannot be checked from here")
+    where = {True: "still running", False: "no longer running",
+             None: "on another host: whether it still runs cannot be checked from here"}[_running_here(held)]
     return (f"{store.url}: another process is writing into this cache: {who}, {where}. Wait for it to finish "
             f"(the same command then resumes from where it stopped); if it is gone, delete {lock} and rerun")
 
@@ -204,15 +204,16 @@ def _remove_empty(folders: list[Path]) -> None:
 
 def hold_output(out_dir, ranks, command: str | None = None) -> OutputLock | None:
     """Rank 0 takes the lock for every rank of the launch; all ranks raise OutputLocked if it could not."""
-    lock, error = None, None
+    lock, error, failure = None, None, None
     if ranks.rank == 0:
         try:
             lock = OutputLock.acquire(out_dir, "encode", command)
-        except OutputLocked as e:
-            error = str(e)
+        except Exception as e:   # told to every rank, so that none waits at a barrier rank 0 never reaches
+            failure = e
+            error = str(e) if isinstance(e, OutputLocked) else f"rank 0 could not lock {out_dir}: {e}"
     error = ranks.from_rank0(error)
+    if failure is not None:
+        raise failure
     if error is not None:
-        if lock is not None:
-            lock.release()
         raise OutputLocked(error)
     return lock

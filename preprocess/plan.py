@@ -190,7 +190,8 @@ def format_plan(p: dict) -> str:
              f"below --min-size {p['min_size']}: {100 * p['below_min_size']:.1f}% of the sampled images"]
     if p["skipped"]:
         lines.append(f"skipped        {sum(p['skipped'].values())} in the sample:")
-        lines += [f"  {k} {v}{named_skips(v, p.get('skipped_examples', {}).get(k, []))}" for k, v in p["skipped"].items()]
+        examples = p.get("skipped_examples", {})
+        lines += [f"  {k} {v}{named_skips(v, examples.get(k, []))}" for k, v in p["skipped"].items()]
     lines.append(f"{'T5 setting':<16}{'bytes/sample':>14}{'total':>12}   encode time (GPU kinds measured in "
                  "docs/BENCHMARKS.md)")
     chosen = f"padded-{p['t5_max_length']}" if p["t5_mode"] == "padded" else "trimmed"

@@ -53,7 +53,8 @@ def test_a_rerun_repairs_deleted_shards_and_verify_repair_flipped_bytes(tiny_mod
     command = CacheReader(out).manifest["command"]
     repaired = CliRunner().invoke(app, ["verify", "--repair", str(out)])
     assert repaired.exit_code == 1
-    assert "REPAIR input shard raw_r-00000 (" in repaired.output and "raw_r-00000-00001.parquet: sha256" in repaired.output
+    assert "REPAIR input shard raw_r-00000 (" in repaired.output
+    assert "raw_r-00000-00001.parquet: sha256" in repaired.output
     assert f"rerun the encode to encode those inputs again: {command}" in repaired.output
     assert not (out / "manifest.json").exists() and not flipped.exists()
     assert not (out / "_progress/done/raw_r-00000.json").exists()

@@ -80,10 +80,15 @@ def inspect(cache: str = typer.Argument(..., help=CACHE_HELP),
 
 @app.command("verify")
 def verify(cache: str = typer.Argument(..., help=CACHE_HELP),
-           storage_options: str = typer.Option("", help=STORAGE_HELP)):
+           storage_options: str = typer.Option("", help=STORAGE_HELP),
+           repair: bool = typer.Option(False, "--repair", help="Un-mark the input shards whose output shards are "
+                                       "damaged or missing (removing the manifest and those shards), then exit 1 "
+                                       "with the encode command to rerun: it encodes them again.")):
     """Check schema, row counts, checksums and unique keys of every shard; exit 1 naming each bad shard."""
     from preprocess.verify import cache_warnings, verify_cache
     options = _storage_options(storage_options)
+    if repair:
+        _repair(cache, options)
     problems = verify_cache(cache, options)
     for p in problems:
         typer.echo(f"FAIL {p}", err=True)
@@ -92,6 +97,27 @@ def verify(cache: str = typer.Argument(..., help=CACHE_HELP),
     for w in cache_warnings(cache, options):
         typer.echo(f"WARN {w}", err=True)
     typer.echo(f"{cache}: OK")
+
+
+def _repair(cache: str, options: dict) -> None:
+    """verify --repair: name each input shard un-marked and why, and the command that re-encodes them;
+    exit 1 when one was (the cache is whole again only after that rerun), else go on verifying."""
+    from preprocess.verify import repair_cache
+    from shared.cache import CacheError
+    try:
+        result = repair_cache(cache, options)
+    except CacheError as e:
+        typer.echo(f"FAIL {e}", err=True)
+        raise typer.Exit(1)
+    for d in result["dropped"]:
+        typer.echo(f"REPAIR input shard {d['id']} ({d['url']}): un-marked, its output shards removed: "
+                   + "; ".join(d["problems"]), err=True)
+    for name in result["unreadable"]:
+        typer.echo(f"REPAIR {name}: unreadable done-record removed (its input shard is not done)", err=True)
+    if result["dropped"] or result["unreadable"]:
+        again = f": {result['command']}" if result["command"] else " (the command that wrote this cache)"
+        typer.echo(f"{cache}: repaired the ledger; rerun the encode to encode those inputs again{again}", err=True)
+        raise typer.Exit(1)
 
 
 def main():

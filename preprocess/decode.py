@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .images import ImageSkip, default_min_size, make_buckets, prepare_image
-from .sources import SKIP_BAD_IMAGE, InputShard, Skip, image_bytes, iter_shard, read_caption
+from .sources import (SKIP_BAD_IMAGE, InputShard, Skip, add_example, image_bytes, iter_shard, read_caption,
+                      skipped_name)
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,15 @@ def prepare_sample(sample, opts: PrepOptions, buckets):
     return sample.key, caption, prepared
 
 
-def _batch(shard: InputShard, items, skips, end, decode_s):
+def _batch(shard: InputShard, items, skips, end, decode_s, examples=None):
     if items:
         pixels = torch.stack([p.pixels for _, _, p in items])
         sizes = torch.tensor([[p.width, p.height] for _, _, p in items], dtype=torch.int32)
     else:
         pixels = sizes = None
     return {"shard": shard.id, "pixels": pixels, "sizes": sizes, "keys": [shard.row_key(k) for k, _, _ in items],
-            "captions": [c for _, c, _ in items], "skips": dict(skips), "end": end, "decode_s": decode_s}
+            "captions": [c for _, c, _ in items], "skips": dict(skips), "end": end, "decode_s": decode_s,
+            "skip_examples": examples or {}}   # the shard's named skips, on its last batch
 
 
 def shard_batches(shard: InputShard, opts: PrepOptions, batch_size: int):
@@ -68,12 +70,14 @@ def shard_batches(shard: InputShard, opts: PrepOptions, batch_size: int):
     buckets = opts.bucket_list()
     pending: dict[tuple, list] = {}
     skips: dict[str, int] = {}
+    examples: dict[str, list[str]] = {}
     decode_s = 0.0
     t0 = time.perf_counter()
     for sample in iter_shard(shard):
         out = sample if isinstance(sample, Skip) else prepare_sample(sample, opts, buckets)
         if isinstance(out, Skip):
             skips[out.reason] = skips.get(out.reason, 0) + 1
+            add_example(examples, out.reason, skipped_name(shard, out.key, getattr(sample, "files", ())))
             continue
         size = tuple(out[2].pixels.shape[1:])
         group = pending.setdefault(size, [])
@@ -86,11 +90,12 @@ def shard_batches(shard: InputShard, opts: PrepOptions, batch_size: int):
     decode_s += time.perf_counter() - t0
     rest = [(size, group) for size, group in sorted(pending.items()) if group]
     if not rest:
-        yield _batch(shard, [], skips, True, decode_s)
+        yield _batch(shard, [], skips, True, decode_s, examples)
         return
     for i, (_, group) in enumerate(rest):
         last = i == len(rest) - 1
-        yield _batch(shard, group, skips if i == 0 else {}, last, decode_s if i == 0 else 0.0)
+        yield _batch(shard, group, skips if i == 0 else {}, last, decode_s if i == 0 else 0.0,
+                     examples if last else None)
 
 
 class ShardBatches(IterableDataset):

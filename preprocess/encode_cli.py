@@ -23,8 +23,12 @@ def encode_command(
     model: str = typer.Option(..., help="FLUX model: a folder in diffusers' layout or a hub id."),
     input: Optional[str] = typer.Option(None, "--input", help="Tar shards (path, glob, brace pattern "
                                                               "x-{00000..00009}.tar, fsspec URL; several joined by "
-                                                              "'::') or a folder of images with .txt captions. "
-                                                              "Required unless --sample-prompts runs alone."),
+                                                              "'::') or a folder of images (jpg, jpeg, png, webp, "
+                                                              "bmp, tif, tiff, gif; sub-folders too), each captioned "
+                                                              "by the file of its name ending .txt, else .caption, "
+                                                              "else .json's caption field. Two images of one name "
+                                                              "are skipped (same_stem). Required unless "
+                                                              "--sample-prompts runs alone."),
     output: str = typer.Option(..., help="Cache folder (Parquet shards + manifest.json): a path, or a URL "
                                          "of any fsspec file system (s3://bucket/prefix, gs://..., az://...)."),
     storage_options: str = typer.Option("", help="fsspec options for --output's file system, as JSON "
@@ -106,6 +110,7 @@ def encode_command(
                          store_logvar=store_logvar, dtype=dtype, compute_dtype=compute_dtype or None, compile=compile,
                          text_options=text_options)
     command = recorded_command(sys.argv, config_flags(ctx))
+    warn_repeat_folders(input)
     try:
         stats = run_encode(model, input, output, prep=prep, opts=opts, batch_size=batch_size,
                            num_workers=default_workers() if num_workers is None else num_workers,
@@ -117,6 +122,9 @@ def encode_command(
     except OSError as e:   # a store that cannot be reached, a missing bucket, refused credentials
         typer.echo(f"error: {output}: {type(e).__name__}: {e}", err=True)
         raise typer.Exit(2)
+    except KeyboardInterrupt:
+        typer.echo(interrupted_message(input, output, options), err=True)
+        raise typer.Exit(130) from None
     _report(stats, output)
     if sample_prompts is not None and stats["rank"] == 0:
         _encode_sample_prompts(model, output, sample_prompts, None, None, device, options)
@@ -124,16 +132,27 @@ def encode_command(
 
 def _encode_sample_prompts(model: str, output: str, prompts_file: Path, t5_mode, t5_max_length, device,
                            options: dict) -> None:
+    from .output_lock import OutputLock
     from .sample_prompts import encode_sample_prompts
     from shared.cache import CacheError
+    from shared.cache.store import open_store
     from shared.models import ModelLoadError
     try:
-        n = encode_sample_prompts(model, output, prompts_file, text_mode=t5_mode,
-                                  text_max_length=t5_max_length or None, device=device, storage_options=options)
+        with OutputLock.acquire(open_store(output, options), "encode --sample-prompts"):   # it rewrites the manifest
+            n = encode_sample_prompts(model, output, prompts_file, text_mode=t5_mode,
+                                      text_max_length=t5_max_length or None, device=device, storage_options=options)
     except (CacheError, ModelLoadError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     typer.echo(f"sample prompts: {n} encoded into {output}")
+
+
+def warn_repeat_folders(input_spec: str) -> None:
+    """Say that kohya's `10_name/` repeat counts are ignored (once: rank 0 of a launch)."""
+    from .sources import repeat_folder_warning
+    warning = repeat_folder_warning(input_spec)
+    if warning and os.environ.get("RANK", "0") == "0":
+        typer.echo(f"warning: {warning}", err=True)
 
 
 def min_size_option(text: str) -> int | None:
@@ -178,15 +197,46 @@ def recorded_command(argv: list[str], file_flags: tuple[str, ...] | list[str] = 
     return " ".join(out)
 
 
+def interrupted_message(input_spec: str, output: str, storage_options: dict) -> str:
+    """After Ctrl-C: what the cache keeps (its done input shards) and how to go on. The shards being
+    encoded have no done-record, so a rerun encodes them again (ledger.py)."""
+    from .ledger import kept_progress
+    from .ranks import Ranks
+    from .sources import resolve_inputs
+    from shared.cache.store import open_store
+    ranks = Ranks()
+    who = f"rank {ranks.rank}/{ranks.world}: " if ranks.world > 1 else ""
+    rerun = "rerun the same command to resume (a done input shard is never encoded again)"
+    try:
+        kept = kept_progress(open_store(output, storage_options), resolve_inputs(input_spec))
+    except Exception as e:  # noqa: BLE001 - the summary must not hide the interrupt behind a traceback
+        return f"{who}interrupted; {output} could not be read back ({type(e).__name__}: {e}); {rerun}"
+    if kept["done"] == 0:
+        return f"{who}interrupted before any input shard was done: nothing in {output} is kept; {rerun}"
+    if kept["done"] == kept["total"]:
+        return (f"{who}interrupted: all {kept['total']} input shards are done in {output} ({kept['rows']} rows in "
+                f"{kept['outputs']} output shards); rerun the same command to write the manifest")
+    return (f"{who}interrupted: kept {kept['done']} of {kept['total']} input shards done in {output} "
+            f"({kept['rows']} rows in {kept['outputs']} output shards); the other {kept['total'] - kept['done']} "
+            f"(those being encoded included) are not done; {rerun}")
+
+
 def _report(stats: dict, output: str) -> None:
-    """This rank's summary; exit 1 when the cache holds no row at all (naming the inputs that gave none)."""
+    """This rank's summary (rank 0: the cache's skips, named); exit 1 when the cache holds no row at all
+    (naming the inputs that gave none)."""
+    from .sources import named_skips
     rate = stats["rows"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
     typer.echo(f"rank {stats['rank']}/{stats['world']}: {stats['rows']} rows, {stats['skipped']} skipped, "
                f"{stats['shards_done']} input shards encoded ({stats['shards_skipped_done']} were done, "
-               f"{stats['shards_reencoded']} changed and encoded again), {rate:.1f} img/s")
+               f"{stats['shards_reencoded']} changed or damaged and encoded again), {rate:.1f} img/s")
     if stats["rank"] == 0:   # rank 0 writes it, once every rank is done
         typer.echo(f"rank 0/{stats['world']}: manifest written: {stats['manifest_url']} "
                    f"({stats['cache_rows']} rows)")
+        skipped, examples = stats["cache_skipped"], stats["skipped_examples"]
+        if skipped:
+            typer.echo(f"rank 0/{stats['world']}: the cache's skipped samples, by reason:")
+        for reason, n in sorted(skipped.items()):
+            typer.echo(f"  {reason} {n}{named_skips(n, examples.get(reason, []))}")
     if stats["cache_rows"] == 0:
         named = "; ".join(f"{i['id']} ({i['url']}): {_skips(i['skipped'])}" for i in stats["inputs_without_rows"][:10])
         typer.echo(f"error: {output} holds no rows: no input shard yielded a sample ({named})", err=True)

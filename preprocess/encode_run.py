@@ -22,6 +22,7 @@ from .encode import EncodeOptions, Encoders, check_model
 from .encode_bar import EncodeBar
 from .ledger import (check_or_write_settings, check_progress_version, forget, plan_shards, remove_orphans,
                        sweep_temps, write_cache_manifest)
+from .output_lock import hold_output
 from .ranks import Ranks
 from .row_writer import RowWriterPool
 from .shard_output import ShardOutputs
@@ -61,7 +62,9 @@ def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: 
     shards = resolve_inputs(input_spec)
     check_model(model)
     ranks.start()
+    lock = None
     try:
+        lock = hold_output(out_dir, ranks, command or " ".join(sys.argv))   # before anything is written or deleted
         mine = shards[ranks.rank::ranks.world]
         todo, changed = _start(out_dir, mine, ranks)
         stats = _encode(model, out_dir, todo, device, prep=prep, opts=opts, batch_size=batch_size,
@@ -71,6 +74,8 @@ def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: 
         stats.update(_finish(out_dir, shards, ranks, command or " ".join(sys.argv)))
         stats["manifest_s"] = time.perf_counter() - t_manifest
     finally:
+        if lock is not None:
+            lock.release()
         ranks.close()
     stats.update(rank=ranks.rank, world=ranks.world, shards_skipped_done=len(mine) - len(todo),
                  shards_reencoded=changed, manifest_url=out_dir.url_of(MANIFEST_NAME))
@@ -157,14 +162,16 @@ def _finish(out_dir: Store, shards: list[InputShard], ranks: Ranks, command: str
     if ranks.rank == 0:
         try:
             manifest = write_cache_manifest(out_dir, shards, command, package_version())
-            result = {"rows": manifest["rows"], "without_rows": manifest["inputs_without_rows"]}
+            result = {"rows": manifest["rows"], "without_rows": manifest["inputs_without_rows"],
+                      "skipped": manifest["skipped"], "skipped_examples": manifest["skipped_examples"]}
         except Exception as e:
             ranks.from_rank0({"error": f"{type(e).__name__}: {e}"})   # the other ranks stop too
             raise
     result = ranks.from_rank0(result)
     if "error" in result:
         raise CacheError(f"rank 0 could not write the manifest ({result['error']})")
-    return {"manifest_written": True, "cache_rows": result["rows"], "inputs_without_rows": result["without_rows"]}
+    return {"manifest_written": True, "cache_rows": result["rows"], "inputs_without_rows": result["without_rows"],
+            "cache_skipped": result["skipped"], "skipped_examples": result["skipped_examples"]}
 
 
 def package_version() -> str:

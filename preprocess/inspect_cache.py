@@ -7,6 +7,7 @@ from shared.cache import CacheError, read_manifest
 from shared.cache.store import Store, open_store
 from shared.family import family_of_manifest
 
+from .sources import named_skips
 from .verify import listed_shard_problems
 
 
@@ -86,8 +87,9 @@ def _distributions(store: Store, shards: list[str], length: str) -> list[str]:
 
 def _skips(manifest: dict) -> list[str]:
     """Samples skipped by reason, and the input shards that yielded no row, at any row count."""
-    skipped = manifest.get("skipped", {})
-    lines = [f"skipped        {sum(skipped.values())}"] + [f"  {k:<22} {v}" for k, v in sorted(skipped.items())]
+    skipped, examples = manifest.get("skipped", {}), manifest.get("skipped_examples", {})
+    lines = [f"skipped        {sum(skipped.values())}"] + [f"  {k:<22} {v}{named_skips(v, examples.get(k, []))}"
+                                                          for k, v in sorted(skipped.items())]
     empty = manifest.get("inputs_without_rows", [])
     if empty:
         lines.append(f"inputs without rows  {len(empty)}")

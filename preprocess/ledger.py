@@ -11,19 +11,21 @@ rank of every run knows which leftovers are its own, whatever the number of proc
 A done-record keeps the input's fingerprint (size and mtime, or etag): an input replaced
 since (a download completed, a broken file fixed) is encoded again, its old rows removed
 first: the manifest goes, then the done-record, so a kill at any moment leaves a shard
-that is simply not done.
+that is simply not done. So is an input whose recorded output shards a listing shows missing or
+of another size (deleted, truncated); altered bytes of the same size take a checksum to see:
+`flux-prep verify --repair` (verify.py) un-marks their inputs the same way.
 """
 from __future__ import annotations
 
 import json
 import re
 
-from shared.cache import cache_manifest, write_manifest
+from shared.cache import CacheError, cache_manifest, write_manifest
 from shared.cache.sample_prompts import SAMPLE_PROMPTS_NAME
 from shared.cache.schema import EMPTY_PROMPT_NAME, MANIFEST_NAME
 from shared.cache.store import Store, open_store
 
-from .sources import InputError, InputShard
+from .sources import SKIP_EXAMPLES, InputError, InputShard
 
 PROGRESS_DIR = "_progress"
 SETTINGS_NAME = "settings.json"
@@ -117,22 +119,44 @@ def write_done(out_dir, shard: InputShard, record: dict) -> None:
 
 
 def plan_shards(out_dir, shards: list[InputShard]) -> tuple[list[InputShard], list[tuple[InputShard, str]]]:
-    """(the shards to encode, (shard, message) for each done shard whose input changed since).
+    """(the shards to encode, (shard, message) for each done shard to encode again: its input changed
+    since, or its output shards are missing or of another size than recorded).
 
-    A changed input is encoded again; a folder shard whose sample list changed is refused, since
-    its id is a position in the folder's sorted file list (every later shard moved too)."""
+    A folder shard whose sample list changed is refused, since its id is a position in the folder's
+    sorted file list (every later shard moved too)."""
     todo, changed = [], []
+    sizes = None   # the cache's listing, made once a done shard needs it
     for shard, rec in zip(shards, read_records(out_dir, [s.id for s in shards])):
-        if rec is not None and rec.get("content") != shard.content():
+        if rec is None:
+            todo.append(shard)
+            continue
+        if rec.get("content") != shard.content():
             raise InputError(f"input shard {shard.id} holds other samples than when it was encoded into {out_dir} "
                              "(files added or removed?); encode into a new output folder")
-        if rec is not None and rec.get("fingerprint") != shard.fingerprint:
-            changed.append((shard, f"input shard {shard.id} ({shard.url}) changed since it was encoded "
-                                   f"({_describe(rec.get('fingerprint'))} -> {_describe(shard.fingerprint)}): "
-                                   "encoding it again, its old rows removed"))
-        if rec is None or rec.get("fingerprint") != shard.fingerprint:
-            todo.append(shard)
+        if rec.get("fingerprint") != shard.fingerprint:
+            why = (f"changed since it was encoded ({_describe(rec.get('fingerprint'))} -> "
+                   f"{_describe(shard.fingerprint)})")
+        else:
+            sizes = open_store(out_dir).sizes() if sizes is None else sizes
+            damage = output_damage(rec, sizes)
+            if not damage:
+                continue
+            why = "has damaged output shards (" + "; ".join(damage) + ")"
+        changed.append((shard, f"input shard {shard.id} ({shard.url}) {why}: encoding it again, its old rows removed"))
+        todo.append(shard)
     return todo, changed
+
+
+def output_damage(record: dict, sizes: dict[str, int]) -> list[str]:
+    """What a listing of the cache ({name: size}) shows wrong with a done-record's output shards."""
+    damage = []
+    for out in record.get("outputs", []):
+        size = sizes.get(out["path"])
+        if size is None:
+            damage.append(f"{out['path']} missing")
+        elif size != out["bytes"]:
+            damage.append(f"{out['path']} is {size} bytes, recorded {out['bytes']}")
+    return damage
 
 
 def _describe(fingerprint: dict | None) -> str:
@@ -191,17 +215,22 @@ def manifest_of_records(out_dir, records: list[dict], command: str, version: str
     from shared.family import get_family
     settings = read_settings(out_dir)
     family = get_family(settings.get("family"))
-    shards, skipped, rows = [], {}, 0
+    shards, skipped, examples, rows = [], {}, {}, 0
     for rec in records:
         shards += rec["outputs"]
         rows += rec["rows"]
         for reason, n in rec["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
+        for reason, names in rec.get("skipped_examples", {}).items():   # older records have none
+            kept = examples.setdefault(reason, [])
+            kept += names[:SKIP_EXAMPLES - len(kept)]
     return cache_manifest(
         family=family, dtypes=settings["dtypes"], dims=settings["dims"], text=settings[family.text.states],
         shards=shards, rows=rows, skipped=skipped, empty_prompt=EMPTY_PROMPT_NAME, encoders=settings["encoders"],
         vae=settings["vae"], image=settings["image"], compute_dtype=settings["compute_dtype"],
         **{k: settings.get(k) for k in family.manifest_facts},
+        # The first SKIP_EXAMPLES skipped samples of each reason, named (sources.skipped_name).
+        skipped_examples=dict(sorted(examples.items())),
         inputs_done=[{"id": r["shard"], "url": r["url"], "rows": r["rows"]} for r in records],
         # Inputs that yielded no row (unreadable, empty, every sample skipped), named with their skips.
         inputs_without_rows=[{"id": r["shard"], "url": r["url"], "skipped": r["skipped"]}
@@ -209,6 +238,13 @@ def manifest_of_records(out_dir, records: list[dict], command: str, version: str
         command=command, version=version,
         # encode --sample-prompts wrote them (with the same T5 settings, which a rerun cannot change)
         **({"sample_prompts": SAMPLE_PROMPTS_NAME} if open_store(out_dir).exists(SAMPLE_PROMPTS_NAME) else {}))
+
+
+def kept_progress(out_dir, shards: list[InputShard]) -> dict:
+    """What the done-records of these input shards keep: shards done, their rows and output shards."""
+    records = [r for r in read_records(out_dir, [s.id for s in shards]) if r is not None]
+    return {"done": len(records), "total": len(shards), "rows": sum(r.get("rows", 0) for r in records),
+            "outputs": sum(len(r.get("outputs", [])) for r in records)}
 
 
 def write_cache_manifest(out_dir, shards: list[InputShard], command: str, version: str) -> dict:
@@ -220,5 +256,9 @@ def write_cache_manifest(out_dir, shards: list[InputShard], command: str, versio
         raise InputError(f"{out_dir}: no manifest written: input shards not done: {', '.join(missing[:5])}"
                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     manifest = manifest_of_records(out_dir, records, command, version)
-    write_manifest(out_dir, manifest)
+    try:
+        write_manifest(out_dir, manifest)
+    except CacheError as e:   # an output shard damaged after its input was done: its keys cannot be read
+        raise CacheError(f"{e}. `flux-prep verify --repair {out_dir}` finds the damaged shards and un-marks "
+                         "their inputs; then rerun this command to encode them again") from None
     return manifest

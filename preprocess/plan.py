@@ -4,7 +4,9 @@ A few input shards are read (captions, and each image's size from its header: no
 captions tokenized with the model family's text tokenizer, and the rows of those samples written with the
 real CacheWriter with empty tensors: the bytes that are not tensors (keys, captions, the small
 columns, Parquet's own) are measured, the tensors' bytes counted from their shapes. The sample's
-share of rows and of skips, scaled to every input shard, gives the cache's.
+share of rows and of skips, scaled to every input shard, gives the cache's: tars scale by their bytes
+(a short last tar sampled beside full ones stands for its own size, not for a full one's), a folder's
+shards by their files.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from shared.precision import canonical_dtype
 
 from .decode import PrepOptions
 from .images import ImageSkip, check_min_size, open_image, oriented_size, target_size
-from .sources import SKIP_TOO_SMALL, InputShard, Skip, image_bytes, iter_shard, read_caption, resolve_inputs
+from .sources import (SKIP_TOO_SMALL, InputShard, Skip, add_example, image_bytes, iter_shard, named_skips,
+                      read_caption, resolve_inputs, skipped_name)
 
 # Encode rates measured in docs/BENCHMARKS.md (stage 1), img/s: family -> GPU kind -> text setting -> rate.
 MEASURED_RATES = {
@@ -48,10 +51,10 @@ def sample_shards(shards: list[InputShard], count: int) -> list[InputShard]:
     return [shards[round(i * step)] for i in range(count)]
 
 
-def read_sample(shards: list[InputShard], prep: PrepOptions, factor: int = 8) -> tuple[list, dict, int]:
-    """(rows the sample would give, skips by reason, samples read), from headers and captions only;
-    `factor`: the VAE's downsampling."""
-    rows, skips, seen = [], {}, 0
+def read_sample(shards: list[InputShard], prep: PrepOptions, factor: int = 8) -> tuple[list, dict, int, dict]:
+    """(rows the sample would give, skips by reason, samples read, skipped samples named by reason),
+    from headers and captions only; `factor`: the VAE's downsampling."""
+    rows, skips, seen, examples = [], {}, 0, {}
     buckets = prep.bucket_list()
     for shard in shards:
         for item in iter_shard(shard):
@@ -59,9 +62,10 @@ def read_sample(shards: list[InputShard], prep: PrepOptions, factor: int = 8) ->
             why, row = _sample_row(shard, item, prep, buckets, factor)
             if why is not None:
                 skips[why] = skips.get(why, 0) + 1
+                add_example(examples, why, skipped_name(shard, item.key, getattr(item, "files", ())))
             else:
                 rows.append(row)
-    return rows, skips, seen
+    return rows, skips, seen, examples
 
 
 def _sample_row(shard: InputShard, item, prep: PrepOptions, buckets, factor: int):
@@ -120,7 +124,7 @@ def plan(model: str, input_spec: str, prep: PrepOptions, *, text_mode: str, text
         raise ValueError(f"{model}: {family.name} text takes mode {' or '.join(family.text.modes)}, not {text_mode!r}")
     dims = model_dims(model, family)
     picked = sample_shards(shards, sample)
-    rows, skips, seen = read_sample(picked, prep, dims["vae_factor"])
+    rows, skips, seen, examples = read_sample(picked, prep, dims["vae_factor"])
     lengths, max_length = family.text_lengths(model, [r.caption for r in rows], text_max_length)
     for r, n in zip(rows, lengths):
         r.text_len = int(n)
@@ -128,7 +132,7 @@ def plan(model: str, input_spec: str, prep: PrepOptions, *, text_mode: str, text
     store = canonical_dtype(dtype)
     dtypes = {"latent": store, **{c: store for c in family.text.tensor_columns},
               **({"latent_logvar": store} if store_logvar else {})}
-    scale = len(shards) / len(picked) if not picked[0].files else _folder_scale(shards, picked)
+    scale = _folder_scale(shards, picked) if picked[0].files else _tar_scale(shards, picked)
     expected_rows = round(len(rows) * scale)
     other = other_bytes_per_row(rows, dtypes, rows_per_shard, family) if rows else 0.0
     modes = {}
@@ -141,15 +145,29 @@ def plan(model: str, input_spec: str, prep: PrepOptions, *, text_mode: str, text
     chosen = modes[f"padded-{max_length}" if text_mode == "padded" else "trimmed"]
     return {"rows": expected_rows, "bytes_per_sample": chosen["bytes_per_sample"], "total_bytes": chosen["total_bytes"],
             "family": family.name, "text_mode": text_mode, "text_max_length": max_length, "modes": modes,
-            "input_shards": len(shards),
-            "sampled_shards": len(picked), "sampled_samples": seen, "sampled_rows": len(rows),
-            "skipped": dict(sorted(skips.items())), "below_min_size": skips.get(SKIP_TOO_SMALL, 0) / max(1, seen),
+            "input_shards": len(shards), "input_bytes": _input_bytes(shards), "sampled_shards": len(picked),
+            "sampled_bytes": _input_bytes(picked), "sampled_samples": seen, "sampled_rows": len(rows),
+            "skipped": dict(sorted(skips.items())), "skipped_examples": dict(sorted(examples.items())),
+            "below_min_size": skips.get(SKIP_TOO_SMALL, 0) / max(1, seen),
             "min_size": prep.min_size, "rate_notes": RATE_NOTES}
 
 
 def _folder_scale(shards: list[InputShard], picked: list[InputShard]) -> float:
     """A folder's shards list their files: scale by files, not by shards (the last one is short)."""
     return sum(len(s.files) for s in shards) / max(1, sum(len(s.files) for s in picked))
+
+
+def _input_bytes(shards: list[InputShard]) -> int | None:
+    """The tars' bytes (their fingerprints' sizes); None for a folder, or where a store gave no size."""
+    sizes = [s.fingerprint.get("size") for s in shards]
+    return sum(sizes) if sizes and all(isinstance(n, int) for n in sizes) else None
+
+
+def _tar_scale(shards: list[InputShard], picked: list[InputShard]) -> float:
+    """Tars scale by bytes: 3 sampled of 8 tars of 128 samples and one of 4, the short one among them,
+    scaled by count predicted 693 rows for 900. By count only where sizes are unknown."""
+    total, sampled = _input_bytes(shards), _input_bytes(picked)
+    return total / sampled if total and sampled else len(shards) / len(picked)
 
 
 def _hours(family: Family, setting: str, rows: int) -> dict:
@@ -166,12 +184,16 @@ def _size(n: float) -> str:
 
 
 def format_plan(p: dict) -> str:
-    lines = [f"input          {p['input_shards']} input shards; sampled {p['sampled_shards']} "
-             f"({p['sampled_samples']} samples, {p['sampled_rows']} would be rows)",
+    in_bytes = f" ({_size(p['input_bytes'])})" if p.get("input_bytes") else ""
+    sampled_bytes = f", {_size(p['sampled_bytes'])}" if p.get("sampled_bytes") else ""
+    lines = [f"input          {p['input_shards']} input shards{in_bytes}; sampled {p['sampled_shards']} "
+             f"({p['sampled_samples']} samples, {p['sampled_rows']} would be rows{sampled_bytes})",
              f"rows           {p['rows']:,} expected",
              f"below --min-size {p['min_size']}: {100 * p['below_min_size']:.1f}% of the sampled images"]
     if p["skipped"]:
-        lines.append("skipped        " + ", ".join(f"{k} {v}" for k, v in p["skipped"].items()) + " (in the sample)")
+        lines.append(f"skipped        {sum(p['skipped'].values())} in the sample:")
+        examples = p.get("skipped_examples", {})
+        lines += [f"  {k} {v}{named_skips(v, examples.get(k, []))}" for k, v in p["skipped"].items()]
     lines.append(f"{'text setting':<16}{'bytes/sample':>14}{'total':>12}   encode time (GPU kinds measured in "
                  "docs/BENCHMARKS.md)")
     chosen = f"padded-{p['text_max_length']}" if p["text_mode"] == "padded" else "trimmed"

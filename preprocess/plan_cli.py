@@ -8,7 +8,7 @@ import typing
 
 import typer
 
-from .encode_cli import encode_command, min_size_option
+from .encode_cli import warn_repeat_folders, encode_command, min_size_option
 
 # Encode's options that change what the cache holds; the others (batch size, workers, device, ...) only
 # how fast it is written, and a plan accepts and ignores them.
@@ -31,6 +31,7 @@ def plan_command(**options):
     if o["t5_mode"] not in ("padded", "trimmed"):
         raise typer.BadParameter("--t5-mode must be padded or trimmed")
     prep = PrepOptions(resolution=o["resolution"], buckets=o["buckets"], min_size=min_size_option(o["min_size"]))
+    warn_repeat_folders(o["input"])
     try:
         result = plan(o["model"], o["input"], prep, text_mode=o["t5_mode"], text_max_length=o["t5_max_length"] or None,
                       dtype=o["dtype"], store_logvar=o["store_logvar"], rows_per_shard=o["rows_per_shard"],

@@ -16,7 +16,7 @@ from .sources import InputShard
 
 class _ShardState:
     def __init__(self, writer: CacheWriter):
-        self.writer, self.rows, self.skipped = writer, 0, {}
+        self.writer, self.rows, self.skipped, self.skipped_examples = writer, 0, {}, {}
 
 
 class ShardOutputs:
@@ -45,6 +45,7 @@ class ShardOutputs:
             for reason, n in item["skips"].items():
                 st.skipped[reason] = st.skipped.get(reason, 0) + n
                 self.stats["skipped"] += n
+            st.skipped_examples.update(item.get("skip_examples", {}))
         if host is not None:
             _write_rows(st.writer, item, host.wait(), self.text, self.text_mode)
             st.rows += len(item["keys"])
@@ -64,7 +65,8 @@ class ShardOutputs:
     def _finish_shard(self, shard_id: str, st: _ShardState) -> None:
         shard = self.shards[shard_id]
         outputs = [s.to_dict() for s in st.writer.close()]
-        write_done(self.out_dir, shard, {"outputs": outputs, "rows": st.rows, "skipped": st.skipped})
+        write_done(self.out_dir, shard, {"outputs": outputs, "rows": st.rows, "skipped": st.skipped,
+                                         "skipped_examples": st.skipped_examples})
         if st.rows == 0:
             skips = ", ".join(f"{k} {v}" for k, v in sorted(st.skipped.items())) or "nothing in it"
             print(f"rank {self.rank}: warning: input shard {shard_id} ({shard.url}) yielded no row ({skips}); "

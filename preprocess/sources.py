@@ -28,7 +28,9 @@ from webdataset.handlers import ignore_and_continue
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
-CAPTION_EXTS = ("txt", "json")
+# A sample's caption: the first of these it has (.caption is kohya's; .json's `caption` field is img2dataset's).
+CAPTION_EXTS = ("txt", "caption", "json")
+TEXT_CAPTION_EXTS = ("txt", "caption")
 TAR_EXTS = (".tar", ".tar.gz", ".tgz")
 # A folder's files are cut into input shards of this many samples (the resume unit).
 FOLDER_SHARD_SAMPLES = 1000
@@ -45,6 +47,10 @@ SKIP_TRUNCATED_TAR = "truncated_tar"        # the sample being read where a tar 
 SKIP_BAD_SHARD = "unreadable_shard"         # not a tar at all
 SKIP_EMPTY_SHARD = "empty_shard"            # a readable tar without a single member
 SKIP_DUPLICATE_KEY = "duplicate_key"
+SKIP_SAME_STEM = "same_stem"                # two images of one name (img001.png, img001.jpg): which is meant?
+# Skipped samples named per reason (in an input shard's done-record, and in the manifest): enough for a
+# user to find the files, bounded for a web-scale input where a reason may count millions.
+SKIP_EXAMPLES = 20
 
 
 @dataclass(frozen=True)
@@ -171,6 +177,24 @@ def _tar_shards(pattern: str) -> list[InputShard]:
     return [_tar_shard(pattern, path, info)]
 
 
+# kohya's sd-scripts read `train_data_dir/10_dog/` as the images of "dog", repeated 10 times an epoch.
+_REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+
+
+def repeat_folder_warning(spec: str) -> str | None:
+    """A warning naming the folders of a folder input that are named as kohya's repeat folders: their
+    repeat counts are not honoured (a repeat is a sampling weight, not data to encode again)."""
+    folder = Path(spec)
+    if "::" in spec or "://" in spec or not folder.is_dir() or any(folder.glob("*.tar")):
+        return None
+    named = [p for p in [folder, *sorted(folder.iterdir())] if p.is_dir() and _REPEAT_FOLDER.match(p.name)]
+    if not named:
+        return None
+    listed = ", ".join(f"{p} ({_REPEAT_FOLDER.match(p.name).group(1)} repeats)" for p in named)
+    return (f"{listed}: named as kohya repeat folders (N_name); their repeat counts are ignored: each image is one "
+            "row, and the trainer samples every row alike (copy a folder's images to give them more weight)")
+
+
 def _folder_shards(folder: Path, per_shard: int) -> list[InputShard]:
     by_key: dict[str, list[tuple[str, int, int]]] = {}   # key -> (file name, size, mtime) of its files
     for p in folder.rglob("*"):
@@ -191,6 +215,29 @@ def _folder_shards(folder: Path, per_shard: int) -> list[InputShard]:
     return shards
 
 
+def skipped_name(shard: InputShard, key: str, files=()) -> str:
+    """A skipped sample as a user finds it: its key as the cache would have it (a tar's carries the tar's
+    prefix) and its files' extensions, `sub/img001 (jpg, txt)`; a whole unreadable tar by its URL."""
+    if key == shard.url:
+        return key
+    name = shard.row_key(key)
+    return f"{name} ({', '.join(sorted(files))})" if files else name
+
+
+def add_example(examples: dict[str, list[str]], reason: str, name: str) -> None:
+    """Keep `name` among the first SKIP_EXAMPLES of its reason."""
+    kept = examples.setdefault(reason, [])
+    if len(kept) < SKIP_EXAMPLES:
+        kept.append(name)
+
+
+def named_skips(count: int, names: list[str]) -> str:
+    """What follows a skip reason's count: `: a (jpg, txt), b (png)`, saying so where not all are named."""
+    if not names:
+        return ""
+    return (f" (the first {len(names)} named)" if len(names) < count else "") + ": " + ", ".join(names)
+
+
 def split_key(name: str) -> tuple[str, str]:
     """webdataset's convention: the key is the path up to the first dot of the file name."""
     folder, _, base = name.rpartition("/")
@@ -207,6 +254,8 @@ def iter_shard(shard: InputShard):
 
 
 def _iter_folder(shard: InputShard):
+    """A folder's samples: a file's key is its path without its last suffix, as _folder_shards lists
+    them (`photo.v2.jpg` is `photo.v2`; webdataset's first-dot rule is for tar members)."""
     folder = Path(shard.url)
     listings: dict[Path, dict[str, list[Path]]] = {}   # each sub-folder listed once per shard
     for key in shard.files:
@@ -215,12 +264,12 @@ def _iter_folder(shard: InputShard):
             by_stem: dict[str, list[Path]] = {}
             for p in parent.iterdir():
                 if p.is_file():
-                    by_stem.setdefault(split_key(p.name)[0], []).append(p)
+                    by_stem.setdefault(p.stem, []).append(p)
             listings[parent] = by_stem
         sample = RawSample(key=key)
         for p in listings[parent].get(Path(key).name, []):
             try:
-                sample.files[split_key(p.name)[1]] = p.read_bytes()
+                sample.files[p.suffix[1:].lower()] = p.read_bytes()
             except OSError:
                 continue    # vanished or unreadable: counted below as a missing part
         yield sample
@@ -290,18 +339,14 @@ def _dedupe(sample: RawSample, seen: set[str]):
 
 
 def read_caption(files: dict) -> tuple[str | None, str | None]:
-    """(caption, None) or (None, skip reason): from .txt, else the `caption` field of .json."""
-    if "txt" in files:
-        data = files["txt"]
-        if not data.strip():
-            return None, SKIP_EMPTY_FILE
-        try:
-            return data.decode("utf-8").strip(), None
-        except UnicodeDecodeError:
-            return None, SKIP_BAD_CAPTION
+    """(caption, None) or (None, skip reason): from .txt, else .caption, else the `caption` field of
+    .json (CAPTION_EXTS); a UTF-8 byte-order mark (Windows Notepad writes one) is not part of it."""
+    for ext in TEXT_CAPTION_EXTS:
+        if ext in files:
+            return _text_caption(files[ext])
     if "json" in files:
         try:
-            meta = json.loads(files["json"].decode("utf-8"))
+            meta = json.loads(files["json"].decode("utf-8-sig"))
         except UnicodeDecodeError:
             return None, SKIP_BAD_CAPTION
         except json.JSONDecodeError:
@@ -312,9 +357,21 @@ def read_caption(files: dict) -> tuple[str | None, str | None]:
     return None, SKIP_NO_CAPTION
 
 
+def _text_caption(data: bytes) -> tuple[str | None, str | None]:
+    try:
+        text = data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        return None, SKIP_BAD_CAPTION
+    return (text, None) if text else (None, SKIP_EMPTY_FILE)
+
+
 def image_bytes(files: dict) -> tuple[bytes | None, str | None]:
-    """The sample's image bytes, or a skip reason."""
-    for ext in IMAGE_EXTS:
-        if ext in files:
-            return (files[ext], None) if files[ext] else (None, SKIP_EMPTY_FILE)
-    return None, SKIP_NO_IMAGE
+    """The sample's image bytes, or a skip reason. Two images of one name are skipped (same_stem), both:
+    one caption cannot say which it describes, and keeping either would silently drop the other."""
+    found = [ext for ext in IMAGE_EXTS if ext in files]
+    if len(found) > 1:
+        return None, SKIP_SAME_STEM
+    if not found:
+        return None, SKIP_NO_IMAGE
+    data = files[found[0]]
+    return (data, None) if data else (None, SKIP_EMPTY_FILE)

@@ -1,16 +1,20 @@
 """`flux-prep verify`: whether a cache is intact, each problem named by its shard, and warnings
-about a cache that is intact but may not be what was meant (no rows, inputs that gave none).
-The cache may be a folder or a URL: sizes come from one listing, checksums from the stored bytes."""
+about a cache that is intact but may not be what was meant (no rows, inputs that gave none);
+`--repair` un-marks the inputs whose output shards are damaged, so that a rerun of the encode
+encodes them again. The cache may be a folder or a URL: sizes come from one listing, checksums
+from the stored bytes."""
 from __future__ import annotations
 
 import json
 
 from shared.cache import CacheError, read_manifest
 from shared.cache.keys import KeyReadError, duplicate_keys
-from shared.cache.schema import EMPTY_PROMPT_NAME, SCHEMA_VERSION, SHARD_SUFFIX, arrow_schema
+from shared.cache.schema import EMPTY_PROMPT_NAME, MANIFEST_NAME, SCHEMA_VERSION, SHARD_SUFFIX, arrow_schema
 from shared.cache.store import Store, open_store
+from shared.family import get_family
 
-from .ledger import DONE_FOLDER
+from .ledger import DONE_FOLDER, forget, read_settings, remove_orphans
+from .output_lock import OutputLock
 
 
 def shard_problems(store: Store, entry: dict, size: int | None, schema, checksum: bool = True) -> list[str]:
@@ -103,7 +107,7 @@ def cache_warnings(cache_dir, storage_options: dict | None = None) -> list[str]:
 def _outputs_of_other_inputs(store: Store, manifest: dict) -> dict[str, str]:
     """Output shard name -> input shard id, for done inputs that the manifest does not cover."""
     covered = {i["id"] for i in manifest.get("inputs_done", [])}
-    names = sorted(n for n in store.sizes(DONE_FOLDER) if n.endswith(".json"))
+    names = _done_records(store)
     owned = {}
     for record in store.map(lambda n: _record(store, n), names):
         if record is not None and record.get("shard") not in covered:
@@ -115,4 +119,52 @@ def _record(store: Store, name: str) -> dict | None:
     try:
         return json.loads(store.read_bytes(name))
     except (OSError, json.JSONDecodeError):
+        return None
+
+
+def repair_cache(cache_dir, storage_options: dict | None = None) -> dict:
+    """Un-mark every done input shard one of whose output shards fails verify's checks (missing, size,
+    sha256, footer, schema, rows): the manifest goes first, then its done-record, then its output
+    shards, as when an input changed (ledger.py), so a rerun of the encode encodes it again and no
+    key is ever held twice. A done-record that cannot be read goes the same way.
+
+    Returns {"dropped": [{"id", "url", "problems"}], "unreadable": [record names], "command": the
+    manifest's encode command or None}."""
+    store = open_store(cache_dir, storage_options)
+    if not _done_records(store):
+        raise CacheError(f"{store.url}: no {DONE_FOLDER}/ here: not an encode's cache, or nothing of it is done; "
+                         "nothing to repair")
+    with OutputLock.acquire(store, "verify --repair", "flux-prep verify --repair"):   # no encode writes meanwhile
+        return _repair(store)
+
+
+def _done_records(store: Store) -> list[str]:
+    return sorted(n for n in store.sizes(DONE_FOLDER) if n.endswith(".json"))
+
+
+def _repair(store: Store) -> dict:
+    names = _done_records(store)
+    command = _recorded_command(store)
+    records = store.map(lambda n: _record(store, n), names)
+    sizes = store.sizes()
+    outputs = [(rec, out) for rec in records if rec is not None for out in rec.get("outputs", [])]
+    schema = arrow_schema(get_family(read_settings(store).get("family")).text)
+    found = store.map(lambda ro: shard_problems(store, ro[1], sizes.get(ro[1]["path"]), schema), outputs)
+    problems: dict[str, list[str]] = {}
+    for (rec, _), shard_found in zip(outputs, found):
+        problems.setdefault(rec["shard"], []).extend(shard_found)
+    dropped = [{"id": r["shard"], "url": r.get("url"), "problems": problems[r["shard"]]}
+               for r in records if r is not None and problems.get(r["shard"])]
+    unreadable = [n for n, r in zip(names, records) if r is None]
+    ids = [d["id"] for d in dropped] + [n.rpartition("/")[2].removesuffix(".json") for n in unreadable]
+    forget(store, ids)
+    remove_orphans(store, ids)
+    return {"dropped": dropped, "unreadable": unreadable, "command": command}
+
+
+def _recorded_command(store: Store) -> str | None:
+    """The encode command the manifest records (before a repair removes the manifest)."""
+    try:
+        return json.loads(store.read_bytes(MANIFEST_NAME)).get("command")
+    except (OSError, ValueError, AttributeError):
         return None

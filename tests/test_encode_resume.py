@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from preprocess.output_lock import LOCK_NAME
 from shared.cache import CacheReader
 from shared.cache.schema import arrow_schema
 from shared.family.flux1 import FLUX1
@@ -86,8 +87,10 @@ def test_kill_9_then_rerun_gives_the_clean_rows(tiny_model, demo_data, clean_run
 
     proc = run_cli(encode_args(tiny_model, demo_data, out))
     assert "were done" in proc.stdout
+    assert "taking over the lock of pid" in proc.stderr   # the killed run's, stale: its process is gone
     assert raw_rows(out) == raw_rows(clean_run)
     assert CacheReader(out).manifest["rows"] == 360
+    assert not (out / LOCK_NAME).exists()
 
 
 def _resume_from(clean, out, shard_ids) -> None:
@@ -125,6 +128,7 @@ def test_two_processes_equal_one(tiny_model, demo_data, clean_run, tmp_path):
     assert proc.stdout.count("manifest written") == 1   # by rank 0, which finished first
     assert f"rank 0/2: manifest written: {out / 'manifest.json'} (360 rows)" in proc.stdout
     assert not any(p.exists() for p in stale)
+    assert not (out / LOCK_NAME).exists()               # rank 0 took it for both ranks, and released it
     rows = raw_rows(out)
     clean = raw_rows(clean_run)
     assert rows.keys() == clean.keys()
@@ -133,3 +137,55 @@ def test_two_processes_equal_one(tiny_model, demo_data, clean_run, tmp_path):
             assert row[col] == clean[key][col], (key, col)
     m = CacheReader(out).manifest
     assert len(m["inputs_done"]) == 30 and m["rows"] == 360
+
+
+def test_ctrl_c_says_what_was_kept_exits_130_and_a_rerun_resumes(tiny_model, demo_data, clean_run, tmp_path):
+    """SIGINT (a terminal's Ctrl-C) partway: exit 130 and a message counting the done input shards it keeps
+    (as many as there are done-records), saying that the same command resumes; it does, exactly."""
+    out = tmp_path / "cache"
+    done_dir = out / "_progress" / "done"
+    proc = subprocess.Popen([sys.executable, "-m", "preprocess", *encode_args(tiny_model, demo_data, out)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if done_dir.is_dir() and len(list(done_dir.glob("*.json"))) >= 2:
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    done = len(list(done_dir.glob("*.json")))
+    assert 2 <= done < 30
+    assert f"interrupted: kept {done} of 30 input shards done in {out}" in err
+    assert f"the other {30 - done} (those being encoded included) are not done" in err
+    assert "rerun the same command to resume" in err and "Traceback" not in err
+    assert not list(out.rglob("*.tmp")), "the interrupted shards' temp files are removed"
+    rerun = run_cli(encode_args(tiny_model, demo_data, out))
+    assert f"{done} were done" in rerun.stdout
+    assert raw_rows(out) == raw_rows(clean_run)
+
+
+def test_a_second_encode_into_the_same_folder_is_refused_naming_the_first(tiny_model, demo_data, clean_run, tmp_path):
+    """Two encodes at once into one folder used to both do all the work. The second is refused at once,
+    naming the first (pid, host, since when), and changes nothing: the first ends with the clean rows."""
+    import socket
+    out = tmp_path / "cache"
+    first = subprocess.Popen([sys.executable, "-m", "preprocess", *encode_args(tiny_model, demo_data, out)],
+                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while first.poll() is None and not (out / LOCK_NAME).exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(first.pid, signal.SIGSTOP)   # held mid-run, however fast this machine encodes
+    try:
+        second = subprocess.run([sys.executable, "-m", "preprocess", *encode_args(tiny_model, demo_data, out)],
+                                env=ENV, capture_output=True, text=True, timeout=300)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert f"another process is writing into this cache: encode (pid {first.pid} on {socket.gethostname()}" \
+        in second.stderr
+    assert "still running" in second.stderr and "rows" not in second.stdout
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    assert raw_rows(out) == raw_rows(clean_run)
+    assert not (out / LOCK_NAME).exists()

@@ -6,7 +6,8 @@ from encode_inputs import (BAD_EXPECTED_SKIPS, BAD_GOOD_KEYS, bad_members, good_
                            truncated_tar, write_tar)
 
 from preprocess.decode import PrepOptions, shard_batches
-from preprocess.sources import InputError, RawSample, Skip, iter_shard, read_caption, resolve_inputs
+from preprocess.sources import (InputError, RawSample, Skip, iter_shard, read_caption, repeat_folder_warning,
+                                resolve_inputs)
 
 
 def _run_shard(shard, **opts):
@@ -133,3 +134,53 @@ def test_a_tar_cut_inside_a_samples_caption_skips_that_sample_only(tmp_path):
     assert [i.key for i in items if isinstance(i, RawSample)] == ["cut0000", "cut0001", "cut0002"]
     assert [(i.key, i.reason) for i in items if isinstance(i, Skip)] == [("cut0003", "truncated_tar")]
     assert all(set(i.files) == {"jpg", "txt"} for i in items if isinstance(i, RawSample))
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def test_captions_as_users_save_them():
+    """A byte-order mark (Windows Notepad) is not caption text; kohya's .caption is read; .txt, then
+    .caption, then .json's caption field."""
+    assert read_caption({"txt": BOM + "a café".encode()}) == ("a café", None)
+    assert read_caption({"caption": BOM + b"a kohya caption\n"}) == ("a kohya caption", None)
+    assert read_caption({"json": BOM + b'{"caption": "from json"}'}) == ("from json", None)
+    assert read_caption({"txt": BOM + b" \n"}) == (None, "empty_file")
+    assert read_caption({"caption": b"second", "json": b'{"caption": "third"}'}) == ("second", None)
+    assert read_caption({"txt": b"first", "caption": b"second"}) == ("first", None)
+
+
+def test_a_folder_as_users_save_it(tmp_path):
+    """.caption files, a BOM, dots in a file name, and img.png beside img.jpg: both skipped as same_stem
+    (they used to become one sample, the .jpg, without a word)."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(image_bytes((40, 40)))
+    (folder / "a.caption").write_bytes(b"kohya caption")
+    (folder / "b.png").write_bytes(image_bytes((40, 40), fmt="PNG"))
+    (folder / "b.txt").write_bytes(BOM + b"notepad caption")
+    (folder / "photo.v2.jpg").write_bytes(image_bytes((40, 40)))
+    (folder / "photo.v2.txt").write_text("a dotted name")
+    (folder / "img001.jpg").write_bytes(image_bytes((40, 40)))
+    (folder / "img001.png").write_bytes(image_bytes((40, 40), fmt="PNG"))
+    (folder / "img001.txt").write_text("which one?")
+    [shard] = resolve_inputs(str(folder))
+    captions, skips, named = {}, {}, {}
+    for b in shard_batches(shard, PrepOptions(resolution=32), batch_size=3):
+        captions.update(zip(b["keys"], b["captions"]))
+        for reason, n in b["skips"].items():
+            skips[reason] = skips.get(reason, 0) + n
+        named.update(b["skip_examples"])
+    assert captions == {"a": "kohya caption", "b": "notepad caption", "photo.v2": "a dotted name"}
+    assert skips == {"same_stem": 1} and named == {"same_stem": ["img001 (jpg, png, txt)"]}
+
+
+def test_kohya_repeat_folders_are_named_as_ignored(tmp_path):
+    for sub in ("10_dog", "3_cat", "other"):
+        (tmp_path / "train" / sub).mkdir(parents=True)
+    warning = repeat_folder_warning(str(tmp_path / "train"))
+    assert f"{tmp_path / 'train/10_dog'} (10 repeats), {tmp_path / 'train/3_cat'} (3 repeats): named as kohya" \
+        in warning
+    assert "repeat counts are ignored" in warning and "other" not in warning
+    assert "10_dog (10 repeats): named as kohya" in repeat_folder_warning(str(tmp_path / "train/10_dog"))  # itself
+    assert repeat_folder_warning(str(tmp_path / "train/other")) is None

@@ -97,3 +97,17 @@ def test_a_bad_min_size_is_refused_naming_the_option(tiny_model, mixed_sizes, tm
     assert result.exit_code == 2
     assert "--min-size must be auto or a whole number of pixels >= 0" in result.output
     assert not (tmp_path / "c").exists()
+
+
+def test_a_short_last_tar_in_the_sample_does_not_skew_the_rows(tiny_model, tmp_path):
+    """8 tars of 32 samples and a last one of 4 (img2dataset's short last shard): the sample of 3 takes the
+    first, a middle and the short one. Scaled by count it predicted 204 rows for 260; by bytes, about 260."""
+    from preprocess.demo import write_demo_shards
+    write_demo_shards(tmp_path / "raw", num_samples=8 * 32 + 4, size=40, samples_per_shard=32, seed=3)
+    result = CliRunner().invoke(app, _args("plan", tiny_model, tmp_path / "raw", tmp_path / "c", "trimmed")
+                                + ["--json", "--sample-shards", "3"])
+    assert result.exit_code == 0, result.output
+    p = json.loads(result.stdout)
+    assert p["input_shards"] == 9 and p["sampled_samples"] == 32 + 32 + 4
+    assert abs(p["rows"] - 260) / 260 < 0.03, p["rows"]
+    assert p["input_bytes"] == sum(f.stat().st_size for f in (tmp_path / "raw").glob("*.tar"))

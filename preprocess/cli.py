@@ -28,13 +28,20 @@ def tiny_model(
     guidance_embeds: bool = typer.Option(False, help="Give the transformer FLUX.1-dev's guidance embedding."),
     vae: str = typer.Option("pooling", help="'pooling': hand-set VAE that keeps each 8x8 block's colour, so "
                                            "samples decode to pictures; 'random': random init."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder that is not empty "
+                                                              "(all of it: none of its files is kept)."),
 ):
     """Write a tiny FLUX model folder: the real classes at toy sizes, loadable by FluxPipeline, offline."""
+    from preprocess.export import replace_folder
     from shared.quiet import silence_progress_bars
     from shared.tiny import write_tiny_model
+    if out_dir.exists() and not overwrite and not (out_dir.is_dir() and not any(out_dir.iterdir())):
+        # a trained model or anything else there would be lost (as export, only when asked)
+        typer.echo(f"error: {out_dir}: exists and is not empty; pass --overwrite to replace it", err=True)
+        raise typer.Exit(2)
     silence_progress_bars()   # a toy model writes in moments: its bars would only be noise
-    out = write_tiny_model(out_dir, seed=seed, guidance_embeds=guidance_embeds, vae=vae)
-    typer.echo(f"wrote tiny model to {out}")
+    replace_folder(out_dir, lambda tmp: write_tiny_model(tmp, seed=seed, guidance_embeds=guidance_embeds, vae=vae))
+    typer.echo(f"wrote tiny model to {out_dir}")
 
 
 @app.command("demo-data")

@@ -12,6 +12,7 @@ from accelerate.utils import set_seed
 
 from shared.models import ModelLoadError
 from shared.quiet import silence_progress_bars
+from shared.render_tools import render_fields
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -269,6 +270,7 @@ class Trainer:
             "lora": {"rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha or self.cfg.lora.rank,
                      "adapter": ".", "weights": "pytorch_lora_weights.safetensors"} if self.lora else None,
             "train_cache": str(self.cfg.data.train_cache), "ema_decay": self.cfg.ema.decay,
+            **render_fields(m["t5"]["mode"]),   # a trimmed-T5 model renders in flux-sample only
         }
 
     def save_checkpoint(self) -> Path:

@@ -352,6 +352,7 @@ class Trainer:
         if on_batch is not None:
             on_batch(batch)
         window.images += len(batch.key)
+        window.distinct += len(set(batch.key))
         return batch.to(self.device)
 
     def _batches(self):
@@ -394,7 +395,7 @@ class Trainer:
         record = {"step": self.step, "loss": mean_loss, "lr": float(self.scheduler.get_last_lr()[0]),
                   "images_per_s": window.images * acc.num_processes / elapsed,
                   "data_wait": window.wait / elapsed, "epoch": self.position.epoch,
-                  "samples": self.position.samples * acc.num_processes}
+                  "samples": self.position.samples * acc.num_processes, **self._batch_fill(window)}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         self.log(record)
@@ -402,6 +403,14 @@ class Trainer:
             bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['images_per_s']:.1f}")
         window.reset()
         return record
+
+    def _batch_fill(self, window: LogWindow) -> dict:
+        """The effective batch: samples per optimizer step (data.batch_size x run.grad_accum x processes),
+        and how many of them were distinct (fewer where a bucket's last batch of an epoch repeats its own:
+        many small buckets)."""
+        steps = window.micro / self.cfg.run.grad_accum
+        n = self.accelerator.num_processes
+        return {"samples_per_step": window.images * n / steps, "distinct_per_step": window.distinct * n / steps}
 
     def _finish(self, summary: dict, seen: list[str]) -> dict:
         """The last validation, the recorded keys, final/, and the trackers closed."""

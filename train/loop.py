@@ -3,7 +3,6 @@ validation, checkpoints, metrics. Reads only the cache; writes only under run.ou
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from .model import (EMA, add_lora, build_transformer, check_cache_fits, convert_
                     weights_dtype)
 from .offload import BlockOffloader, spread
 from .optim import InBackwardOptimizer, make_optimizer, step_groups
-from .records import truncate_records
+from .records import append_record, truncate_run_records
 from .samples import TrainingSamples
 from .step import (EmptyPrompt, StepSettings, ValidationNoise, summarize_validation, training_loss,
                    validation_sums)
@@ -198,12 +197,11 @@ class Trainer:
             self._truncate_metrics(self.step)
 
     def _truncate_metrics(self, step: int) -> None:
-        truncate_records(self.out / "metrics.jsonl", step)
+        truncate_run_records(self.out, step)
 
     def log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_record(self.out, record)   # its timings apart, in timings.jsonl
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def validate(self) -> dict | None:

@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         summary = train(cfg)
     except (CacheError, ModelLoadError, FileNotFoundError, ValueError) as e:
+        # what was given cannot be used (a cache, a model, a setting): 2, as flux-prep and flux-sample
         print(f"error: {one_line(e)}", file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(2)
     if summary.get("final"):
         print(f"wrote {summary['final']}")
 

@@ -91,7 +91,8 @@ def loss_curve_png(curve: list[dict], title: str = "training and validation loss
     return buf.getvalue()
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                   rich_markup_mode=None)   # plain help: typer's rich panels show flags as taking a <bool>
 
 
 @app.command()

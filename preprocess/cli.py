@@ -28,8 +28,9 @@ def tiny_model(
     out_dir: Path = typer.Argument(..., help="Folder to write (diffusers' FLUX layout)."),
     seed: int = typer.Option(0, help="Seed of the random weights; the same seed writes the same files."),
     guidance_embeds: bool = typer.Option(False, help="Give the transformer FLUX.1-dev's guidance embedding."),
-    vae: Literal["pooling", "random"] = typer.Option("pooling", help="'pooling': hand-set VAE that keeps each 8x8 block's colour, so "
-                                           "samples decode to pictures; 'random': random init."),
+    vae: Literal["pooling", "random"] = typer.Option(
+        "pooling", help="'pooling': hand-set VAE that keeps each 8x8 block's colour, so samples decode to "
+                        "pictures; 'random': random init."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder that is not empty "
                                                               "(all of it: none of its files is kept)."),
 ):

@@ -281,6 +281,7 @@ def save_random_weights(folder: Path, cfg: dict, device) -> None:
 def run_trainer(row: dict, device, cache: Path, work: Path) -> dict:
     from train.config import load_config
     from train.loop import Trainer
+    from train.records import read_records
     settings = {"data.train_cache": str(cache), "data.batch_size": row.get("batch", 1), "data.num_workers": 2,
                 "data.shuffle_buffer": 4, "model.name": "tiny" if row.get("tiny") else "flux-dev",
                 "model.overrides": row.get("overrides", {}), "run.grad_checkpointing": True,
@@ -304,7 +305,7 @@ def run_trainer(row: dict, device, cache: Path, work: Path) -> dict:
     clock = StepClock(row["warmup"], row["name"] if row.get("profile") else None)
     trainer.train(on_batch=clock)
     seconds = clock.stop(row["steps"])
-    records = [json.loads(ln) for ln in (work / "run/metrics.jsonl").read_text().splitlines()]
+    records = read_records(work / "run")   # metrics.jsonl with timings.jsonl's data_wait joined in
     steps = [r for r in records if "loss" in r]
     timed = [r for r in steps if r["step"] > row["warmup"]]
     model = trainer.accelerator.unwrap_model(trainer.model)

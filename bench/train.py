@@ -103,6 +103,7 @@ def run_trainer(cfg_overrides: dict, args, cache: str, device) -> dict:
     from accelerate.state import AcceleratorState
     from train.config import load_config
     from train.loop import Trainer
+    from train.records import read_records
     window = max(1, args.warmup)
     steps = window * (1 + math.ceil(args.steps / window))
     out = tempfile.mkdtemp(prefix="flux-bench-run-")
@@ -133,7 +134,7 @@ def run_trainer(cfg_overrides: dict, args, cache: str, device) -> dict:
                       flush=True)
             seen[0] += 1
     trainer.train(on_batch=on_batch)
-    records = [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(out)   # metrics.jsonl with timings.jsonl's images/s joined in
     timed = [r for r in records if "images_per_s" in r][1:]      # drop the warmup window
     trainer.accelerator.free_memory()
     del trainer

@@ -109,6 +109,7 @@ def worker(settings_file: str) -> None:
         use_fsdp_on_cpu()
     from train.config import load_config
     from train.loop import Trainer
+    from train.records import read_records
     result_file = Path(settings.pop("result_file"))
     trainer = Trainer(load_config(None, settings))
     trainer.train(stop_after_step=trainer.max_steps)   # returns before end_training() ends the process group
@@ -116,7 +117,7 @@ def worker(settings_file: str) -> None:
     peak = torch.cuda.max_memory_allocated() if trainer.device.type == "cuda" else 0
     peak = float(acc.gather(torch.tensor([float(peak)], device=trainer.device)).max())
     if acc.is_main_process:
-        records = [json.loads(ln) for ln in (trainer.out / "metrics.jsonl").read_text().splitlines()]
+        records = read_records(trainer.out)   # metrics.jsonl with timings.jsonl's images/s joined in
         timed = [r for r in records if "images_per_s" in r][1:]   # drop the warmup window
         result_file.write_text(json.dumps({
             "fsdp": acc.distributed_type.name == "FSDP", "processes": acc.num_processes,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import typer
 
@@ -9,6 +10,7 @@ app = typer.Typer(
     help="flux-prep: encode captioned images once (FLUX VAE, T5, CLIP) into a Parquet cache that "
          "training streams, and build the tiny model and demo data of the embedded default.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode=None,   # plain help: typer's rich panels show flags as taking a <bool>
 )
 
 
@@ -26,15 +28,23 @@ def tiny_model(
     out_dir: Path = typer.Argument(..., help="Folder to write (diffusers' FLUX layout)."),
     seed: int = typer.Option(0, help="Seed of the random weights; the same seed writes the same files."),
     guidance_embeds: bool = typer.Option(False, help="Give the transformer FLUX.1-dev's guidance embedding."),
-    vae: str = typer.Option("pooling", help="'pooling': hand-set VAE that keeps each 8x8 block's colour, so "
-                                           "samples decode to pictures; 'random': random init."),
+    vae: Literal["pooling", "random"] = typer.Option(
+        "pooling", help="'pooling': hand-set VAE that keeps each 8x8 block's colour, so samples decode to "
+                        "pictures; 'random': random init."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder that is not empty "
+                                                              "(all of it: none of its files is kept)."),
 ):
     """Write a tiny FLUX model folder: the real classes at toy sizes, loadable by FluxPipeline, offline."""
+    from preprocess.export import replace_folder
     from shared.quiet import silence_progress_bars
     from shared.tiny import write_tiny_model
+    if out_dir.exists() and not overwrite and not (out_dir.is_dir() and not any(out_dir.iterdir())):
+        # a trained model or anything else there would be lost (as export, only when asked)
+        typer.echo(f"error: {out_dir}: exists and is not empty; pass --overwrite to replace it", err=True)
+        raise typer.Exit(2)
     silence_progress_bars()   # a toy model writes in moments: its bars would only be noise
-    out = write_tiny_model(out_dir, seed=seed, guidance_embeds=guidance_embeds, vae=vae)
-    typer.echo(f"wrote tiny model to {out}")
+    replace_folder(out_dir, lambda tmp: write_tiny_model(tmp, seed=seed, guidance_embeds=guidance_embeds, vae=vae))
+    typer.echo(f"wrote tiny model to {out_dir}")
 
 
 @app.command("demo-data")

@@ -7,6 +7,8 @@ carries `end=True` with nothing or the shard's remaining images.
 """
 from __future__ import annotations
 
+import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -114,3 +116,16 @@ class ShardBatches(IterableDataset):
 def worker_init(_worker_id: int) -> None:
     # Decoding is PIL, one thread per worker; torch's intra-op pool would only oversubscribe.
     torch.set_num_threads(1)
+    sys.excepthook = _quiet_lost_receiver(sys.excepthook)
+
+
+def _quiet_lost_receiver(default):
+    """A worker's excepthook that stays silent when a helper thread loses its connection to the main
+    process: multiprocessing's resource sharer (which hands the batches' file descriptors over) reports
+    that with a traceback when the main process stops receiving, as after Ctrl-C, whose own message
+    says what was kept. Anything else is reported as before."""
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, (OSError, EOFError)) and threading.current_thread() is not threading.main_thread():
+            return
+        default(exc_type, exc, tb)
+    return hook

@@ -4,11 +4,16 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
+from shared.devices import DEVICE_METAVAR
 from shared.params import config_flags, config_option
+from shared.precision import DTYPE_ALIASES
+
+T5Mode = Literal["padded", "trimmed"]
+Dtype = Literal[tuple(DTYPE_ALIASES)]   # bf16, fp16, fp32 or the full names: --help lists them
 
 # Decoding workers when --num-workers is not given: one per CPU this process may use, at most this
 # many (more than the CPUs drew torch's over-subscription warning and ran no faster).
@@ -43,31 +48,32 @@ def encode_command(
                                       "too_small (upscaling them would blur the target): auto, the default, is "
                                       "half of --resolution (32 at 64); 0 keeps every image; 256 = "
                                       "torchtitan's filter at 256px."),
-    t5_mode: Optional[str] = typer.Option(None, help="padded (FLUX-exact, all max_length rows; the default) or "
-                                                     "trimmed (real tokens only)."),
+    t5_mode: Optional[T5Mode] = typer.Option(None, help="padded (FLUX-exact, all max_length rows; the default) or "
+                                                        "trimmed (real tokens only)."),
     t5_max_length: int = typer.Option(0, help="T5 tokens (512 for FLUX.1-dev, 256 for schnell); 0: the "
                                               "tokenizer's model_max_length."),
     batch_size: int = typer.Option(64, help="Images per encoder batch."),
     num_workers: int = typer.Option(None, help="DataLoader worker processes decoding images (default: the "
                                                f"CPUs this process may use, at most {MAX_DEFAULT_WORKERS})."),
     store_logvar: bool = typer.Option(False, help="Also store the VAE posterior log-variance."),
-    dtype: str = typer.Option("bf16", help="Storage dtype of the tensors: bf16, fp16 or fp32."),
-    compute_dtype: str = typer.Option("", help="Encoder weights' dtype; default: --dtype on CUDA, fp32 on CPU."),
+    dtype: Dtype = typer.Option("bf16", help="Storage dtype of the tensors."),
+    compute_dtype: Optional[Dtype] = typer.Option(None, help="Encoder weights' dtype; default: --dtype on CUDA, "
+                                                             "fp32 on CPU."),
     compile: bool = typer.Option(False, help="torch.compile the T5 and VAE encoders (GPU)."),
     t5_fp32_wo: bool = typer.Option(False, help="Keep T5's FF down-projections (wo) in fp32 as transformers "
                                                 "loads them (bit-closer to diffusers' FluxPipeline, slower); "
                                                 "default: all of T5 in the compute dtype."),
     channels_last: bool = typer.Option(False, help="Deprecated; does nothing (NHWC VAE input ran slower, "
                                                    "docs/BENCHMARKS.md)."),
-    t5_impl: Optional[str] = typer.Option(None, help="FLUX.1: fused (the default): the project's T5 forward (fused "
-                                                     "projections, one SDPA call per layer; same function, faster); "
-                                                     "transformers: the library's."),
+    t5_impl: Optional[Literal["fused", "transformers"]] = typer.Option(
+        None, help="FLUX.1: fused (the default): the project's T5 forward (fused projections, one SDPA call per "
+                   "layer; same function, faster); transformers: the library's."),
     jpeg_draft: bool = typer.Option(True, help="Let libjpeg decode large JPEGs at a reduced scale (faster)."),
     rows_per_shard: int = typer.Option(1000, help="Rows per output Parquet shard at most."),
     writer_threads: int = typer.Option(2, min=1, help="Threads writing output shards (each input shard's rows "
                                                       "by one thread); more help on slow or network storage."),
-    device: str = typer.Option("auto", help="auto, cuda, cuda:N or cpu (with several processes, cuda means "
-                                            "cuda:LOCAL_RANK)."),
+    device: str = typer.Option("auto", metavar=DEVICE_METAVAR, help="cuda means cuda:LOCAL_RANK with several "
+                                                                    "processes; auto: cuda where there is one."),
     progress: bool = typer.Option(True, help="Show a progress bar (--no-progress: no bars at all, the "
                                              "libraries' weight-loading bars included)."),
     sample_prompts: Optional[Path] = typer.Option(None, help="Prompts the trainer renders samples of (one a "
@@ -87,8 +93,6 @@ def encode_command(
 
     if channels_last:
         typer.echo(DEPRECATED_CHANNELS_LAST, err=True)
-    if t5_mode not in (None, "padded", "trimmed"):
-        raise typer.BadParameter("--t5-mode must be padded or trimmed")
     min_size_px = min_size_option(min_size)
     if not progress:
         from shared.quiet import silence_progress_bars

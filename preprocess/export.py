@@ -166,12 +166,20 @@ def _write_file(output: Path, tensors: dict, metadata: dict) -> None:
 
 def _write_folder(output: Path, src: Final, write) -> None:
     """Build the folder under a temporary name (`write(tmp)`), add the training info, then swap it in."""
+    def write_with_info(tmp: Path) -> None:
+        write(tmp)
+        shutil.copy(src.folder / TRAINING_INFO, tmp / TRAINING_INFO)
+    replace_folder(output, write_with_info)
+
+
+def replace_folder(output: Path, write) -> None:
+    """`write(tmp)` builds the folder under a temporary name beside `output`, which then takes its place
+    whole: no file of an older `output` is left in it, and an interrupted write leaves `output` as it was."""
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = output.with_name(f".{output.name}.tmp"), output.with_name(f".{output.name}.old")
     for stale in (tmp, old):
         shutil.rmtree(stale, ignore_errors=True)
     write(tmp)
-    shutil.copy(src.folder / TRAINING_INFO, tmp / TRAINING_INFO)
     if output.exists():
         output.rename(old)
     tmp.rename(output)

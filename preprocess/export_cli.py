@@ -18,10 +18,14 @@ def export_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ):
     """Write a trained model in the layout diffusers, ComfyUI or Forge loads."""
-    from preprocess.export import ExportError, export
+    from preprocess.export import ExportError, export, read_final
+    from shared.render_tools import other_tools_warning
     try:
         written = export(final, format, output, dtype, overwrite)
     except ExportError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     typer.echo(f"wrote {written}")
+    warning = other_tools_warning(read_final(final).info)
+    if warning:   # written all the same: the file is right, the tools it is for cannot prompt it
+        typer.echo(f"{written}: {warning}", err=True)

@@ -2,6 +2,7 @@
 as it is with `encode`), answered with an estimate instead of a cache (plan.py)."""
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import typing
@@ -18,7 +19,9 @@ USED = ("model", "input", "resolution", "buckets", "min_size", "t5_mode", "t5_ma
 
 def plan_command(**options):
     """Estimate a cache before encoding it: rows, bytes per sample and in all for each T5 mode, the
-    share of images below --min-size, and encode hours on the GPU kinds measured (no GPU work)."""
+    share of images below --min-size, and encode hours on the GPU kinds measured (no GPU work).
+    Encode's other options (--output, --batch-size, --device, ...) are accepted, so that a planned command
+    runs as it is with encode, and ignored."""
     from shared.models import ModelLoadError
 
     from .decode import PrepOptions
@@ -28,8 +31,6 @@ def plan_command(**options):
     o["t5_mode"] = o["t5_mode"] or "padded"
     if not o["input"]:
         raise typer.BadParameter("--input is required: the shards to estimate")
-    if o["t5_mode"] not in ("padded", "trimmed"):
-        raise typer.BadParameter("--t5-mode must be padded or trimmed")
     prep = PrepOptions(resolution=o["resolution"], buckets=o["buckets"], min_size=min_size_option(o["min_size"]))
     warn_repeat_folders(o["input"])
     try:
@@ -43,12 +44,16 @@ def plan_command(**options):
 
 
 def _signature() -> inspect.Signature:
-    """encode's parameters (--output optional), then the plan's own."""
+    """encode's parameters (--output optional), those the plan ignores hidden from its --help, then the
+    plan's own."""
     hints = typing.get_type_hints(encode_command)
     params = []
     for p in inspect.signature(encode_command).parameters.values():
         if p.name == "output":
             p = p.replace(default=typer.Option("", help="Accepted as encode takes it; a plan writes nothing."))
+        if p.name not in USED and isinstance(p.default, typer.models.OptionInfo) and p.name != "config":
+            p = p.replace(default=copy.copy(p.default))
+            p.default.hidden = True
         params.append(p.replace(annotation=hints[p.name]))
     kw = inspect.Parameter.KEYWORD_ONLY
     params += [inspect.Parameter("json", kw, annotation=bool, default=typer.Option(

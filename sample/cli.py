@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
+from shared.devices import DEVICE_METAVAR
 from shared.params import config_option
+from shared.precision import DTYPE_ALIASES
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                   rich_markup_mode=None)   # plain help: typer's rich panels show flags as taking a <bool>
 
 
 @app.command()
@@ -37,10 +40,11 @@ def sample(
                                                          "dropout)."),
     batch_size: int = typer.Option(1, help="Images per forward pass."),
     grid: bool = typer.Option(False, help="Also write grid.png (rows: prompts, columns: seeds)."),
-    device: str = typer.Option("auto", help="cuda, cuda:N, cpu, or auto."),
-    dtype: str = typer.Option("auto", help="auto: bfloat16 on a GPU, float32 on the CPU; or bfloat16 (bf16), "
-                                           "float16 (fp16), float32 (fp32)."),
-    t5_mode: Optional[str] = typer.Option(None, help="padded or trimmed (default: the model's saved convention)."),
+    device: str = typer.Option("auto", metavar=DEVICE_METAVAR, help="auto: cuda where there is one."),
+    dtype: Literal[("auto", *DTYPE_ALIASES)] = typer.Option("auto", help="auto: bfloat16 on a GPU, float32 on the "
+                                                                         "CPU."),
+    t5_mode: Optional[Literal["padded", "trimmed"]] = typer.Option(None, help="Default: the model's saved "
+                                                                              "convention."),
     t5_max_length: Optional[int] = typer.Option(None, help="T5 tokens (default: the model's, else 512)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile each transformer block (GPU)."),
     attention_backend: str = typer.Option("default", help="diffusers attention backend: native, _native_flash, "

@@ -86,7 +86,8 @@ def labelled_grid(samples_dir, report: dict, cell: int = 96) -> Image.Image:
     return grid
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                   rich_markup_mode=None)   # plain help: typer's rich panels show flags as taking a <bool>
 
 
 @app.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+DEVICE_METAVAR = "auto|cpu|cuda|cuda:N"   # how a --device option shows its choices in --help
 
 
 class DeviceError(ValueError):

@@ -85,6 +85,8 @@ def load_part(loader, model: str, part: str, what: str | None = None, **kwargs):
     local = Path(src).is_dir()
     if local and part not in ("tokenizer", "tokenizer_2"):
         require_safetensors(Path(src), what)
+    if not local:
+        check_hub_reachable(model, part)
     try:
         return loader(src, **extra, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
@@ -103,7 +105,34 @@ def offline() -> bool:
 def not_here_offline(model: str, part: str) -> str:
     import os
     return (f"{model}: no such folder here ({os.getcwd()}; a relative path is read from the current folder), "
-            f"and as a hub id its {part} is not in the local hub cache while the hub is offline (HF_HUB_OFFLINE)")
+            f"and as a hub id its {part} is not downloaded, and the network is unreachable or HF_HUB_OFFLINE "
+            "is set (the hub is offline)")
+
+
+# The file of each part that says whether it is in the local hub cache.
+PART_CONFIG = {"tokenizer": "tokenizer_config.json", "tokenizer_2": "tokenizer_config.json",
+               "scheduler": "scheduler_config.json"}
+
+
+def check_hub_reachable(model: str, part: str) -> None:
+    """A hub id's `part` that is not in the local hub cache must be downloaded: refuse it at once when the
+    hub cannot be reached (offline mode, or no network). huggingface_hub retries an unreachable hub for
+    about 25 s a file before the loaders say only that the repo 'does not appear to have a file named
+    config.json'. One request without retries decides; an answer from the hub (a missing or gated repo)
+    is left to the loader, whose message names it."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError
+    filename = f"{part}/{PART_CONFIG.get(part, 'config.json')}"
+    if isinstance(try_to_load_from_cache(model, filename), str):
+        return
+    if offline():
+        raise ModelLoadError(not_here_offline(model, part))
+    try:
+        get_hf_file_metadata(hf_hub_url(model, filename))   # no retries (its default)
+    except HfHubHTTPError:
+        return
+    except Exception as e:  # noqa: BLE001 - the transport's errors (refused, no DNS, timed out), whatever its library
+        raise ModelLoadError(f"{not_here_offline(model, part)} ({type(e).__name__})") from e
 
 
 def load_vae(model: str, dtype=torch.float32, device="cpu", family=None):
@@ -160,6 +189,7 @@ def part_config(model: str, part: str, filename: str = "config.json", required: 
 
 def _hub_file(model: str, part: str, filename: str) -> Path:
     from huggingface_hub import hf_hub_download
+    check_hub_reachable(model, part)
     try:
         return Path(hf_hub_download(model, filename, subfolder=part))
     except Exception as e:  # noqa: BLE001 - the hub client's many error types, named once

@@ -7,8 +7,9 @@ and `dev` extras) installed:
 - diffusers says it cannot import torchao's tensor types.
 None affects flux-prep: float8 training uses torchao's Python Float8Linear and torch's own scaled
 matmul. And without torchvision, transformers says its image processors fall back to PIL ones: no
-stage processes images through them. Only these messages are dropped; other warnings of the same
-loggers still show.
+stage processes images through them. Diffusers warns at every `model.to(dtype)` (each sample render)
+that the model has modules to keep in float32, listing none (`[]`): the Flux transformer has none.
+Only these messages are dropped; other warnings of the same loggers (a list that is not empty) still show.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ _NOISE = {
     "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
     "diffusers.quantizers.torchao.torchao_quantizer": ("Unable to import `torchao` Tensor objects",),
     "transformers.utils.import_utils": ("requires torchvision (not installed); falling back to",),
+    "diffusers.models.modeling_utils": ("that should be kept in float32: []. ",),
 }
 
 

@@ -42,6 +42,6 @@ def test_train_cli_stops_on_a_flipped_byte_naming_shard_and_row_group(tmp_path, 
         main(["--data.train_cache", str(cache), "--model.name", "tiny", "--run.max_steps", "4",
               "--data.batch_size", "4", "--run.output_dir", str(tmp_path / "run"), "--run.precision", "no",
               "--data.num_workers", "0", "--run.tensorboard", "false", "--run.progress", "false"])
-    assert e.value.code == 1
+    assert e.value.code == 2   # a cache that cannot be used (README: exit status)
     err = capsys.readouterr().err
     assert f"{shard.name}: row group 1 unreadable" in err and "CRC" in err

@@ -290,6 +290,8 @@ def test_config_gives_the_options_a_flag_overrides_it_and_the_manifest_records_t
     ("resolution: [32]", r"encode.resolution: one value, not a list"),
     ("progress: sometimes", r"encode.progress: .*boolean"),
     ("writer_threads: 0", r"encode.writer_threads: .*greater than or equal to 1"),
+    ("t5_mode: padd", r"encode.t5_mode: .*'padd' is not one of 'padded', 'trimmed'\. \(got 'padd'\)"),
+    ("compute_dtype: f32", r"encode.compute_dtype: .*'f32' is not one of 'bf16', 'fp16', 'fp32', 'bfloat16'"),
 ])
 def test_a_bad_config_key_or_value_is_refused_naming_the_file_and_key(bad_inputs, tmp_path, section, message):
     import re

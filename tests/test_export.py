@@ -251,3 +251,21 @@ def test_existing_output_refused_unless_overwrite(tiny_model, tmp_path):
     r = run(flux_prep_app, "export", final, "--format", "comfyui", "--output", out, "--overwrite")
     assert r.exit_code == 0, r.output
     assert "img_in.weight" in load_file(out) and not list(tmp_path.glob(".*tmp"))
+
+
+@pytest.mark.parametrize("fmt,name", [("comfyui", "flux.safetensors"), ("diffusers", "exported")])
+def test_a_trimmed_t5_model_is_exported_with_a_warning_that_other_tools_cannot_render_it(fmt, name, tiny_model,
+                                                                                         tmp_path):
+    """FluxPipeline, ComfyUI and Forge pad T5 without a mask: a model trained on trimmed T5 draws noise there.
+    The export is written (the file is right) and the warning names the tools and the way out; a padded
+    model's export says nothing more than "wrote"."""
+    padded = full_final(tiny_model, tmp_path / "padded")
+    r = run(flux_prep_app, "export", padded, "--format", fmt, "--output", tmp_path / "p" / name)
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
+    trimmed = full_final(tiny_model, tmp_path / "trimmed")
+    (trimmed / "flux_prep.json").write_text(json.dumps({**INFO, "t5_mode": "trimmed"}))
+    r = run(flux_prep_app, "export", trimmed, "--format", fmt, "--output", tmp_path / "t" / name)
+    assert r.exit_code == 0 and (tmp_path / "t" / name).exists(), r.output
+    said = " ".join(r.stderr.split())
+    assert said.startswith(f"{tmp_path / 't' / name}: warning: trained on trimmed T5"), said
+    assert "FluxPipeline, ComfyUI and Forge pad T5 without a mask" in said and "flux-sample" in said

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -33,3 +35,20 @@ def test_tiny_builds_and_overrides():
     with pytest.raises(ValueError, match="unknown model preset"):
         get_preset("flux-pro")
     assert set(PRESETS) >= {"flux-dev", "flux-schnell", "tiny"}
+
+
+# The T5 length each published base was trained with, and so what FluxPipeline, ComfyUI and Forge feed it
+# (diffusers' FluxPipeline: at most 256 for schnell; 512 for dev).
+PUBLISHED_T5_LENGTH = {"flux-schnell": 256, "flux-dev": 512}
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (Path(__file__).parents[1] / "configs/params").glob("*.yaml")))
+def test_every_preset_for_a_published_base_keeps_its_padded_t5(preset):
+    """A model trained on trimmed T5 does not render in diffusers, ComfyUI or Forge (shared/render_tools.py):
+    a preset for a published base encodes as that base was trained, so its outputs render everywhere."""
+    from shared.params import read_yaml
+    params = read_yaml((Path(__file__).parents[1] / "configs/params" / preset).read_text())
+    base = Path(params["model"]["path"]).name
+    assert base in PUBLISHED_T5_LENGTH, f"{preset}: model.path {base!r} is no published base this test knows"
+    assert params["encode"]["t5_mode"] == "padded", preset
+    assert params["encode"]["t5_max_length"] == PUBLISHED_T5_LENGTH[base], preset

@@ -58,3 +58,25 @@ def test_no_progress_leaves_no_bar_of_the_libraries_underneath(tmp_path):
                        "--height", "16", "--output", "out", "--no-progress"], tmp_path)
     assert "Loading" not in sampled and BAR not in sampled and "step/s]" not in sampled, sampled
     assert (tmp_path / "out").is_dir()
+
+
+def test_casting_a_diffusers_model_says_nothing_of_float32_modules_it_has_not(tiny_model):
+    """diffusers warns at every `model.to(dtype)` (each sample render) that modules should be kept in float32,
+    listing none; that one message is dropped, and a list that names modules still shows."""
+    import torch
+
+    from shared.models import load_transformer
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        load_transformer(str(tiny_model)).to(torch.float32)
+        logger.warning("There are modules in FluxTransformer2DModel that should be kept in float32: ['norm']. "
+                       "Casting directly with `to()` can lead to inconsistent results")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage()[:70] for r in records] == [
+        "There are modules in FluxTransformer2DModel that should be kept in flo"]
+    assert "['norm']" in records[0].getMessage()

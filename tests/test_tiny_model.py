@@ -185,3 +185,21 @@ def test_clip_runs_only_up_to_the_pooled_token_with_the_same_result(tiny_model, 
         hook.remove()
     assert cut[0] == 77            # the truncated prompt's end-of-text token is the last position
     assert cut[1] < 77 and cut[1] % 16 == 0 and cut[2] == 16
+
+
+def test_cli_refuses_an_existing_folder_unless_overwrite(tmp_path):
+    """A folder that holds something (trained weights, say) is not written over without --overwrite; with it,
+    the folder is replaced whole, so no file of what was there is left beside the tiny model."""
+    runner = CliRunner()
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "flux_prep.json").write_text("{}")
+    refused = runner.invoke(app, ["tiny-model", str(folder)])
+    assert refused.exit_code == 2 and f"{folder}: exists and is not empty; pass --overwrite" in refused.output
+    assert [p.name for p in folder.iterdir()] == ["flux_prep.json"]
+    replaced = runner.invoke(app, ["tiny-model", str(folder), "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert not (folder / "flux_prep.json").exists() and (folder / "model_index.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]   # no temporary folder left
+    (tmp_path / "empty").mkdir()   # an empty folder is as good as none
+    assert runner.invoke(app, ["tiny-model", str(tmp_path / "empty")]).exit_code == 0

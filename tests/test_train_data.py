@@ -21,6 +21,10 @@ def all_keys(cache_dir):
     return {f"train-{i:05d}" for i in range(45)}
 
 
+def distinct_keys(items) -> list[str]:
+    return list(dict.fromkeys(it.sample.key for it in items))
+
+
 def test_epoch_covers_each_sample_once_across_ranks_and_workers(cache):
     seen, per_slot = [], []
     for rank in range(2):
@@ -30,8 +34,8 @@ def test_epoch_covers_each_sample_once_across_ranks_and_workers(cache):
             for _, items in stream.epoch_batches(0, slot, 4):
                 sizes = {it.sample.latent.shape for it in items}
                 assert len(sizes) == 1, "a batch mixes latent sizes"
-                assert len(items) <= 4
-                keys += [it.sample.key for it in items]
+                assert len(items) == 4   # a size's last batch is filled with its own samples again
+                keys += distinct_keys(items)
             per_slot.append(set(keys))
             seen += keys
     assert sorted(seen) == sorted(all_keys(cache))
@@ -40,7 +44,7 @@ def test_epoch_covers_each_sample_once_across_ranks_and_workers(cache):
 
 def test_epochs_are_shuffled_differently_and_reproducibly(cache):
     stream = CacheStream(cache, batch_size=4, seed=3, shuffle_buffer=5)
-    order = [[it.sample.key for _, b in stream.epoch_batches(e, 0, 1) for it in b] for e in (0, 1, 0)]
+    order = [[k for _, b in stream.epoch_batches(e, 0, 1) for k in distinct_keys(b)] for e in (0, 1, 0)]
     assert order[0] == order[2]
     assert order[0] != order[1] and sorted(order[0]) == sorted(order[1])
 
@@ -67,8 +71,8 @@ def test_resume_continues_exactly_with_workers(cache):
     resumed_pos.load_state_dict(state)
     take(run(resumed_pos.state_dict()), 13, resumed_pos, second)
     assert first + second == full
-    epoch0 = [k for (_, e, _), keys in first + second if e == 0 for k in keys]
-    assert len(epoch0) == len(set(epoch0))     # no sample twice within the epoch
+    epoch0 = [k for (_, e, _), keys in first + second if e == 0 for k in dict.fromkeys(keys)]
+    assert len(epoch0) == len(set(epoch0))     # no sample in two batches of the epoch
 
 
 def test_trimmed_batches_pad_text_and_mask_it():
@@ -248,3 +252,18 @@ def test_too_few_row_groups_name_the_encode_option_and_an_empty_cache_says_it_is
     empty = write_cache(tmp_path / "empty", 0)
     with pytest.raises(CacheError, match="the cache holds no rows"):
         CacheStream(empty, batch_size=2).units(0, 0, 1)
+
+
+def test_a_small_cache_of_many_buckets_keeps_every_batch_full(tmp_path):
+    """21 samples in 9 latent sizes, 6 of them alone (a LoRA user's folder with --buckets): at batch 4 each
+    size's last batch is filled with its own samples again, so every batch holds 4 while each sample is in
+    exactly one batch of the epoch; without the fill they held 21 / 12 = 1.75."""
+    sizes = [(8, 8)] * 5 + [(8, 12)] * 5 + [(12, 8)] * 5 + [(4, 16), (16, 4), (8, 4), (4, 8), (12, 4), (4, 12)]
+    cache = write_cache(tmp_path / "c", 21, sizes=sizes, rows_per_shard=21, row_group_rows=21)
+    stream = CacheStream(cache, batch_size=4, seed=0, shuffle_buffer=8)
+    batches = [items for _, items in stream.epoch_batches(0, 0, 1)]
+    assert [len(b) for b in batches] == [4] * 12
+    assert all(len({it.size for it in b}) == 1 for b in batches)
+    keys = [k for b in batches for k in distinct_keys(b)]
+    assert sorted(keys) == sorted(f"train-{i:05d}" for i in range(21))   # each sample in one batch
+    assert len(keys) / len(batches) == 1.75

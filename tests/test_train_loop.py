@@ -140,7 +140,7 @@ def test_corrupt_shard_stops_the_run_naming_it(tmp_path, capsys):
         main(["--data.train_cache", str(cache), "--model.name", "tiny", "--run.max_steps", "2",
               "--run.output_dir", str(tmp_path / "run"), "--run.precision", "no", "--data.num_workers", "0",
               "--run.tensorboard", "true", "--run.progress", "false"])
-    assert e.value.code == 1
+    assert e.value.code == 2   # a cache that cannot be used, as encode says of one
     assert shard.name in capsys.readouterr().err
     assert not (tmp_path / "run").exists()   # no config.json, no logs: nothing was trained
 
@@ -201,3 +201,18 @@ def test_resume_with_another_worker_count_is_refused(tmp_path, caches):
                                              "run.resume": "auto"})
     with pytest.raises(ValueError, match="noise generators of 1 DataLoader worker.s. per process, this run has 2"):
         train(more)
+
+
+def test_metrics_report_the_effective_batch_on_many_small_buckets(tmp_path):
+    """A LoRA-sized cache in many latent sizes: every step trains data.batch_size x run.grad_accum samples,
+    and the metrics say so (samples_per_step) and how many were distinct (distinct_per_step: fewer where a
+    size's last batch repeated its samples), as the batches the trainer consumed show."""
+    sizes = [(8, 8)] * 5 + [(8, 12)] * 5 + [(4, 16), (16, 4), (8, 4), (4, 8), (12, 4)]
+    cache = write_cache(tmp_path / "c", 15, sizes=sizes, rows_per_shard=15, row_group_rows=15)
+    seen = []
+    train(tiny_config(tmp_path, cache, **{"data.batch_size": 4, "run.grad_accum": 2, "run.max_steps": 4}),
+          on_batch=lambda b: seen.append(b.key))
+    records = [m for m in read_metrics(tmp_path / "run") if "loss" in m]
+    assert [m["samples_per_step"] for m in records] == [8.0] * 4
+    distinct = [len(set(seen[2 * i])) + len(set(seen[2 * i + 1])) for i in range(4)]
+    assert [m["distinct_per_step"] for m in records] == distinct and min(distinct) < 8

@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from train.report import loss_curve, loss_curve_csv, loss_curve_png, main, read_records, summarize, truncate_records
+from train.records import append_record
+from train.report import (loss_curve, loss_curve_csv, loss_curve_png, main, read_records, summarize, timings,
+                          truncate_records)
 
 # What the trainer logs (train/loop.py): validation records carry val/loss and its per-timestep
 # parts (val/loss_t{i}_{n}); training records carry loss, lr and images_per_s.
@@ -34,13 +36,14 @@ def test_summarize_first_and_last_validation_and_speed_after_warmup():
     assert s["val_loss"] == 0.4
     assert s["val_loss_per_t"] == {"loss_t0_2": 0.5, "loss_t1_2": 0.3}   # from the last validation only
     assert s["train_loss"] == 0.5
-    assert s["images_per_s"] == pytest.approx(11.0)   # mean of the second half of training records: 10, 12
+    assert "images_per_s" not in s   # a timing, not in the tracked summary
+    assert timings(RECORDS)["images_per_s"] == pytest.approx(11.0)   # mean of the second half: 10, 12
 
 
 def test_summarize_without_speed_reports_none():
     records = [{"step": 5, "loss": 0.9}, {"step": 5, "val/loss": 0.7}]
     s = summarize(records)
-    assert s["images_per_s"] is None
+    assert timings(records)["images_per_s"] is None
     assert s["val_loss"] == s["val_loss_start"] == 0.7
     assert s["val_loss_per_t"] == {}
 
@@ -79,10 +82,48 @@ def test_read_records_skips_blank_lines(tmp_path):
 def test_main_writes_summary_and_curve(tmp_path, capsys):
     run = _write_run(tmp_path / "run", RECORDS)
     summary, curve = tmp_path / "metrics" / "train.json", tmp_path / "metrics" / "loss.csv"
-    assert main([str(run), "--summary", str(summary), "--curve", str(curve)]) == 0
+    speed = tmp_path / "metrics" / "timings.json"
+    assert main([str(run), "--summary", str(summary), "--curve", str(curve), "--timings", str(speed)]) == 0
     assert json.loads(summary.read_text()) == summarize(RECORDS)
     assert curve.read_bytes() == loss_curve_csv(RECORDS).encode()
-    assert "1.5000 -> 0.4000 in 40 steps" in capsys.readouterr().out
+    assert json.loads(speed.read_text()) == {"images_per_s": pytest.approx(11.0)}
+    assert "1.5000 -> 0.4000 in 40 steps, 11.0 images/s" in capsys.readouterr().out
+
+
+def test_timings_are_kept_apart_from_the_metrics_and_joined_when_read(tmp_path):
+    for r in RECORDS:
+        append_record(tmp_path, {**r, **({"data_wait": 0.1} if "images_per_s" in r else {})})
+    written = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all("images_per_s" not in r and "data_wait" not in r for r in written)
+    assert [json.loads(ln)["step"] for ln in (tmp_path / "timings.jsonl").read_text().splitlines()] == [10, 20, 30, 40]
+    assert read_records(tmp_path) == [{**r, "data_wait": 0.1} if "images_per_s" in r else r for r in RECORDS]
+
+
+def test_a_rerun_writes_the_same_bytes_but_for_what_git_and_dvc_leave_out(tmp_path):
+    """The demo's dvc.lock hashes the run folder and metrics.jsonl: two runs of one config on one machine give
+    the same files, but for the timings and the trackers' logs (wall times), which .dvcignore leaves out."""
+    import hashlib
+    import subprocess
+    from pathlib import Path
+
+    from train_caches import tiny_config, write_cache
+
+    from train.loop import train
+    repo = Path(__file__).resolve().parents[1]
+    cache, val = write_cache(tmp_path / "c", 8), write_cache(tmp_path / "v", 4, seed=3, prefix="val")
+    files = {}
+    for name in ("a", "b"):
+        out = tmp_path / name / "data/runs/train"
+        train(tiny_config(tmp_path, cache, val, **{"run.output_dir": str(out), "run.max_steps": 2,
+                                                   "run.tensorboard": True}))
+        files[name] = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+                       for p in out.rglob("*") if p.is_file() and p.name != "config.json"}   # names its own folder
+    differ = sorted(k for k in files["a"].keys() | files["b"].keys() if files["a"].get(k) != files["b"].get(k))
+    assert "metrics.jsonl" in files["a"] and "timings.jsonl" in differ
+    assert differ and all(k == "timings.jsonl" or k.startswith("logs/") for k in differ), differ
+    ignored = subprocess.run(["dvc", "check-ignore", *(f"data/runs/train/{k}" for k in differ)], cwd=repo,
+                             capture_output=True, text=True, timeout=120)
+    assert sorted(ignored.stdout.split()) == sorted(f"data/runs/train/{k}" for k in differ), ignored.stderr
 
 
 TRAIN_BLUE, VAL_ORANGE = (31, 119, 180), (255, 127, 14)   # matplotlib's first two line colours (C0, C1)

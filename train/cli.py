@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> None:
     from .loop import train
     try:
         summary = train(cfg)
-    except (CacheError, ModelLoadError, FileNotFoundError, ValueError, CheckpointWriteError) as e:
+    except (CacheError, ModelLoadError, FileNotFoundError, ValueError) as e:
+        # what was given cannot be used (a cache, a model, a setting): 2, as flux-prep and flux-sample
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        raise SystemExit(2)
+    except CheckpointWriteError as e:   # a failure while running (a full disk): 1
         print(f"error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(1)
     except TrainingInterrupted as e:

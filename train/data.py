@@ -2,9 +2,10 @@
 
 Each (rank, DataLoader worker) pair is a *slot*. An epoch shuffles the shard order by (seed, epoch),
 lists every shard's row groups in that order and deals them round-robin to the slots. A slot reads its
-row groups in turn through a shuffle buffer and groups samples of one latent size into batches
-(partial batches of each size close the epoch, so no sample is dropped). Workers loop over epochs
-forever; the trainer decides when to stop.
+row groups in turn through a shuffle buffer and groups samples of one latent size into batches.
+Every batch is full: each size's last, partial batch closes the epoch topped up with its own samples
+again (`fill_batch`), so no sample is dropped and none waits for another epoch. Workers loop over
+epochs forever; the trainer decides when to stop.
 
 Every batch carries `(worker, epoch, index)`; the trainer records the last one consumed per worker.
 Resuming replays an epoch up to that index reading only the small `latent_h/latent_w` columns (the
@@ -284,7 +285,7 @@ class CacheStream(IterableDataset):
             if batch is not None and (out := advance(batch)) is not None:
                 yield index - 1, out
         for size in sorted(buckets):
-            if buckets[size] and (out := advance(buckets[size])) is not None:
+            if buckets[size] and (out := advance(fill_batch(buckets[size], self.batch_size))) is not None:
                 yield index - 1, out
 
     def __iter__(self):
@@ -305,6 +306,18 @@ class CacheStream(IterableDataset):
                 batch.pos = torch.tensor([worker, epoch, index], dtype=torch.int64)
                 yield batch
             epoch, skip = epoch + 1, 0
+
+
+def fill_batch(items: list, batch_size: int) -> list:
+    """A size's last batch of an epoch, its samples repeated in turn up to `batch_size`.
+
+    With aspect-ratio buckets a small dataset has many sizes of a few samples each (21 images in 9
+    buckets: 1.9 per batch at batch_size 4). Repeats keep every step at batch_size samples (each with its
+    own noise and timestep) and each sample's weight in its step about as it was: the loss is a batch
+    mean, so a sample alone in a batch of 1 weighed what its 4 copies weigh now. Merging buckets would
+    crop or resize latents (other pictures than the ones encoded); carrying the rest into the next epoch
+    would tie each epoch to the last, and a resume to every epoch before it."""
+    return [items[i % len(items)] for i in range(max(batch_size, len(items)))]
 
 
 def _sample(rg: dict, i: int, spec, latent_logvar: bool = False) -> Sample:

@@ -60,7 +60,8 @@ def check_launch(cfg: TrainConfig, num_processes: int, fsdp: bool) -> None:
 
 class LogWindow:
     """What the steps since the last metrics record add up: their summed loss (on the device, read once
-    per record: the one host sync), micro-batches, images, time waited for data."""
+    per record: the one host sync), micro-batches, images, distinct samples per micro-batch (fewer than
+    the images where a size's last batch of an epoch repeats its samples), time waited for data."""
 
     def __init__(self, device):
         self.loss_sum = torch.zeros((), device=device)
@@ -68,7 +69,7 @@ class LogWindow:
 
     def reset(self) -> None:
         self.loss_sum.zero_()
-        self.micro, self.images, self.wait = 0, 0, 0.0
+        self.micro, self.images, self.distinct, self.wait = 0, 0, 0, 0.0
         self.start = time.perf_counter()
 
 

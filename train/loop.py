@@ -3,7 +3,6 @@ validation, checkpoints, metrics. Reads only the cache; writes only under run.ou
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from accelerate.utils import set_seed
 
 from shared.models import ModelLoadError
 from shared.quiet import silence_progress_bars
+from shared.render_tools import render_fields
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -26,7 +26,7 @@ from .model import (EMA, add_lora, base_identity, build_transformer, check_cache
                     sampling_conventions, text_mode_change, use_flex_attention, weights_dtype)
 from .offload import BlockOffloader, spread
 from .optim import InBackwardOptimizer, make_optimizer, step_groups
-from .records import truncate_records
+from .records import append_record, truncate_run_records
 from .samples import TrainingSamples
 from .step import (EmptyPrompt, StepSettings, ValidationNoise, summarize_validation, training_loss,
                    validation_sums)
@@ -216,12 +216,11 @@ class Trainer:
             self._truncate_metrics(self.step)
 
     def _truncate_metrics(self, step: int) -> None:
-        truncate_records(self.out / "metrics.jsonl", step)
+        truncate_run_records(self.out, step)
 
     def log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_record(self.out, record)   # its timings apart, in timings.jsonl
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def validate(self) -> dict | None:
@@ -289,6 +288,7 @@ class Trainer:
             "lora": {"rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha or self.cfg.lora.rank,
                      "adapter": ".", "weights": "pytorch_lora_weights.safetensors"} if self.lora else None,
             "train_cache": str(self.cfg.data.train_cache), "ema_decay": self.cfg.ema.decay,
+            **render_fields(m["t5"]["mode"]),   # a trimmed-T5 model renders in flux-sample only
         }
 
     def save_checkpoint(self) -> Path:
@@ -387,6 +387,7 @@ class Trainer:
         if on_batch is not None:
             on_batch(batch)
         window.images += len(batch.key)
+        window.distinct += len(set(batch.key))
         return batch.to(self.device)
 
     def _batches(self):
@@ -429,7 +430,7 @@ class Trainer:
         record = {"step": self.step, "loss": mean_loss, "lr": float(self.scheduler.get_last_lr()[0]),
                   "images_per_s": window.images * acc.num_processes / elapsed,
                   "data_wait": window.wait / elapsed, "epoch": self.position.epoch,
-                  "samples": self.position.samples * acc.num_processes}
+                  "samples": self.position.samples * acc.num_processes, **self._batch_fill(window)}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         self.log(record)
@@ -437,6 +438,14 @@ class Trainer:
             bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['images_per_s']:.1f}")
         window.reset()
         return record
+
+    def _batch_fill(self, window: LogWindow) -> dict:
+        """The effective batch: samples per optimizer step (data.batch_size x run.grad_accum x processes),
+        and how many of them were distinct (fewer where a bucket's last batch of an epoch repeats its own:
+        many small buckets)."""
+        steps = window.micro / self.cfg.run.grad_accum
+        n = self.accelerator.num_processes
+        return {"samples_per_step": window.images * n / steps, "distinct_per_step": window.distinct * n / steps}
 
     def _finish(self, summary: dict, seen: list[str]) -> dict:
         """The last validation, the recorded keys, final/, and the trackers closed."""

@@ -1,4 +1,10 @@
-"""A run's metrics.jsonl: read by train.report, truncated by a resumed run (the trainer) to its checkpoint."""
+"""A run's metrics.jsonl and timings.jsonl: written by the trainer, read by train.report (and the benchmarks),
+truncated by a resumed run to its checkpoint.
+
+Wall-clock measures (images/s, the share of time waiting for data) differ on every run, so they go to
+timings.jsonl, and metrics.jsonl holds what the same run reproduces byte for byte on the same machine:
+dvc's hash of the run folder (dvc.lock) then changes only with the training itself (.dvcignore leaves
+timings.jsonl and the trackers' logs/, which hold wall times, out of it)."""
 from __future__ import annotations
 
 import json
@@ -6,12 +12,40 @@ from pathlib import Path
 
 from shared.cache.files import atomic_write_bytes
 
+METRICS, TIMINGS = "metrics.jsonl", "timings.jsonl"
+TIMING_KEYS = ("images_per_s", "data_wait")
+
+
+def append_record(run_dir, record: dict) -> None:
+    """A metrics record, its timing keys apart (into timings.jsonl, with the step)."""
+    timings = {k: record[k] for k in TIMING_KEYS if k in record}
+    _append(Path(run_dir) / METRICS, {k: v for k, v in record.items() if k not in TIMING_KEYS})
+    if timings:
+        _append(Path(run_dir) / TIMINGS, {"step": record["step"], **timings})
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
 
 def read_records(run_dir) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    """metrics.jsonl's records, each training record (one with a loss) with its step's timings joined in."""
+    path = Path(run_dir) / METRICS
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics; has the run finished?")
-    return [json.loads(line) for line in _record_lines(path, torn_tail=False)]
+    records = [json.loads(line) for line in _record_lines(path, torn_tail=False)]
+    timings_path = Path(run_dir) / TIMINGS
+    if timings_path.is_file():
+        timings = {t["step"]: t for t in map(json.loads, _record_lines(timings_path, torn_tail=True))}
+        records = [{**r, **timings.get(r["step"], {})} if "loss" in r else r for r in records]
+    return records
+
+
+def truncate_run_records(run_dir, step: int) -> None:
+    """A resumed run's metrics and timings, cut back to its checkpoint's `step`."""
+    for name in (METRICS, TIMINGS):
+        truncate_records(Path(run_dir) / name, step)
 
 
 def _record_lines(path: Path, torn_tail: bool) -> list[str]:

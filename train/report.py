@@ -1,7 +1,12 @@
 """Turn a run's metrics.jsonl into what DVC shows: a summary (metrics) and a loss curve (plots), and
 the same curve as a PNG (matplotlib, offline: `dvc plots show` renders through a CDN).
 
-    python -m train.report RUN_DIR --summary metrics/train.json --curve metrics/loss.csv --plot docs/demo_loss.png
+    python -m train.report RUN_DIR --summary metrics/train.json --curve metrics/loss.csv --plot docs/demo_loss.png \
+        --timings metrics/timings.json
+
+The summary and the curve hold what a rerun on the same machine reproduces byte for byte (they are
+tracked in git, and hashed in dvc.lock); images/s, which differ on every run, go to --timings, a file
+that neither git (.gitignore) nor dvc.yaml names.
 """
 from __future__ import annotations
 
@@ -18,25 +23,30 @@ from shared.params import run_command
 
 from .records import read_records, truncate_records
 
-__all__ = ["loss_curve_csv", "main", "read_records", "summarize", "truncate_records"]
+__all__ = ["loss_curve_csv", "main", "read_records", "summarize", "timings", "truncate_records"]
 
 
 def summarize(records: list[dict]) -> dict:
-    """Final and first validation loss (overall and per timestep), last training loss, images/s."""
+    """Final and first validation loss (overall and per timestep), last training loss."""
     vals = [r for r in records if "val/loss" in r]
     train = [r for r in records if "loss" in r]
     if not vals or not train:
         raise ValueError("metrics.jsonl holds no validation or no training records")
     first, last = vals[0], vals[-1]
-    speed = [r["images_per_s"] for r in train[len(train) // 2:] if "images_per_s" in r]   # after warm-up
     return {
         "steps": train[-1]["step"],
         "val_loss": last["val/loss"],
         "val_loss_start": first["val/loss"],
         "val_loss_per_t": {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("val/loss_t")},
         "train_loss": train[-1]["loss"],
-        "images_per_s": sum(speed) / len(speed) if speed else None,
     }
+
+
+def timings(records: list[dict]) -> dict:
+    """Mean images/s over the second half of the training records (after warm-up); None without any."""
+    train = [r for r in records if "loss" in r]
+    speed = [r["images_per_s"] for r in train[len(train) // 2:] if "images_per_s" in r]
+    return {"images_per_s": sum(speed) / len(speed) if speed else None}
 
 
 def loss_curve(records: list[dict]) -> list[dict]:
@@ -81,7 +91,8 @@ def loss_curve_png(curve: list[dict], title: str = "training and validation loss
     return buf.getvalue()
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                   rich_markup_mode=None)   # plain help: typer's rich panels show flags as taking a <bool>
 
 
 @app.command()
@@ -90,6 +101,8 @@ def report(
     summary_path: Path = typer.Option(..., "--summary", help="JSON summary to write (DVC metrics)"),
     curve_path: Path = typer.Option(..., "--curve", help="CSV loss curve to write (DVC plots)"),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="the loss curve as a PNG too (matplotlib)"),
+    timings_path: Optional[Path] = typer.Option(None, "--timings", help="JSON of images/s to write (untracked: "
+                                                                        "it differs on every run)"),
 ) -> None:
     """Turn a run's metrics.jsonl into what DVC shows: a summary (metrics), a loss curve (plots) and,
     with --plot, the curve as a PNG."""
@@ -99,14 +112,18 @@ def report(
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(2)
-    for path in (summary_path, curve_path, plot_path):
+    for path in (summary_path, curve_path, plot_path, timings_path):
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(summary_path, summary)
     atomic_write_bytes(curve_path, loss_curve_csv(records).encode())
     if plot_path is not None:
         atomic_write_bytes(plot_path, loss_curve_png(loss_curve(records)))
-    print(f"val loss {summary['val_loss_start']:.4f} -> {summary['val_loss']:.4f} in {summary['steps']} steps")
+    speed = timings(records)
+    if timings_path is not None:
+        atomic_write_json(timings_path, speed)
+    rate = f", {speed['images_per_s']:.1f} images/s" if speed["images_per_s"] is not None else ""
+    print(f"val loss {summary['val_loss_start']:.4f} -> {summary['val_loss']:.4f} in {summary['steps']} steps{rate}")
 
 
 def main(argv=None) -> int:

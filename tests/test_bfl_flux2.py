@@ -1,5 +1,6 @@
-"""FLUX.2 in Black Forest Labs' layout (shared/bfl_flux2.py), checked against diffusers' own converter
-on the tiny FLUX.2 folders, and against the real models' shapes on the meta device."""
+"""FLUX.2 in Black Forest Labs' layout (shared/bfl_flux2.py) and its LoRAs in kohya's names
+(shared/bfl_flux2_lora.py), checked against diffusers' own converters and loaders on the tiny FLUX.2
+folders, and against the real models' shapes on the meta device."""
 import json
 
 import pytest
@@ -7,6 +8,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shared import bfl_flux2
+from shared.bfl_flux2_lora import peft_to_kohya
+
+# shared/family/flux2.py's default_lora_targets (branch flux2-family): the trainer's FLUX.2 targets
+FLUX2_TARGETS = (
+    r"(?:.*\.)?transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj"
+    r"|to_add_out)|ff\.(linear_in|linear_out)|ff_context\.(linear_in|linear_out))"
+    r"|(?:.*\.)?single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)"
+)
+RANK, ALPHA = 4, 8.0   # alpha / rank = 2: kohya's scale, which diffusers' reader folds into A
 
 
 def transformer_state(folder) -> tuple[dict, dict]:
@@ -119,3 +129,95 @@ def test_an_mlp_ratio_that_is_not_a_round_fraction_of_the_width():
     bfl = bfl_flux2.diffusers_to_bfl(model.state_dict())
     config = bfl_flux2.config_from_shapes(shapes(bfl))
     bfl_flux2.transformer_from_state(config, bfl_flux2.bfl_to_diffusers(bfl))   # strict: every shape fits
+
+
+# -- LoRA -------------------------------------------------------------------------------------------------
+
+
+def lora_transformer(folder, targets=FLUX2_TARGETS):
+    """The tiny transformer with a peft adapter as the trainer adds it, every A and B its own random values."""
+    from diffusers import Flux2Transformer2DModel
+    from peft import LoraConfig
+    model = Flux2Transformer2DModel.from_pretrained(str(folder), subfolder="transformer").eval()
+    model.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=targets))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def adapter_of(model) -> dict:
+    """The adapter as the trainer's final/ holds it: peft's names under "transformer."."""
+    from peft.utils import get_peft_model_state_dict
+    return {f"transformer.{k}": v for k, v in get_peft_model_state_dict(model).items()}
+
+
+def comfy_merge(bfl: dict, kohya: dict) -> dict:
+    """ComfyUI's LoRA rule (comfy/lora.py model_lora_keys_unet, weight_adapter/lora.py): the model weight
+    `diffusion_model.X.weight` takes the LoRA named "lora_unet_" + X with dots as underscores, and adds
+    alpha / rank * up @ down. Every LoRA tensor must find its weight."""
+    out, used = dict(bfl), set()
+    for key in bfl:
+        name = "lora_unet_" + key.removesuffix(".weight").replace(".", "_")
+        if key.endswith(".weight") and f"{name}.lora_down.weight" in kohya:
+            down, up, alpha = (kohya[f"{name}.{s}"] for s in ("lora_down.weight", "lora_up.weight", "alpha"))
+            out[key] = bfl[key] + alpha.item() / down.shape[0] * up @ down
+            used |= {f"{name}.{s}" for s in ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert used == set(kohya)
+    return out
+
+
+@pytest.mark.parametrize("targets", [FLUX2_TARGETS, r".*transformer_blocks\.\d+\.attn\.(to_q|to_v)"])
+def test_kohya_layout_converts_back_exactly_through_diffusers_reader(tiny_flux2_klein, targets):
+    """Every tensor of the adapter comes back from diffusers' FLUX.2 kohya reader (A times alpha / rank);
+    parts of the fused qkv that had no adapter (to_k here) come back as zeros."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux2_lora_to_diffusers
+    model = lora_transformer(tiny_flux2_klein, targets)
+    adapter = {k.removeprefix("transformer."): v for k, v in adapter_of(model).items()}
+    kohya = peft_to_kohya(adapter, RANK, ALPHA)
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in kohya
+    assert ("lora_unet_single_blocks_1_linear1.alpha" in kohya) == (targets == FLUX2_TARGETS)
+    back = {k.removeprefix("transformer."): v for k, v in _convert_kohya_flux2_lora_to_diffusers(dict(kohya)).items()}
+    for k, v in adapter.items():
+        assert torch.equal(back[k], v * ALPHA / RANK if ".lora_A." in k else v), k
+    extra = set(back) - set(adapter)
+    assert all(torch.count_nonzero(back[k]) == 0 for k in extra)
+    assert ("transformer_blocks.0.attn.to_k.lora_B.weight" in extra) == (targets != FLUX2_TARGETS)
+
+
+def test_comfyui_rule_merges_the_kohya_file_as_peft_merges_the_adapter(tiny_flux2_klein):
+    """ComfyUI's merge in BFL's layout, brought back to diffusers' names, is the base plus each diffusers
+    layer's B @ A * alpha / rank: the fused qkv carries every part's delta in its own rows."""
+    state, _ = transformer_state(tiny_flux2_klein)
+    adapter = adapter_of(lora_transformer(tiny_flux2_klein))
+    kohya = peft_to_kohya(adapter, RANK, ALPHA)
+    merged = bfl_flux2.bfl_to_diffusers(comfy_merge(bfl_flux2.diffusers_to_bfl(state), kohya))
+    for k, v in state.items():
+        a, b = (adapter.get("transformer." + k.replace(".weight", f".lora_{ab}.weight")) for ab in "AB")
+        want = v if a is None else v + ALPHA / RANK * b @ a
+        torch.testing.assert_close(merged[k], want, rtol=1e-6, atol=1e-6, msg=k)
+
+
+def test_flux2_klein_pipeline_loads_the_kohya_file_as_the_peft_adapter_computes(tiny_flux2_klein, tmp_path):
+    from diffusers import Flux2KleinPipeline
+    model = lora_transformer(tiny_flux2_klein)
+    path = tmp_path / "lora.safetensors"
+    save_file(peft_to_kohya(adapter_of(model), RANK, ALPHA), str(path))
+    pipe = Flux2KleinPipeline.from_pretrained(str(tiny_flux2_klein))
+    pipe.load_lora_weights(str(path))
+    inputs = model_inputs(dict(model.config))
+    with torch.no_grad():
+        ours, theirs = model(**inputs)[0], pipe.transformer(**inputs)[0]
+        model.disable_adapters()
+        base = model(**inputs)[0]
+    assert (ours - base).abs().max() > 0.1   # the adapter changes the output
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_a_lora_tensor_with_no_place_is_refused():
+    with pytest.raises(ValueError, match="transformer_blocks.0.attn.to_q.lora_B.bias"):
+        peft_to_kohya({"transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),
+                       "transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4),
+                       "transformer_blocks.0.attn.to_q.lora_B.bias": torch.zeros(8)}, RANK, ALPHA)

@@ -26,6 +26,12 @@ def peft_to_kohya(adapter: dict, rank: int, alpha: float) -> dict:
     one rank and alpha. Raises ValueError on a key it cannot place (a LoRA of a bias, DoRA, a layer BFL lacks)."""
     pairs = key_map(_count_blocks(adapter, "transformer_blocks"), _count_blocks(adapter, "single_transformer_blocks"),
                     any(k.startswith("time_text_embed.guidance_embedder.") for k in adapter))
+    return kohya_from_pairs(adapter, pairs, rank, alpha)
+
+
+def kohya_from_pairs(adapter: dict, pairs: list[tuple[str, tuple[str, ...]]], rank: int, alpha: float) -> dict:
+    """kohya's state dict of a peft LoRA (no prefix) under a FLUX generation's key map ((BFL key, the diffusers
+    keys stacked to make it), shared/bfl.py's or shared/bfl_flux2.py's)."""
     out, used = {}, set()
     for bfl, names in pairs:
         if not bfl.endswith(".weight"):

@@ -221,7 +221,8 @@ def run_plain_lora(row: dict, device) -> dict:
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
-    from train.config import DEFAULT_LORA_TARGETS
+    from shared.family import get_family
+    DEFAULT_LORA_TARGETS = get_family("flux1").default_lora_targets
     cfg = model_config(row)
     model = bf16_model(cfg, device)
     model.requires_grad_(False)

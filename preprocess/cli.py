@@ -26,25 +26,37 @@ app.command("export")(export_command)
 @app.command("tiny-model")
 def tiny_model(
     out_dir: Path = typer.Argument(..., help="Folder to write (diffusers' FLUX layout)."),
+    family: Literal["flux1", "flux2-klein", "flux2-klein-distilled", "flux2-dev"] = typer.Option(
+        "flux1", help="flux1: FluxPipeline (T5 + CLIP); flux2-klein: Flux2KleinPipeline base (Qwen3, sampled with "
+                      "CFG); flux2-klein-distilled: its step-distilled kind (is_distilled); flux2-dev: Flux2Pipeline "
+                      "(Mistral 3, a guidance embedding)."),
     seed: int = typer.Option(0, help="Seed of the random weights; the same seed writes the same files."),
-    guidance_embeds: bool = typer.Option(False, help="Give the transformer FLUX.1-dev's guidance embedding."),
+    guidance_embeds: bool = typer.Option(False, help="FLUX.1: give the transformer FLUX.1-dev's guidance embedding."),
     vae: Literal["pooling", "random"] = typer.Option(
         "pooling", help="'pooling': hand-set VAE that keeps each 8x8 block's colour, so samples decode to "
                         "pictures; 'random': random init."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder that is not empty "
                                                               "(all of it: none of its files is kept)."),
 ):
-    """Write a tiny FLUX model folder: the real classes at toy sizes, loadable by FluxPipeline, offline."""
+    """Write a tiny FLUX model folder: the real classes at toy sizes, loadable by the family's diffusers
+    pipeline (FluxPipeline, Flux2KleinPipeline, Flux2Pipeline), made offline."""
     from preprocess.export import replace_folder
     from shared.quiet import silence_progress_bars
     from shared.tiny import write_tiny_model
+    from shared.tiny_flux2 import write_tiny_flux2_dev, write_tiny_flux2_klein
+    if guidance_embeds and family != "flux1":
+        raise typer.BadParameter(f"--guidance-embeds is FLUX.1's; {family} decides it itself")
+    writers = {"flux1": lambda tmp: write_tiny_model(tmp, seed=seed, guidance_embeds=guidance_embeds, vae=vae),
+               "flux2-klein": lambda tmp: write_tiny_flux2_klein(tmp, seed=seed, vae=vae),
+               "flux2-klein-distilled": lambda tmp: write_tiny_flux2_klein(tmp, seed=seed, distilled=True, vae=vae),
+               "flux2-dev": lambda tmp: write_tiny_flux2_dev(tmp, seed=seed, vae=vae)}
     if out_dir.exists() and not overwrite and not (out_dir.is_dir() and not any(out_dir.iterdir())):
         # a trained model or anything else there would be lost (as export, only when asked)
         typer.echo(f"error: {out_dir}: exists and is not empty; pass --overwrite to replace it", err=True)
         raise typer.Exit(2)
     silence_progress_bars()   # a toy model writes in moments: its bars would only be noise
-    replace_folder(out_dir, lambda tmp: write_tiny_model(tmp, seed=seed, guidance_embeds=guidance_embeds, vae=vae))
-    typer.echo(f"wrote tiny model to {out_dir}")
+    replace_folder(out_dir, writers[family])
+    typer.echo(f"wrote tiny {family} model to {out_dir}")
 
 
 @app.command("demo-data")

@@ -12,7 +12,7 @@ from shared.devices import DEVICE_METAVAR
 from shared.params import config_flags, config_option
 from shared.precision import DTYPE_ALIASES
 
-T5Mode = Literal["padded", "trimmed"]
+TextMode = Literal["padded", "trimmed"]
 Dtype = Literal[tuple(DTYPE_ALIASES)]   # bf16, fp16, fp32 or the full names: --help lists them
 
 # Decoding workers when --num-workers is not given: one per CPU this process may use, at most this
@@ -48,10 +48,14 @@ def encode_command(
                                       "too_small (upscaling them would blur the target): auto, the default, is "
                                       "half of --resolution (32 at 64); 0 keeps every image; 256 = "
                                       "torchtitan's filter at 256px."),
-    t5_mode: Optional[T5Mode] = typer.Option(None, help="padded (FLUX-exact, all max_length rows; the default) or "
-                                                        "trimmed (real tokens only)."),
-    t5_max_length: int = typer.Option(0, help="T5 tokens (512 for FLUX.1-dev, 256 for schnell); 0: the "
-                                              "tokenizer's model_max_length."),
+    text_mode: Optional[TextMode] = typer.Option(
+        None, "--text-mode", "--t5-mode",
+        help="padded (the model's exact convention, all max_length positions; the default) or trimmed (real tokens "
+             "only, FLUX.1's T5; FLUX.2 attends every position and takes padded only)."),
+    text_max_length: int = typer.Option(
+        0, "--text-max-length", "--t5-max-length",
+        help="Text tokens: FLUX.1's T5 512 for dev, 256 for schnell; 0: the family's default (T5's "
+             "model_max_length; 512 for FLUX.2)."),
     batch_size: int = typer.Option(64, help="Images per encoder batch."),
     num_workers: int = typer.Option(None, help="DataLoader worker processes decoding images (default: the "
                                                f"CPUs this process may use, at most {MAX_DEFAULT_WORKERS})."),
@@ -104,13 +108,13 @@ def encode_command(
     if input is None:
         if sample_prompts is None:
             raise typer.BadParameter("--input is required (or --sample-prompts alone, on an existing cache)")
-        _encode_sample_prompts(model, output, sample_prompts, t5_mode, t5_max_length, device, options)
+        _encode_sample_prompts(model, output, sample_prompts, text_mode, text_max_length, device, options)
         return
     prep = PrepOptions(resolution=resolution, buckets=buckets, min_size=min_size_px,
                        jpeg_draft=jpeg_draft)
     # FLUX.1's own text-encoder options, passed on where given (another family refuses them by name)
     text_options = {k: v for k, v in (("t5_impl", t5_impl), ("t5_fp32_wo", t5_fp32_wo)) if v}
-    opts = EncodeOptions(text_mode=t5_mode or "padded", text_max_length=t5_max_length or None,
+    opts = EncodeOptions(text_mode=text_mode or "padded", text_max_length=text_max_length or None,
                          store_logvar=store_logvar, dtype=dtype, compute_dtype=compute_dtype or None, compile=compile,
                          text_options=text_options)
     command = recorded_command(sys.argv, config_flags(ctx))
@@ -134,7 +138,7 @@ def encode_command(
         _encode_sample_prompts(model, output, sample_prompts, None, None, device, options)
 
 
-def _encode_sample_prompts(model: str, output: str, prompts_file: Path, t5_mode, t5_max_length, device,
+def _encode_sample_prompts(model: str, output: str, prompts_file: Path, text_mode, text_max_length, device,
                            options: dict) -> None:
     from .output_lock import OutputLock
     from .sample_prompts import encode_sample_prompts
@@ -143,8 +147,9 @@ def _encode_sample_prompts(model: str, output: str, prompts_file: Path, t5_mode,
     from shared.models import ModelLoadError
     try:
         with OutputLock.acquire(open_store(output, options), "encode --sample-prompts"):   # it rewrites the manifest
-            n = encode_sample_prompts(model, output, prompts_file, text_mode=t5_mode,
-                                      text_max_length=t5_max_length or None, device=device, storage_options=options)
+            n = encode_sample_prompts(model, output, prompts_file, text_mode=text_mode,
+                                      text_max_length=text_max_length or None, device=device,
+                                      storage_options=options)
     except (CacheError, ModelLoadError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

@@ -40,6 +40,7 @@ def run_settings(enc: Encoders, prep: PrepOptions, opts: EncodeOptions) -> dict:
     if opts.store_logvar:
         dtypes["latent_logvar"] = store
     return {
+        "family": enc.family.name,
         "encoders": enc.identities,
         "image": {"resolution": prep.resolution, "buckets": prep.bucket_list(), "crop": CROP_RULE,
                   "min_size": prep.min_size, "jpeg_draft": prep.jpeg_draft},

@@ -1,12 +1,13 @@
 """`flux-prep export`: a trainer's final/ (LoRA or full weights) in the files other tools load.
 
-  comfyui, bfl  one .safetensors file in Black Forest Labs' layout: the whole transformer (what ComfyUI's
-                diffusion-model loader and BFL's own code read), or a LoRA in kohya's names (what ComfyUI,
-                Forge and sd-scripts load; FluxPipeline.load_lora_weights reads it too). The two names
-                give the same file: ComfyUI reads BFL's layout.
-  diffusers     a folder: the transformer (FluxTransformer2DModel.from_pretrained), or the LoRA in
-                FluxPipeline's layout (FluxPipeline.load_lora_weights), an older final/'s unprefixed keys
-                given the "transformer." prefix.
+  comfyui, bfl  one .safetensors file in Black Forest Labs' layout of the model's family (FLUX.1 or FLUX.2:
+                shared/bfl*.py): the whole transformer (what ComfyUI's diffusion-model loader and BFL's own
+                code read), or a LoRA in kohya's names (what ComfyUI, Forge, sd-scripts and musubi-tuner
+                load; the family's diffusers pipeline reads it too). The two names give the same file:
+                ComfyUI reads BFL's layout.
+  diffusers     a folder: the transformer (its class's from_pretrained), or the LoRA in the layout of the
+                family's pipeline (FluxPipeline / Flux2KleinPipeline.load_lora_weights), an older final/'s
+                unprefixed keys given the "transformer." prefix.
 
 `--dtype bf16` casts every weight; `fp8` (full weights only) stores the linear layers' matrices as
 float8 e4m3 (plain casts, as ComfyUI's fp8 checkpoints; it reads the dtype from the tensors) and the
@@ -21,17 +22,14 @@ from pathlib import Path
 
 import torch
 
-from shared.bfl import diffusers_to_bfl
-from shared.bfl_lora import peft_to_kohya
 from shared.cache.files import commit_file
-from shared.models import TRAINING_INFO
+from shared.family import Family, family_of_transformer, get_family
+from shared.run_files import LORA_PREFIX, LORA_WEIGHTS, TRAINING_INFO, TRANSFORMER_WEIGHTS, read_training_info
 
 FORMATS = ("comfyui", "bfl", "diffusers")
 DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
-LORA_FILE = "pytorch_lora_weights.safetensors"
-TRANSFORMER_FILE = "diffusion_pytorch_model.safetensors"
+LORA_FILE, TRANSFORMER_FILE, PREFIX = LORA_WEIGHTS, TRANSFORMER_WEIGHTS, f"{LORA_PREFIX}."
 LORA_METADATA = "lora_adapter_metadata"   # diffusers' key for the adapter's peft config
-PREFIX = "transformer."
 
 
 class ExportError(Exception):
@@ -43,6 +41,7 @@ class Final:
     folder: Path
     info: dict
     lora: bool
+    family: Family
 
 
 def read_final(folder: Path) -> Final:
@@ -50,11 +49,12 @@ def read_final(folder: Path) -> Final:
         raise ExportError(f"{folder}: no such folder (expected a trainer's final/)")
     if not (folder / TRAINING_INFO).is_file():
         raise ExportError(f"{folder}: not a trainer final/ folder (no {TRAINING_INFO})")
-    info = json.loads((folder / TRAINING_INFO).read_text())
-    if (folder / LORA_FILE).is_file():
-        return Final(folder, info, lora=True)
+    info = read_training_info(folder)
+    if (folder / LORA_FILE).is_file():   # a final/ written before families had names is FLUX.1's
+        return Final(folder, info, lora=True, family=get_family(info.get("family")))
     if (folder / "config.json").is_file() and (folder / TRANSFORMER_FILE).is_file():
-        return Final(folder, info, lora=False)
+        family = family_of_transformer(json.loads((folder / "config.json").read_text()))
+        return Final(folder, info, lora=False, family=family or get_family(info.get("family")))
     raise ExportError(f"{folder}: not a trainer final/ folder (neither {LORA_FILE} nor config.json + "
                       f"{TRANSFORMER_FILE})")
 
@@ -97,7 +97,7 @@ def cast(state: dict, dtype: str | None) -> dict:
 
 def modelspec(src: Final, output: Path, lora: bool) -> dict:
     """The sai model-spec fields that sd-scripts writes and ComfyUI and Forge show, plus the training info."""
-    arch = "flux-1-dev" if src.info.get("guidance_embeds") else "flux-1-schnell"
+    arch = src.family.modelspec_names["architecture"][bool(src.info.get("guidance_embeds"))]
     return {"format": "pt", "modelspec.sai_model_spec": "1.0.0",
             "modelspec.architecture": arch + ("/lora" if lora else ""),
             "modelspec.implementation": "https://github.com/black-forest-labs/flux",
@@ -121,21 +121,24 @@ def read_lora(folder: Path) -> tuple[dict, dict]:
 def _export_lora(src: Final, fmt: str, output: Path, dtype: str | None) -> None:
     adapter, config = read_lora(src.folder)
     if fmt == "diffusers":
-        from diffusers import FluxPipeline
+        import diffusers
+        pipeline = getattr(diffusers, src.family.lora_pipeline)
 
         def write(tmp: Path) -> None:
-            FluxPipeline.save_lora_weights(str(tmp), transformer_lora_layers=cast(adapter, dtype),
-                                           transformer_lora_adapter_metadata=config)
+            pipeline.save_lora_weights(str(tmp), transformer_lora_layers=cast(adapter, dtype),
+                                       transformer_lora_adapter_metadata=config)
         _write_folder(output, src, write)
         return
     rank, alpha = int(config["r"]), float(config.get("lora_alpha") or config["r"])
     try:
-        kohya = peft_to_kohya(adapter, rank, alpha)
+        kohya = src.family.bfl_lora().peft_to_kohya(adapter, rank, alpha)
     except ValueError as e:
         raise ExportError(f"{src.folder}: {e}") from None
     kohya = {k: v if k.endswith(".alpha") else cast({k: v}, dtype)[k] for k, v in kohya.items()}
-    meta = modelspec(src, output, lora=True) | {"ss_network_module": "networks.lora_flux", "ss_network_dim": str(rank),
-                                                "ss_network_alpha": f"{alpha:g}", "ss_base_model_version": "flux1"}
+    names = src.family.modelspec_names
+    meta = modelspec(src, output, lora=True) | {"ss_network_module": names["network_module"],
+                                                "ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}",
+                                                "ss_base_model_version": names["base_model_version"]}
     _write_file(output, kohya, meta)
 
 
@@ -151,7 +154,7 @@ def _export_full(src: Final, fmt: str, output: Path, dtype: str | None) -> None:
             save_file(cast(state, dtype), str(tmp / TRANSFORMER_FILE), metadata={"format": "pt"})
         _write_folder(output, src, write)
         return
-    _write_file(output, cast(diffusers_to_bfl(state), dtype), modelspec(src, output, lora=False))
+    _write_file(output, cast(src.family.bfl().diffusers_to_bfl(state), dtype), modelspec(src, output, lora=False))
 
 
 def _write_file(output: Path, tensors: dict, metadata: dict) -> None:

@@ -62,7 +62,9 @@ def _read_json(store: Store, name: str):
 
 def _comparable(settings: dict, keys: list[str]) -> dict:
     """Encoders compare by weight hash (a moved folder is the same model), else by source."""
+    from shared.family import DEFAULT_FAMILY
     out = {k: settings.get(k) for k in keys}
+    out["family"] = out.get("family") or DEFAULT_FAMILY   # settings written before families had names
     out["encoders"] = {part: (ident.get("sha256") or ident.get("source"))
                        for part, ident in (settings.get("encoders") or {}).items()}
     return out

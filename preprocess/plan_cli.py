@@ -13,12 +13,12 @@ from .encode_cli import warn_repeat_folders, encode_command, min_size_option
 
 # Encode's options that change what the cache holds; the others (batch size, workers, device, ...) only
 # how fast it is written, and a plan accepts and ignores them.
-USED = ("model", "input", "resolution", "buckets", "min_size", "t5_mode", "t5_max_length", "store_logvar", "dtype",
-        "rows_per_shard")
+USED = ("model", "input", "resolution", "buckets", "min_size", "text_mode", "text_max_length", "store_logvar",
+        "dtype", "rows_per_shard")
 
 
 def plan_command(**options):
-    """Estimate a cache before encoding it: rows, bytes per sample and in all for each T5 mode, the
+    """Estimate a cache before encoding it: rows, bytes per sample and in all for each text mode, the
     share of images below --min-size, and encode hours on the GPU kinds measured (no GPU work).
     Encode's other options (--output, --batch-size, --device, ...) are accepted, so that a planned command
     runs as it is with encode, and ignored."""
@@ -28,13 +28,14 @@ def plan_command(**options):
     from .plan import format_plan, plan
     from .sources import InputError
     o = {k: options[k] for k in USED}
-    o["t5_mode"] = o["t5_mode"] or "padded"
+    o["text_mode"] = o["text_mode"] or "padded"
     if not o["input"]:
         raise typer.BadParameter("--input is required: the shards to estimate")
     prep = PrepOptions(resolution=o["resolution"], buckets=o["buckets"], min_size=min_size_option(o["min_size"]))
     warn_repeat_folders(o["input"])
     try:
-        result = plan(o["model"], o["input"], prep, text_mode=o["t5_mode"], text_max_length=o["t5_max_length"] or None,
+        result = plan(o["model"], o["input"], prep, text_mode=o["text_mode"],
+                      text_max_length=o["text_max_length"] or None,
                       dtype=o["dtype"], store_logvar=o["store_logvar"], rows_per_shard=o["rows_per_shard"],
                       sample=options["sample_shards"])
     except (InputError, ModelLoadError, ValueError) as e:

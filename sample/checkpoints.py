@@ -11,13 +11,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from shared.bfl import config_from_diffusers_shapes, read_shapes
-from shared.models import read_training_info
+from shared.bfl import read_shapes
+from shared.run_files import FINAL, LORA_WEIGHTS, MODEL_WEIGHTS, OLD_LORA_WEIGHTS, read_training_info
 
-STEP_DIR = re.compile(r"^step-(\d+)(\.tmp)?$")
-MODEL_WEIGHTS = "model.safetensors"          # accelerate's save_state, the first prepared model
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-OLD_LORA_WEIGHTS = "lora_adapter.safetensors"  # checkpoints before they held final/'s adapter format
+STEP_DIR = re.compile(r"^step-(\d+)(\.tmp)?$")   # a complete checkpoint's folder, or one being written
 
 
 class CheckpointError(Exception):
@@ -62,10 +59,10 @@ def lora_weights(path: Path) -> Path:
     raise CheckpointError(f"{path}: no {LORA_WEIGHTS} (the LoRA adapter) in this checkpoint")
 
 
-def transformer_config(weights: Path, base: dict | None) -> dict:
-    """The transformer's config, every size read from the weights' shapes (rotary axes from `base`)."""
+def transformer_config(family, weights: Path, base: dict | None) -> dict:
+    """The transformer's config (of `family`), every size read from the weights' shapes (rotary axes from `base`)."""
     try:
-        return config_from_diffusers_shapes(read_shapes(weights), base)
+        return family.bfl().config_from_diffusers_shapes(read_shapes(weights), base)
     except ValueError as e:
         raise CheckpointError(f"{weights}: {e}") from None
     except Exception as e:  # noqa: BLE001 -- a corrupt header
@@ -74,7 +71,7 @@ def transformer_config(weights: Path, base: dict | None) -> dict:
 
 def training_info(path: Path) -> dict:
     """The sampling conventions: the checkpoint's own, else (older checkpoints) the run's final/'s."""
-    return read_training_info(path) or read_training_info(path.parent.parent / "final")
+    return read_training_info(path) or read_training_info(path.parent.parent / FINAL)
 
 
 def weights_note(path: Path, info: dict) -> str:

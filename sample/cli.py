@@ -43,9 +43,10 @@ def sample(
     device: str = typer.Option("auto", metavar=DEVICE_METAVAR, help="auto: cuda where there is one."),
     dtype: Literal[("auto", *DTYPE_ALIASES)] = typer.Option("auto", help="auto: bfloat16 on a GPU, float32 on the "
                                                                          "CPU."),
-    t5_mode: Optional[Literal["padded", "trimmed"]] = typer.Option(None, help="Default: the model's saved "
-                                                                              "convention."),
-    t5_max_length: Optional[int] = typer.Option(None, help="T5 tokens (default: the model's, else 512)."),
+    text_mode: Optional[Literal["padded", "trimmed"]] = typer.Option(
+        None, "--text-mode", "--t5-mode", help="Default: the model's saved convention (FLUX.2: padded only)."),
+    text_max_length: Optional[int] = typer.Option(None, "--text-max-length", "--t5-max-length",
+                                                  help="Text tokens (default: the model's, else 512)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile each transformer block (GPU)."),
     attention_backend: str = typer.Option("default", help="diffusers attention backend: native, _native_flash, "
                                                           "_native_cudnn, flash, _flash_3, ..."),
@@ -76,8 +77,8 @@ def sample(
         opts = SampleOptions(
             model=model, output=output_dir, prompts=prompt, prompts_file=prompts_file, transformer=transformer,
             lora=lora, seeds=seeds, steps=steps, width=width, height=height, guidance=guidance,
-            cfg_scale=cfg_scale, batch_size=batch_size, grid=grid, device=device, dtype=dtype, t5_mode=t5_mode,
-            t5_max_length=t5_max_length, compile=compile, attention_backend=attention_backend,
+            cfg_scale=cfg_scale, batch_size=batch_size, grid=grid, device=device, dtype=dtype, text_mode=text_mode,
+            text_max_length=text_max_length, compile=compile, attention_backend=attention_backend,
             cudnn_sdpa=cudnn_sdpa, fuse_qkv=fuse_qkv, progress=progress, check_base=check_base)
         written = run(opts)
     except (SampleError, ModelLoadError) as e:

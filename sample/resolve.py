@@ -13,17 +13,18 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.bfl import config_from_shapes, read_shapes
-from shared.family import Family, family_of_transformer
-from shared.models import (PICKLE_SUFFIXES, ModelLoadError, part_config, read_training_info, refuse_pickle,
+from shared.bfl import read_shapes
+from shared.family import FAMILIES, Family, family_of_transformer
+from shared.models import (PICKLE_SUFFIXES, ModelLoadError, model_index, part_config, refuse_pickle,
                            require_safetensors, split_transformer_path)
-from shared.sampling import guidance_conventions, schedule_conventions
+from shared.run_files import LORA_WEIGHTS as DIFFUSERS_LORA
+from shared.run_files import PEFT_CONFIG as ADAPTER_CONFIG
+from shared.run_files import PEFT_WEIGHTS as ADAPTER_WEIGHTS
+from shared.run_files import read_training_info
+from shared.sampling import sampling_conventions
 
 from . import checkpoints
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
 
 
 class SampleError(Exception):
@@ -39,6 +40,7 @@ class TransformerSource:
     config: dict
     info: dict = field(default_factory=dict)   # flux_prep.json beside it, if any
     note: str = ""     # what the user should know about the weights used
+    family: Family | None = None   # MODEL's (resolve_transformer sets it)
 
 
 def _refuse_pickle(path) -> None:
@@ -48,7 +50,14 @@ def _refuse_pickle(path) -> None:
         raise SampleError(str(e)) from None
 
 
-def resolve_transformer(model: str, transformer: str | None) -> TransformerSource:
+def resolve_transformer(family: Family, model: str, transformer: str | None) -> TransformerSource:
+    """Where the transformer of MODEL's `family` comes from (see the module docstring), checked."""
+    source = _resolve(family, model, transformer)
+    source.family = family
+    return source
+
+
+def _resolve(family: Family, model: str, transformer: str | None) -> TransformerSource:
     if transformer is None:
         info = read_training_info(Path(model) / "transformer") if Path(model).is_dir() else {}
         return TransformerSource("model", model, part_config(model, "transformer"), info)
@@ -57,9 +66,9 @@ def resolve_transformer(model: str, transformer: str | None) -> TransformerSourc
     if not path.exists():
         raise SampleError(f"{transformer}: no such transformer file or folder")
     if path.is_file():
-        return _single_file(model, path)
+        return _single_file(family, model, path)
     if checkpoints.is_checkpoint(path):
-        return _checkpoint(model, path)
+        return _checkpoint(family, model, path)
     folder, part = split_transformer_path(str(path))
     if part and (Path(folder) / part).is_dir():   # a whole model folder: take its transformer
         path = Path(folder) / part
@@ -72,7 +81,7 @@ def resolve_transformer(model: str, transformer: str | None) -> TransformerSourc
                              read_training_info(path))
 
 
-def _single_file(model: str, path: Path) -> TransformerSource:
+def _single_file(family: Family, model: str, path: Path) -> TransformerSource:
     if path.suffix != ".safetensors":
         raise SampleError(f"{path}: a single-file transformer must be .safetensors (BFL key layout)")
     try:
@@ -81,15 +90,28 @@ def _single_file(model: str, path: Path) -> TransformerSource:
         raise SampleError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from e
     base = part_config(model, "transformer", required=False)
     try:
-        return TransformerSource("bfl", str(path), config_from_shapes(shapes, base))
+        return TransformerSource("bfl", str(path), family.bfl().config_from_shapes(shapes, base))
     except ValueError as e:
+        other = next((f for f in FAMILIES.values() if f is not family and _reads(f, shapes)), None)
+        if other is not None:
+            raise SampleError(f"{path}: a {other.name} transformer, but --model is a {family.name} model folder: give "
+                              f"the text encoders and VAE of its own family") from None
         raise SampleError(f"{path}: {e}") from None
 
 
-def _checkpoint(model: str, path: Path) -> TransformerSource:
+def _reads(family: Family, shapes: dict) -> bool:
+    """Whether `shapes` are a transformer of `family` in BFL's layout."""
+    try:
+        family.bfl().config_from_shapes(shapes)
+        return True
+    except (ValueError, KeyError):
+        return False
+
+
+def _checkpoint(family: Family, model: str, path: Path) -> TransformerSource:
     try:
         weights = checkpoints.full_weights(path)
-        config = checkpoints.transformer_config(weights, part_config(model, "transformer", required=False))
+        config = checkpoints.transformer_config(family, weights, part_config(model, "transformer", required=False))
     except checkpoints.CheckpointError as e:
         raise SampleError(str(e)) from None
     info = checkpoints.training_info(path)
@@ -209,19 +231,19 @@ class Conventions:
     resolution: int
 
 
-def conventions(model: str, tcfg: dict, info: dict, vae_cfg: dict) -> Conventions:
+def conventions(family: Family, model: str, tcfg: dict, info: dict, vae_cfg: dict) -> Conventions:
     """Defaults from the trainer's flux_prep.json, else from the published model's configs (shared/sampling.py
     holds the rules, which the trainer's own samples follow too)."""
     sched = part_config(model, "scheduler", "scheduler_config.json", required=False) or {}
-    schedule = schedule_conventions(info, sched)
     guidance_embeds = bool(tcfg.get("guidance_embeds", False))
-    guidance, cfg = guidance_conventions(info, guidance_embeds)
+    conv = sampling_conventions(family, info, guidance_embeds, model_index(model), sched)
+    schedule, guidance, cfg = conv, conv["guidance"], conv["cfg_scale"]
     resolution = _get(info, "resolution") or vae_cfg.get("sample_size") or 1024
     if isinstance(resolution, (list, tuple)):
         resolution = resolution[0]
     return Conventions(
-        text_mode=_get(info, "t5_mode", ("t5", "mode")) or "padded",
-        text_max_length=_get(info, "t5_max_length", ("t5", "max_length")),
+        text_mode=_get(info, "text_mode", ("t5", "mode")) or "padded",
+        text_max_length=_get(info, "text_max_length", ("t5", "max_length")),
         shift=schedule["shift_schedule"],
         steps=schedule["default_steps"],
         guidance_embeds=guidance_embeds,

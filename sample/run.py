@@ -46,8 +46,8 @@ class SampleOptions:
     grid: bool = False
     device: str = "auto"
     dtype: str = "auto"
-    t5_mode: str | None = None
-    t5_max_length: int | None = None
+    text_mode: str | None = None
+    text_max_length: int | None = None
     compile: bool = False
     attention_backend: str = "default"
     cudnn_sdpa: bool = True
@@ -99,17 +99,20 @@ def plan(opts: SampleOptions) -> Plan:
     if not opts.seeds:
         raise SampleError("no seeds")
     device, dtype = _device_dtype(opts.device, opts.dtype)
-    source = resolve_transformer(opts.model, opts.transformer)
-    lora, lora_info = resolve_lora(opts.lora)
     try:
         family = family_of_model(opts.model)
+    except ModelLoadError as e:
+        raise SampleError(str(e)) from None
+    source = resolve_transformer(family, opts.model, opts.transformer)
+    lora, lora_info = resolve_lora(opts.lora)
+    try:
         vae_cfg = part_config(opts.model, "vae")
         dims = {"latent_channels": vae_cfg.get("latent_channels"), **family.text_dims(opts.model)}
     except ModelLoadError as e:
         raise SampleError(str(e)) from None
     label = opts.transformer or f"{opts.model} (transformer)"
     check_fit(family, source.config, dims, label)
-    conv = conventions(opts.model, source.config, {**source.info, **lora_info}, vae_cfg)
+    conv = conventions(family, opts.model, source.config, {**source.info, **lora_info}, vae_cfg)
     width, height = opts.width or conv.resolution, opts.height or conv.resolution
     if width <= 0 or height <= 0 or width % 16 or height % 16:
         raise SampleError(f"width and height must be positive multiples of 16, got {width}x{height}")
@@ -119,7 +122,7 @@ def plan(opts: SampleOptions) -> Plan:
     cfg = conv.cfg_scale if opts.cfg_scale is None else opts.cfg_scale
     if cfg < 1.0:
         raise SampleError(f"--cfg-scale must be 1 (off) or more, got {cfg}")
-    text_mode = opts.t5_mode or conv.text_mode
+    text_mode = opts.text_mode or conv.text_mode
     if text_mode not in family.text.modes:
         raise SampleError(f"unknown {family.text.label} mode {text_mode!r}; choose {' or '.join(family.text.modes)}")
     guidance = (conv.guidance if opts.guidance is None else opts.guidance) if conv.guidance_embeds else None
@@ -147,7 +150,7 @@ def encode(opts: SampleOptions, p: Plan) -> tuple[list[PromptEncoding], PromptEn
     """Every prompt's encoding (and the empty prompt's for CFG), made before the transformer loads; the text
     encoders then leave memory. Returns them and the text length used."""
     encoder = p.family.load_text_encoder(opts.model, p.device, p.dtype, mode=p.text_mode,
-                                         max_length=opts.t5_max_length or p.conv.text_max_length,
+                                         max_length=opts.text_max_length or p.conv.text_max_length,
                                          options=p.family.sampling_text_options)
     texts = p.prompts + ([""] if p.cfg_scale > 1.0 else [])
     enc = encoder.prompt_encodings(texts, batch_size=max(1, opts.batch_size))
@@ -161,9 +164,8 @@ def load_sampling_transformer(src, lora, dtype, device, *, compile_blocks: bool 
                               attention_backend: str = "default", cudnn_sdpa: bool = True, fuse_qkv: bool = False):
     """The transformer of a resolved source, the LoRA adapter merged in, set up for speed."""
     if src.kind == "bfl":
-        from shared.bfl import load_bfl_transformer
         try:
-            model = load_bfl_transformer(Path(src.path), src.config, dtype, device)
+            model = src.family.bfl().load_bfl_transformer(Path(src.path), src.config, dtype, device)
         except ValueError as e:
             raise SampleError(f"{src.path}: {e}") from None
     elif src.kind == "checkpoint":
@@ -190,9 +192,8 @@ def _checkpoint_transformer(src, dtype, device):
     """A trainer checkpoint's model.safetensors: diffusers' keys, the config read from its shapes."""
     from safetensors.torch import load_file
 
-    from shared.bfl import transformer_from_state
     try:
-        return transformer_from_state(src.config, load_file(src.path), dtype, device)
+        return src.family.bfl().transformer_from_state(src.config, load_file(src.path), dtype, device)
     except RuntimeError as e:   # keys the config does not account for
         raise SampleError(f"{src.path}: not the weights of one FLUX transformer ({str(e).splitlines()[0]})") from None
 

@@ -21,8 +21,6 @@ PARTS = {
     "scheduler": "the noise schedule",
 }
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-# Written beside a trained transformer's config.json: how it must be prompted and sampled.
-TRAINING_INFO = "flux_prep.json"
 
 
 class ModelLoadError(Exception):
@@ -139,8 +137,14 @@ def load_vae(model: str, dtype=torch.float32, device="cpu", family=None):
     """The VAE of a model folder/hub id, of its family's class (`family`: given, or read from the folder)."""
     from .family import family_of_model
     family = family or family_of_model(model)
-    return load_part(family.vae_cls().from_pretrained, model, "vae", family.parts["vae"], torch_dtype=dtype,
-                     use_safetensors=True).to(device).eval()
+    vae = load_part(family.vae_cls().from_pretrained, model, "vae", family.parts["vae"], torch_dtype=torch.float32,
+                    use_safetensors=True)
+    for name, child in vae.named_children():
+        # FLUX.2's BatchNorm statistics stay float32 (the forward never uses them; the latents' normalisation
+        # does, and bf16 would round them): every other part in `dtype`
+        if name != "bn":
+            child.to(dtype)
+    return vae.to(device).eval()
 
 
 def load_transformer(model: str, dtype=torch.float32, device="cpu", part: str = "transformer"):
@@ -269,9 +273,3 @@ def model_index(model: str) -> dict | None:
         if offline():
             raise ModelLoadError(not_here_offline(model, "model_index.json")) from e
         raise ModelLoadError(f"{model}: cannot read model_index.json ({str(e).splitlines()[0]})") from e
-
-
-def read_training_info(transformer_dir) -> dict:
-    """The sampling conventions a trainer saved beside a transformer (empty for published weights)."""
-    path = Path(transformer_dir) / TRAINING_INFO
-    return json.loads(path.read_text()) if path.is_file() else {}

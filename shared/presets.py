@@ -1,11 +1,14 @@
 """Model presets: the transformer, text and VAE shapes of each known FLUX model.
 
 `flux-dev` and `flux-schnell` carry FLUX.1's real dimensions; `tiny` keeps the
-same classes at toy sizes so that every stage runs on a CPU in seconds.
+same classes at toy sizes so that every stage runs on a CPU in seconds. FLUX.2's
+(`flux2-klein-4b`, `flux2-klein-9b`, `flux2-dev`, `flux2-tiny`) are in presets_flux2.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .presets_flux2 import FLUX2_PRESETS
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ _FLUX_TRANSFORMER = dict(
     axes_dims_rope=(16, 56, 56),
 )
 
-PRESETS: dict[str, Preset] = {
+_FLUX1_PRESETS: dict[str, Preset] = {
     "flux-dev": Preset(
         name="flux-dev",
         transformer={**_FLUX_TRANSFORMER, "guidance_embeds": True},
@@ -59,7 +62,11 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def get_preset(name: str) -> Preset:
+# Every preset, both families: FLUX.2's shapes and sources are in presets_flux2.py.
+PRESETS: dict = {**_FLUX1_PRESETS, **FLUX2_PRESETS}
+
+
+def get_preset(name: str):
     try:
         return PRESETS[name]
     except KeyError:

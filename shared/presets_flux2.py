@@ -33,6 +33,7 @@ class Flux2Preset:
     guidance_scale: float           # the checkpoint's default guidance
     true_cfg: bool                  # True: two passes (cond/uncond, klein base); False: embedded (dev)
     shift_schedule: bool = True     # sampling shifts the schedule by image-token count (compute_empirical_mu)
+    family: str = "flux2"           # shared/family/
     hub_id: str | None = None       # where the real weights live (diffusers layout)
     distilled_hub_id: str | None = None   # the step-distilled sibling (4 steps, guidance 1), for sampling
 

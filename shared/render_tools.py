@@ -27,6 +27,6 @@ def render_fields(t5_mode: str) -> dict:
 def other_tools_warning(info: dict) -> str | None:
     """A warning for a model handed to other tools (export) that they cannot render; None where they can.
     A flux_prep.json written before `renders_in` is judged by its `t5_mode`."""
-    if info.get("t5_mode") != "trimmed":
+    if info.get("text_mode") != "trimmed":
         return None
     return f"warning: {TRIMMED_NOTE}"

@@ -15,34 +15,27 @@ from .family import Family
 from .latents import latent_size
 from .text_batch import PromptEncoding, TextBatch
 
-# FluxPipeline's default guidance for guidance-distilled models, and our CFG default for models
-# trained with guidance dropout.
-DEFAULT_GUIDANCE = 3.5
+# Our CFG default for models trained with guidance dropout (and no guidance embedding).
 DEFAULT_CFG = 4.0
-# Steps when nothing says otherwise: FLUX.1-dev's (shifted schedule) and FLUX.1-schnell's (unshifted).
-SHIFTED_STEPS, UNSHIFTED_STEPS = 28, 4
 
 
-def schedule_conventions(info: dict, scheduler_config: dict | None) -> dict:
-    """`shift_schedule` and `default_steps`: the values a trainer saved (`info`, its flux_prep.json, or a
-    preset's), else the published model's scheduler config (dynamic shifting on unless it says no),
-    with FLUX.1-dev's step count for a shifted schedule and schnell's for an unshifted one."""
+def sampling_conventions(family: Family, info: dict, guidance_embeds: bool, model_index: dict | None = None,
+                         scheduler_config: dict | None = None) -> dict:
+    """How a model is sampled by default: {"shift_schedule", "default_steps", "guidance", "cfg_scale"}. The
+    values a trainer saved (`info`, its flux_prep.json, or a preset's) win; else the published model's own
+    (its family's rules over `model_index` and `scheduler_config`): the schedule's shift, its steps, the
+    guidance embedding's value (None without one), true CFG for models trained with guidance dropout."""
     shift = info.get("shift_schedule")
     if shift is None:
-        shift = (scheduler_config or {}).get("use_dynamic_shifting", True)
-    steps = info.get("default_steps") or (SHIFTED_STEPS if shift else UNSHIFTED_STEPS)
-    return {"shift_schedule": bool(shift), "default_steps": int(steps)}
-
-
-def guidance_conventions(info: dict, guidance_embeds: bool) -> tuple[float | None, float]:
-    """(guidance embedding value or None, CFG scale) a model is sampled with by default: the guidance it
-    was trained with (guidance-distilled models), and true CFG for models trained with guidance dropout."""
+        shift = family.default_shift(scheduler_config)
+    steps = info.get("default_steps") or family.default_steps(bool(shift), model_index)
     guidance = info.get("guidance")
-    guidance = float(DEFAULT_GUIDANCE if guidance is None else guidance) if guidance_embeds else None
+    guidance = float(family.default_guidance if guidance is None else guidance) if guidance_embeds else None
     cfg = info.get("cfg_scale")
     if cfg is None:
-        cfg = DEFAULT_CFG if float(info.get("guidance_dropout") or 0.0) > 0 and not guidance_embeds else 1.0
-    return guidance, float(cfg)
+        dropout = float(info.get("guidance_dropout") or 0.0) > 0
+        cfg = DEFAULT_CFG if dropout and not guidance_embeds else family.default_cfg(model_index, guidance_embeds)
+    return {"shift_schedule": bool(shift), "default_steps": int(steps), "guidance": guidance, "cfg_scale": float(cfg)}
 
 
 def guided_batch(cond: list[PromptEncoding], empty: PromptEncoding | None,
@@ -83,7 +76,7 @@ def denoise(family: Family, transformer, noise: torch.Tensor, text: TextBatch, *
     states = text.states if text.mask is None else text.states * text.mask[..., None]
     text = TextBatch(states.to(dtype), None if text.pooled is None else text.pooled.to(dtype), text.mask)
     if transformer.config.guidance_embeds:
-        guidance = guidance if guidance is not None else DEFAULT_GUIDANCE
+        guidance = guidance if guidance is not None else family.default_guidance
     else:
         guidance = None
     x = noise

@@ -14,7 +14,9 @@ from typer.testing import CliRunner
 from preprocess.cli import app as flux_prep_app
 from sample.cli import app as flux_sample_app
 from train.checkpoint import write_lora_adapter
-from train.config import DEFAULT_LORA_TARGETS
+from shared.family.flux1 import FLUX1
+
+DEFAULT_LORA_TARGETS = FLUX1.default_lora_targets
 
 PROMPT, SEED = "a red circle on a blue background", 1
 INFO = {"t5_mode": "padded", "t5_max_length": 32, "default_steps": 2, "guidance_dropout": 0.0}
@@ -151,8 +153,9 @@ def full_final(tiny_model, folder):
 def flux_sample_weights(tiny_model, transformer) -> dict:
     """The weights flux-sample's --transformer loads (fp32)."""
     from sample.resolve import resolve_transformer
+    from shared.family.flux1 import FLUX1
     from sample.run import load_sampling_transformer
-    source = resolve_transformer(str(tiny_model), str(transformer))
+    source = resolve_transformer(FLUX1, str(tiny_model), str(transformer))
     return load_sampling_transformer(source, None, torch.float32, "cpu").state_dict()
 
 
@@ -178,7 +181,7 @@ def test_full_weights_as_one_bfl_file(dtype, tiny_model, tmp_path):
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["format"] == "pt" and meta["modelspec.architecture"] == "flux-1-schnell"
-    assert json.loads(meta["flux_prep"])["t5_max_length"] == 32
+    assert json.loads(meta["flux_prep"])["text_max_length"] == 32
 
 
 def test_bfl_layout_is_what_diffusers_single_file_converter_reads_at_flux1_width():

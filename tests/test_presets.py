@@ -37,9 +37,9 @@ def test_tiny_builds_and_overrides():
     assert set(PRESETS) >= {"flux-dev", "flux-schnell", "tiny"}
 
 
-# The T5 length each published base was trained with, and so what FluxPipeline, ComfyUI and Forge feed it
-# (diffusers' FluxPipeline: at most 256 for schnell; 512 for dev).
-PUBLISHED_T5_LENGTH = {"flux-schnell": 256, "flux-dev": 512}
+# The text length each published base was trained with, and so what FluxPipeline, ComfyUI and Forge feed it
+# (diffusers' FluxPipeline: at most 256 for schnell; 512 for dev; FLUX.2: 512, Flux2KleinPipeline's).
+PUBLISHED_T5_LENGTH = {"flux-schnell": 256, "flux-dev": 512, "flux2-klein-base-4b": 512}
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (Path(__file__).parents[1] / "configs/params").glob("*.yaml")))
@@ -50,5 +50,5 @@ def test_every_preset_for_a_published_base_keeps_its_padded_t5(preset):
     params = read_yaml((Path(__file__).parents[1] / "configs/params" / preset).read_text())
     base = Path(params["model"]["path"]).name
     assert base in PUBLISHED_T5_LENGTH, f"{preset}: model.path {base!r} is no published base this test knows"
-    assert params["encode"]["t5_mode"] == "padded", preset
-    assert params["encode"]["t5_max_length"] == PUBLISHED_T5_LENGTH[base], preset
+    assert params["encode"]["text_mode"] == "padded", preset
+    assert params["encode"]["text_max_length"] == PUBLISHED_T5_LENGTH[base], preset

@@ -49,7 +49,7 @@ def lora_run(tmp_path_factory, cache, tiny_model):
 def test_full_weight_checkpoint_samples_like_final(full_run, tiny_model, tmp_path):
     step = full_run / "checkpoints/step-2"
     info = json.loads((step / "flux_prep.json").read_text())
-    assert info["t5_mode"] == "trimmed" and info["steps_trained"] == 2 and info["ema"] is False
+    assert info["text_mode"] == "trimmed" and info["steps_trained"] == 2 and info["ema"] is False
     assert info["renders_in"] == ["flux-sample"] and "FluxPipeline" in info["renders_note"]   # not diffusers, ComfyUI
     r = flux_sample("--model", tiny_model, "--transformer", step, "--output", tmp_path / "ckpt", *FAST)
     assert r.exit_code == 0, r.output

@@ -13,6 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sample.cli import app
+from shared.family.flux1 import FLUX1
 from shared.image_files import GRID_NAME, INDEX_NAME, read_png_text
 
 PROMPT = "a red circle on a blue background"
@@ -129,7 +130,8 @@ def test_lora_adapter_changes_output(base_images, tiny_model, tmp_path):
     from sample.resolve import resolve_lora, resolve_transformer
     from sample.run import load_sampling_transformer
     lora, _ = resolve_lora(str(tmp_path / "adapter"))
-    merged = load_sampling_transformer(resolve_transformer(str(tiny_model), None), lora, torch.float32, "cpu")
+    source = resolve_transformer(FLUX1, str(tiny_model), None)
+    merged = load_sampling_transformer(source, lora, torch.float32, "cpu")
     g = torch.Generator().manual_seed(0)
     args = dict(hidden_states=torch.randn(1, 16, 64, generator=g),
                 encoder_hidden_states=torch.randn(1, 8, 64, generator=g),
@@ -143,7 +145,8 @@ def test_trainer_lora_final_folder(base_images, tiny_model, tmp_path):
     """The trainer's LoRA final/: diffusers' save_lora_adapter file plus flux_prep.json."""
     from peft import LoraConfig
 
-    from shared.models import TRAINING_INFO, load_transformer
+    from shared.models import load_transformer
+    from shared.run_files import TRAINING_INFO
     model = load_transformer(str(tiny_model))
     model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v", "proj_mlp"],
                                  init_lora_weights=False))

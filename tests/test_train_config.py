@@ -52,7 +52,7 @@ def test_bad_options_name_themselves(args, message):
     (["--run.max_stepz", "3"], r"unknown config key 'run.max_stepz'; run has output_dir, max_steps"),
     (["--runn.max_steps", "3"], r"unknown config section 'runn'"),
     (["--schedule.kind", "linear"], r"schedule.kind: .*'constant' or 'cosine'.*'linear'"),
-    (["--data.expected_t5_mode", "padded256"], r"data.expected_t5_mode: .*'padded' or 'trimmed'"),
+    (["--data.expected_text_mode", "padded256"], r"data.expected_text_mode: .*'padded' or 'trimmed'"),
     (["--run.compile", "maybe"], r"run.compile: .*boolean"),
     (["--optim.betas", "0.9"], r"optim.betas: .*tuple"),
     (["--model.overrides", "[1, 2]"], r"model.overrides: .*dictionary"),
@@ -177,22 +177,22 @@ def test_pipeline_params_presets_hold_every_key_dvc_reads(path):
 
 @pytest.mark.parametrize("path", ["params.yaml", *PRESETS])
 def test_each_pipeline_fact_is_written_once(path):
-    """The model folder and the T5 mode live in model.path and encode.t5_mode alone: dvc.yaml passes
+    """The model folder and the text mode live in model.path and encode.text_mode alone: dvc.yaml passes
     them to the trainer, whose section does not repeat them (they were kept equal by hand)."""
     import yaml
     params = yaml.safe_load((REPO / path).read_text())
     assert "name" not in params["train"].get("model", {})
-    assert "expected_t5_mode" not in params["train"].get("data", {})
+    assert "expected_text_mode" not in params["train"].get("data", {})
     train_cmd = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["cmd"]
-    assert "--model.name ${model.path}" in train_cmd and "--data.expected_t5_mode ${encode.t5_mode}" in train_cmd
+    assert "--model.name ${model.path}" in train_cmd and "--data.expected_text_mode ${encode.text_mode}" in train_cmd
     cfg = load_config(REPO / path, {"model.name": params["model"]["path"],
-                                    "data.expected_t5_mode": params["encode"]["t5_mode"]})
-    assert (cfg.model.name, cfg.data.expected_t5_mode) == (params["model"]["path"], params["encode"]["t5_mode"])
+                                    "data.expected_text_mode": params["encode"]["text_mode"]})
+    assert (cfg.model.name, cfg.data.expected_text_mode) == (params["model"]["path"], params["encode"]["text_mode"])
 
 
-# The demo's encode command before encode read --config: the manifest must record it unchanged.
+# The demo's encode command written out: the manifest records --config's settings as these flags.
 DEMO_ENCODE_COMMAND = ("flux-prep encode --model data/models/tiny --input data/raw/demo-train "
-                       "--output data/cache/train --resolution 64 --t5-mode trimmed --t5-max-length 32 "
+                       "--output data/cache/train --resolution 64 --text-mode trimmed --text-max-length 32 "
                        "--batch-size 64 --num-workers 1 --no-progress --sample-prompts sample/prompts/demo.txt")
 
 
@@ -276,7 +276,7 @@ def test_cc12m_schnell_preset_is_the_reference_setting():
     assert (cfg.schedule.kind, cfg.schedule.warmup_steps, cfg.run.max_steps) == ("constant", 3000, 30000)
     assert (cfg.flow.sampler, cfg.flow.guidance_dropout, cfg.flow.guidance_dropout_mode) == \
         ("uniform", 0.447, "independent")
-    assert (params["encode"]["t5_mode"], params["encode"]["t5_max_length"], params["encode"]["resolution"]) == \
+    assert (params["encode"]["text_mode"], params["encode"]["text_max_length"], params["encode"]["resolution"]) == \
         ("padded", 256, 256)
     processes = int(params["launch"]["train"].split("--num_processes")[1].split()[0])
     assert cfg.data.batch_size * cfg.run.grad_accum * processes == 64 * 8   # 64 per rank, 8 ranks

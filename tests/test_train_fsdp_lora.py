@@ -100,8 +100,9 @@ def test_fsdp2_lora_final_is_the_gathered_shards_and_loads_with_flux_sample(lora
 def sampling_weights(model, lora_folder) -> tuple[dict, dict]:
     """The weights of flux-sample's transformer with the adapter merged, and without it (fp32)."""
     from sample.resolve import resolve_lora, resolve_transformer
+    from shared.family.flux1 import FLUX1
     from sample.run import load_sampling_transformer
-    source = resolve_transformer(str(model), None)
+    source = resolve_transformer(FLUX1, str(model), None)
     lora, _ = resolve_lora(str(lora_folder))
     merged = load_sampling_transformer(source, lora, torch.float32, "cpu").state_dict()
     return merged, load_sampling_transformer(source, None, torch.float32, "cpu").state_dict()

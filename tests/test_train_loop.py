@@ -7,7 +7,8 @@ from safetensors.torch import load_file
 from train_caches import first_step_replayed, read_metrics, set_manifest, tiny_config, write_cache
 
 from shared.cache import CacheError
-from shared.models import TRAINING_INFO, ModelLoadError
+from shared.models import ModelLoadError
+from shared.run_files import TRAINING_INFO
 from train.loop import Trainer, train
 
 
@@ -61,7 +62,7 @@ def test_final_loads_with_from_pretrained_and_records_conventions(tmp_path, cach
     trained = trainer.accelerator.unwrap_model(trainer.model).state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in loaded.state_dict().items())
     info = json.loads((final / TRAINING_INFO).read_text())
-    assert info["t5_mode"] == "trimmed" and info["t5_max_length"] == 32
+    assert info["text_mode"] == "trimmed" and info["text_max_length"] == 32 and info["family"] == "flux1"
     assert {"shift_schedule", "default_steps", "guidance_dropout", "base_model"} <= set(info)
     assert info["resolution"] == 64 and info["guidance"] is None   # the cache's size; tiny has no guidance embedding
     assert not (tmp_path / "run/final.tmp").exists()
@@ -105,7 +106,7 @@ def test_lora_saves_only_the_adapter(tmp_path, caches):
 
 def test_wrong_cache_refused_before_step_one(tmp_path):
     padded = write_cache(tmp_path / "padded", 8, t5_mode="padded")
-    cfg = tiny_config(tmp_path, padded, **{"data.expected_t5_mode": "trimmed"})
+    cfg = tiny_config(tmp_path, padded, **{"data.expected_text_mode": "trimmed"})
     with pytest.raises(CacheError, match="T5 mode"):
         Trainer(cfg)
     set_manifest(padded, schema_version=2)

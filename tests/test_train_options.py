@@ -9,7 +9,7 @@ import torch
 
 from train_caches import first_step_replayed, read_metrics, tiny_config, write_cache
 
-from shared.models import TRAINING_INFO
+from shared.run_files import TRAINING_INFO
 from shared.schedules import shift_mu, time_shift
 from shared.text_batch import TextBatch
 from train.loop import Trainer

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import shutil
 import traceback
 from pathlib import Path
@@ -24,11 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shared.cache import atomic_write_json
-from shared.models import TRAINING_INFO
+from shared.run_files import LORA_PREFIX, LORA_WEIGHTS, OLD_LORA_WEIGHTS, STEP_DIR, TRAINING_INFO, TRANSFORMER_WEIGHTS
 
 from .fsdp import trainable_weights
 
-STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def checkpoint_dirs(output_dir) -> list[Path]:
@@ -173,7 +171,6 @@ def load_checkpoint(accelerator, path: Path, generators: list[torch.Generator],
     return int(state["step"]), rank_state
 
 
-OLD_LORA_CHECKPOINT = "lora_adapter.safetensors"   # checkpoints before they held final/'s adapter file
 
 
 def register_lora_hooks(accelerator, load_lora_state_dict) -> None:
@@ -198,38 +195,40 @@ def register_lora_hooks(accelerator, load_lora_state_dict) -> None:
 def read_lora_adapter(folder: Path) -> dict:
     """peft's state dict (no prefix, no adapter name) of an adapter written by write_lora_adapter, or of an
     older checkpoint's bare file."""
-    from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
-    if not (folder / LORA_WEIGHT_NAME_SAFE).is_file():
-        return load_file(str(folder / OLD_LORA_CHECKPOINT))
-    state = load_file(str(folder / LORA_WEIGHT_NAME_SAFE))
+    if not (folder / LORA_WEIGHTS).is_file():
+        return load_file(str(folder / OLD_LORA_WEIGHTS))
+    state = load_file(str(folder / LORA_WEIGHTS))
     return {k.removeprefix(f"{LORA_PREFIX}."): v for k, v in state.items()}
 
 
 def write_transformer(model, state_dict: dict, out: Path) -> None:
-    """config.json + one safetensors file: what FluxTransformer2DModel.from_pretrained reads."""
+    """config.json + one safetensors file: what the transformer class's from_pretrained reads."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_config(str(out))
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    save_file(tensors, str(out / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(out / TRANSFORMER_WEIGHTS), metadata={"format": "pt"})
 
 
-LORA_PREFIX = "transformer"   # FluxPipeline's name of the model an adapter's keys belong to
 
 
 def write_lora_adapter(model, weights: dict, folder: Path, adapter_name: str = "default") -> None:
     """The one file format of the trainer's LoRA adapters (final/, final/ema/, checkpoints), whether the
-    weights come from one process or are gathered from FSDP shards: what diffusers' FluxPipeline.save_lora_weights
-    writes (its training scripts' output), peft's key names under the "transformer." prefix in
-    pytorch_lora_weights.safetensors, the adapter's peft config in its metadata; FluxPipeline.load_lora_weights
-    and `flux-sample --lora` read it. `weights`: {parameter name: whole tensor} of the adapter's parameters
-    (the model's own would be shards under FSDP)."""
-    from diffusers import FluxPipeline
+    weights come from one process or are gathered from FSDP shards: what the family's diffusers pipeline
+    (FluxPipeline, Flux2KleinPipeline) writes with save_lora_weights (its training scripts' output), peft's key
+    names under the "transformer." prefix in pytorch_lora_weights.safetensors, the adapter's peft config in its
+    metadata; the pipeline's load_lora_weights and `flux-sample --lora` read it. `weights`: {parameter name:
+    whole tensor} of the adapter's parameters (the model's own would be shards under FSDP)."""
+    import diffusers
     from peft.utils import get_peft_model_state_dict
+
+    from shared.family import family_of_transformer
+    family = family_of_transformer({"_class_name": type(model).__name__})
+    pipeline = getattr(diffusers, family.lora_pipeline)
     adapter = get_peft_model_state_dict(model, state_dict=weights, adapter_name=adapter_name)
     # sets sorted: the same bytes for the same config in every process (diffusers lists them in set order)
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in model.peft_config[adapter_name].to_dict().items()}
     folder.mkdir(parents=True, exist_ok=True)
-    FluxPipeline.save_lora_weights(str(folder), transformer_lora_layers={
+    pipeline.save_lora_weights(str(folder), transformer_lora_layers={
         k: v.detach().contiguous().cpu() for k, v in adapter.items()}, transformer_lora_adapter_metadata=config)
 
 

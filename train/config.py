@@ -20,13 +20,6 @@ import yaml
 
 from shared.params import ConfigError, build, choices, field_help, load_section, read_yaml, set_dotted
 
-# LoRA targets: the attention and MLP projections of both block kinds (regex, peft's full match).
-DEFAULT_LORA_TARGETS = (
-    r".*blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-    r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|proj_mlp|proj_out)"
-)
-
-
 @dataclass
 class DataConfig:
     train_cache: str = ""                 # cache folder (flux-prep encode's output), or its URL (s3://...)
@@ -34,7 +27,7 @@ class DataConfig:
     # fsspec options for the caches' file system (endpoint, credentials; else from the environment:
     # AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...). Their values are never written to config.json or logs.
     storage_options: dict = field(default_factory=dict)
-    expected_t5_mode: Literal[None, "padded", "trimmed"] = None   # refuse a cache encoded otherwise (None: any)
+    expected_text_mode: Literal[None, "padded", "trimmed"] = None   # refuse a cache encoded otherwise (None: any)
     batch_size: int = 4                   # per process, per micro-step
     num_workers: int = 2                  # DataLoader workers per process
     shuffle_buffer: int = 256             # samples mixed across row groups
@@ -100,7 +93,9 @@ class FlowConfig:
 class LoraConfig:
     rank: int = 0                         # 0: full fine-tuning / training; >0: LoRA of this rank
     alpha: float | None = None            # None: alpha = rank
-    targets: str = DEFAULT_LORA_TARGETS   # regex of the module names to adapt (peft's full match)
+    # regex of the module names to adapt (peft's full match); empty: the model family's attention and MLP
+    # projections of both block kinds (shared/family/: FLUX.1's and FLUX.2's names differ)
+    targets: str = ""
     # A LoRA is applied to the published weights it was trained on, so a LoRA on a randomly initialised
     # base (model.init random) is refused unless this is true (tests and benchmarks of the mechanics)
     allow_random_base: bool = False

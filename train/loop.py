@@ -11,6 +11,7 @@ import torch
 from accelerate.utils import set_seed
 
 from shared.models import ModelLoadError
+from shared.run_files import LORA_WEIGHTS, TrainingInfo
 from shared.quiet import silence_progress_bars
 from shared.render_tools import render_fields
 
@@ -22,8 +23,8 @@ from .fsdp import autocast_forward, cast_inputs_on_recompute, keep_lora_dtypes, 
 from .launch import (LogWindow, StopRequest, TrainingInterrupted, check_launch, lr_factor, make_accelerator,
                      total_steps)
 from .model import (EMA, add_lora, base_identity, build_transformer, check_cache_fits, check_guidance,
-                    convert_to_float8, describe_base, load_lora_state_dict, model_family, place,
-                    sampling_conventions, text_mode_change, use_flex_attention, weights_dtype)
+                    check_family_options, convert_to_float8, describe_base, load_lora_state_dict, model_family, place,
+                    run_conventions, text_mode_change, use_flex_attention, weights_dtype)
 from .offload import BlockOffloader, spread
 from .optim import InBackwardOptimizer, make_optimizer, step_groups
 from .records import append_record, truncate_run_records
@@ -37,10 +38,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
+        self.family = model_family(cfg.model)
+        check_family_options(cfg, self.family)   # before anything is built or started
         self._start_runtime()
         self.lora = cfg.lora.rank > 0
         # Refuse a wrong cache or launch before building anything expensive.
-        self.family = model_family(cfg.model)
         vae = self._open_caches()
         check_launch(cfg, self.accelerator.num_processes, self._fsdp)
         flex_mask = self._flex_mask()
@@ -79,7 +81,7 @@ class Trainer:
     def _open_caches(self) -> dict:
         """The training cache and the held-out one, checked against the config; returns the VAE's facts."""
         data = self.cfg.data
-        self.train_reader = open_cache(data.train_cache, data.expected_t5_mode, "training cache",
+        self.train_reader = open_cache(data.train_cache, data.expected_text_mode, "training cache",
                                        latent_logvar=self.cfg.flow.latent == "sample",
                                        storage_options=data.storage_options)
         self.val_reader = None
@@ -271,25 +273,25 @@ class Trainer:
 
     def training_info(self) -> dict:
         """flux_prep.json: how the model trained so far must be sampled (final/ and each checkpoint hold it)."""
-        m = self.train_reader.manifest
+        m, cfg = self.train_reader.manifest, self.cfg
         text = self.family.text.settings(m)
         guidance_embeds = bool(self.accelerator.unwrap_model(self.model).config.guidance_embeds)
-        return {
-            "t5_mode": text["mode"], "t5_max_length": text["max_length"],
-            **sampling_conventions(self.cfg.model),
-            "guidance_dropout": self.cfg.flow.guidance_dropout,
-            "guidance_dropout_mode": self.cfg.flow.guidance_dropout_mode, "latent": self.cfg.flow.latent,
-            "guidance_embeds": guidance_embeds,
+        conv = run_conventions(cfg, self.family, guidance_embeds)
+        return TrainingInfo(
+            family=self.family.name, text_mode=text["mode"], text_max_length=text["max_length"],
+            shift_schedule=conv["shift_schedule"], default_steps=conv["default_steps"],
+            guidance_dropout=cfg.flow.guidance_dropout, guidance_dropout_mode=cfg.flow.guidance_dropout_mode,
+            latent=cfg.flow.latent, guidance_embeds=guidance_embeds,
             # what the sampler should default to: the guidance value trained with, the image size
-            "guidance": self.cfg.model.guidance if guidance_embeds else None,
-            "resolution": m.get("image", {}).get("resolution"),
-            "base_model": self.cfg.model.name, "init": self.cfg.model.init, "base": self.base,
-            "timestep_sampler": self.cfg.flow.sampler, "steps_trained": self.step,
-            "lora": {"rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha or self.cfg.lora.rank,
-                     "adapter": ".", "weights": "pytorch_lora_weights.safetensors"} if self.lora else None,
-            "train_cache": str(self.cfg.data.train_cache), "ema_decay": self.cfg.ema.decay,
-            **render_fields(m["t5"]["mode"]),   # a trimmed-T5 model renders in flux-sample only
-        }
+            guidance=cfg.model.guidance if guidance_embeds else None,
+            resolution=m.get("image", {}).get("resolution"),
+            base_model=cfg.model.name, init=cfg.model.init, base=self.base,
+            timestep_sampler=cfg.flow.sampler, steps_trained=self.step,
+            lora={"rank": cfg.lora.rank, "alpha": cfg.lora.alpha or cfg.lora.rank, "adapter": ".",
+                  "weights": LORA_WEIGHTS} if self.lora else None,
+            train_cache=str(cfg.data.train_cache), ema_decay=cfg.ema.decay,
+            **render_fields(text["mode"]),   # a trimmed-T5 model renders in flux-sample only
+        ).to_dict()
 
     def save_checkpoint(self) -> Path:
         self.settle()
@@ -396,7 +398,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         stream = CacheStream(cfg.data.train_cache, batch_size=cfg.data.batch_size, seed=cfg.run.seed,
                              rank=acc.process_index, world_size=acc.num_processes,
-                             shuffle_buffer=cfg.data.shuffle_buffer, expected_text_mode=cfg.data.expected_t5_mode,
+                             shuffle_buffer=cfg.data.shuffle_buffer, expected_text_mode=cfg.data.expected_text_mode,
                              position=self.position.state_dict() if self.position.workers else None,
                              latent_logvar=cfg.flow.latent == "sample", storage_options=cfg.data.storage_options)
         stream.row_groups()

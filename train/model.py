@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from shared.family import Family, family_of_model, get_family
-from shared.models import (TRAINING_INFO, ModelLoadError, load_transformer, read_training_info,
-                           split_transformer_path, transformer_identity)
-from shared.sampling import schedule_conventions
+from shared.models import ModelLoadError, load_transformer, model_index, split_transformer_path, transformer_identity
+from shared.run_files import TRAINING_INFO, read_training_info
+from shared.sampling import sampling_conventions
 from shared.presets import PRESETS, get_preset, transformer_config
 
 from .config import LoraConfig, ModelConfig, TrainConfig
@@ -170,7 +170,7 @@ def check_guidance(cfg: ModelConfig, model) -> None:
 def text_mode_change(cfg: ModelConfig, family: Family, cache_mode: str, cache: str) -> str | None:
     """A warning when pretrained weights that a trainer trained on one text mode go on training on a cache of
     the other (the model is moved to the cache's convention, which flux_prep.json then records)."""
-    trained = base_training_info(cfg.name).get("t5_mode") if cfg.init == "pretrained" else None
+    trained = base_training_info(cfg.name).get("text_mode") if cfg.init == "pretrained" else None
     if trained is None or trained == cache_mode:
         return None
     return (f"{cfg.name} was trained on {trained} {family.text.label} text (its {TRAINING_INFO}), and the "
@@ -179,15 +179,20 @@ def text_mode_change(cfg: ModelConfig, family: Family, cache_mode: str, cache: s
             f"encode the cache with --t5-mode {trained}")
 
 
-def sampling_conventions(cfg: ModelConfig) -> dict:
-    """shift_schedule / default_steps of the model being trained (for flux_prep.json and the trainer's
-    samples), by flux-sample's rule (shared/sampling.py): a preset's values, else what the model folder's
-    trainer saved, else its scheduler config."""
-    if cfg.name in PRESETS:
-        p = get_preset(cfg.name)
-        return {"shift_schedule": p.shift_schedule, "default_steps": p.default_steps}
-    model, part = split_transformer_path(cfg.name)
-    return schedule_conventions(base_training_info(cfg.name), _scheduler_config(model) if part else None)
+def run_conventions(cfg, family: Family, guidance_embeds: bool) -> dict:
+    """How the model being trained is sampled (flux_prep.json's schedule, the trainer's samples), by
+    flux-sample's rule (shared/sampling.py): this run's guidance dropout and guidance value over the base's
+    conventions: a preset's values, else what the model folder's trainer saved, else its published configs."""
+    m = cfg.model
+    run = {"guidance_dropout": cfg.flow.guidance_dropout, "guidance": m.guidance if guidance_embeds else None}
+    if m.name in PRESETS:
+        p = get_preset(m.name)
+        return sampling_conventions(family, {"shift_schedule": p.shift_schedule, "default_steps": p.default_steps,
+                                             **run}, guidance_embeds)
+    model, part = split_transformer_path(m.name)
+    index = model_index(model) if part else None
+    return sampling_conventions(family, {**base_training_info(m.name), **run}, guidance_embeds, index,
+                                _scheduler_config(model) if part else None)
 
 
 def _scheduler_config(model: str) -> dict | None:
@@ -232,6 +237,16 @@ def add_lora(model, cfg: LoraConfig, family: Family) -> None:
     if not any(p.requires_grad for p in model.parameters()):
         raise ModelLoadError(f"LoRA targets matched no module: {lora_targets(cfg, family)}")
     cast_training_params(model, dtype=torch.float32)
+
+
+def check_family_options(cfg: TrainConfig, family: Family) -> None:
+    """Refuse, before the model is built, an option this model family cannot honour, naming the key."""
+    if cfg.flow.guidance_dropout_mode == "independent" and not family.text.pooled:
+        raise ModelLoadError(f"flow.guidance_dropout_mode independent drops the text and the pooled vector with a coin "
+                             f"each; {family.name} has no pooled vector: use joint")
+    if cfg.data.expected_text_mode and cfg.data.expected_text_mode not in family.text.modes:
+        raise ModelLoadError(f"data.expected_text_mode {cfg.data.expected_text_mode}: {family.name} text is "
+                             f"{' or '.join(family.text.modes)} only")
 
 
 def lora_targets(cfg: LoraConfig, family: Family) -> str:

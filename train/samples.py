@@ -25,11 +25,11 @@ from shared import image_files
 from shared.cache.sample_prompts import read_sample_prompts
 from shared.latents import VAE_DOWNSAMPLE
 from shared.models import ModelLoadError, load_vae
-from shared.sampling import decode, denoise, fuse_lora_adapter, guidance_conventions, guided_batch, initial_noise
+from shared.sampling import decode, denoise, fuse_lora_adapter, guided_batch, initial_noise
 from shared.text_batch import PromptEncoding
 
 from .fsdp import trainable_weights, uses_fsdp
-from .model import sampling_conventions
+from .model import run_conventions
 
 
 @dataclass
@@ -51,7 +51,7 @@ class SamplePlan:
         return [(i, s) for i in range(len(self.prompts)) for s in self.seeds]
 
 
-def plan_samples(cfg, reader, guidance_embeds: bool, device: torch.device) -> SamplePlan:
+def plan_samples(cfg, family, reader, guidance_embeds: bool, device: torch.device) -> SamplePlan:
     """The sample settings, by flux-sample's defaults for the model as final/ records it; raises
     ModelLoadError naming a bad run.sample_* value or a cache without sample prompts."""
     run = cfg.run
@@ -61,18 +61,17 @@ def plan_samples(cfg, reader, guidance_embeds: bool, device: torch.device) -> Sa
     size = run.sample_size or (reader.manifest.get("image") or {}).get("resolution") or 256
     if size <= 0 or size % (2 * VAE_DOWNSAMPLE):
         raise ModelLoadError(f"run.sample_size must be a positive multiple of 16, got {size}")
-    schedule = sampling_conventions(cfg.model)
-    steps = run.sample_steps or schedule["default_steps"]
+    conv = run_conventions(cfg, family, guidance_embeds)
+    steps = run.sample_steps or conv["default_steps"]
     if steps < 1:
         raise ModelLoadError(f"run.sample_steps must be at least 1, got {steps}")
-    info = {"guidance_dropout": cfg.flow.guidance_dropout, "guidance": cfg.model.guidance if guidance_embeds else None}
-    guidance, cfg_scale = guidance_conventions(info, guidance_embeds)
+    guidance, cfg_scale = conv["guidance"], conv["cfg_scale"]
     enc = read_sample_prompts(reader.store, reader.manifest, f"training cache {cfg.data.train_cache}")
     cond = [_on(e, device) for e in enc["cond"]]
     empty = _on(enc["empty"], device) if cfg_scale > 1 else None
     # flux-sample's dtype on this device (bf16 on a GPU, fp32 on the CPU)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return SamplePlan(enc["prompts"], cond, empty, seeds, int(size), int(steps), schedule["shift_schedule"],
+    return SamplePlan(enc["prompts"], cond, empty, seeds, int(size), int(steps), conv["shift_schedule"],
                       guidance, cfg_scale, dtype)
 
 
@@ -114,7 +113,8 @@ class TrainingSamples:
             return
         self.t = trainer
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-        self.plan = plan_samples(trainer.cfg, trainer.train_reader, bool(unwrapped.config.guidance_embeds),
+        self.plan = plan_samples(trainer.cfg, trainer.family, trainer.train_reader,
+                                 bool(unwrapped.config.guidance_embeds),
                                  trainer.device)
         self.vae = load_decoder(trainer.cfg, trainer.train_reader, self.plan.dtype, trainer.device)
         self.family = trainer.family

@@ -57,7 +57,7 @@ def cache_manifest(*, family, dtypes: dict, dims: dict, text: dict, shards: list
     if text.get("mode") not in spec.modes:
         raise ValueError(f"unknown {spec.label} mode {text.get('mode')!r}; choose one of {', '.join(spec.modes)}")
     shards = [s if isinstance(s, dict) else s.to_dict() for s in shards]
-    return {"dtypes": dtypes, "dims": dims, spec.states: text, "shards": shards,
+    return {"family": family.name, "dtypes": dtypes, "dims": dims, spec.states: text, "shards": shards,
             "rows": sum(s["rows"] for s in shards) if rows is None else rows,
             "skipped": dict(sorted((skipped or {}).items())), "empty_prompt": empty_prompt, **facts}
 

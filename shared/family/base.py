@@ -47,6 +47,7 @@ class Family:
     pipelines: tuple[str, ...]        # model_index.json `_class_name`s of this family's folders
     transformer_class: str            # diffusers' class names
     vae_class: str
+    lora_pipeline: str                # the diffusers pipeline whose save/load_lora_weights the adapters follow
     text: TextSpec
     parts: dict[str, str]             # a model folder's parts -> what each is (for messages)
     text_parts: tuple[str, ...]       # the parts its text encoder loads
@@ -116,9 +117,39 @@ class Family:
         raise NotImplementedError
 
     # -- sampling ----------------------------------------------------------------------------------
+    default_guidance: float = 3.5        # a guidance embedding's value when nothing says otherwise
+
+    def default_shift(self, scheduler_config: dict | None) -> bool:
+        """Whether a published model's schedule is shifted by its image-token count."""
+        return True
+
+    def default_steps(self, shift: bool, model_index: dict | None) -> int:
+        """Sampling steps of a published model of this family."""
+        raise NotImplementedError
+
+    def default_cfg(self, model_index: dict | None, guidance_embeds: bool) -> float:
+        """True CFG scale of a published model of this family (1: off)."""
+        return 1.0
+
     def sampling_sigmas(self, steps: int, image_tokens: int, shift: bool) -> torch.Tensor:
         """`steps + 1` noise levels from 1 down to 0 (float32), as the family's pipeline takes them."""
         raise NotImplementedError
+
+    # -- other tools' layouts -------------------------------------------------------------------
+    bfl_modules: tuple[str, str]      # Black Forest Labs' single-file layout and its kohya LoRA names (modules)
+    modelspec_names: dict             # sd-scripts' metadata: architecture by guidance embedding, LoRA module, base
+
+    def bfl(self):
+        """The module of Black Forest Labs' layout of this family's transformer: key_map, diffusers_to_bfl,
+        bfl_to_diffusers, config_from_shapes, config_from_diffusers_shapes, transformer_from_state,
+        load_bfl_transformer."""
+        import importlib
+        return importlib.import_module(self.bfl_modules[0])
+
+    def bfl_lora(self):
+        """The module that writes this family's LoRA in kohya's names of BFL's layout: peft_to_kohya."""
+        import importlib
+        return importlib.import_module(self.bfl_modules[1])
 
     # -- checks ------------------------------------------------------------------------------------
     def misfits(self, tcfg, dims: dict) -> dict[str, tuple]:

@@ -14,6 +14,10 @@ class Flux1(Family):
     pipelines = ("FluxPipeline",)
     transformer_class = "FluxTransformer2DModel"
     vae_class = "AutoencoderKL"
+    lora_pipeline = "FluxPipeline"
+    bfl_modules = ("shared.bfl", "shared.bfl_lora")
+    modelspec_names = {"architecture": {True: "flux-1-dev", False: "flux-1-schnell"},
+                       "network_module": "networks.lora_flux", "base_model_version": "flux1"}
     text = TextSpec(states="t5", length="t5_len", pooled="clip", modes=("padded", "trimmed"), label="T5",
                     pooled_label="CLIP")
     parts = {
@@ -81,6 +85,16 @@ class Flux1(Family):
         )[0]
 
     # -- sampling ----------------------------------------------------------------------------------
+    default_guidance = 3.5   # FluxPipeline's guidance_scale
+
+    def default_shift(self, scheduler_config: dict | None) -> bool:
+        """Dynamic shifting on unless the scheduler config says no ([dev] shifts, [schnell] does not)."""
+        return bool((scheduler_config or {}).get("use_dynamic_shifting", True))
+
+    def default_steps(self, shift: bool, model_index: dict | None) -> int:
+        """FLUX.1-dev's 28 for a shifted schedule, schnell's 4 for an unshifted one."""
+        return 28 if shift else 4
+
     def sampling_sigmas(self, steps: int, image_tokens: int, shift: bool) -> torch.Tensor:
         return schedules.sampling_sigmas(steps, image_tokens, shift=shift)
 

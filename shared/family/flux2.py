@@ -22,6 +22,11 @@ class Flux2(Family):
     pipelines = ("Flux2KleinPipeline", "Flux2Pipeline")
     transformer_class = "Flux2Transformer2DModel"
     vae_class = "AutoencoderKLFlux2"
+    lora_pipeline = "Flux2KleinPipeline"   # Flux2LoraLoaderMixin: [dev]'s Flux2Pipeline reads the same layout
+    bfl_modules = ("shared.bfl_flux2", "shared.bfl_flux2_lora")
+    # musubi-tuner's FLUX.2 LoRA module; [dev] has the guidance embedding, [klein] not
+    modelspec_names = {"architecture": {True: "flux-2-dev", False: "flux-2-klein"},
+                       "network_module": "networks.lora_flux_2", "base_model_version": "flux2"}
     text = TextSpec(states="text", length="text_len", pooled=None, modes=("padded",), label="Qwen3/Mistral 3")
     parts = {
         "vae": "the VAE (AutoencoderKLFlux2)",
@@ -31,6 +36,7 @@ class Flux2(Family):
         "scheduler": "the noise schedule",
     }
     text_parts = ("text_encoder", "tokenizer")
+    vae_fact_keys = ("bn_mean", "bn_var", "batch_norm_eps")
     manifest_facts = ()
     settings_only = ()
     # The attention and MLP projections of both block kinds (regex, peft's full match): those BFL-format
@@ -115,6 +121,16 @@ class Flux2(Family):
         )[0]
 
     # -- sampling ----------------------------------------------------------------------------------
+    # Flux2Pipeline's guidance_scale for [dev]'s embedding; BFL's defaults (shared/presets_flux2.py): 50 steps
+    # and CFG 4 for [klein] base, 4 steps without CFG for the step-distilled [klein] (is_distilled).
+    default_guidance = 4.0
+
+    def default_steps(self, shift: bool, model_index: dict | None) -> int:
+        return 4 if (model_index or {}).get("is_distilled") else 50
+
+    def default_cfg(self, model_index: dict | None, guidance_embeds: bool) -> float:
+        return 1.0 if guidance_embeds or (model_index or {}).get("is_distilled") else 4.0
+
     def sampling_sigmas(self, steps: int, image_tokens: int, shift: bool) -> torch.Tensor:
         """The FLUX.2 pipelines' schedule: linspace(1, 1/steps, steps) through the scheduler's exponential time
         shift with mu = compute_empirical_mu(image tokens, steps), then 0. The scheduler itself computes it

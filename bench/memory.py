@@ -1,4 +1,51 @@
-"""Memory and speed of the 12B FLUX transformer in training on one GPU: plain loops beside the trainer.
+"""Memory and speed of the FLUX transformers in training on one GPU: plain loops beside the trainer.
+
+FLUX.2 ([klein] 4B / 9B, [dev] 32B; rows in bench/memory_flux2.py), every row on one H100 or H200, in
+calls of at most 10 minutes: run this same command again until it no longer says "row(s) not run yet"
+(about 3 calls; each keeps what the earlier ones finished under --root). Where the machine was given back
+in between, copy the last call's results.json (from its $OUT) into a carried folder and add
+`--resume-from that/results.json`. The wheels of diffusers, peft and torchao travel in .whl:
+
+    [ -d /tmp/site/diffusers ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1; \
+    python3 bench/memory.py --family flux2 --suite all --resume --budget 500 --max-errors 6
+
+Each row prints a JSON line when it ends; $OUT gets rows/NN-<row>.json per row, results.json (every row so
+far, rewritten after each) and table.txt (peak GiB, img/s, MFU, host GiB, the row's goal and whether it
+was met). Expected wall time per row on an H100 (process start, model build, steps; a guess until
+measured, used to decide whether a row still fits a call's --budget), 22 minutes in all:
+
+     35 s  klein-4B LoRA: plain loop, bf16 base (diffusers + peft, FLUX.2's LoRA targets)
+     40 s  klein-4B LoRA: trainer, bf16 base                 goal: img/s >= the plain loop's
+  2x 45 s  klein-4B LoRA: trainer, int8 / float8 base        goal: <= 6 GiB
+     45 s  klein-9B LoRA: plain loop, bf16 base
+     60 s  klein-9B LoRA: trainer, int8 base                 goal: <= 11 GiB
+     90 s  dev LoRA: trainer, float8 base                    goal: <= 38 GiB
+    100 s  dev LoRA: trainer, nf4 base                       goal: <= 22 GiB
+    120 s  dev LoRA: trainer, bf16 base, all 56 blocks swapped   goal: <= 12 GiB
+     70 s  dev LoRA: plain loop, bf16 base (64.4 GB of weights + ~7 GB of activations: fits 80 GB, or OOM)
+  45+60 s  klein-4B / 9B full: plain loop, Adafactor per parameter in the backward
+  50+70 s  klein-4B / 9B full: trainer, Adafactor in backward    goal: <= 12 / 22 GiB, img/s >= plain
+     90 s  klein-4B encode, plain Flux2KleinPipeline loop (builds the random Qwen3-4B + VAE folder, 8 GB)
+     60 s  klein-4B encode, flux-prep Encoders                    goal: img/s >= plain
+    150 s  stretch: dev full weights at 512px, bf16 weights on the host, all blocks swapped, Adafactor
+           (both swapped dev rows pin ~92 GiB of host memory: torch rounds each pinned buffer up to a power
+           of two, 58.5 GiB of blocks become 92 of the host's ~119 GiB)
+     60 s  dev encode: the Mistral 24B text encoder alone, flux-prep's text path (no folder)
+     70 s  dev LoRA: trainer, bf16 base                      goal: img/s >= dev's plain loop
+
+FLUX.2's rows are of the kinds below at batch 1, text padded to 512 (all of it attended), 1024px unless
+said: the plain loops on diffusers' Flux2Transformer2DModel, their inputs made by Flux2KleinPipeline's own
+helpers (_pack_latents, _prepare_latent_ids, _prepare_text_ids), peft's LoRA on FLUX2.default_lora_targets
+(the trainer's); the trainer on a synthetic FLUX.2 cache (bench/train_data.py write_flux2_cache).
+Encode rows time a batch of 8 images and captions to host tensors (img/s, then the text encoder and the
+VAE alone): `encode-plain` Flux2KleinPipeline.encode_prompt + vae.encode, `encode-project`
+preprocess.encode.Encoders, both on one folder written on the device (random Qwen3-4B and FLUX.2 VAE of
+their real configs, the offline byte-level tokenizer of shared/tiny_flux2.py); `encode-text` [dev]'s
+Mistral 24B decoder alone. The host GiB column is the process's peak RSS (pinned swap buffers included).
+`--family flux2 --suite all --device cpu --tiny` runs every row at toy size (tests/test_bench_flux2.py).
+
+FLUX.1 [dev] (12B), the suites below, one call each:
 
     python bench/memory.py --suite lora       # LoRA rank 16 at 1024px: baseline, bf16/8-bit/nf4 bases, block swap
     python bench/memory.py --suite full       # full-weight training at 512px: adamw8bit, Adafactor, block swap
@@ -38,12 +85,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# Its siblings (flops, train_data, memory_flux2) where this file is loaded by path (tests): appended, so that
+# bench/sample.py never shadows the `sample` package.
+if str(REPO / "bench") not in sys.path:
+    sys.path.append(str(REPO / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import memory_flux2  # noqa: E402 - beside this file
 import torch  # noqa: E402
 from flops import PEAK_BF16, attention_flops_per_image, linear_flops_per_image  # noqa: E402 - beside this file
-from train_data import write_cache  # noqa: E402 - beside this file
+from train_data import write_cache, write_flux2_cache  # noqa: E402 - beside this file
 
+from shared.family import get_family  # noqa: E402
 from shared.presets import transformer_config  # noqa: E402
 
 TEXT = 512
@@ -51,7 +104,9 @@ REDUCED = {"num_layers": 4, "num_single_layers": 8}     # the 2.55B model of ben
 SMOKE = {"num_layers": 2, "num_single_layers": 4}
 
 
-def rows(suite: str, tiny: bool) -> list[dict]:
+def rows(suite: str, tiny: bool, family: str = "flux1") -> list[dict]:
+    if family == "flux2":
+        return memory_flux2.rows(suite, tiny)
     lora = {"lora.rank": 16, "run.precision": "bf16", "optim.lr": 1e-4}
     full = {"model.weights_dtype": "bf16", "run.precision": "bf16", "optim.in_backward": True,
             "optim.grad_clip": 0.0, "optim.lr": 1e-5}
@@ -127,7 +182,15 @@ def rows(suite: str, tiny: bool) -> list[dict]:
 
 
 def model_config(row: dict) -> dict:
-    return transformer_config("tiny" if row.get("tiny") else "flux-dev", **row.get("overrides", {}))
+    return transformer_config(preset_name(row), **row.get("overrides", {}))
+
+
+def preset_name(row: dict) -> str:
+    return row.get("preset") or ("tiny" if row.get("tiny") else "flux-dev")
+
+
+def row_family(row: dict):
+    return get_family(row.get("family", "flux1"))
 
 
 def sync():
@@ -144,19 +207,17 @@ def reset_peak(device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def bf16_model(cfg: dict, device):
-    from diffusers import FluxTransformer2DModel
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            torch.manual_seed(0)
-            return FluxTransformer2DModel(**cfg)
-    finally:
-        torch.set_default_dtype(before)
+def bf16_model(cfg: dict, device, family=None):
+    """The family's diffusers transformer class (FluxTransformer2DModel, Flux2Transformer2DModel), built in bf16
+    directly on the device."""
+    cls = (family or get_family("flux1")).transformer_cls()
+    with memory_flux2.built_in(device, torch.bfloat16):
+        return cls(**cfg)
 
 
-def fixed_batch(cfg: dict, res: int, text: int, device) -> dict:
+def fixed_batch(cfg: dict, res: int, text: int, device, family: str = "flux1") -> dict:
+    if family == "flux2":
+        return memory_flux2.fixed_batch(cfg, res, text, device)
     from shared.latents import image_ids, text_ids
     g = torch.Generator(device=device).manual_seed(0)
     hw = res // 8
@@ -221,18 +282,18 @@ def run_plain_lora(row: dict, device) -> dict:
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
-    from shared.family import get_family
-    DEFAULT_LORA_TARGETS = get_family("flux1").default_lora_targets
+    family = row_family(row)
     cfg = model_config(row)
-    model = bf16_model(cfg, device)
+    model = bf16_model(cfg, device, family)
     model.requires_grad_(False)
+    # the trainer's default targets (a regex of module names), the family's attention and MLP projections
     model.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
-                                 target_modules=DEFAULT_LORA_TARGETS))
+                                 target_modules=family.default_lora_targets))
     cast_training_params(model, dtype=torch.float32)
     model.enable_gradient_checkpointing()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
-    forward_backward = plain_step(model, fixed_batch(cfg, row["res"], row.get("text", TEXT), device), device)
+    forward_backward = plain_step(model, plain_batch(row, cfg, device), device)
 
     def step():
         loss = forward_backward()
@@ -244,9 +305,13 @@ def run_plain_lora(row: dict, device) -> dict:
     return {"s_per_step": seconds, "losses": losses, "setup_gib": setup, "trainable": sum(p.numel() for p in params)}
 
 
+def plain_batch(row: dict, cfg: dict, device) -> dict:
+    return fixed_batch(cfg, row["res"], row.get("text", TEXT), device, row.get("family", "flux1"))
+
+
 def run_plain_full(row: dict, device) -> dict:
     cfg = model_config(row)
-    model = bf16_model(cfg, device)
+    model = bf16_model(cfg, device, row_family(row))
     model.enable_gradient_checkpointing()
     if row["optim"] == "adamw8bit":
         from torchao.optim import AdamW8bit
@@ -261,7 +326,7 @@ def run_plain_full(row: dict, device) -> dict:
         optimizers[p].zero_grad(set_to_none=True)
     for p in model.parameters():
         p.register_post_accumulate_grad_hook(step_in_backward)
-    forward_backward = plain_step(model, fixed_batch(cfg, row["res"], row.get("text", TEXT), device), device)
+    forward_backward = plain_step(model, plain_batch(row, cfg, device), device)
     setup = peak_gib(device)
     seconds, losses = timed_loop(forward_backward, row["warmup"], row["steps"], device, row.get("profile", 0),
                                  row["name"])
@@ -279,18 +344,26 @@ def save_random_weights(folder: Path, cfg: dict, device) -> None:
     torch.cuda.empty_cache()
 
 
-def run_trainer(row: dict, device, cache: Path, work: Path) -> dict:
-    from train.config import load_config
-    from train.loop import Trainer
-    from train.records import read_records
+def trainer_settings(row: dict, cache: Path, work: Path) -> dict:
+    """The trainer config of a trainer row (dotted keys, as `train` takes them on its command line)."""
     settings = {"data.train_cache": str(cache), "data.batch_size": row.get("batch", 1), "data.num_workers": 2,
-                "data.shuffle_buffer": 4, "model.name": "tiny" if row.get("tiny") else "flux-dev",
+                "data.shuffle_buffer": 4, "model.name": preset_name(row),
                 "model.overrides": row.get("overrides", {}), "run.grad_checkpointing": True,
                 "run.output_dir": str(work / "run"), "run.tensorboard": False, "run.progress": False,
                 "run.save_final": False, "flow.guidance_dropout": 0.1, "run.seed": 0,
                 "run.max_steps": row["warmup"] + row["steps"], "run.log_every": row.get("log_every", 1),
                 # random weights of the real shapes (the load rows read them from disk), a LoRA's base too
                 "model.init": "random", "lora.allow_random_base": True, **row["config"]}
+    if "run.offload_blocks" in settings:   # a number, or "all" (FLUX.2's rows)
+        settings["run.offload_blocks"] = memory_flux2.offload_count(settings["run.offload_blocks"], model_config(row))
+    return settings
+
+
+def run_trainer(row: dict, device, cache: Path, work: Path) -> dict:
+    from train.config import load_config
+    from train.loop import Trainer
+    from train.records import read_records
+    settings = trainer_settings(row, cache, work)
     if row.get("load"):
         folder = work.parent / "weights"
         save_random_weights(folder, model_config(row), device)
@@ -343,19 +416,22 @@ class StepClock:
 
 
 def flops_per_image(row: dict, lora: bool) -> float:
-    from diffusers import FluxTransformer2DModel
+    """Model FLOPs of one image's training step (bench/flops.py), the family's transformer on the meta device."""
+    family = row_family(row)
     cfg = model_config(row)
     with torch.device("meta"):
-        meta = FluxTransformer2DModel(**cfg)
+        meta = family.transformer_cls()(**cfg)
     img = (row["res"] // 16) ** 2
     text = row.get("text", TEXT)
-    linear = linear_flops_per_image(meta, img, text) * (4 / 6 if lora else 1)
+    linear = linear_flops_per_image(meta, img, text, family.per_sample_layer) * (4 / 6 if lora else 1)
     return linear + attention_flops_per_image(cfg, img, (img + text) ** 2)
 
 
 def run_row(row: dict, device, cache: Path | None, work: Path) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)   # its backward crashed under autocast with Flux (torch 2.11)
+    if row["kind"].startswith("encode"):
+        return {**run_encode(row, device, work.parent / "models"), **host_memory()}
     if row["kind"] == "plain-lora":
         result = run_plain_lora(row, device)
     elif row["kind"] == "plain-full":
@@ -366,26 +442,60 @@ def run_row(row: dict, device, cache: Path | None, work: Path) -> dict:
     img_s = row.get("batch", 1) / result["s_per_step"]
     peak = PEAK_BF16.get(torch.cuda.get_device_name().split()[1]) if device.type == "cuda" else None
     flops = flops_per_image(row, lora)
-    return {**result, "peak_gib": peak_gib(device), "img_s": img_s, "mfu": img_s * flops / peak if peak else None}
+    return {**result, "peak_gib": peak_gib(device), "img_s": img_s, "flops_per_image": flops,
+            "mfu": img_s * flops / peak if peak else None, **host_memory()}
 
 
-def suite_cache(row: dict, root: Path) -> Path:
-    """The synthetic cache a row reads (a row of "samples": 1 trains on a fixed batch)."""
+def run_encode(row: dict, device, models: Path) -> dict:
+    """An encode row (bench/memory_flux2.py): a batch's text and latents; then the text and the VAE alone."""
+    models.mkdir(parents=True, exist_ok=True)
+    step, text, vae = memory_flux2.ENCODERS[row["kind"]](row, device, models)
+    setup = peak_gib(device)
+    timed = lambda fn, warmup: timed_loop(lambda: (fn(), 0.0)[1], warmup, row["steps"], device)[0]  # noqa: E731
+    seconds = timed(step, row["warmup"])
+    peak = peak_gib(device)
+    parts = {}
+    for part, fn in (("text", text), ("vae", vae)):
+        if fn is not None and fn is not step:
+            parts[f"{part}_img_s"] = row["batch"] / timed(fn, 1)
+    return {"s_per_step": seconds, "img_s": row["batch"] / seconds, "losses": [], "setup_gib": setup,
+            "peak_gib": peak, "mfu": None, **parts}
+
+
+def host_memory() -> dict:
+    """The process's host memory now (RSS, pinned buffers included) and its peak, in GiB."""
+    import resource
+
+    import psutil
+    return {"host_rss_gib": psutil.Process().memory_info().rss / 2**30,
+            "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def suite_cache(row: dict, root: Path) -> Path | None:
+    """The synthetic cache a row reads (a row of "samples": 1 trains on a fixed batch); none for encode rows."""
+    if row["kind"].startswith("encode"):
+        return None
     cfg = model_config(row)
     n = row.get("samples", 8)
     text = row.get("text", TEXT)
+    if row.get("family") == "flux2":
+        channels = cfg["in_channels"] // 4   # the VAE's latent channels, patchified 2x2 into the transformer's
+        return write_flux2_cache(root, f"flux2-{text}-{row['res']}-{n}-{channels}-{cfg['joint_attention_dim']}",
+                                 n, row["res"] // 8, channels, cfg["joint_attention_dim"], text)
     dims = {"t5": cfg["joint_attention_dim"], "clip": cfg["pooled_projection_dim"]}
     path, _ = write_cache(root, f"padded-{text}-{row['res']}-{n}", "padded", text, n, row["res"] // 8, dims)
     return path
 
 
-def run_in_subprocess(row: dict, args, cache: Path, work: Path) -> dict:
+def run_in_subprocess(row: dict, args, cache: Path | None, work: Path, timeout: float) -> dict:
+    """The row in a process of its own. `timeout`: the row's limit, or less where the call's budget ends
+    sooner (then a row cut short is "not run", for the next call)."""
     cmd = [sys.executable, __file__, "--row", json.dumps(row), "--device", args.device, "--cache", str(cache),
            "--work", str(work)]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.row_timeout} s"}
+        return {"error": f"timed out after {timeout:.0f} s", "not_run": timeout < args.row_timeout}
     found = [ln[4:] for ln in done.stdout.splitlines() if ln.startswith("ROW ")]
     if done.returncode != 0 or not found:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
@@ -394,8 +504,8 @@ def run_in_subprocess(row: dict, args, cache: Path, work: Path) -> dict:
     return json.loads(found[-1])
 
 
-def run_in_process(row: dict, args, cache: Path, work: Path) -> dict:
-    """For rows that cannot run out of memory (the 2.55B model): no start-up cost per row."""
+def run_in_process(row: dict, args, cache: Path | None, work: Path) -> dict:
+    """For rows that cannot run out of memory (the 2.55B model, the tiny ones): no start-up cost per row."""
     import gc
 
     from accelerate.state import AcceleratorState
@@ -420,66 +530,181 @@ def compare_smoke(results: list[dict]) -> None:
             print(f"{r['name']!r} vs {twin['name']!r}: largest relative loss difference {diff:.2e}")
 
 
-def print_table(results: list[dict]) -> None:
-    head = (f"{'row':<40} {'peak GiB':>8} {'setup GiB':>9} {'img/s':>6} {'s/step':>7} {'MFU':>6} "
-            f"{'loss first5 -> last5':>21}")
-    print("\n" + head + "\n" + "-" * len(head))
-    for r in results:
+def goal_status(r: dict, by_name: dict) -> tuple[str, str]:
+    """(the row's goal in words, "met" / "MISSED" / "?"): a peak in GiB, and/or at least the img/s of
+    another row (by its number in the table)."""
+    goal, words, verdicts = r.get("goal") or {}, [], []
+    failed_here = "error" in r
+    if "peak_gib" in goal:
+        words.append(f"<={goal['peak_gib']:g} GiB")
+        verdicts.append(None if failed_here or r.get("peak_gib") is None else r["peak_gib"] <= goal["peak_gib"])
+    if "img_s_of" in goal:
+        base = by_name.get(goal["img_s_of"], {})
+        words.append(f">=#{base.get('number', '?')} img/s")
+        verdicts.append(None if failed_here or base.get("img_s") is None else r["img_s"] >= base["img_s"])
+    if not words:
+        return "", ""
+    return " ".join(words), "MISSED" if False in verdicts else "?" if None in verdicts else "met"
+
+
+def format_table(results: list[dict]) -> str:
+    by_name = {r["name"]: {**r, "number": i + 1} for i, r in enumerate(results)}
+    width = max([40] + [len(r["name"]) for r in results])
+    head = (f"{'#':>2} {'row':<{width}} {'peak GiB':>8} {'setup GiB':>9} {'img/s':>6} {'s/step':>7} {'MFU':>6} "
+            f"{'host GiB':>8} {'goal':>20} {'':>6} {'loss first5 -> last5':>21}")
+    lines = ["", head, "-" * len(head)]
+    fmt = lambda v, f: format(v, f) if v is not None else "-".rjust(int(f.split(".")[0]))  # noqa: E731
+    for i, r in enumerate(results):
+        goal, status = goal_status(r, by_name)
         if "error" in r:
-            print(f"{r['name']:<40} {r['error']}")
+            lines.append(f"{i + 1:>2} {r['name']:<{width}} {r['error']}" + (f"   [goal {goal}]" if goal else ""))
             continue
-        fmt = lambda v, f: format(v, f) if v is not None else "-".rjust(int(f.split(".")[0]))  # noqa: E731
         ls = r["losses"]
         k = min(5, max(1, len(ls) // 2))
-        trend = f"{sum(ls[:k]) / k:.3f} -> {sum(ls[-k:]) / k:.3f}"
+        trend = f"{sum(ls[:k]) / k:.3f} -> {sum(ls[-k:]) / k:.3f}" if ls else "-"
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        print(f"{r['name']:<40} {fmt(r['peak_gib'], '8.1f')} {fmt(r['setup_gib'], '9.1f')} {r['img_s']:>6.2f} "
-              f"{r['s_per_step']:>7.3f} {mfu:>6} {trend:>21}")
+        lines.append(f"{i + 1:>2} {r['name']:<{width}} {fmt(r['peak_gib'], '8.1f')} {fmt(r['setup_gib'], '9.1f')} "
+                     f"{r['img_s']:>6.2f} {r['s_per_step']:>7.3f} {mfu:>6} {fmt(r.get('host_peak_rss_gib'), '8.1f')} "
+                     f"{goal:>20} {status:>6} {trend:>21}")
+    return "\n".join(lines)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=["lora", "full", "speed", "fidelity", "smoke"], default="lora")
+    p.add_argument("--family", choices=["flux1", "flux2"], default="flux1",
+                   help="flux2: FLUX.2 [klein] 4B / 9B and [dev] (bench/memory_flux2.py)")
+    p.add_argument("--suite", choices=["lora", "full", "speed", "fidelity", "smoke", "encode", "stretch", "all"],
+                   default="lora", help="flux1: lora, full, speed, fidelity, smoke; flux2: lora, full, encode, "
+                                        "stretch, all")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--tiny", action="store_true", help="smoke suite only: the tiny model (CPU)")
+    p.add_argument("--tiny", action="store_true", help="the tiny model (CPU): flux1's smoke suite, any flux2 suite")
     p.add_argument("--only", default=None, help="row names to run, separated by ; (default: all)")
-    p.add_argument("--budget", type=float, default=570, help="seconds: start no row after this")
+    p.add_argument("--budget", type=float, default=570,
+                   help="seconds: start no row after this, nor one whose expected time (est_s) would pass it")
     p.add_argument("--row-timeout", type=float, default=300)
     p.add_argument("--same-process", action="store_true", help="run the rows in this process (no OOM risk)")
-    p.add_argument("--max-errors", type=int, default=2, help="stop the suite after this many failed rows")
+    p.add_argument("--max-errors", type=int, default=2,
+                   help="stop the suite after this many failed rows (out of memory is a result, not a failure)")
     p.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "flux-bench-memory"))
+    p.add_argument("--out", default=os.environ.get("OUT"),
+                   help="folder for the results as they come: rows/NN-<row>.json when each row ends, results.json "
+                        "(every row so far) and table.txt (default: $OUT where set)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows an earlier call finished (their results under --root) and run the rest: "
+                        "a command limited to 10 minutes runs a long suite in several calls")
+    p.add_argument("--resume-from", nargs="*", default=None, metavar="RESULTS_JSON",
+                   help="also keep the finished rows of these results.json files (an earlier call's --out, "
+                        "brought back), where the machine that ran them is gone; implies --resume")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)      # internal: run one row, print it
     p.add_argument("--cache", default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def finished_rows(args, done: Path) -> dict[str, dict]:
+    """Rows an earlier call finished, by name: the results it saved under --root (the machine is the same)
+    and the rows of --resume-from files (results.json of an earlier call's --out, for a fresh machine)."""
+    found = {}
+    for file in args.resume_from or []:
+        try:
+            earlier = json.loads(Path(file).read_text())["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"--resume-from {file}: not a results.json of this benchmark ({e})") from None
+        found.update({r["name"]: r for r in earlier if not r.get("not_run")})
+    for file in sorted(done.glob("*.json")) if done.is_dir() else []:
+        r = json.loads(file.read_text())
+        found[r["name"]] = r
+    return found
+
+
+def row_file(i: int, row: dict) -> str:
+    return f"{i + 1:02d}-{re.sub(r'[^A-Za-z0-9]+', '-', row['name']).strip('-')}.json"
+
+
+def write_json(path: Path, data) -> None:
+    """Atomically: a reader (or a call cut off) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def failed(r: dict) -> bool:
+    return "error" in r and not r.get("not_run") and r["error"] != "out of memory"
+
+
+def skip_reason(row: dict, ran: list[dict], args, elapsed: float) -> str | None:
+    """Why a row is not started (`ran`: the rows this call ran, the first always runs): too many failures, or
+    no time left."""
+    if sum(map(failed, ran)) >= args.max_errors:
+        return "earlier errors"
+    if ran and elapsed + row.get("est_s", 0) > args.budget:
+        return "time budget: run the command again with --resume"
+    return None
+
+
+def run_rows(args, chosen: list[dict]) -> list[dict]:
+    """Each row in turn (in a process of its own unless --same-process), its result saved as it ends: under
+    --root, where --resume finds it (a failed row is not run again: delete its file to retry it), and in --out."""
+    root, out = Path(args.root), Path(args.out) if args.out else None
+    done = root / f"results-{args.family}-{args.suite}{'-tiny' if args.tiny else ''}"
+    finished = finished_rows(args, done) if args.resume or args.resume_from else {}
+    start, results, ran = time.perf_counter(), [], []
+    for i, row in enumerate(chosen):
+        saved = done / row_file(i, row)
+        if row["name"] in finished:
+            results.append(finished[row["name"]])
+            continue
+        elapsed = time.perf_counter() - start
+        reason = skip_reason(row, ran, args, elapsed)
+        if reason:
+            results.append({**row, "error": f"not run ({reason})", "not_run": True})
+            continue
+        cache = suite_cache(row, root / "caches")
+        work = root / f"work-{args.family}-{args.suite}-{i}"
+        shutil.rmtree(work, ignore_errors=True)
+        t0 = time.perf_counter()
+        if args.same_process:
+            result = {**row, **run_in_process(row, args, cache, work)}
+        else:
+            timeout = min(args.row_timeout, max(30.0, args.budget + 30 - elapsed))
+            result = {**row, **run_in_subprocess(row, args, cache, work, timeout)}
+        result["wall_s"] = time.perf_counter() - t0
+        results.append(result)
+        ran.append(result)
+        if not result.get("not_run"):
+            write_json(saved, result)
+            if out:
+                write_json(out / "rows" / row_file(i, row), result)
+        if out:
+            write_json(out / "results.json", {"family": args.family, "suite": args.suite, "rows": results})
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items() if k != "losses"}
+        print(json.dumps(shown), flush=True)
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.row:
         row = json.loads(args.row)
         result = run_row(row, torch.device(args.device), Path(args.cache), Path(args.work))
         print("ROW " + json.dumps({**row, **result}), flush=True)
         return
-    root = Path(args.root)
-    chosen = [r for r in rows(args.suite, args.tiny) if not args.only or r["name"] in args.only.split(";")]
-    start, results = time.perf_counter(), []
-    for i, row in enumerate(chosen):
-        failed = sum("error" in r for r in results)
-        if time.perf_counter() - start > args.budget or failed >= args.max_errors:
-            results.append({"name": row["name"], "error": "not run (time budget or earlier errors)"})
-            continue
-        cache = suite_cache(row, root / "caches")
-        work = root / f"work-{args.suite}-{i}"
-        shutil.rmtree(work, ignore_errors=True)
-        t0 = time.perf_counter()
-        run = run_in_process if args.same_process else run_in_subprocess
-        result = {**row, **run(row, args, cache, work)}
-        result["wall_s"] = time.perf_counter() - t0
-        results.append(result)
-        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items() if k != "losses"}
-        print(json.dumps(shown), flush=True)
-    print_table(results)
+    chosen = [r for r in rows(args.suite, args.tiny, args.family) if not args.only or r["name"] in args.only.split(";")]
+    results = run_rows(args, chosen)
+    table = format_table(results)
+    print(table)
     compare_smoke(results)
+    left = sum(1 for r in results if r.get("not_run"))
+    if left:
+        print(f"{left} row(s) not run yet: the same command with --resume runs them")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "table.txt").write_text(table + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps({"suite": args.suite, "device": args.device, "rows": results}, indent=1))
+    return results
 
 
 if __name__ == "__main__":

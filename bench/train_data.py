@@ -42,6 +42,41 @@ def write_cache(root: Path, name: str, mode: str, length, n: int, latent_hw: int
     return out, lengths
 
 
+def write_flux2_cache(root: Path, name: str, n: int, latent_hw: int, channels: int, text_dim: int,
+                      length: int = 512) -> Path:
+    """A synthetic FLUX.2 cache (random bf16 tensors) of the real shapes: latents [channels, hw, hw],
+    padded text [length, text_dim] + text_len, no pooled vector, the VAE's BatchNorm statistics over the
+    2x2-patchified channels (non-trivial, so the normalisation is exercised); reused when present."""
+    from safetensors.torch import save_file
+
+    from shared.cache import CacheWriter, cache_manifest, write_manifest
+    from shared.family.flux2 import FLUX2
+    out = root / name
+    if (out / "manifest.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    dtypes = {"latent": "bfloat16", "text": "bfloat16"}
+    with CacheWriter(out, "bench", dtypes, text=FLUX2.text, rows_per_shard=256, row_group_rows=32) as w:
+        for i in range(n):
+            real = int(torch.randint(8, length // 2, (1,), generator=g))   # a caption's tokens; the rest padding
+            w.add(key=f"bench-{i:06d}", caption="synthetic", latent=torch.randn(channels, latent_hw, latent_hw,
+                                                                                generator=g),
+                  text=torch.randn(length, text_dim, generator=g), text_len=real,
+                  width=latent_hw * 8, height=latent_hw * 8)
+        shards = w.close()
+    save_file({"text": torch.zeros(length, text_dim), "text_len": torch.tensor(1)},
+              str(out / "empty_prompt.safetensors"))
+    bn = 4 * channels
+    vae = {"bn_mean": (0.1 * torch.randn(bn, generator=g)).tolist(),
+           "bn_var": (0.5 + torch.rand(bn, generator=g)).tolist(), "batch_norm_eps": 1e-4}
+    manifest = cache_manifest(family=FLUX2, dtypes=dtypes, dims={"latent_channels": channels, "text_dim": text_dim},
+                              text={"mode": "padded", "max_length": length}, shards=shards, vae=vae)
+    manifest.setdefault("family", FLUX2.name)   # written by cache_manifest itself once families are recorded
+    write_manifest(out, manifest)
+    return out
+
+
 def s3_server():
     """moto's S3 server on 127.0.0.1 (tests/s3_server.py, the one the tests start), its credentials and
     endpoint in this process's environment, where the trainer's readers find them."""

@@ -1,7 +1,6 @@
 """FLUX.2 model presets: the transformer, text and sampling shapes of each known FLUX.2 model.
 
-In the style of shared/presets.py (FLUX.1), kept apart so that the preset table can take them in
-one merge. Each value says where it comes from:
+shared/presets.py's table takes them in (PRESETS, get_preset, transformer_config serve both families). Each value says where it comes from:
 
 - [diffusers-convert]: diffusers' scripts/convert_flux2_to_diffusers.py, get_flux2_transformer_config
   (the configs the hub folders were converted with).
@@ -98,20 +97,3 @@ FLUX2_PRESETS: dict[str, Flux2Preset] = {
         default_steps=20, guidance_scale=4.0, true_cfg=True,
     ),
 }
-
-
-def get_flux2_preset(name: str) -> Flux2Preset:
-    try:
-        return FLUX2_PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown FLUX.2 model preset {name!r}; known: {', '.join(FLUX2_PRESETS)}") from None
-
-
-def flux2_transformer_config(name: str, **overrides) -> dict:
-    """A FLUX.2 preset's transformer config with overrides (e.g. fewer blocks for a benchmark)."""
-    cfg = dict(get_flux2_preset(name).transformer)
-    unknown = set(overrides) - set(cfg)
-    if unknown:
-        raise ValueError(f"unknown transformer option(s): {', '.join(sorted(unknown))}")
-    cfg.update(overrides)
-    return cfg

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .presets_flux2 import get_flux2_preset
+from .presets_flux2 import FLUX2_PRESETS
 from .schedules import BASE_SEQ_LEN, BASE_SHIFT, MAX_SEQ_LEN, MAX_SHIFT
 from .tiny import VOCAB_WORDS
 from .tiny_vae import set_pooling_weights
@@ -195,7 +195,7 @@ def _scheduler():
 
 def _flux2_transformer(seed: int, guidance_embeds: bool):
     from diffusers import Flux2Transformer2DModel
-    cfg = dict(get_flux2_preset("flux2-tiny").transformer, guidance_embeds=guidance_embeds)
+    cfg = dict(FLUX2_PRESETS["flux2-tiny"].transformer, guidance_embeds=guidance_embeds)
     if cfg["in_channels"] != 4 * LATENT_CHANNELS:
         raise ValueError("the tiny transformer's in_channels must be 4 x the tiny VAE's latent channels")
     _seeded(seed, 4)

@@ -109,8 +109,8 @@ def test_real_sizes_on_the_meta_device(preset):
     from diffusers import Flux2Transformer2DModel
     from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
 
-    from shared.presets_flux2 import get_flux2_preset
-    config = get_flux2_preset(preset).transformer
+    from shared.presets import get_preset
+    config = get_preset(preset).transformer
     with torch.device("meta"):
         state = Flux2Transformer2DModel(**config).state_dict()
     bfl = bfl_flux2.diffusers_to_bfl(state)

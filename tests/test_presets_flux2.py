@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from shared.presets_flux2 import FLUX2_PRESETS, flux2_transformer_config, get_flux2_preset
+from shared.presets import get_preset as get_flux2_preset   # one table for both families
+from shared.presets import transformer_config as flux2_transformer_config
+from shared.presets_flux2 import FLUX2_PRESETS
 
 
 @pytest.mark.parametrize("name, blocks, width, heads, text_width, guidance, params_b", [
@@ -31,6 +33,6 @@ def test_flux2_preset_defaults_and_overrides():
     assert flux2_transformer_config("flux2-dev", num_layers=2)["num_layers"] == 2
     with pytest.raises(ValueError, match="unknown transformer option"):
         flux2_transformer_config("flux2-tiny", hidden=3)
-    with pytest.raises(ValueError, match="unknown FLUX.2 model preset"):
+    with pytest.raises(ValueError, match="unknown model preset .flux2-pro."):
         get_flux2_preset("flux2-pro")
     assert set(FLUX2_PRESETS) >= {"flux2-klein-4b", "flux2-klein-9b", "flux2-dev", "flux2-tiny"}

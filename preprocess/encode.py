@@ -14,7 +14,8 @@ import torch
 
 from shared.cache.schema import torch_dtype
 from shared.family import family_of_model
-from shared.models import load_vae, model_identity
+from shared.models import model_identity
+from shared.family import load_vae
 from shared.precision import canonical_dtype
 
 from .images import to_model_range

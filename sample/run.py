@@ -17,7 +17,8 @@ from tqdm import tqdm
 from shared.cache.schema import dtype_name
 from shared.devices import DeviceError, resolve_device
 from shared.family import Family, family_of_model
-from shared.models import ModelLoadError, load_transformer, load_vae, transformer_identity
+from shared.models import ModelLoadError, transformer_identity
+from shared.family import load_transformer, load_vae
 from shared.precision import DTYPE_ALIASES, resolve_dtype
 from shared.sampling import decode, denoise, fuse_lora_adapter, guided_batch, initial_noise
 from shared.text_batch import TEXT_PAD_MULTIPLE, PromptEncoding

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 
 # The parts of a model folder in diffusers' layout; a family names what each of its own is (family/).
 PARTS = {
@@ -131,46 +130,6 @@ def check_hub_reachable(model: str, part: str) -> None:
         return
     except Exception as e:  # noqa: BLE001 - the transport's errors (refused, no DNS, timed out), whatever its library
         raise ModelLoadError(f"{not_here_offline(model, part)} ({type(e).__name__})") from e
-
-
-def load_vae(model: str, dtype=torch.float32, device="cpu", family=None):
-    """The VAE of a model folder/hub id, of its family's class (`family`: given, or read from the folder)."""
-    from .family import family_of_model
-    family = family or family_of_model(model)
-    vae = load_part(family.vae_cls().from_pretrained, model, "vae", family.parts["vae"], torch_dtype=torch.float32,
-                    use_safetensors=True)
-    for name, child in vae.named_children():
-        # FLUX.2's BatchNorm statistics stay float32 (the forward never uses them; the latents' normalisation
-        # does, and bf16 would round them): every other part in `dtype`
-        if name != "bn":
-            child.to(dtype)
-    return vae.to(device).eval()
-
-
-def load_transformer(model: str, dtype=torch.float32, device="cpu", part: str = "transformer"):
-    """The transformer of a model folder/hub id; `part=None` reads `model` itself as a transformer folder.
-    Its class is its family's, read from its config."""
-    from .family import family_of_transformer
-    config = part_config(model, part) if part else _folder_config(model)
-    family = family_of_transformer(config)
-    if family is None:
-        raise ModelLoadError(f"{model}: the transformer's config names class {config.get('_class_name')!r}, "
-                             "not one of flux-prep's families")
-    cls = family.transformer_cls()
-    if part is None:
-        try:
-            return cls.from_pretrained(str(model), torch_dtype=dtype, use_safetensors=True).to(device)
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"{model}: cannot load the transformer: {str(e).splitlines()[0]}") from e
-    return load_part(cls.from_pretrained, model, part, family.parts[part], torch_dtype=dtype,
-                     use_safetensors=True).to(device)
-
-
-def _folder_config(folder: str) -> dict:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise ModelLoadError(f"{folder}: not a transformer folder (no config.json)")
-    return json.loads(path.read_text())
 
 
 def part_config(model: str, part: str, filename: str = "config.json", required: bool = True) -> dict | None:

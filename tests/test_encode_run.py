@@ -16,7 +16,8 @@ from preprocess.ledger import SettingsMismatch
 from preprocess.verify import cache_warnings, verify_cache
 from shared.cache import CacheReader
 from shared.family.flux1_text import encode_prompts, load_clip, load_t5
-from shared.models import ModelLoadError, load_vae
+from shared.models import ModelLoadError
+from shared.family import load_vae
 
 
 def read_rows(cache) -> dict:

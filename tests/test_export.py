@@ -34,7 +34,7 @@ def run(app, *args):
 def lora_model(tiny_model, targets):
     from peft import LoraConfig
 
-    from shared.models import load_transformer
+    from shared.family import load_transformer
     model = load_transformer(str(tiny_model))
     model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     g = torch.Generator().manual_seed(0)

@@ -65,7 +65,7 @@ def test_casting_a_diffusers_model_says_nothing_of_float32_modules_it_has_not(ti
     listing none; that one message is dropped, and a list that names modules still shows."""
     import torch
 
-    from shared.models import load_transformer
+    from shared.family import load_transformer
     logger = logging.getLogger("diffusers.models.modeling_utils")
     records = []
     handler = logging.Handler()

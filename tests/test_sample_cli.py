@@ -113,7 +113,7 @@ def tiny_guidance_state():
 def test_lora_adapter_changes_output(base_images, tiny_model, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from shared.models import load_transformer
+    from shared.family import load_transformer
     base = load_transformer(str(tiny_model))
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
     peft_model = get_peft_model(base, cfg)
@@ -145,7 +145,7 @@ def test_trainer_lora_final_folder(base_images, tiny_model, tmp_path):
     """The trainer's LoRA final/: diffusers' save_lora_adapter file plus flux_prep.json."""
     from peft import LoraConfig
 
-    from shared.models import load_transformer
+    from shared.family import load_transformer
     from shared.run_files import TRAINING_INFO
     model = load_transformer(str(tiny_model))
     model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v", "proj_mlp"],

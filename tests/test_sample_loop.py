@@ -47,7 +47,7 @@ def _ours(model, **kw):
     x = denoise(transformer, initial_noise([SEED], H, W, "cpu", torch.float32), guided_batch(cond, empty),
                 height_px=H, width_px=W, steps=STEPS, shift=p.conv.shift, guidance=p.guidance,
                 cfg_scale=p.cfg_scale)
-    from shared.models import load_vae
+    from shared.family import load_vae
     return x, decode(FLUX1, load_vae(str(model)), x, H, W).numpy()
 
 
@@ -90,7 +90,7 @@ def test_batched_cfg_equals_flux_pipeline_two_forwards(tiny_model):
 def test_trimmed_batch_masks_padding(tiny_model):
     """Trimmed T5: prompts of different lengths batched together (padding masked) give what each
     gives alone (no padding at all); and trimmed is a different conditioning from padded."""
-    from shared.models import load_transformer
+    from shared.family import load_transformer
     prompts = ["a red circle", "two small blue squares on a large green background"]
     enc = encode_all(tiny_model, prompts, "trimmed")
     assert enc[0].states.shape[0] < enc[1].states.shape[0]
@@ -123,7 +123,7 @@ def test_speed_options_keep_the_result(tiny_model):
     """The benchmark's fast path (fused q/k/v, each block traced whole by torch.compile) computes the same
     latents; the 'eager' compile backend checks the full-graph tracing without a C++ toolchain."""
     from sample.loop import configure_speed
-    from shared.models import load_transformer
+    from shared.family import load_transformer
     text = TextBatch.collate(encode_all(tiny_model, [PROMPT], "padded"))
     run = dict(height_px=32, width_px=32, steps=2)
     noise = initial_noise([0], 32, 32, "cpu", torch.float32)

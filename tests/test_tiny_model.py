@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from preprocess.cli import app
 from shared.family.flux1_text import encode_prompts, load_clip, load_t5
-from shared.models import ModelLoadError, load_transformer, load_vae, model_identity, refuse_pickle
+from shared.models import ModelLoadError, model_identity, refuse_pickle
+from shared.family import load_transformer, load_vae
 
 LAYOUT = ["model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
           "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",

@@ -116,7 +116,7 @@ def test_a_quantized_layer_under_autocast_computes_in_autocasts_dtype(kind):
 
 
 def test_published_weights_load_straight_into_bf16(tiny_model):
-    from shared.models import load_transformer
+    from shared.family import load_transformer
     fp32 = load_transformer(str(tiny_model), dtype=torch.float32).state_dict()
     bf16 = build_transformer(ModelConfig(name=str(tiny_model), init="pretrained"), dtype=torch.bfloat16)
     assert all(v.dtype == torch.bfloat16 and torch.equal(v, fp32[k].to(torch.bfloat16))

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from shared.family import Family, family_of_model, get_family
-from shared.models import ModelLoadError, load_transformer, model_index, split_transformer_path, transformer_identity
+from shared.models import ModelLoadError, model_index, split_transformer_path, transformer_identity
+from shared.family import load_transformer
 from shared.run_files import TRAINING_INFO, read_training_info
 from shared.sampling import sampling_conventions
 from shared.presets import PRESETS, get_preset, transformer_config

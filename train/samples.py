@@ -24,7 +24,8 @@ import torch
 from shared import image_files
 from shared.cache.sample_prompts import read_sample_prompts
 from shared.latents import VAE_DOWNSAMPLE
-from shared.models import ModelLoadError, load_vae
+from shared.models import ModelLoadError
+from shared.family import load_vae
 from shared.sampling import decode, denoise, fuse_lora_adapter, guided_batch, initial_noise
 from shared.text_batch import PromptEncoding
 

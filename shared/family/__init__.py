@@ -15,7 +15,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1, FLUX2)}
 DEFAULT_FAMILY = "flux1"
 
 __all__ = ["FAMILIES", "TEXT_MODES", "Family", "TextSpec", "family_of_manifest", "family_of_model",
-           "family_of_pipeline", "family_of_transformer", "get_family"]
+           "family_of_pipeline", "family_of_transformer", "get_family", "load_transformer", "load_vae"]
 
 
 def get_family(name: str | None) -> Family:
@@ -64,3 +64,6 @@ def family_of_model(model: str) -> Family:
 
 def _pipelines() -> str:
     return ", ".join(p for f in FAMILIES.values() for p in f.pipelines)
+
+
+from .loading import load_transformer, load_vae  # noqa: E402 - they read a folder's family through the above

@@ -7,6 +7,7 @@ import torch
 
 from .. import latents, schedules
 from .base import Family, TextSpec
+from .flux1_text import TEXT_PARTS
 
 
 class Flux1(Family):
@@ -20,15 +21,8 @@ class Flux1(Family):
                        "network_module": "networks.lora_flux", "base_model_version": "flux1"}
     text = TextSpec(states="t5", length="t5_len", pooled="clip", modes=("padded", "trimmed"), label="T5",
                     pooled_label="CLIP")
-    parts = {
-        "vae": "the VAE (AutoencoderKL)",
-        "transformer": "the Flux transformer",
-        "text_encoder": "the CLIP text encoder",
-        "text_encoder_2": "the T5 text encoder",
-        "tokenizer": "the CLIP tokenizer",
-        "tokenizer_2": "the T5 tokenizer",
-        "scheduler": "the noise schedule",
-    }
+    parts = {"vae": "the VAE (AutoencoderKL)", "transformer": "the Flux transformer", **TEXT_PARTS,
+             "scheduler": "the noise schedule"}
     text_parts = ("text_encoder_2", "tokenizer_2", "text_encoder", "tokenizer")
     vae_fact_keys = ("shift_factor", "scaling_factor")
     # The encoder's facts in the manifest (compared on a rerun), and those only recorded (flux1_text.py).

@@ -21,10 +21,17 @@ COMPILED_T5_ATTENTION = "auto"
 OPTIONS = {"t5_impl": "fused", "t5_fp32_wo": False}
 
 
+# What each of the text encoders' parts of a FLUX.1 folder is, for messages (the family's `parts` take them in).
+TEXT_PARTS = {
+    "text_encoder": "the CLIP text encoder",
+    "text_encoder_2": "the T5 text encoder",
+    "tokenizer": "the CLIP tokenizer",
+    "tokenizer_2": "the T5 tokenizer",
+}
+
+
 def _what(part: str) -> str:
-    """What a FLUX.1 folder's part is, for messages."""
-    from .flux1 import FLUX1
-    return FLUX1.parts[part]
+    return TEXT_PARTS[part]
 
 
 def load_t5(model: str, dtype=torch.float32, device="cpu"):

@@ -7,7 +7,7 @@ from typing import Literal
 import typer
 
 app = typer.Typer(
-    help="flux-prep: encode captioned images once (FLUX VAE, T5, CLIP) into a Parquet cache that "
+    help="flux-prep: encode captioned images once (the model family's VAE and text encoders) into a Parquet cache that "
          "training streams, and build the tiny model and demo data of the embedded default.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     rich_markup_mode=None,   # plain help: typer's rich panels show flags as taking a <bool>
@@ -89,7 +89,7 @@ def _storage_options(text: str) -> dict:
 @app.command("inspect")
 def inspect(cache: str = typer.Argument(..., help=CACHE_HELP),
             storage_options: str = typer.Option("", help=STORAGE_HELP)):
-    """Summarise a cache: rows, shards, bytes per sample by column, caption and T5 lengths, skips."""
+    """Summarise a cache: family, rows, shards, bytes per sample by column, caption and text lengths, skips."""
     from preprocess.inspect_cache import inspect_cache
     from shared.cache import CacheError
     try:

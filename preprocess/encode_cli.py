@@ -63,7 +63,7 @@ def encode_command(
     dtype: Dtype = typer.Option("bf16", help="Storage dtype of the tensors."),
     compute_dtype: Optional[Dtype] = typer.Option(None, help="Encoder weights' dtype; default: --dtype on CUDA, "
                                                              "fp32 on CPU."),
-    compile: bool = typer.Option(False, help="torch.compile the T5 and VAE encoders (GPU)."),
+    compile: bool = typer.Option(False, help="torch.compile the text and VAE encoders (GPU)."),
     t5_fp32_wo: bool = typer.Option(False, help="Keep T5's FF down-projections (wo) in fp32 as transformers "
                                                 "loads them (bit-closer to diffusers' FluxPipeline, slower); "
                                                 "default: all of T5 in the compute dtype."),
@@ -82,10 +82,11 @@ def encode_command(
                                              "libraries' weight-loading bars included)."),
     sample_prompts: Optional[Path] = typer.Option(None, help="Prompts the trainer renders samples of (one a "
                                                              "line; run.sample_every): encoded into the cache with "
-                                                             "its T5 mode and length, after the images, or alone "
+                                                             "its text mode and length, after the images, or alone "
                                                              "on an existing cache when --input is left out."),
 ):
-    """Encode captioned images once (FLUX VAE, T5, CLIP) into a Parquet cache; rerun to resume."""
+    """Encode captioned images once (the model family's VAE and text encoders: FLUX.1's T5 and CLIP, FLUX.2's
+    Qwen3 or Mistral 3) into a Parquet cache; rerun to resume."""
     from .decode import PrepOptions
     from .encode import EncodeOptions
     from .encode_run import run_encode

@@ -35,10 +35,10 @@ def check_text_settings(manifest: dict, mode: str | None, max_length: int | None
     text = spec.settings(manifest)
     if mode is not None and mode != text["mode"]:
         raise CacheError(f"{where}: the cache's {spec.label} mode is {text['mode']!r}, not {mode!r}; sample prompts "
-                         "are encoded as the cache was (leave --t5-mode out)")
+                         "are encoded as the cache was (leave --text-mode out)")
     if max_length and int(max_length) != int(text["max_length"]):
         raise CacheError(f"{where}: the cache's {spec.label} length is {text['max_length']}, not {max_length}; "
-                         "sample prompts are encoded as the cache was (leave --t5-max-length out)")
+                         "sample prompts are encoded as the cache was (leave --text-max-length out)")
 
 
 def encode_sample_prompts(model: str, cache: str, prompts_file: Path, *, text_mode: str | None = None,

@@ -81,8 +81,9 @@ class FlowConfig:
     sampler: Literal["uniform", "logit_normal", "flux_shift"] = "uniform"   # how each step draws t
     logit_mean: float = 0.0               # logit_normal: the mean of logit(t)
     logit_std: float = 1.0                # logit_normal: the std of logit(t)
-    guidance_dropout: float = 0.1         # p of replacing T5+CLIP by the empty prompt's
-    # joint: one coin per sample drops T5 and CLIP together (p of both); independent: a coin each, as
+    guidance_dropout: float = 0.1         # p of replacing the text (FLUX.1: T5 + CLIP) by the empty prompt's
+    # joint: one coin per sample drops the text and the pooled vector together (p of both); independent
+    # (FLUX.1 only: FLUX.2 has no pooled vector): a coin each, as
     # torchtitan/MLPerf (p = 0.447 drops both about 20% of the time, each alone 25%)
     guidance_dropout_mode: Literal["joint", "independent"] = "joint"
     latent: Literal["mean", "sample"] = "mean"   # mean: the VAE posterior's mean; sample: mean + exp(logvar/2) * n,

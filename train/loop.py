@@ -150,7 +150,7 @@ class Trainer:
         return model
 
     def _check_base(self, model) -> None:
-        """Say which base was loaded; refuse or warn about what does not fit it (model.guidance, the T5 mode)."""
+        """Say which base was loaded; refuse or warn about what does not fit it (model.guidance, the text mode)."""
         cfg = self.cfg
         self.base = base_identity(cfg.model, cfg.run.seed)
         self.accelerator.print(describe_base(self.base))

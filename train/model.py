@@ -177,7 +177,7 @@ def text_mode_change(cfg: ModelConfig, family: Family, cache_mode: str, cache: s
     return (f"{cfg.name} was trained on {trained} {family.text.label} text (its {TRAINING_INFO}), and the "
             f"training cache {cache} "
             f"holds {cache_mode} text: this run retrains it to {cache_mode}'s convention. To keep its own, "
-            f"encode the cache with --t5-mode {trained}")
+            f"encode the cache with --text-mode {trained}")
 
 
 def run_conventions(cfg, family: Family, guidance_embeds: bool) -> dict:

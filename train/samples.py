@@ -1,6 +1,6 @@
 """Sample images during training (run.sample_every): the cache's sample prompts (encoded once by
 `flux-prep encode --sample-prompts`) rendered with the model being trained, by the sampler's own loop
-(shared/sampling.py), and decoded by the VAE's decoder alone: no T5 or CLIP is loaded here.
+(shared/sampling.py), and decoded by the VAE's decoder alone: no text encoder is loaded here.
 
 Written per step to output_dir/samples/step-N/ (one PNG per prompt and seed, prompt, seed and step in
 its text chunks, and grid.png) and, as a grid, to the tracker. With EMA the EMA's weights are

@@ -4,7 +4,7 @@ MODEL (a FLUX folder in diffusers' layout or a hub id) gives the VAE, text encod
 the transformer comes from MODEL, a trainer's `final/` or `checkpoints/step-N/` folder, a diffusers
 transformer folder or a single BFL-layout safetensors file; a LoRA adapter (diffusers' or peft's, a LoRA
 run's `final/` or checkpoint) may sit on top. The sampling conventions
-(T5 mode and length, schedule shift, steps, guidance) come from the trainer's `flux_prep.json` when
+(text mode and length, schedule shift, steps, guidance) come from the trainer's `flux_prep.json` when
 there is one, else from the published model's own configs.
 """
 from __future__ import annotations

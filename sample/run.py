@@ -2,7 +2,8 @@
 
 Order matters for memory and for failing early: all inputs are checked from configs and file headers
 first (nothing loaded, nothing written); the text encoders run once over every prompt and leave memory
-before the transformer loads (T5-XXL and the 12B transformer never sit on the GPU together).
+before the transformer loads (FLUX.1's T5-XXL and its 12B transformer, or FLUX.2 [dev]'s 24B Mistral and its 32B
+transformer, never sit on the GPU together).
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 validation, checkpoints, metrics. Reads only the cache; writes only under run.output_dir."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
 import time
@@ -16,6 +17,7 @@ from shared.quiet import silence_progress_bars
 from shared.render_tools import render_fields
 
 from . import checkpoint as ckpt
+from .activations import ActivationOffload
 from .config import TrainConfig
 from .data import (CacheStream, StreamPosition, TrainBatch, open_cache, open_validation_cache, train_loader,
                    usable_workers, vae_facts, validation_batches)
@@ -62,6 +64,9 @@ class Trainer:
         # The fixed validation noise, drawn on the first pass and reused (the same values).
         self.val_noise = ValidationNoise(cfg.data.val_noise_cache_mb << 20)
         self.samples = TrainingSamples(self)   # run.sample_every 0: nothing loaded
+        # On a CPU the "host" copies are host copies, as block swap's: the same logic, for tests.
+        self.activation_offload = (ActivationOffload(devices=(self.device.type,)) if cfg.run.offload_activations
+                                   else contextlib.nullcontext)
 
     def _start_runtime(self) -> None:
         """Determinism, the accelerator and its device, the global seed, the attention kernels."""
@@ -376,7 +381,8 @@ class Trainer:
         acc = self.accelerator
         with micro_batch_sync(acc, self.model, last):
             generator = self.generators[int(batch.pos[0])]   # the batch's DataLoader worker
-            loss = training_loss(self.model, batch, self.settings, generator, self.empty)
+            with self.activation_offload():
+                loss = training_loss(self.model, batch, self.settings, generator, self.empty)
             acc.backward(loss / self.cfg.run.grad_accum)
         return loss
 

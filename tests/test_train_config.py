@@ -70,7 +70,7 @@ def test_bad_command_line_values_are_errors_naming_the_key(args, message):
     ("flow: {sampler: gaussian}", r"flow.sampler: .*'uniform', 'logit_normal' or 'flux_shift'"),
     ("run: {precision: fp16}", r"run.precision: .*'auto', 'bf16', 'fp8' or 'no'"),
     ("data: {batch_size: [1, 2]}", r"data.batch_size: .*integer"),
-    ("data: {train_cache: [a]}", r"data.train_cache: .*string"),
+    ("data: {train_cache: [a]}", r"data.train_cache\[0\]: give \{cache"),   # a list holds {cache, weight}s
     ("optim: 3", r"optim: .*dictionary"),
     ("train: {run: {progress: sometimes}}", r"run.progress: .*boolean"),
 ])

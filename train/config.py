@@ -22,7 +22,12 @@ from shared.params import ConfigError, build, choices, field_help, load_section,
 
 @dataclass
 class DataConfig:
-    train_cache: str = ""                 # cache folder (flux-prep encode's output), or its URL (s3://...)
+    # Cache folder (flux-prep encode's output), or its URL (s3://...). Or several caches mixed, each batch
+    # drawn whole from one by weight (seeded: the same mix on every run and resume): [{cache: A, weight: 0.7},
+    # {cache: B, weight: 0.3, loss_weight: 1.0}] (regularisation images, other resolutions or sources;
+    # loss_weight scales that cache's loss). Encoded alike (family, encoders, text mode and length), else
+    # refused. Needs run.max_steps (not run.epochs).
+    train_cache: str | list = ""
     val_cache: str | None = None          # held-out cache for the validation loss
     # fsspec options for the caches' file system (endpoint, credentials; else from the environment:
     # AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...). Their values are never written to config.json or logs.
@@ -249,6 +254,10 @@ def load_config(config_path=None, overrides: list[tuple[str, object]] | dict | N
 def validate(cfg: TrainConfig) -> None:
     if not cfg.data.train_cache:
         raise ConfigError("data.train_cache is not set")
+    from .mix import parse_sources   # here: mix.py imports the data stream, which imports this module
+    if len(parse_sources(cfg.data.train_cache)) > 1 and cfg.run.epochs is not None:
+        raise ConfigError("run.epochs counts passes over one cache; with several data.train_cache sources "
+                          "(each turning over at its own pace) set run.max_steps instead")
     if "://" in cfg.run.output_dir:
         raise ConfigError(f"run.output_dir {cfg.run.output_dir!r}: the trainer writes to a local folder (only "
                           "caches may be remote)")

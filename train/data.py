@@ -354,6 +354,9 @@ class StreamPosition:
                 "workers": dict(self.workers), "next_worker": self.next_worker, "samples": self.samples}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("sources"):
+            raise CacheError("the checkpoint's data position is of several training caches (a list in "
+                             "data.train_cache); resume with the same list")
         if state.get("world_size", self.world_size) != self.world_size:
             raise CacheError(f"the checkpoint's data position was saved by {state['world_size']} processes, "
                              f"this run has {self.world_size}; resume with the same number")

@@ -14,7 +14,7 @@ import torch
 
 from shared.family import Family
 from shared.latents import sample_posterior
-from shared.schedules import sample_timesteps, validation_timesteps
+from shared.schedules import loss_weights, sample_timesteps, validation_timesteps
 from shared.text_batch import TextBatch, pad_text
 
 from .data import TrainBatch, sample_seed
@@ -27,6 +27,10 @@ class StepSettings:
     sampler: str = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    sigmoid_scale: float = 1.0
+    shift: float = 3.0
+    mode_scale: float = 1.29
+    loss_weighting: str = "none"         # SD3's per-sample weight of t (shared/schedules.loss_weights)
     guidance_dropout: float = 0.0
     dropout_mode: str = "joint"          # joint: one coin drops text and pooled vector; independent: a coin each
     latent: str = "mean"                 # mean: the posterior mean; sample: a sample of the posterior
@@ -37,7 +41,8 @@ class StepSettings:
     def from_config(cls, flow, family: Family, vae: dict, **kw) -> "StepSettings":
         """From the config's flow section (FlowConfig), the cache's family and VAE facts."""
         return cls(family=family, vae=vae, sampler=flow.sampler, logit_mean=flow.logit_mean,
-                   logit_std=flow.logit_std, guidance_dropout=flow.guidance_dropout,
+                   logit_std=flow.logit_std, sigmoid_scale=flow.sigmoid_scale, shift=flow.shift,
+                   mode_scale=flow.mode_scale, loss_weighting=flow.loss_weighting, guidance_dropout=flow.guidance_dropout,
                    dropout_mode=flow.guidance_dropout_mode, latent=flow.latent, **kw)
 
     def x0_shape(self, latent_shape) -> tuple:
@@ -102,7 +107,8 @@ def draw(batch: TrainBatch, settings: StepSettings, generator: torch.Generator) 
     latent = batch.latent
     b, _, h, w = latent.shape
     t = sample_timesteps(settings.sampler, b, generator=generator, image_seq_len=settings.family.image_tokens(h, w),
-                         mean=settings.logit_mean, std=settings.logit_std, device=latent.device)
+                         mean=settings.logit_mean, std=settings.logit_std, scale=settings.sigmoid_scale,
+                         shift=settings.shift, mode_scale=settings.mode_scale, device=latent.device)
     noise = torch.randn((b, *settings.x0_shape(latent.shape[1:])), generator=generator, device=latent.device,
                         dtype=torch.float32)
     drop_text_ = torch.rand(b, generator=generator, device=latent.device) < settings.guidance_dropout
@@ -124,7 +130,10 @@ def training_loss(model, batch: TrainBatch, settings: StepSettings, generator: t
     else:
         text = batch.text_batch()
     latent = r.get("latent", batch.latent)
-    return flow_matching_loss(model, latent, text, r["t"], r["noise"], settings).mean()
+    loss = flow_matching_loss(model, latent, text, r["t"], r["noise"], settings)
+    if settings.loss_weighting != "none":   # none leaves the loss's arithmetic as it always was
+        loss = loss * loss_weights(settings.loss_weighting, r["t"]).to(loss.device)
+    return loss.mean()
 
 
 def validation_noise(keys: list[str], shape: tuple, i: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ import re
 import tarfile
 import zlib
 from dataclasses import dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 
 import fsspec
@@ -195,13 +196,24 @@ def repeat_folder_warning(spec: str) -> str | None:
             "row, and the trainer samples every row alike (copy a folder's images to give them more weight)")
 
 
+# A folder's loss masks (encode --masks): `masks/STEM.png` beside the images; no sample of their own.
+MASKS_FOLDER = "masks"
+
+
 def _folder_shards(folder: Path, per_shard: int) -> list[InputShard]:
     by_key: dict[str, list[tuple[str, int, int]]] = {}   # key -> (file name, size, mtime) of its files
+    masks: dict[str, tuple[str, int, int]] = {}          # an image's key -> its mask file's
     for p in folder.rglob("*"):
         if p.suffix[1:].lower() in IMAGE_EXTS + CAPTION_EXTS and not p.name.startswith(".") and p.is_file():
             st = p.stat()
-            by_key.setdefault(str(p.relative_to(folder).with_suffix("")), []).append(
-                (p.name, st.st_size, st.st_mtime_ns))
+            rel = p.relative_to(folder).with_suffix("")
+            if rel.parent.name == MASKS_FOLDER:
+                masks[str(rel.parent.parent / rel.name)] = (f"{MASKS_FOLDER}/{p.name}", st.st_size, st.st_mtime_ns)
+                continue
+            by_key.setdefault(str(rel), []).append((p.name, st.st_size, st.st_mtime_ns))
+    for key, stat in masks.items():   # a changed mask changes its shard's fingerprint
+        if key in by_key:
+            by_key[key].append(stat)
     keys = sorted(by_key)
     if not keys:
         raise InputError(f"{folder}: no images or captions in this folder")
@@ -272,7 +284,22 @@ def _iter_folder(shard: InputShard):
                 sample.files[p.suffix[1:].lower()] = p.read_bytes()
             except OSError:
                 continue    # vanished or unreadable: counted below as a missing part
+        _add_folder_mask(sample, parent / MASKS_FOLDER / Path(key).name)
         yield sample
+
+
+def _add_folder_mask(sample: RawSample, stem: Path) -> None:
+    """The sample's `masks/STEM.*` as its `mask.EXT` file, the name a tar member `KEY.mask.EXT` has; an
+    unreadable one is handed on empty, to be counted as a bad mask."""
+    if not stem.parent.is_dir():
+        return
+    for p in sorted(stem.parent.glob(glob_escape(stem.name) + ".*")):
+        if p.suffix[1:].lower() in IMAGE_EXTS and p.stem == stem.name:
+            try:
+                sample.files[f"mask.{p.suffix[1:].lower()}"] = p.read_bytes()
+            except OSError:
+                sample.files[f"mask.{p.suffix[1:].lower()}"] = b""
+            return
 
 
 # What damaged data raises while a tar is read (anything else, an OSError above all, is not the data's fault).

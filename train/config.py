@@ -90,6 +90,9 @@ class FlowConfig:
     # each sample's loss times a weight of its t (SD3's, as diffusers' compute_loss_weighting_for_sd3):
     # none; sigma_sqrt, 1/t^2 (t clamped at 1e-3); cosmap, 2 / (pi (1 - 2t + 2t^2)). The validation loss is unweighted
     loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    # weight each latent value's error by the image's loss mask (a cache encoded with flux-prep encode --masks),
+    # each sample's loss divided by its mask's mean: a full mask gives the plain loss
+    masked_loss: bool = False
     guidance_dropout: float = 0.1         # p of replacing the text (FLUX.1: T5 + CLIP) by the empty prompt's
     # joint: one coin per sample drops the text and the pooled vector together (p of both); independent
     # (FLUX.1 only: FLUX.2 has no pooled vector): a coin each, as

@@ -83,7 +83,7 @@ class Trainer:
         data = self.cfg.data
         self.train_reader = open_cache(data.train_cache, data.expected_text_mode, "training cache",
                                        latent_logvar=self.cfg.flow.latent == "sample",
-                                       storage_options=data.storage_options)
+                                       storage_options=data.storage_options, mask=self.cfg.flow.masked_loss)
         self.val_reader = None
         if data.val_cache:
             self.val_reader = open_validation_cache(data.val_cache, self.train_reader, data.storage_options)
@@ -400,7 +400,8 @@ class Trainer:
                              rank=acc.process_index, world_size=acc.num_processes,
                              shuffle_buffer=cfg.data.shuffle_buffer, expected_text_mode=cfg.data.expected_text_mode,
                              position=self.position.state_dict() if self.position.workers else None,
-                             latent_logvar=cfg.flow.latent == "sample", storage_options=cfg.data.storage_options)
+                             latent_logvar=cfg.flow.latent == "sample", storage_options=cfg.data.storage_options,
+                             mask=cfg.flow.masked_loss)
         stream.row_groups()
         loader = train_loader(stream, self.num_workers, pin_memory=self.device.type == "cuda",
                               prefetch_factor=cfg.data.prefetch_factor)

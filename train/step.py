@@ -83,9 +83,10 @@ def drop_text(batch: TrainBatch, empty: EmptyPrompt, drop: torch.Tensor,
 
 
 def flow_matching_loss(model, latent: torch.Tensor, text: TextBatch, t: torch.Tensor, noise: torch.Tensor,
-                       settings: StepSettings) -> torch.Tensor:
+                       settings: StepSettings, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample loss [B] (float32) for given timesteps and noise (x0-shaped); `latent` is the VAE
-    posterior's mean or a sample of it, before the family's normalisation."""
+    posterior's mean or a sample of it, before the family's normalisation; `mask` [B, h, w] the loss masks
+    (masked_mean)."""
     family = settings.family
     h, w = latent.shape[-2:]
     x0 = family.to_x0(latent, settings.vae)
@@ -94,7 +95,17 @@ def flow_matching_loss(model, latent: torch.Tensor, text: TextBatch, t: torch.Te
     target = family.pack(noise - x0)
     text = TextBatch(text.states.float(), None if text.pooled is None else text.pooled.float(), text.mask)
     pred = family.predict(model, family.pack(x_t), t, text, h, w, settings.guidance, settings.flex_mask)
-    return (pred.float() - target).pow(2).mean(dim=(1, 2))
+    error = (pred.float() - target).pow(2)
+    if mask is None:
+        return error.mean(dim=(1, 2))
+    return masked_mean(error, family.mask_tokens(mask.to(error.device, torch.float32), latent.shape[1]))
+
+
+def masked_mean(error: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean of `error` [B, N, D] weighted by `weights` (the mask, laid out as the tokens), over the
+    mean weight: an all-ones mask gives error.mean exactly (the same products, sums and a division by 1.0);
+    an all-zero one gives 0."""
+    return (weights * error).mean(dim=(1, 2)) / weights.mean(dim=(1, 2)).clamp(min=1e-12)
 
 
 def draw(batch: TrainBatch, settings: StepSettings, generator: torch.Generator) -> dict:
@@ -130,7 +141,7 @@ def training_loss(model, batch: TrainBatch, settings: StepSettings, generator: t
     else:
         text = batch.text_batch()
     latent = r.get("latent", batch.latent)
-    loss = flow_matching_loss(model, latent, text, r["t"], r["noise"], settings)
+    loss = flow_matching_loss(model, latent, text, r["t"], r["noise"], settings, batch.mask)
     if settings.loss_weighting != "none":   # none leaves the loss's arithmetic as it always was
         loss = loss * loss_weights(settings.loss_weighting, r["t"]).to(loss.device)
     return loss.mean()

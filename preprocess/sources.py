@@ -196,8 +196,7 @@ def repeat_folder_warning(spec: str) -> str | None:
             "row, and the trainer samples every row alike (copy a folder's images to give them more weight)")
 
 
-# A folder's loss masks (encode --masks): `masks/STEM.png` beside the images; no sample of their own.
-MASKS_FOLDER = "masks"
+MASKS_FOLDER = "masks"   # a folder's loss masks (encode --masks): `masks/STEM.png` beside the images
 
 
 def _folder_shards(folder: Path, per_shard: int) -> list[InputShard]:
@@ -207,13 +206,12 @@ def _folder_shards(folder: Path, per_shard: int) -> list[InputShard]:
         if p.suffix[1:].lower() in IMAGE_EXTS + CAPTION_EXTS and not p.name.startswith(".") and p.is_file():
             st = p.stat()
             rel = p.relative_to(folder).with_suffix("")
-            if rel.parent.name == MASKS_FOLDER:
+            if rel.parent.name == MASKS_FOLDER:   # no sample of its own; a changed mask changes the fingerprint
                 masks[str(rel.parent.parent / rel.name)] = (f"{MASKS_FOLDER}/{p.name}", st.st_size, st.st_mtime_ns)
-                continue
-            by_key.setdefault(str(rel), []).append((p.name, st.st_size, st.st_mtime_ns))
-    for key, stat in masks.items():   # a changed mask changes its shard's fingerprint
-        if key in by_key:
-            by_key[key].append(stat)
+            else:
+                by_key.setdefault(str(rel), []).append((p.name, st.st_size, st.st_mtime_ns))
+    for key in masks.keys() & by_key.keys():
+        by_key[key].append(masks[key])
     keys = sorted(by_key)
     if not keys:
         raise InputError(f"{folder}: no images or captions in this folder")
@@ -289,17 +287,14 @@ def _iter_folder(shard: InputShard):
 
 
 def _add_folder_mask(sample: RawSample, stem: Path) -> None:
-    """The sample's `masks/STEM.*` as its `mask.EXT` file, the name a tar member `KEY.mask.EXT` has; an
-    unreadable one is handed on empty, to be counted as a bad mask."""
-    if not stem.parent.is_dir():
+    """The sample's `masks/STEM.*` as its `mask.EXT` file (a tar's `KEY.mask.EXT`); unreadable: empty, a bad mask."""
+    found = sorted(stem.parent.glob(glob_escape(stem.name) + ".*")) if stem.parent.is_dir() else []
+    for p in (p for p in found if p.suffix[1:].lower() in IMAGE_EXTS and p.stem == stem.name):
+        try:
+            sample.files[f"mask.{p.suffix[1:].lower()}"] = p.read_bytes()
+        except OSError:
+            sample.files[f"mask.{p.suffix[1:].lower()}"] = b""
         return
-    for p in sorted(stem.parent.glob(glob_escape(stem.name) + ".*")):
-        if p.suffix[1:].lower() in IMAGE_EXTS and p.stem == stem.name:
-            try:
-                sample.files[f"mask.{p.suffix[1:].lower()}"] = p.read_bytes()
-            except OSError:
-                sample.files[f"mask.{p.suffix[1:].lower()}"] = b""
-            return
 
 
 # What damaged data raises while a tar is read (anything else, an OSError above all, is not the data's fault).

@@ -10,12 +10,13 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .images import ImageSkip, default_min_size, make_buckets, prepare_image
+from .masks import sample_mask
 from .sources import (SKIP_BAD_IMAGE, InputShard, Skip, add_example, image_bytes, iter_shard, read_caption,
                       skipped_name)
 
@@ -26,6 +27,7 @@ class PrepOptions:
     buckets: bool = False
     min_size: int | None = None   # skip short sides under it; None: default_min_size(resolution); 0: keep all
     jpeg_draft: bool = True
+    masks: bool = False           # read each image's loss mask (masks.py)
 
     def __post_init__(self):
         # Resolved here, so encode, its recorded settings and plan all see the same number.
@@ -53,6 +55,12 @@ def prepare_sample(sample, opts: PrepOptions, buckets):
         return Skip(sample.key, e.reason)
     except Exception:   # a decoder bug on hostile bytes must cost one sample, not the run
         return Skip(sample.key, SKIP_BAD_IMAGE)
+    if opts.masks:
+        try:
+            crop = (prepared.pixels.shape[2], prepared.pixels.shape[1])
+            prepared = replace(prepared, mask=sample_mask(sample.files, data, prepared.width, prepared.height, crop))
+        except ImageSkip as e:
+            return Skip(sample.key, e.reason)
     return sample.key, caption, prepared
 
 
@@ -64,7 +72,9 @@ def _batch(shard: InputShard, items, skips, end, decode_s, examples=None):
         pixels = sizes = None
     return {"shard": shard.id, "pixels": pixels, "sizes": sizes, "keys": [shard.row_key(k) for k, _, _ in items],
             "captions": [c for _, c, _ in items], "skips": dict(skips), "end": end, "decode_s": decode_s,
-            "skip_examples": examples or {}}   # the shard's named skips, on its last batch
+            "skip_examples": examples or {},   # the shard's named skips, on its last batch
+            **({"masks": torch.stack([p.mask for _, _, p in items])} if items and items[0][2].mask is not None
+               else {})}
 
 
 def shard_batches(shard: InputShard, opts: PrepOptions, batch_size: int):

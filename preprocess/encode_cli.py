@@ -60,6 +60,10 @@ def encode_command(
     num_workers: int = typer.Option(None, help="DataLoader worker processes decoding images (default: the "
                                                f"CPUs this process may use, at most {MAX_DEFAULT_WORKERS})."),
     store_logvar: bool = typer.Option(False, help="Also store the VAE posterior log-variance."),
+    masks: bool = typer.Option(False, help="Also store each image's loss mask (the trainer's flow.masked_loss), at "
+                                           "latent resolution: a tar's KEY.mask.png, a folder's masks/STEM.png, "
+                                           "else the image's alpha channel, else the whole image; a mask of "
+                                           "another size than its image skips it (mask_size_mismatch)."),
     dtype: Dtype = typer.Option("bf16", help="Storage dtype of the tensors."),
     compute_dtype: Optional[Dtype] = typer.Option(None, help="Encoder weights' dtype; default: --dtype on CUDA, "
                                                              "fp32 on CPU."),
@@ -112,7 +116,7 @@ def encode_command(
         _encode_sample_prompts(model, output, sample_prompts, text_mode, text_max_length, device, options)
         return
     prep = PrepOptions(resolution=resolution, buckets=buckets, min_size=min_size_px,
-                       jpeg_draft=jpeg_draft)
+                       jpeg_draft=jpeg_draft, masks=masks)
     # FLUX.1's own text-encoder options, passed on where given (another family refuses them by name)
     text_options = {k: v for k, v in (("t5_impl", t5_impl), ("t5_fp32_wo", t5_fp32_wo)) if v}
     opts = EncodeOptions(text_mode=text_mode or "padded", text_max_length=text_max_length or None,

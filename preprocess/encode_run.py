@@ -20,6 +20,7 @@ from shared.precision import canonical_dtype
 from .decode import PrepOptions, ShardBatches, worker_init
 from .encode import EncodeOptions, Encoders, check_model
 from .encode_bar import EncodeBar
+from .masks import MASK_DTYPE, MASK_RULE
 from .ledger import (check_or_write_settings, check_progress_version, forget, plan_shards, remove_orphans,
                        sweep_temps, write_cache_manifest)
 from .output_lock import hold_output
@@ -39,11 +40,14 @@ def run_settings(enc: Encoders, prep: PrepOptions, opts: EncodeOptions) -> dict:
     dtypes = {"latent": store, **{c: store for c in spec.tensor_columns}}
     if opts.store_logvar:
         dtypes["latent_logvar"] = store
+    if prep.masks:   # without --masks the settings (and the manifest) are what they always were
+        dtypes["mask"] = MASK_DTYPE
     return {
         "family": enc.family.name,
         "encoders": enc.identities,
         "image": {"resolution": prep.resolution, "buckets": prep.bucket_list(), "crop": CROP_RULE,
-                  "min_size": prep.min_size, "jpeg_draft": prep.jpeg_draft},
+                  "min_size": prep.min_size, "jpeg_draft": prep.jpeg_draft,
+                  **({"masks": MASK_RULE} if prep.masks else {})},
         spec.states: {"mode": opts.text_mode, "max_length": enc.text.max_length},
         "dtypes": dtypes, "compute_dtype": enc.compute_dtype_name, **enc.text.facts(),
         "dims": enc.dims(), "vae": enc.vae_factors(),

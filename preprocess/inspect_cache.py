@@ -41,7 +41,23 @@ def inspect_cache(cache_dir, storage_options: dict | None = None) -> str:
         lines.append("(no rows)")
     else:
         lines += _bytes_per_sample(store, shards, rows) + _distributions(store, shards, family.text.length)
+    lines += _masks(store, shards, manifest)
     return "\n".join(lines + _skips(manifest))
+
+
+def _masks(store: Store, shards: list[str], manifest: dict) -> list[str]:
+    """Whether the rows have loss masks (encode --masks), and how many leave part of their image out."""
+    if "mask" not in manifest["dtypes"]:
+        return ["masks          none (encode --masks stores them)"]
+    import numpy as np
+    from shared.cache.schema import numpy_dtype
+    dtype, partial, rows = numpy_dtype(manifest["dtypes"]["mask"]), 0, 0
+    for name in shards:
+        column = store.open_parquet(name, page_checksum_verification=True).read(columns=["mask"]).column("mask")
+        for value in column.to_pylist():
+            rows += 1
+            partial += bool((np.frombuffer(value, dtype=dtype) < 1).any())
+    return [f"masks          every row: {partial} of {rows} leave part of the image out, the others are full"]
 
 
 def _bytes_per_sample(store: Store, shards: list[str], rows: int) -> list[str]:

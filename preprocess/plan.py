@@ -23,6 +23,7 @@ from shared.precision import canonical_dtype
 
 from .decode import PrepOptions
 from .images import ImageSkip, check_min_size, open_image, oriented_size, target_size
+from .masks import MASK_DTYPE
 from .sources import (SKIP_TOO_SMALL, InputShard, Skip, add_example, image_bytes, iter_shard, named_skips,
                       read_caption, resolve_inputs, skipped_name)
 
@@ -109,6 +110,11 @@ def tensor_bytes(row: SampleRow, mode: str, max_length: int, dims: dict, itemsiz
     return itemsize * (latent * (2 if logvar else 1) + states + pooled)
 
 
+def mask_bytes(row: SampleRow) -> int:
+    """A row's loss mask (encode --masks): one value per latent cell, in the mask column's dtype."""
+    return torch_dtype(MASK_DTYPE).itemsize * row.latent_hw[0] * row.latent_hw[1]
+
+
 def model_dims(model: str, family: Family) -> dict:
     vae = part_config(model, "vae")
     return {"latent_channels": int(vae["latent_channels"]), **family.text_dims(model),
@@ -137,8 +143,8 @@ def plan(model: str, input_spec: str, prep: PrepOptions, *, text_mode: str, text
     other = other_bytes_per_row(rows, dtypes, rows_per_shard, family) if rows else 0.0
     modes = {}
     for mode in family.text.modes:
-        per_row = (sum(tensor_bytes(r, mode, max_length, dims, itemsize, store_logvar, family) for r in rows)
-                   / len(rows) + other) if rows else 0.0
+        per_row = (sum(tensor_bytes(r, mode, max_length, dims, itemsize, store_logvar, family)
+                       + (mask_bytes(r) if prep.masks else 0) for r in rows) / len(rows) + other) if rows else 0.0
         name = f"padded-{max_length}" if mode == "padded" else "trimmed"
         modes[name] = {"text_mode": mode, "bytes_per_sample": per_row, "total_bytes": per_row * expected_rows,
                        "encode_hours": _hours(family, name, expected_rows)}

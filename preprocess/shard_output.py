@@ -11,6 +11,7 @@ from shared.cache import CacheWriter
 from shared.cache.store import Store
 
 from .ledger import write_done
+from .masks import latent_mask
 from .sources import InputShard
 
 
@@ -88,6 +89,8 @@ def _write_rows(writer: CacheWriter, item: dict, out: dict, spec, mode: str) -> 
     if mode == "trimmed":
         text[spec.states] = [out[spec.states][i, :n] for i, n in enumerate(lengths)]
     sizes = item["sizes"].tolist()
+    # encode --masks: each latent cell's share of its pixels in the mask
+    mask = latent_mask(item["masks"], *out["latent"].shape[-2:]) if "masks" in item else None
     writer.add_batch(keys=item["keys"], captions=item["captions"], latent=out["latent"], widths=[s[0] for s in sizes],
-                     heights=[s[1] for s in sizes], latent_logvar=out.get("latent_logvar"), copy=False,
+                     heights=[s[1] for s in sizes], latent_logvar=out.get("latent_logvar"), copy=False, mask=mask,
                      **text, **{spec.length: lengths})   # `out` is this batch's own host copy

@@ -20,6 +20,7 @@ import re
 import tarfile
 import zlib
 from dataclasses import dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 
 import fsspec
@@ -195,13 +196,22 @@ def repeat_folder_warning(spec: str) -> str | None:
             "row, and the trainer samples every row alike (copy a folder's images to give them more weight)")
 
 
+MASKS_FOLDER = "masks"   # a folder's loss masks (encode --masks): `masks/STEM.png` beside the images
+
+
 def _folder_shards(folder: Path, per_shard: int) -> list[InputShard]:
     by_key: dict[str, list[tuple[str, int, int]]] = {}   # key -> (file name, size, mtime) of its files
+    masks: dict[str, tuple[str, int, int]] = {}          # an image's key -> its mask file's
     for p in folder.rglob("*"):
         if p.suffix[1:].lower() in IMAGE_EXTS + CAPTION_EXTS and not p.name.startswith(".") and p.is_file():
             st = p.stat()
-            by_key.setdefault(str(p.relative_to(folder).with_suffix("")), []).append(
-                (p.name, st.st_size, st.st_mtime_ns))
+            rel = p.relative_to(folder).with_suffix("")
+            if rel.parent.name == MASKS_FOLDER:   # no sample of its own; a changed mask changes the fingerprint
+                masks[str(rel.parent.parent / rel.name)] = (f"{MASKS_FOLDER}/{p.name}", st.st_size, st.st_mtime_ns)
+            else:
+                by_key.setdefault(str(rel), []).append((p.name, st.st_size, st.st_mtime_ns))
+    for key in masks.keys() & by_key.keys():
+        by_key[key].append(masks[key])
     keys = sorted(by_key)
     if not keys:
         raise InputError(f"{folder}: no images or captions in this folder")
@@ -272,7 +282,19 @@ def _iter_folder(shard: InputShard):
                 sample.files[p.suffix[1:].lower()] = p.read_bytes()
             except OSError:
                 continue    # vanished or unreadable: counted below as a missing part
+        _add_folder_mask(sample, parent / MASKS_FOLDER / Path(key).name)
         yield sample
+
+
+def _add_folder_mask(sample: RawSample, stem: Path) -> None:
+    """The sample's `masks/STEM.*` as its `mask.EXT` file (a tar's `KEY.mask.EXT`); unreadable: empty, a bad mask."""
+    found = sorted(stem.parent.glob(glob_escape(stem.name) + ".*")) if stem.parent.is_dir() else []
+    for p in (p for p in found if p.suffix[1:].lower() in IMAGE_EXTS and p.stem == stem.name):
+        try:
+            sample.files[f"mask.{p.suffix[1:].lower()}"] = p.read_bytes()
+        except OSError:
+            sample.files[f"mask.{p.suffix[1:].lower()}"] = b""
+        return
 
 
 # What damaged data raises while a tar is read (anything else, an OSError above all, is not the data's fault).

@@ -83,9 +83,21 @@ class ScheduleConfig:
 
 @dataclass
 class FlowConfig:
-    sampler: Literal["uniform", "logit_normal", "flux_shift"] = "uniform"   # how each step draws t
+    # how each step draws t (0: data, 1: noise): uniform; logit_normal, sigmoid(N(logit_mean, logit_std)) as SD3;
+    # flux_shift, uniform through FLUX's time shift for the image's size; sigmoid, sigmoid(sigmoid_scale * N(0, 1))
+    # as kohya; shift, the sigmoid sampler's t through flow.shift's fixed shift; mode, SD3's mode sampling
+    sampler: Literal["uniform", "logit_normal", "flux_shift", "sigmoid", "shift", "mode"] = "uniform"
     logit_mean: float = 0.0               # logit_normal: the mean of logit(t)
     logit_std: float = 1.0                # logit_normal: the std of logit(t)
+    sigmoid_scale: float = 1.0            # sigmoid and shift: the std of logit(t) before the shift (kohya's)
+    shift: float = 3.0                    # shift: t -> shift*t / (1 + (shift-1)*t) (> 1: towards noise; SD3's 3)
+    mode_scale: float = 1.29              # mode: SD3's s, in [-1, 1.75] (> 0: more t mid-way; 0: uniform)
+    # each sample's loss times a weight of its t (SD3's, as diffusers' compute_loss_weighting_for_sd3):
+    # none; sigma_sqrt, 1/t^2 (t clamped at 1e-3); cosmap, 2 / (pi (1 - 2t + 2t^2)). The validation loss is unweighted
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    # weight each latent value's error by the image's loss mask (a cache encoded with flux-prep encode --masks),
+    # each sample's loss divided by its mask's mean: a full mask gives the plain loss
+    masked_loss: bool = False
     guidance_dropout: float = 0.1         # p of replacing the text (FLUX.1: T5 + CLIP) by the empty prompt's
     # joint: one coin per sample drops the text and the pooled vector together (p of both); independent
     # (FLUX.1 only: FLUX.2 has no pooled vector): a coin each, as
@@ -271,9 +283,21 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("data.val_noise_cache_mb must be at least 0 (0: draw the noise on each pass)")
     if not 0.0 <= cfg.flow.guidance_dropout <= 1.0:
         raise ConfigError("flow.guidance_dropout is a probability in [0, 1]")
+    validate_timesteps(cfg.flow)
     cfg.run.log_with = chosen_trackers(cfg.run)
     validate_memory_options(cfg)
     validate_base(cfg)
+
+
+def validate_timesteps(flow: FlowConfig) -> None:
+    """Refuse timestep settings that would draw t outside [0, 1], naming the key."""
+    from shared.schedules import MODE_SCALE_RANGE
+    if flow.shift <= 0:
+        raise ConfigError(f"flow.shift must be > 0 (1: no shift), not {flow.shift}")
+    lo, hi = MODE_SCALE_RANGE
+    if not lo <= flow.mode_scale <= hi:
+        raise ConfigError(f"flow.mode_scale {flow.mode_scale} is outside [{lo}, {hi:.4f}], where SD3's mode "
+                          "sampler stops mapping [0, 1] onto itself")
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")

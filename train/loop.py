@@ -90,7 +90,8 @@ class Trainer:
         self.sources = parse_sources(data.train_cache)   # one cache, or several mixed (mix.py)
         self.train_readers = [open_cache(s.cache, data.expected_text_mode, "training cache",
                                          latent_logvar=self.cfg.flow.latent == "sample",
-                                         storage_options=data.storage_options) for s in self.sources]
+                                         storage_options=data.storage_options, mask=self.cfg.flow.masked_loss)
+                              for s in self.sources]
         check_alike(self.train_readers, self.sources)
         self.train_reader = self.train_readers[0]
         self.val_reader = None
@@ -414,7 +415,8 @@ class Trainer:
                                rank=acc.process_index, world_size=acc.num_processes,
                                shuffle_buffer=cfg.data.shuffle_buffer, expected_text_mode=cfg.data.expected_text_mode,
                                position=position, latent_logvar=cfg.flow.latent == "sample",
-                               storage_options=cfg.data.storage_options) for s in self.sources]
+                               storage_options=cfg.data.storage_options, mask=cfg.flow.masked_loss)
+                   for s in self.sources]
         for s in streams:
             s.row_groups()
         stream = streams[0] if len(streams) == 1 else MixedStream(streams, [s.weight for s in self.sources], position)

@@ -83,6 +83,8 @@ def decode_table(table: pa.Table, manifest: dict) -> dict:
         "width": torch.from_numpy(table.column("width").to_numpy().astype(np.int64)),
         "height": torch.from_numpy(table.column("height").to_numpy().astype(np.int64)),
     })
+    if "mask" in table.column_names:   # the loss mask [h, w] (encode --masks)
+        out["mask"] = decode_binary_column(table.column("mask"), dtypes["mask"], [sh[1:] for sh in latent_shapes])
     if "latent_logvar" in table.column_names:
         out["latent_logvar"] = decode_binary_column(
             table.column("latent_logvar"), dtypes.get("latent_logvar", dtypes["latent"]), latent_shapes)

@@ -43,7 +43,7 @@ class CacheWriter:
         if rows_per_shard < 1 or row_group_rows < 1:
             raise ValueError("rows_per_shard and row_group_rows must be positive")
         self.text = text
-        self.schema = arrow_schema(text)
+        self.schema = arrow_schema(text, mask="mask" in dtypes)
         self.store = open_store(out_dir)
         self.store.makedirs()
         self.prefix = prefix
@@ -71,13 +71,14 @@ class CacheWriter:
                        **{name: [value] for name, value in text.items()})
 
     def add_batch(self, *, keys: list[str], captions: list[str], latent, widths, heights, latent_logvar=None,
-                  copy: bool = True, **text) -> None:
+                  copy: bool = True, mask=None, **text) -> None:
         """Add B samples at once: the same rows, row groups and shards as B `add` calls, at a
         fraction of the cost (each tensor column is copied once, into one buffer, per batch).
 
         Tensor arguments are a batch tensor ([B, C, h, w], [B, L, D], [B, D]) or a list of B
         per-row tensors ([C, h, w], [L_i, D], [D]); the text length, `widths`, `heights` are B ints.
-        `text`: the family's text columns by name. `copy=False`: CPU batch tensors already in the storage
+        `text`: the family's text columns by name; `mask` ([B, h, w] or B [h, w]) exactly when the cache has
+        masks (dtypes has "mask"). `copy=False`: CPU batch tensors already in the storage
         dtype are referenced, not copied, until their row group is written; the caller must not change them
         (the encoder hands over fresh host copies, 2 MB a row at padded-256: the copy was a fifth of the
         writer's time)."""
@@ -85,6 +86,8 @@ class CacheWriter:
         expected = {spec.states, spec.length} | ({spec.pooled} if spec.pooled else set())
         if set(text) != expected:
             raise ValueError(f"add_batch: text columns {sorted(text)}, the cache's are {sorted(expected)}")
+        if (mask is None) == ("mask" in self.dtypes):
+            raise ValueError("add_batch: a cache with masks needs a mask per row, one without takes none")
         if n == 0:
             return
         states = text[spec.states]
@@ -94,7 +97,7 @@ class CacheWriter:
                 self.add_batch(keys=keys[part], captions=captions[part], latent=latent[part], widths=widths[part],
                                heights=heights[part], copy=copy,
                                latent_logvar=None if latent_logvar is None else latent_logvar[part],
-                               **{name: value[part] for name, value in text.items()})
+                               mask=None if mask is None else mask[part], **{name: value[part] for name, value in text.items()})
             return
         if not all(len(c) == n for c in (captions, latent, widths, heights, *text.values())) \
                 or (latent_logvar is not None and len(latent_logvar) != n):
@@ -113,6 +116,11 @@ class CacheWriter:
             else:
                 columns[c], nbytes = _binary_column(values, self.dtypes.get(c, lat_dtype), copy)
                 row_bytes += nbytes
+        if mask is not None:
+            if [tuple(m.shape) for m in mask] != [sh[1:] for sh in lat_shapes]:
+                raise ValueError(f"masks in batch starting {keys[0]!r} are not their latents' height x width")
+            columns["mask"], nbytes = _binary_column(mask, self.dtypes["mask"], copy)
+            row_bytes += nbytes
         columns.update({
             "key": pa.array(keys, pa.string()), "caption": pa.array(captions, pa.string()),
             "latent_h": pa.array([sh[1] for sh in lat_shapes], pa.int16()),

@@ -107,6 +107,11 @@ class Family:
         """Tokens [B, N, D] of an h x w latent (the VAE's size) -> x0-shaped [B, ...]."""
         raise NotImplementedError
 
+    def mask_tokens(self, mask: torch.Tensor, channels: int) -> torch.Tensor:
+        """A loss mask at latent resolution [B, h, w] -> [B, N, D], laid out as `pack(x0)`: each token value
+        weighted by the mask of the latent cell it came from (a latent of `channels` channels)."""
+        return self.pack(mask[:, None].expand(-1, channels, -1, -1))
+
     def image_tokens(self, h: int, w: int) -> int:
         """Image tokens of an h x w latent: 2x2 patches in every FLUX."""
         return (h // 2) * (w // 2)

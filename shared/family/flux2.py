@@ -79,6 +79,10 @@ class Flux2(Family):
     def x0_shape(self, channels: int, h: int, w: int) -> tuple[int, int, int]:
         return 4 * channels, h // 2, w // 2
 
+    def mask_tokens(self, mask: torch.Tensor, channels: int) -> torch.Tensor:
+        """Through the same 2x2 patchify as the latent: each of a token's 4C values keeps its own cell's mask."""
+        return self.pack(patchify(mask[:, None].expand(-1, channels, -1, -1).contiguous()))
+
     def pack(self, x0: torch.Tensor) -> torch.Tensor:
         """[B, D, H, W] -> [B, H*W, D], row-major (the pipelines' _pack_latents)."""
         b, d, h, w = x0.shape

@@ -67,14 +67,25 @@ def json_captions(data: bytes) -> tuple[list[str] | None, str | None]:
     return (captions, None) if captions else (None, "none")
 
 
+# Shuffles drawn per variant asked at most: a caption of few tags has fewer orders than variants asked.
+DRAWS_PER_VARIANT = 8
+
+
 def tag_variants(caption: str, count: int, rng: np.random.Generator, keep_first: bool) -> list[str]:
-    """`count` shuffles of a tag-style caption's tags (none where fewer than two tags would move)."""
+    """Up to `count` distinct shuffles of a tag-style caption's tags, none equal to the caption (none where
+    fewer than two tags would move; fewer where the tags have fewer orders)."""
     tags = [t.strip() for t in caption.split(TAG_SEPARATOR) if t.strip()]
     fixed, moving = (tags[:1], tags[1:]) if keep_first else ([], tags)
     if len(moving) < 2:
         return []
-    join = TAG_SEPARATOR + " "
-    return [join.join(fixed + [moving[i] for i in rng.permutation(len(moving))]) for _ in range(count)]
+    join, found = TAG_SEPARATOR + " ", {}
+    for _ in range(count * DRAWS_PER_VARIANT):
+        variant = join.join(fixed + [moving[i] for i in rng.permutation(len(moving))])
+        if variant != caption:
+            found[variant] = None
+        if len(found) == count:
+            break
+    return list(found)
 
 
 def row_captions(captions: list[str], row_key: str, opts: CaptionOptions) -> list[str]:

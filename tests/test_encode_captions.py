@@ -116,6 +116,11 @@ def test_each_caption_is_encoded_as_it_would_be_alone(family, tiny_model, tiny_f
     assert "captions" not in single.manifest and "captions" not in json.loads(
         (tmp_path / "single/_progress/settings.json").read_text())
 
+    planned = CliRunner().invoke(app, ["plan", "--model", str(model), "--input", str(folder), "--resolution", "32",
+                                       "--text-mode", mode, "--caption-variants", "2", "--json"])
+    assert planned.exit_code == 0, planned.output
+    on_disk = sum(s["bytes"] for s in reader.manifest["shards"]) / reader.num_rows
+    assert json.loads(planned.stdout)["bytes_per_sample"] == pytest.approx(on_disk, rel=0.02)
     shown = CliRunner().invoke(app, ["inspect", str(tmp_path / "multi")]).output
     assert "captions   up to 4 a row (2 rows with several, 7 in all); 2 tag-shuffled variants of each" in shown
     assert CliRunner().invoke(app, ["verify", str(tmp_path / "multi")]).exit_code == 0

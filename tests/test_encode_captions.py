@@ -20,6 +20,7 @@ from preprocess.sources import read_captions
 from shared.cache import CacheReader
 from shared.cache.alt_captions import CAPTION_ALT, alt_name
 from shared.cache.schema import arrow_schema
+from train.data import CacheStream
 
 
 def test_captions_are_read_one_a_line_or_from_a_json_list():
@@ -95,6 +96,14 @@ def test_each_caption_is_encoded_as_it_would_be_alone(family, tiny_model, tiny_f
     assert stored == expected and len(expected["a"]) == 4 and len(expected["c"]) == 1
     assert reader.manifest["captions"] == {"max": 4, "rows_with_several": 2, "total": 7, "prefix": "",
                                            "separator": ", ", "variants": 2}
+
+    # The trainer's stream gives each sample one of its row's captions, as cached.
+    batch = next(iter(CacheStream(tmp_path / "multi", batch_size=3, seed=0)))
+    for b, key in enumerate(batch.key):
+        g, i = rows[key]
+        options = [_columns(g, i, spec, j) for j in (None, *range(len(g[CAPTION_ALT][i])))]
+        n = int(batch.text_len[b])
+        assert any(torch.equal(batch.text[b, :n], o[spec.states][:n]) for o in options), key
 
     # The reference: every caption on its own image file, encoded one at a time.
     alone = tmp_path / "alone"

@@ -2,12 +2,12 @@
 
 Where captions come from (sources.py's CAPTION_EXTS, the first a sample has): each non-empty line of a
 .txt or .caption is one caption (a one-line file: its text, as before); a .json gives its `caption` field,
-a string (one caption, newlines and all, as img2dataset writes it) or a list of strings. A prefix (a trigger word) is put before every caption, joined by PREFIX_SEPARATOR.
-Variants: for tag-style captions ("a, b, c") N more captions with the tags shuffled: all tags when a prefix
-leads (the prefix stays first), else all but the first (kohya's keep_tokens=1: the first tag is often the
-subject or trigger). The shuffles come from a generator seeded by the row's key, so a rerun or a resumed
-encode writes the same captions. A row's captions are unique: a repeated line or a variant equal to an
-earlier caption is encoded once.
+a string (one caption, newlines and all, as img2dataset writes it) or a list of strings. A prefix (a
+trigger word) is put before every caption, joined by PREFIX_SEPARATOR. Variants: for tag-style captions
+("a, b, c") N more captions with the tags shuffled: all tags when a prefix leads (the prefix stays first),
+else all but the first (kohya's keep_tokens=1: the first tag is often the subject or trigger). The shuffles
+come from a generator seeded by the row's key, so a rerun or a resumed encode writes the same captions. A
+row's captions are unique: a repeated line or a variant equal to an earlier caption is encoded once.
 """
 from __future__ import annotations
 

@@ -75,8 +75,9 @@ def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: 
         mine = shards[ranks.rank::ranks.world]
         todo, changed = _start(out_dir, mine, ranks)
         stats = _encode(model, out_dir, todo, device, prep=prep, opts=opts, captions=captions,
-                        batch_size=batch_size, num_workers=num_workers, rows_per_shard=rows_per_shard, writer_threads=writer_threads,
-                        progress=progress, already_done=len(mine) - len(todo), rank=ranks.rank)
+                        batch_size=batch_size, num_workers=num_workers, rows_per_shard=rows_per_shard,
+                        writer_threads=writer_threads, progress=progress, already_done=len(mine) - len(todo),
+                        rank=ranks.rank)
         t_manifest = time.perf_counter()
         stats.update(_finish(out_dir, shards, ranks, command or " ".join(sys.argv)))
         stats["manifest_s"] = time.perf_counter() - t_manifest

@@ -31,7 +31,9 @@ def encode_command(
                                                               "'::') or a folder of images (jpg, jpeg, png, webp, "
                                                               "bmp, tif, tiff, gif; sub-folders too), each captioned "
                                                               "by the file of its name ending .txt, else .caption, "
-                                                              "else .json's caption field. Two images of one name "
+                                                              "else .json's caption field (several captions: one a "
+                                                              "line, or a .json list; the trainer picks one a "
+                                                              "step). Two images of one name "
                                                               "are skipped (same_stem). Required unless "
                                                               "--sample-prompts runs alone."),
     output: str = typer.Option(..., help="Cache folder (Parquet shards + manifest.json): a path, or a URL "
@@ -84,6 +86,13 @@ def encode_command(
                                                                     "processes; auto: cuda where there is one."),
     progress: bool = typer.Option(True, help="Show a progress bar (--no-progress: no bars at all, the "
                                              "libraries' weight-loading bars included)."),
+    caption_prefix: str = typer.Option("", help="Put before every caption, joined by ', ' (a trigger word: "
+                                                "'ohwx'); recorded in the cache's settings and manifest."),
+    caption_variants: int = typer.Option(0, min=0, help="Tag-style captions ('a, b, c'): this many more captions "
+                                                        "each, the tags shuffled (all after the prefix; without "
+                                                        "one, all after the first), seeded by the sample's key; "
+                                                        "each encoded once, as a row's other captions are (one "
+                                                        "per non-empty line of a .txt, or a .json caption list)."),
     sample_prompts: Optional[Path] = typer.Option(None, help="Prompts the trainer renders samples of (one a "
                                                              "line; run.sample_every): encoded into the cache with "
                                                              "its text mode and length, after the images, or alone "
@@ -91,6 +100,7 @@ def encode_command(
 ):
     """Encode captioned images once (the model family's VAE and text encoders: FLUX.1's T5 and CLIP, FLUX.2's
     Qwen3 or Mistral 3) into a Parquet cache; rerun to resume."""
+    from .captions import CaptionOptions
     from .decode import PrepOptions
     from .encode import EncodeOptions
     from .encode_run import run_encode
@@ -128,7 +138,8 @@ def encode_command(
         stats = run_encode(model, input, output, prep=prep, opts=opts, batch_size=batch_size,
                            num_workers=default_workers() if num_workers is None else num_workers,
                            rows_per_shard=rows_per_shard, device=device, writer_threads=writer_threads,
-                           command=command, progress=progress, storage_options=options)
+                           command=command, progress=progress, storage_options=options,
+                           captions=CaptionOptions(prefix=caption_prefix, variants=caption_variants))
     except (SettingsMismatch, InputError, ModelLoadError, CacheError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

@@ -28,6 +28,8 @@ from braceexpand import braceexpand
 from webdataset.handlers import ignore_and_continue
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from .captions import json_captions, split_lines
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 # A sample's caption: the first of these it has (.caption is kohya's; .json's `caption` field is img2dataset's).
 CAPTION_EXTS = ("txt", "caption", "json")
@@ -360,31 +362,24 @@ def _dedupe(sample: RawSample, seen: set[str]):
     return sample
 
 
-def read_caption(files: dict) -> tuple[str | None, str | None]:
-    """(caption, None) or (None, skip reason): from .txt, else .caption, else the `caption` field of
-    .json (CAPTION_EXTS); a UTF-8 byte-order mark (Windows Notepad writes one) is not part of it."""
+def read_captions(files: dict) -> tuple[list[str] | None, str | None]:
+    """(captions, None) or (None, skip reason): from .txt, else .caption (a caption a non-empty line), else the
+    `caption` field of .json, a string or a list (CAPTION_EXTS; captions.py); a UTF-8 byte-order mark
+    (Windows Notepad writes one) is not part of it."""
     for ext in TEXT_CAPTION_EXTS:
         if ext in files:
-            return _text_caption(files[ext])
+            captions, why = split_lines(files[ext])
+            return captions, {"bad": SKIP_BAD_CAPTION, "empty": SKIP_EMPTY_FILE, None: None}[why]
     if "json" in files:
-        try:
-            meta = json.loads(files["json"].decode("utf-8-sig"))
-        except UnicodeDecodeError:
-            return None, SKIP_BAD_CAPTION
-        except json.JSONDecodeError:
-            return None, SKIP_NO_CAPTION
-        caption = meta.get("caption") if isinstance(meta, dict) else None
-        if isinstance(caption, str) and caption.strip():
-            return caption.strip(), None
+        captions, why = json_captions(files["json"])
+        return captions, {"bad": SKIP_BAD_CAPTION, "none": SKIP_NO_CAPTION, None: None}[why]
     return None, SKIP_NO_CAPTION
 
 
-def _text_caption(data: bytes) -> tuple[str | None, str | None]:
-    try:
-        text = data.decode("utf-8-sig").strip()
-    except UnicodeDecodeError:
-        return None, SKIP_BAD_CAPTION
-    return (text, None) if text else (None, SKIP_EMPTY_FILE)
+def read_caption(files: dict) -> tuple[str | None, str | None]:
+    """The first of read_captions' captions (the one a single-caption cache stores), or a skip reason."""
+    captions, why = read_captions(files)
+    return (captions[0] if captions else None), why
 
 
 def image_bytes(files: dict) -> tuple[bytes | None, str | None]:

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shared.cache import CacheError, CacheReader, check_text_mode
+from shared.cache.alt_captions import alt_name
 from shared.text_batch import TEXT_PAD_MULTIPLE, TextBatch, pad_and_mask
 
 from .config import DataConfig
@@ -94,6 +95,7 @@ class Sample:
     text_len: int
     latent_logvar: torch.Tensor | None = None
     mask: torch.Tensor | None = None             # [h, w], where the stream reads masks (flow.masked_loss)
+    alts: tuple = ()      # the row's other captions' (text, pooled, text_len), where the stream reads them
 
 
 @dataclass
@@ -232,7 +234,7 @@ class CacheStream(IterableDataset):
         if self.latent_logvar and rg.get("latent_logvar") is None:
             raise CacheError(f"{self.reader.url_of(shard)}: row group {unit[1]} has no latent_logvar values")
         return [StreamItem(unit, i, (int(rg["latent_h"][i]), int(rg["latent_w"][i])),
-                           _sample(rg, i, self.reader.family.text, self.latent_logvar, self.mask))
+                           _sample(rg, i, self.reader.family.text, self.latent_logvar, self.mask, alts=True))
                 for i in range(len(rg["key"]))]
 
     def _materialize(self, items: list[StreamItem]) -> None:
@@ -312,7 +314,8 @@ class CacheStream(IterableDataset):
         slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
         while True:
             for index, items in self.epoch_batches(epoch, slot, num_slots, skip):
-                batch = collate([it.sample for it in items], self.text_mode)
+                samples = pick_captions([it.sample for it in items], (self.seed, epoch, slot, index))
+                batch = collate(samples, self.text_mode)
                 batch.pos = torch.tensor([worker, epoch, index], dtype=torch.int64)
                 yield batch
             epoch, skip = epoch + 1, 0
@@ -330,14 +333,39 @@ def fill_batch(items: list, batch_size: int) -> list:
     return [items[i % len(items)] for i in range(max(batch_size, len(items)))]
 
 
-def _sample(rg: dict, i: int, spec, latent_logvar: bool = False, mask: bool = False) -> Sample:
+def _sample(rg: dict, i: int, spec, latent_logvar: bool = False, mask: bool = False, alts: bool = False) -> Sample:
+    """Row i of a row group; `alts`: with its other captions (a training stream's; validation takes the first)."""
     # Clones: a view would keep its whole row group alive while the sample waits in the buffer.
     def pick(x):
         return x[i].clone()
+    others = ()
+    if alts and alt_name(spec.states) in rg:
+        others = tuple((t.clone(), rg[alt_name(spec.pooled)][i][j].clone() if spec.pooled else None, int(n))
+                       for j, (t, n) in enumerate(zip(rg[alt_name(spec.states)][i], rg[alt_name(spec.length)][i])))
     return Sample(key=rg["key"][i], latent=pick(rg["latent"]), text=pick(rg[spec.states]),
                   pooled=pick(rg[spec.pooled]) if spec.pooled else None, text_len=int(rg[spec.length][i]),
                   latent_logvar=pick(rg["latent_logvar"]) if latent_logvar else None,
-                  mask=pick(rg["mask"]) if mask else None)
+                  mask=pick(rg["mask"]) if mask else None, alts=others)
+
+
+# The caption draws' own stream of a batch's generator (the shuffle buffer's is 1).
+CAPTION_STREAM = 2
+
+
+def pick_captions(samples: list[Sample], place: tuple) -> list[Sample]:
+    """One caption per sample of a batch, uniform over its row's captions (the cached first and its
+    `alts`), from a generator seeded by the batch's place in the stream (seed, epoch, slot, index): a
+    resumed run, which replays the stream to that place, draws what the interrupted one drew. A batch of
+    rows of one caption draws nothing and is returned as it came."""
+    if not any(s.alts for s in samples):
+        return samples
+    rng = np.random.default_rng([*place, CAPTION_STREAM])
+    out = []
+    for s in samples:
+        j = int(rng.integers(1 + len(s.alts)))
+        out.append(s if j == 0 else replace(s, text=s.alts[j - 1][0], pooled=s.alts[j - 1][1],
+                                            text_len=s.alts[j - 1][2]))
+    return out
 
 
 class StreamPosition:

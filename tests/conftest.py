@@ -8,6 +8,10 @@ os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.g
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread per process, here and in every subprocess and DataLoader worker: the tiny models gain
+# nothing from more, and on a 2-core machine a test's processes spinning 2 OpenMP threads each ran the trainer
+# tests about 5x slower (tests/test_train_memory.py's resume and swap tests: 202 s with the default, 43 s).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 

@@ -24,7 +24,9 @@ import torch
 
 from shared.cache.files import commit_file
 from shared.family import Family, family_of_transformer, get_family
-from shared.run_files import LORA_PREFIX, LORA_WEIGHTS, TRAINING_INFO, TRANSFORMER_WEIGHTS, read_training_info
+from shared.run_files import (LORA_PREFIX, LORA_WEIGHTS, TRAINING_INFO, TRANSFORMER_WEIGHTS, read_training_info,
+                              write_lora_weights)
+from shared.safetensors_order import canonicalize_file
 
 FORMATS = ("comfyui", "bfl", "diffusers")
 DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
@@ -121,12 +123,8 @@ def read_lora(folder: Path) -> tuple[dict, dict]:
 def _export_lora(src: Final, fmt: str, output: Path, dtype: str | None) -> None:
     adapter, config = read_lora(src.folder)
     if fmt == "diffusers":
-        import diffusers
-        pipeline = getattr(diffusers, src.family.lora_pipeline)
-
         def write(tmp: Path) -> None:
-            pipeline.save_lora_weights(str(tmp), transformer_lora_layers=cast(adapter, dtype),
-                                       transformer_lora_adapter_metadata=config)
+            write_lora_weights(src.family, tmp, cast(adapter, dtype), config)
         _write_folder(output, src, write)
         return
     rank, alpha = int(config["r"]), float(config.get("lora_alpha") or config["r"])
@@ -162,6 +160,7 @@ def _write_file(output: Path, tensors: dict, metadata: dict) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    canonicalize_file(tmp)   # the metadata's keys in one order: the same bytes on every run
     if output.is_dir():   # --overwrite of a folder by a file
         shutil.rmtree(output)
     commit_file(tmp, output)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from shared.family import Family, family_of_transformer
-from shared.run_files import TRAINING_INFO, read_training_info
+from shared.run_files import TRAINING_INFO, read_training_info, write_lora_weights
 
 from .export import ExportError, replace_folder
 from .lora_merge import bfl_family, transformer_folder
@@ -149,17 +149,13 @@ def extract(base_path: Path, tuned_path: Path, rank: int, out: Path, overwrite: 
 
 
 def _write_adapter(out: Path, family: Family, adapter: dict, rank: int, info: dict) -> None:
-    import diffusers
     from peft import LoraConfig
     bias = any(k.endswith(".lora_B.bias") for k in adapter)
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=family.default_lora_targets, lora_bias=bias).to_dict()
-    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    pipeline = getattr(diffusers, family.lora_pipeline)
 
     def write(tmp: Path) -> None:
         tmp.mkdir()
-        pipeline.save_lora_weights(str(tmp), transformer_lora_layers={k: v.contiguous() for k, v in adapter.items()},
-                                   transformer_lora_adapter_metadata=config)
+        write_lora_weights(family, tmp, adapter, config)
         if info:   # the fine-tune's conventions (text mode and length, steps), as its final/ recorded them
             extracted = {**info, "lora": {"rank": rank, "alpha": rank, "extracted": True}}
             (tmp / TRAINING_INFO).write_text(json.dumps(extracted, indent=2, sort_keys=True))

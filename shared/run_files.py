@@ -76,3 +76,20 @@ def read_training_info(folder) -> dict:
 
 def step_dir(output_dir, step: int) -> Path:
     return Path(output_dir) / CHECKPOINTS / f"step-{step}"
+
+
+def write_lora_weights(family, folder, adapter: dict, config: dict) -> Path:
+    """An adapter as the family's diffusers pipeline writes it (save_lora_weights: LORA_WEIGHTS, peft's key
+    names under `transformer.`, the peft config in the metadata): the trainer's final/ and checkpoints, export
+    --format diffusers and lora extract. The same bytes for the same adapter in every process: the config's
+    sets sorted (diffusers lists them in set order) and the header's metadata keys sorted."""
+    import diffusers
+
+    from .safetensors_order import canonicalize_file
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    folder = Path(folder)
+    getattr(diffusers, family.lora_pipeline).save_lora_weights(
+        str(folder), transformer_lora_layers={k: v.detach().contiguous().cpu() for k, v in adapter.items()},
+        transformer_lora_adapter_metadata=config)
+    canonicalize_file(folder / LORA_WEIGHTS)
+    return folder / LORA_WEIGHTS

@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shared.cache import atomic_write_json
-from shared.run_files import LORA_PREFIX, LORA_WEIGHTS, OLD_LORA_WEIGHTS, STEP_DIR, TRAINING_INFO, TRANSFORMER_WEIGHTS
+from shared.run_files import (LORA_PREFIX, LORA_WEIGHTS, OLD_LORA_WEIGHTS, STEP_DIR, TRAINING_INFO, TRANSFORMER_WEIGHTS,
+                              write_lora_weights)
 
 from .fsdp import trainable_weights
 
@@ -218,18 +219,13 @@ def write_lora_adapter(model, weights: dict, folder: Path, adapter_name: str = "
     names under the "transformer." prefix in pytorch_lora_weights.safetensors, the adapter's peft config in its
     metadata; the pipeline's load_lora_weights and `flux-sample --lora` read it. `weights`: {parameter name:
     whole tensor} of the adapter's parameters (the model's own would be shards under FSDP)."""
-    import diffusers
     from peft.utils import get_peft_model_state_dict
 
     from shared.family import family_of_transformer
     family = family_of_transformer({"_class_name": type(model).__name__})
-    pipeline = getattr(diffusers, family.lora_pipeline)
     adapter = get_peft_model_state_dict(model, state_dict=weights, adapter_name=adapter_name)
-    # sets sorted: the same bytes for the same config in every process (diffusers lists them in set order)
-    config = {k: sorted(v) if isinstance(v, set) else v for k, v in model.peft_config[adapter_name].to_dict().items()}
     folder.mkdir(parents=True, exist_ok=True)
-    pipeline.save_lora_weights(str(folder), transformer_lora_layers={
-        k: v.detach().contiguous().cpu() for k, v in adapter.items()}, transformer_lora_adapter_metadata=config)
+    write_lora_weights(family, folder, adapter, model.peft_config[adapter_name].to_dict())
 
 
 def save_final(accelerator, model, output_dir, info: dict, lora: bool, ema=None) -> Path | None:

@@ -25,6 +25,7 @@ def pack(prompts: list[str], encodings: list, empty, *, text, mode: str, max_len
     `encodings`, `empty`: PromptEncoding; `text`: the family's TextSpec."""
     from safetensors.torch import save
 
+    from ..safetensors_order import canonical
     from ..text_batch import pad_and_mask
     states, _ = pad_and_mask([e.states.float().cpu() for e in encodings])
     tensors = {text.states: states,
@@ -36,7 +37,7 @@ def pack(prompts: list[str], encodings: list, empty, *, text, mode: str, max_len
         tensors[f"empty_{text.pooled}"] = empty.pooled.float().cpu().contiguous()
     meta = {"format": FORMAT, "prompts": json.dumps(prompts), f"{text.states}_mode": mode,
             f"{text.states}_max_length": str(max_length)}
-    return save(tensors, metadata=meta)
+    return canonical(save(tensors, metadata=meta))   # metadata keys in one order: the same bytes every run
 
 
 def write_sample_prompts(cache, data: bytes, storage_options: dict | None = None) -> None:

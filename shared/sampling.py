@@ -109,6 +109,11 @@ def fuse_lora_adapter(model, folder: str, weight_name: str, prefix: str | None) 
     FluxPipeline's layout, None in older finals) into `model`'s weights, as flux-sample samples it:
     diffusers' loader, then fuse and drop the adapter layers, so the loop runs plain Linear layers (and
     compiles) as without an adapter."""
+    from .peft_adapters import fuse_peft_adapter, read_adapter
+    state, config = read_adapter(f"{folder}/{weight_name}", prefix)
+    if config.get("peft_type") == "LOHA":   # LoHa: diffusers' loader builds LoRA and LoKr configs only
+        fuse_peft_adapter(model, state, config)
+        return
     model.load_lora_adapter(folder, weight_name=weight_name, prefix=prefix, use_safetensors=True)
     model.fuse_lora()
     model.unload_lora()

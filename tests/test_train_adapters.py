@@ -144,3 +144,43 @@ def test_adapter_trains_resumes_samples_and_exports(kind, family, encoded, tmp_p
         back.fuse_lora()
         back.unload_lora()
         assert all(torch.allclose(v, theirs[k], atol=1e-6) for k, v in back.state_dict().items())
+
+
+QUANTIZED = {"lokr": "nf4", "loha": "int8", "dora": "float8"}   # each kind on one of the quantized bases
+
+
+def adapter_weights(trainer) -> dict:
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_adapter_under_block_swap_trains_exactly_as_without_and_on_a_quantized_base(kind, encoded, tmp_path):
+    pytest.importorskip("torchao", reason="quantized bases need torchao (the dev extra installs it)")
+    for family, (model, cache) in encoded.items():
+        short = {**KINDS[kind], "run.max_steps": 2, "run.checkpoint_every": 0, "run.sample_every": 0,
+                 "run.grad_checkpointing": True}
+        runs = {}
+        for name, extra in (("plain", {}), ("swapped", {"run.offload_blocks": 1}),
+                            ("quantized", {"model.quantize_base": QUANTIZED[kind], "run.grad_checkpointing": False})):
+            trainer = Trainer(config(tmp_path / family / name, model, cache, **{**short, **extra}))
+            start = adapter_weights(trainer)
+            trainer.train()
+            runs[name] = (start, adapter_weights(trainer))
+        plain, swapped = runs["plain"][1], runs["swapped"][1]
+        assert all(torch.equal(plain[k], swapped[k]) for k in plain), family
+        start, end = runs["quantized"]
+        assert all(v.isfinite().all() for v in end.values())
+        assert any(not torch.equal(start[k], end[k]) for k in start), family   # the adapter trained
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"lora.kind": "lokr", "lora.dora": True}, "lora.dora"),
+    ({"lora.kind": "loha", "lora.lokr_factor": 4}, "lora.lokr_factor"),
+    ({"lora.dora": True, "model.quantize_base": "nf4"}, "model.quantize_base nf4"),
+    ({"lora.rank": 0, "lora.kind": "lokr", "run.precision": "no", "model.init": "random"}, "lora.rank"),
+])
+def test_adapter_options_that_do_not_go_together_are_refused_naming_the_keys(overrides, key, tmp_path):
+    from shared.params import ConfigError
+    with pytest.raises(ConfigError, match=key):
+        config(tmp_path, "tiny", tmp_path / "cache", **{"run.sample_every": 0, **overrides})

@@ -23,7 +23,10 @@ from train.loop import Trainer
 PROMPT = "a red circle on a black background"
 SIZE, STEPS = 32, 3
 PNG = "0000-a-red-circle-on-a-black-background-seed0.png"
-KINDS = {"lokr": {"lora.kind": "lokr"}, "loha": {"lora.kind": "loha"}, "dora": {"lora.dora": True}}
+# alpha 2 x rank: the scale is applied; LoKr of rank 2 keeps w2 as w2_a w2_b at the tiny sizes (rank 4 would
+# make it a full matrix there, as peft does below half w2's size), so the exported alpha is read
+KINDS = {"lokr": {"lora.kind": "lokr", "lora.rank": 2, "lora.alpha": 4}, "loha": {"lora.kind": "loha", "lora.alpha": 8},
+         "dora": {"lora.dora": True, "lora.alpha": 8}}
 
 
 @pytest.fixture(autouse=True)
@@ -105,7 +108,7 @@ def test_adapter_trains_resumes_samples_and_exports(kind, family, encoded, tmp_p
     Trainer(config(run, model, cache, **KINDS[kind])).train()
     final = run / "final"
     adapter = load_file(final / "pytorch_lora_weights.safetensors")
-    marker = {"lokr": ".lokr_w1", "loha": ".hada_w1_a", "dora": ".lora_magnitude_vector"}[kind]
+    marker = {"lokr": ".lokr_w2_a", "loha": ".hada_w1_a", "dora": ".lora_magnitude_vector"}[kind]
     assert any(marker in k for k in adapter)
 
     # resumed from step 2's checkpoint: the same adapter, bit for bit
@@ -133,6 +136,7 @@ def test_adapter_trains_resumes_samples_and_exports(kind, family, encoded, tmp_p
         return
     invoke(prep_app, "export", final, "--format", "comfyui", "--output", file)
     exported = load_file(file)
+    assert any(k.endswith(".alpha") for k in exported)
     from shared.lycoris import lycoris_name
     assert {k.rpartition(".")[0] for k in exported} == {lycoris_name(m) for m in deltas}
     for module, delta in deltas.items():

@@ -25,12 +25,12 @@ import torch
 
 from shared.cache.files import commit_file
 from shared.family import Family, family_of_transformer, get_family
+from shared.peft_adapters import LORA_METADATA
 from shared.run_files import LORA_PREFIX, LORA_WEIGHTS, TRAINING_INFO, TRANSFORMER_WEIGHTS, read_training_info
 
 FORMATS = ("comfyui", "bfl", "diffusers")
 DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
-LORA_FILE, TRANSFORMER_FILE, PREFIX = LORA_WEIGHTS, TRANSFORMER_WEIGHTS, f"{LORA_PREFIX}."
-LORA_METADATA = "lora_adapter_metadata"   # diffusers' key for the adapter's peft config
+LORA_FILE, TRANSFORMER_FILE = LORA_WEIGHTS, TRANSFORMER_WEIGHTS
 LYCORIS_KINDS = {"LOKR": "lokr", "LOHA": "loha"}   # peft_type -> LyCORIS's algo name (shared/lycoris.py)
 
 
@@ -108,13 +108,10 @@ def modelspec(src: Final, output: Path, lora: bool) -> dict:
 
 def read_lora(folder: Path) -> tuple[dict, dict]:
     """(peft's state dict without prefix, the adapter's peft config) of a trainer's LoRA file, either layout."""
-    from safetensors import safe_open
-    with safe_open(str(folder / LORA_FILE), framework="pt") as f:
-        state = {k.removeprefix(PREFIX): f.get_tensor(k) for k in f.keys()}
-        meta = f.metadata() or {}
-    if LORA_METADATA not in meta:
+    from shared.peft_adapters import read_adapter
+    state, config = read_adapter(folder / LORA_FILE, LORA_PREFIX)
+    if not config:
         raise ExportError(f"{folder / LORA_FILE}: no {LORA_METADATA} (the adapter's rank and alpha)")
-    config = {k.removeprefix(PREFIX): v for k, v in json.loads(meta[LORA_METADATA]).items()}
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise ExportError(f"{folder / LORA_FILE}: per-layer ranks or alphas are not exported")
     return state, config
@@ -153,7 +150,8 @@ def _export_lora(src: Final, fmt: str, output: Path, dtype: str | None) -> None:
 def _export_lycoris(src: Final, adapter: dict, config: dict, output: Path, dtype: str | None) -> None:
     """A LoKr or LoHa adapter as one LyCORIS file (shared/lycoris.py), with kohya's metadata for LyCORIS."""
     from shared.lycoris import peft_to_lycoris
-    kind, rank, alpha = LYCORIS_KINDS[config["peft_type"]], int(config["r"]), float(config.get("alpha") or config["r"])
+    kind, rank = LYCORIS_KINDS[config["peft_type"]], int(config["r"])
+    alpha = float(config.get("alpha") or rank)
     try:
         tensors = peft_to_lycoris(adapter, kind, rank, alpha)
     except ValueError as e:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 
+from .run_files import LORA_PREFIX
+
 LORA_METADATA = "lora_adapter_metadata"   # diffusers' metadata key for the adapter's peft config
 
 
-def read_adapter(path: str, prefix: str | None = "transformer") -> tuple[dict, dict]:
+def read_adapter(path, prefix: str | None = LORA_PREFIX) -> tuple[dict, dict]:
     """(peft's state dict without `prefix`, its peft config ({} when the file has none: older finals))."""
     from safetensors import safe_open
     lead = f"{prefix}." if prefix else ""

@@ -80,7 +80,8 @@ def peft_merged(model, final):
     base = load_transformer(str(model), torch.float32, part="transformer")
     state, cfg = read_adapter(final / "pytorch_lora_weights.safetensors")
     wrapped = PeftModel(base, peft_config_of(cfg))
-    assert not set_peft_model_state_dict(wrapped, {f"base_model.model.{k}": v for k, v in state.items()}).unexpected_keys
+    loaded = set_peft_model_state_dict(wrapped, {f"base_model.model.{k}": v for k, v in state.items()})
+    assert not loaded.unexpected_keys
     deltas = {n.removeprefix("base_model.model."): m.get_delta_weight("default") for n, m in wrapped.named_modules()
               if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")}
     return wrapped.merge_and_unload(), deltas

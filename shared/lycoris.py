@@ -5,8 +5,9 @@
 The module names are diffusers' (SimpleTuner's LyCORIS layout), not Black Forest Labs' fused ones: a LoRA of
 q, k and v stacks into one LoRA of BFL's fused qkv (shared/bfl_lora.py), but Kronecker and Hadamard products of
 three parts are not one product of the whole. ComfyUI's LoRA key map gives each `lycoris_` diffusers name its
-slice of the fused BFL weight (comfy/lora.py, model_lora_keys_unet), and diffusers reads this layout back
-for FLUX.2 LoKr (Flux2LoraLoaderMixin: _convert_lycoris_flux2_lokr_to_diffusers).
+slice of the fused BFL weight (comfy/lora.py model_lora_keys_unet over comfy/utils.py flux_to_diffusers,
+which lists FLUX.1's and FLUX.2's diffusers names), and diffusers reads this layout back for FLUX.2 LoKr
+(Flux2LoraLoaderMixin: _convert_lycoris_flux2_lokr_to_diffusers).
 
 Scales: peft scales both kinds by alpha / r. LyCORIS readers (ComfyUI, diffusers) scale LoHa by alpha /
 rank(w1_b), and LoKr by alpha / rank of its rank-decomposed factor, or not at all where both factors are full

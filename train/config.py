@@ -95,8 +95,8 @@ class LoraConfig:
     rank: int = 0                         # 0: full fine-tuning / training; >0: LoRA of this rank
     alpha: float | None = None            # None: alpha = rank
     # The adapter (peft's): lora (B A), lokr (LyCORIS LoKr: a Kronecker product w1 x w2, w2 of rank
-    # lora.rank), loha (LyCORIS LoHa: a Hadamard product of two rank-lora.rank products); each scaled
-    # by alpha / rank (train/adapters.py)
+    # lora.rank, a full matrix where lora.rank is at least half its size), loha (LyCORIS LoHa: a
+    # Hadamard product of two rank-lora.rank products); each scaled by alpha / rank (train/adapters.py)
     kind: Literal["lora", "lokr", "loha"] = "lora"
     dora: bool = False                    # lora only: DoRA, a trained magnitude per output row (peft's use_dora)
     # lokr only: the size of w1's side (peft's decompose_factor); -1: as near the square root of each

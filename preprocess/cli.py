@@ -16,11 +16,13 @@ app = typer.Typer(
 
 from preprocess.encode_cli import encode_command  # noqa: E402
 from preprocess.export_cli import export_command  # noqa: E402
+from preprocess.lora_cli import app as lora_app  # noqa: E402
 from preprocess.plan_cli import plan_command  # noqa: E402
 
 app.command("encode")(encode_command)
 app.command("plan")(plan_command)
 app.command("export")(export_command)
+app.add_typer(lora_app, name="lora")
 
 
 @app.command("tiny-model")

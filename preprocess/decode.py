@@ -10,13 +10,15 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .captions import CaptionOptions, row_captions
 from .images import ImageSkip, default_min_size, make_buckets, prepare_image
-from .sources import (SKIP_BAD_IMAGE, InputShard, Skip, add_example, image_bytes, iter_shard, read_caption,
+from .masks import sample_mask
+from .sources import (SKIP_BAD_IMAGE, InputShard, Skip, add_example, image_bytes, iter_shard, read_captions,
                       skipped_name)
 
 
@@ -26,6 +28,7 @@ class PrepOptions:
     buckets: bool = False
     min_size: int | None = None   # skip short sides under it; None: default_min_size(resolution); 0: keep all
     jpeg_draft: bool = True
+    masks: bool = False           # read each image's loss mask (masks.py)
 
     def __post_init__(self):
         # Resolved here, so encode, its recorded settings and plan all see the same number.
@@ -39,8 +42,8 @@ class PrepOptions:
 
 
 def prepare_sample(sample, opts: PrepOptions, buckets):
-    """RawSample -> (key, caption, Prepared) or Skip."""
-    caption, why = read_caption(sample.files)
+    """RawSample -> (key, captions, Prepared) or Skip."""
+    caption, why = read_captions(sample.files)
     data, why_img = image_bytes(sample.files)
     if why_img is not None:        # no image at all: a lone caption, or an empty image file
         return Skip(sample.key, why_img)
@@ -53,6 +56,12 @@ def prepare_sample(sample, opts: PrepOptions, buckets):
         return Skip(sample.key, e.reason)
     except Exception:   # a decoder bug on hostile bytes must cost one sample, not the run
         return Skip(sample.key, SKIP_BAD_IMAGE)
+    if opts.masks:
+        try:
+            crop = (prepared.pixels.shape[2], prepared.pixels.shape[1])
+            prepared = replace(prepared, mask=sample_mask(sample.files, data, prepared.width, prepared.height, crop))
+        except ImageSkip as e:
+            return Skip(sample.key, e.reason)
     return sample.key, caption, prepared
 
 
@@ -62,13 +71,18 @@ def _batch(shard: InputShard, items, skips, end, decode_s, examples=None):
         sizes = torch.tensor([[p.width, p.height] for _, _, p in items], dtype=torch.int32)
     else:
         pixels = sizes = None
+    # A row's first caption is encoded with the batch (as before there were several); the others apart.
     return {"shard": shard.id, "pixels": pixels, "sizes": sizes, "keys": [shard.row_key(k) for k, _, _ in items],
-            "captions": [c for _, c, _ in items], "skips": dict(skips), "end": end, "decode_s": decode_s,
-            "skip_examples": examples or {}}   # the shard's named skips, on its last batch
+            "captions": [c[0] for _, c, _ in items], "alt_captions": [c[1:] for _, c, _ in items],
+            "skips": dict(skips), "end": end, "decode_s": decode_s,
+            "skip_examples": examples or {},   # the shard's named skips, on its last batch
+            **({"masks": torch.stack([p.mask for _, _, p in items])} if items and items[0][2].mask is not None
+               else {})}
 
 
-def shard_batches(shard: InputShard, opts: PrepOptions, batch_size: int):
-    """Yield the batches of one input shard (see the module docstring)."""
+def shard_batches(shard: InputShard, opts: PrepOptions, batch_size: int, captions: CaptionOptions = CaptionOptions()):
+    """Yield the batches of one input shard (see the module docstring); each row's captions as
+    captions.row_captions makes them."""
     buckets = opts.bucket_list()
     pending: dict[tuple, list] = {}
     skips: dict[str, int] = {}
@@ -81,6 +95,7 @@ def shard_batches(shard: InputShard, opts: PrepOptions, batch_size: int):
             skips[out.reason] = skips.get(out.reason, 0) + 1
             add_example(examples, out.reason, skipped_name(shard, out.key, getattr(sample, "files", ())))
             continue
+        out = (out[0], row_captions(out[1], shard.row_key(out[0]), captions), out[2])
         size = tuple(out[2].pixels.shape[1:])
         group = pending.setdefault(size, [])
         group.append(out)
@@ -103,14 +118,15 @@ def shard_batches(shard: InputShard, opts: PrepOptions, batch_size: int):
 class ShardBatches(IterableDataset):
     """The rank's input shards, split across DataLoader workers (use batch_size=None)."""
 
-    def __init__(self, shards: list[InputShard], opts: PrepOptions, batch_size: int):
-        self.shards, self.opts, self.batch_size = list(shards), opts, batch_size
+    def __init__(self, shards: list[InputShard], opts: PrepOptions, batch_size: int,
+                 captions: CaptionOptions = CaptionOptions()):
+        self.shards, self.opts, self.batch_size, self.captions = list(shards), opts, batch_size, captions
 
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         for shard in self.shards[wid::nw]:
-            yield from shard_batches(shard, self.opts, self.batch_size)
+            yield from shard_batches(shard, self.opts, self.batch_size, self.captions)
 
 
 def worker_init(_worker_id: int) -> None:

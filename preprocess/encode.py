@@ -115,6 +115,24 @@ class Encoders:
         return HostBatch.copy_from(out)
 
     @torch.inference_mode()
+    def encode_alt(self, alt_captions: list[list[str]], batch_size: int) -> list["HostBatch"]:
+        """The rows' other captions (captions.py), all of them in order, in batches of `batch_size` (padded
+        to it when compiled, as encode_batch pads): one HostBatch of text columns per batch, none where no
+        row has one. Each caption's encodings are those of a single-caption encode: padded text meets the
+        same shapes, trimmed text its own mask."""
+        flat = [c for row in alt_captions for c in row]
+        spec, st, out = self.text_spec, self.store_dtype, []
+        for start in range(0, len(flat), batch_size):
+            chunk = flat[start:start + batch_size]
+            n = len(chunk)
+            if self.pad_batches and n < batch_size:
+                chunk = chunk + [""] * (batch_size - n)
+            text = self.text.encode(chunk)
+            out.append(HostBatch.copy_from({**{c: text[c][:n].to(st) for c in spec.tensor_columns},
+                                            spec.length: text[spec.length][:n].to(torch.int32)}))
+        return out
+
+    @torch.inference_mode()
     def empty_prompt(self) -> dict:
         """The empty prompt's encodings, as stored: the text states [L, D] (L = its length when trimmed),
         the pooled vector where the family has one, and the length."""

@@ -31,7 +31,9 @@ def encode_command(
                                                               "'::') or a folder of images (jpg, jpeg, png, webp, "
                                                               "bmp, tif, tiff, gif; sub-folders too), each captioned "
                                                               "by the file of its name ending .txt, else .caption, "
-                                                              "else .json's caption field. Two images of one name "
+                                                              "else .json's caption field (several captions: one a "
+                                                              "line, or a .json list; the trainer picks one a "
+                                                              "step). Two images of one name "
                                                               "are skipped (same_stem). Required unless "
                                                               "--sample-prompts runs alone."),
     output: str = typer.Option(..., help="Cache folder (Parquet shards + manifest.json): a path, or a URL "
@@ -60,6 +62,10 @@ def encode_command(
     num_workers: int = typer.Option(None, help="DataLoader worker processes decoding images (default: the "
                                                f"CPUs this process may use, at most {MAX_DEFAULT_WORKERS})."),
     store_logvar: bool = typer.Option(False, help="Also store the VAE posterior log-variance."),
+    masks: bool = typer.Option(False, help="Also store each image's loss mask (the trainer's flow.masked_loss), at "
+                                           "latent resolution: a tar's KEY.mask.png, a folder's masks/STEM.png, "
+                                           "else the image's alpha channel, else the whole image; a mask of "
+                                           "another size than its image skips it (mask_size_mismatch)."),
     dtype: Dtype = typer.Option("bf16", help="Storage dtype of the tensors."),
     compute_dtype: Optional[Dtype] = typer.Option(None, help="Encoder weights' dtype; default: --dtype on CUDA, "
                                                              "fp32 on CPU."),
@@ -80,6 +86,13 @@ def encode_command(
                                                                     "processes; auto: cuda where there is one."),
     progress: bool = typer.Option(True, help="Show a progress bar (--no-progress: no bars at all, the "
                                              "libraries' weight-loading bars included)."),
+    caption_prefix: str = typer.Option("", help="Put before every caption, joined by ', ' (a trigger word: "
+                                                "'ohwx'); recorded in the cache's settings and manifest."),
+    caption_variants: int = typer.Option(0, min=0, help="Tag-style captions ('a, b, c'): this many more captions "
+                                                        "each, the tags shuffled (all after the prefix; without "
+                                                        "one, all after the first), seeded by the sample's key; "
+                                                        "each encoded once, as a row's other captions are (one "
+                                                        "per non-empty line of a .txt, or a .json caption list)."),
     sample_prompts: Optional[Path] = typer.Option(None, help="Prompts the trainer renders samples of (one a "
                                                              "line; run.sample_every): encoded into the cache with "
                                                              "its text mode and length, after the images, or alone "
@@ -87,6 +100,7 @@ def encode_command(
 ):
     """Encode captioned images once (the model family's VAE and text encoders: FLUX.1's T5 and CLIP, FLUX.2's
     Qwen3 or Mistral 3) into a Parquet cache; rerun to resume."""
+    from .captions import CaptionOptions
     from .decode import PrepOptions
     from .encode import EncodeOptions
     from .encode_run import run_encode
@@ -112,7 +126,7 @@ def encode_command(
         _encode_sample_prompts(model, output, sample_prompts, text_mode, text_max_length, device, options)
         return
     prep = PrepOptions(resolution=resolution, buckets=buckets, min_size=min_size_px,
-                       jpeg_draft=jpeg_draft)
+                       jpeg_draft=jpeg_draft, masks=masks)
     # FLUX.1's own text-encoder options, passed on where given (another family refuses them by name)
     text_options = {k: v for k, v in (("t5_impl", t5_impl), ("t5_fp32_wo", t5_fp32_wo)) if v}
     opts = EncodeOptions(text_mode=text_mode or "padded", text_max_length=text_max_length or None,
@@ -124,7 +138,8 @@ def encode_command(
         stats = run_encode(model, input, output, prep=prep, opts=opts, batch_size=batch_size,
                            num_workers=default_workers() if num_workers is None else num_workers,
                            rows_per_shard=rows_per_shard, device=device, writer_threads=writer_threads,
-                           command=command, progress=progress, storage_options=options)
+                           command=command, progress=progress, storage_options=options,
+                           captions=CaptionOptions(prefix=caption_prefix, variants=caption_variants))
     except (SettingsMismatch, InputError, ModelLoadError, CacheError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

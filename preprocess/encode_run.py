@@ -17,9 +17,11 @@ from shared.cache.store import Store, open_store
 from shared.devices import resolve_device
 from shared.precision import canonical_dtype
 
+from .captions import CaptionOptions
 from .decode import PrepOptions, ShardBatches, worker_init
 from .encode import EncodeOptions, Encoders, check_model
 from .encode_bar import EncodeBar
+from .masks import MASK_DTYPE, MASK_RULE
 from .ledger import (check_or_write_settings, check_progress_version, forget, plan_shards, remove_orphans,
                        sweep_temps, write_cache_manifest)
 from .output_lock import hold_output
@@ -31,32 +33,40 @@ from .sources import InputShard, resolve_inputs
 CROP_RULE = "resize short side to target (ceil), center crop"
 
 
-def run_settings(enc: Encoders, prep: PrepOptions, opts: EncodeOptions) -> dict:
+def run_settings(enc: Encoders, prep: PrepOptions, opts: EncodeOptions,
+                 captions: CaptionOptions = CaptionOptions()) -> dict:
     """What the cache's `_progress/settings.json` records, and a rerun must match (ledger.py); the
-    text section and the encoder's own facts are the family's (FLUX.1: "t5", t5_wo_dtype, t5_impl)."""
+    text section and the encoder's own facts are the family's (FLUX.1: "t5", t5_wo_dtype, t5_impl);
+    a caption prefix or variants (captions.py) only where set."""
     store = canonical_dtype(opts.dtype)
     spec = enc.text_spec
     dtypes = {"latent": store, **{c: store for c in spec.tensor_columns}}
     if opts.store_logvar:
         dtypes["latent_logvar"] = store
+    if prep.masks:   # without --masks the settings (and the manifest) are what they always were
+        dtypes["mask"] = MASK_DTYPE
     return {
         "family": enc.family.name,
         "encoders": enc.identities,
         "image": {"resolution": prep.resolution, "buckets": prep.bucket_list(), "crop": CROP_RULE,
-                  "min_size": prep.min_size, "jpeg_draft": prep.jpeg_draft},
+                  "min_size": prep.min_size, "jpeg_draft": prep.jpeg_draft,
+                  **({"masks": MASK_RULE} if prep.masks else {})},
         spec.states: {"mode": opts.text_mode, "max_length": enc.text.max_length},
         "dtypes": dtypes, "compute_dtype": enc.compute_dtype_name, **enc.text.facts(),
         "dims": enc.dims(), "vae": enc.vae_factors(),
+        **({"captions": captions.settings()} if captions.settings() else {}),
     }
 
 
 def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: EncodeOptions,
                batch_size: int = 64, num_workers: int = 4, rows_per_shard: int = 1000,
                device: str | None = None, command: str | None = None, progress: bool = True,
-               writer_threads: int = 2, storage_options: dict | None = None) -> dict:
+               writer_threads: int = 2, storage_options: dict | None = None,
+               captions: CaptionOptions = CaptionOptions()) -> dict:
     """Encode this rank's share of the input shards; returns a summary for this rank.
     `output`: a folder or a URL (`storage_options` for its file system). `writer_threads`: threads
-    writing output shards, each input shard's rows by one thread."""
+    writing output shards, each input shard's rows by one thread. `captions`: a prefix and tag-shuffled
+    variants (captions.py)."""
     out_dir = open_store(output, storage_options)
     ranks = Ranks()
     device = resolve_device(device, ranks.local_rank)
@@ -68,9 +78,10 @@ def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: 
         lock = hold_output(out_dir, ranks, command or " ".join(sys.argv))   # before anything is written or deleted
         mine = shards[ranks.rank::ranks.world]
         todo, changed = _start(out_dir, mine, ranks)
-        stats = _encode(model, out_dir, todo, device, prep=prep, opts=opts, batch_size=batch_size,
-                        num_workers=num_workers, rows_per_shard=rows_per_shard, writer_threads=writer_threads,
-                        progress=progress, already_done=len(mine) - len(todo), rank=ranks.rank)
+        stats = _encode(model, out_dir, todo, device, prep=prep, opts=opts, captions=captions,
+                        batch_size=batch_size, num_workers=num_workers, rows_per_shard=rows_per_shard,
+                        writer_threads=writer_threads, progress=progress, already_done=len(mine) - len(todo),
+                        rank=ranks.rank)
         t_manifest = time.perf_counter()
         stats.update(_finish(out_dir, shards, ranks, command or " ".join(sys.argv)))
         stats["manifest_s"] = time.perf_counter() - t_manifest
@@ -101,16 +112,16 @@ def _start(out_dir: Store, mine: list[InputShard], ranks: Ranks) -> tuple[list[I
 
 
 def _encode(model: str, out_dir: Store, todo: list[InputShard], device, *, prep: PrepOptions, opts: EncodeOptions,
-            batch_size: int, num_workers: int, rows_per_shard: int, writer_threads: int, progress: bool,
-            already_done: int, rank: int) -> dict:
+            captions: CaptionOptions, batch_size: int, num_workers: int, rows_per_shard: int, writer_threads: int,
+            progress: bool, already_done: int, rank: int) -> dict:
     """Decode and encode `todo`, write its rows and done-records; returns this rank's counts."""
     # Workers start decoding while the models load.
-    loader = DataLoader(ShardBatches(todo, prep, batch_size), batch_size=None, num_workers=num_workers,
+    loader = DataLoader(ShardBatches(todo, prep, batch_size, captions), batch_size=None, num_workers=num_workers,
                         pin_memory=device.type == "cuda", worker_init_fn=worker_init,
                         prefetch_factor=4 if num_workers else None)
     batches = iter(loader) if todo else iter(())
     enc = Encoders(model, device, opts)
-    settings = run_settings(enc, prep, opts)
+    settings = run_settings(enc, prep, opts, captions)
     check_or_write_settings(out_dir, settings)
     if not out_dir.exists(EMPTY_PROMPT_NAME):
         out_dir.write_bytes(EMPTY_PROMPT_NAME, save_safetensors(enc.empty_prompt()))
@@ -149,6 +160,8 @@ def _encode_loop(batches, enc: Encoders, writer: RowWriterPool, outputs: ShardOu
         outputs.stats["decode_s"] += item["decode_s"]
         host = (enc.encode_batch(item["pixels"], item["captions"], pad_to=batch_size)
                 if item["pixels"] is not None else None)
+        if host is not None:   # the rows' other captions (none: an empty list), written with the rows
+            item["alt_hosts"] = enc.encode_alt(item["alt_captions"], batch_size)
         t2 = time.perf_counter()
         writer.submit(item["shard"], item, host, last=item["end"])
         waits["queue_encode_s"] += t2 - t1

@@ -25,7 +25,7 @@ import torch
 
 from shared.cache.files import commit_file
 from shared.family import Family, family_of_transformer, get_family
-from shared.peft_adapters import LORA_METADATA
+from shared.adapters import LORA_METADATA
 from shared.run_files import LORA_PREFIX, LORA_WEIGHTS, TRAINING_INFO, TRANSFORMER_WEIGHTS, read_training_info
 
 FORMATS = ("comfyui", "bfl", "diffusers")
@@ -108,7 +108,7 @@ def modelspec(src: Final, output: Path, lora: bool) -> dict:
 
 def read_lora(folder: Path) -> tuple[dict, dict]:
     """(peft's state dict without prefix, the adapter's peft config) of a trainer's LoRA file, either layout."""
-    from shared.peft_adapters import read_adapter
+    from shared.adapters import read_adapter
     state, config = read_adapter(folder / LORA_FILE, LORA_PREFIX)
     if not config:
         raise ExportError(f"{folder / LORA_FILE}: no {LORA_METADATA} (the adapter's rank and alpha)")

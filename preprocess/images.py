@@ -38,6 +38,7 @@ class Prepared:
     pixels: torch.Tensor   # uint8 [3, H, W]
     width: int             # the source image's size, after EXIF orientation
     height: int
+    mask: torch.Tensor | None = None   # uint8 [H, W], with encode --masks (masks.py)
 
 
 class ImageSkip(Exception):

@@ -36,12 +36,41 @@ def inspect_cache(cache_dir, storage_options: dict | None = None) -> str:
              f"rows       {rows}",
              f"shards     {len(shards)}  ({sum(s['bytes'] for s in manifest['shards']) / 2**20:.1f} MiB)",
              f"{family.text.states:<10} {text['mode']}, max length {text['max_length']}",
-             f"dtypes     {', '.join(f'{k}={v}' for k, v in manifest['dtypes'].items())}"]
+             f"dtypes     {', '.join(f'{k}={v}' for k, v in manifest['dtypes'].items())}",
+             _captions(manifest, rows)]
     if rows == 0:
         lines.append("(no rows)")
     else:
         lines += _bytes_per_sample(store, shards, rows) + _distributions(store, shards, family.text.length)
+    lines += _masks(store, shards, manifest)
     return "\n".join(lines + _skips(manifest))
+
+
+def _masks(store: Store, shards: list[str], manifest: dict) -> list[str]:
+    """Whether the rows have loss masks (encode --masks), and how many leave part of their image out."""
+    if "mask" not in manifest["dtypes"]:
+        return ["masks          none (encode --masks stores them)"]
+    import numpy as np
+    from shared.cache.schema import numpy_dtype
+    dtype, partial, rows = numpy_dtype(manifest["dtypes"]["mask"]), 0, 0
+    for name in shards:
+        column = store.open_parquet(name, page_checksum_verification=True).read(columns=["mask"]).column("mask")
+        for value in column.to_pylist():
+            rows += 1
+            partial += bool((np.frombuffer(value, dtype=dtype) < 1).any())
+    return [f"masks          every row: {partial} of {rows} leave part of the image out, the others are full"]
+
+
+def _captions(manifest: dict, rows: int) -> str:
+    """Captions per row (the trainer picks one a step), with the prefix and variants encode put on them."""
+    c = manifest.get("captions") or {}
+    line = (f"captions   up to {c.get('max', 1)} a row ({c.get('rows_with_several', 0)} rows with several, "
+            f"{c.get('total', rows)} in all)" if c.get("max", 1) > 1 else "captions   1 a row")
+    if c.get("prefix"):
+        line += f"; prefix {c['prefix']!r}"
+    if c.get("variants"):
+        line += f"; {c['variants']} tag-shuffled variants of each"
+    return line
 
 
 def _bytes_per_sample(store: Store, shards: list[str], rows: int) -> list[str]:
@@ -52,7 +81,8 @@ def _bytes_per_sample(store: Store, shards: list[str], rows: int) -> list[str]:
             group = meta.row_group(rg)
             for c in range(group.num_columns):
                 col = group.column(c)
-                col_bytes[col.path_in_schema] = col_bytes.get(col.path_in_schema, 0) + col.total_compressed_size
+                name = col.path_in_schema.split(".")[0]   # a list column's `t5_alt.list.element`: t5_alt
+                col_bytes[name] = col_bytes.get(name, 0) + col.total_compressed_size
     lines = ["bytes/sample by column:"]
     for name, total in sorted(col_bytes.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {name:<14} {total / rows:>12,.0f}")

@@ -238,8 +238,22 @@ def manifest_of_records(out_dir, records: list[dict], command: str, version: str
         inputs_without_rows=[{"id": r["shard"], "url": r["url"], "skipped": r["skipped"]}
                              for r in records if r["rows"] == 0],
         command=command, version=version,
+        # Rows of several captions, a prefix, variants (captions.py): said only where there are any.
+        **({"captions": captions} if (captions := caption_summary(settings, records)) else {}),
         # encode --sample-prompts wrote them (with the same T5 settings, which a rerun cannot change)
         **({"sample_prompts": SAMPLE_PROMPTS_NAME} if open_store(out_dir).exists(SAMPLE_PROMPTS_NAME) else {}))
+
+
+def caption_summary(settings: dict, records: list[dict]) -> dict | None:
+    """The manifest's `captions`: captions per row (max, rows with several, total) and the settings'
+    prefix and variants; None for a cache of one caption a row without them (as before)."""
+    counted = [r["captions"] for r in records if r.get("captions")]
+    if not counted and not settings.get("captions"):
+        return None
+    several = sum(c["rows_with_several"] for c in counted)
+    total = sum(c["total"] for c in counted) + sum(r["rows"] for r in records if not r.get("captions"))
+    return {"max": max([c["max"] for c in counted], default=1), "rows_with_several": several, "total": total,
+            **(settings.get("captions") or {})}
 
 
 def kept_progress(out_dir, shards: list[InputShard]) -> dict:

@@ -16,15 +16,18 @@ from dataclasses import dataclass
 import torch
 
 from shared.cache import CacheWriter
+from shared.cache.alt_captions import alt_name
 from shared.cache.schema import torch_dtype
 from shared.family import Family, family_of_model
 from shared.models import part_config
 from shared.precision import canonical_dtype
 
+from .captions import CaptionOptions, row_captions
 from .decode import PrepOptions
 from .images import ImageSkip, check_min_size, open_image, oriented_size, target_size
+from .masks import MASK_DTYPE
 from .sources import (SKIP_TOO_SMALL, InputShard, Skip, add_example, image_bytes, iter_shard, named_skips,
-                      read_caption, resolve_inputs, skipped_name)
+                      read_captions, resolve_inputs, skipped_name)
 
 # Encode rates measured in docs/BENCHMARKS.md (stage 1), img/s: family -> GPU kind -> text setting -> rate.
 MEASURED_RATES = {
@@ -36,11 +39,11 @@ RATE_NOTES = {"padded-512": "VAE+T5+CLIP without I/O (run E): an upper bound"}
 @dataclass
 class SampleRow:
     key: str
-    caption: str
+    captions: list[str]         # as encode stores them (captions.py): the first, then the row's others
     width: int
     height: int
     latent_hw: tuple[int, int]
-    text_len: int
+    text_lens: list[int]
 
 
 def sample_shards(shards: list[InputShard], count: int) -> list[InputShard]:
@@ -51,7 +54,8 @@ def sample_shards(shards: list[InputShard], count: int) -> list[InputShard]:
     return [shards[round(i * step)] for i in range(count)]
 
 
-def read_sample(shards: list[InputShard], prep: PrepOptions, factor: int = 8) -> tuple[list, dict, int, dict]:
+def read_sample(shards: list[InputShard], prep: PrepOptions, factor: int = 8,
+                captions: CaptionOptions = CaptionOptions()) -> tuple[list, dict, int, dict]:
     """(rows the sample would give, skips by reason, samples read, skipped samples named by reason),
     from headers and captions only; `factor`: the VAE's downsampling."""
     rows, skips, seen, examples = [], {}, 0, {}
@@ -59,7 +63,7 @@ def read_sample(shards: list[InputShard], prep: PrepOptions, factor: int = 8) ->
     for shard in shards:
         for item in iter_shard(shard):
             seen += 1
-            why, row = _sample_row(shard, item, prep, buckets, factor)
+            why, row = _sample_row(shard, item, prep, buckets, factor, captions)
             if why is not None:
                 skips[why] = skips.get(why, 0) + 1
                 add_example(examples, why, skipped_name(shard, item.key, getattr(item, "files", ())))
@@ -68,10 +72,10 @@ def read_sample(shards: list[InputShard], prep: PrepOptions, factor: int = 8) ->
     return rows, skips, seen, examples
 
 
-def _sample_row(shard: InputShard, item, prep: PrepOptions, buckets, factor: int):
+def _sample_row(shard: InputShard, item, prep: PrepOptions, buckets, factor: int, captions: CaptionOptions):
     if isinstance(item, Skip):
         return item.reason, None
-    caption, why = read_caption(item.files)
+    caption, why = read_captions(item.files)
     data, why_img = image_bytes(item.files)
     if why_img is not None or why is not None:
         return why_img or why, None
@@ -81,7 +85,8 @@ def _sample_row(shard: InputShard, item, prep: PrepOptions, buckets, factor: int
     except ImageSkip as e:
         return e.reason, None
     tw, th = target_size(w, h, prep.resolution, buckets)
-    return None, SampleRow(shard.row_key(item.key), caption, w, h, (th // factor, tw // factor), 0)
+    key = shard.row_key(item.key)
+    return None, SampleRow(key, row_captions(caption, key, captions), w, h, (th // factor, tw // factor), [])
 
 
 def other_bytes_per_row(rows: list[SampleRow], dtypes: dict, rows_per_shard: int, family: Family) -> float:
@@ -91,22 +96,32 @@ def other_bytes_per_row(rows: list[SampleRow], dtypes: dict, rows_per_shard: int
                                                            rows_per_shard=rows_per_shard,
                                                            row_group_rows=min(256, rows_per_shard)) as w:
         for r in rows:
-            empty = {spec.states: torch.zeros(0, 1), spec.length: r.text_len,
-                     **({spec.pooled: torch.zeros(0)} if spec.pooled else {})}
-            w.add(key=r.key, caption=r.caption, latent=torch.zeros(16, 0, 0), width=r.width, height=r.height, **empty)
+            empty = {spec.states: [torch.zeros(0, 1)], spec.length: r.text_lens[:1],
+                     **({spec.pooled: [torch.zeros(0)]} if spec.pooled else {})}
+            alt = {alt_name(spec.states): [[torch.zeros(0, 1)] * (len(r.captions) - 1)],
+                   alt_name(spec.length): [r.text_lens[1:]],
+                   **({alt_name(spec.pooled): [[torch.zeros(0)] * (len(r.captions) - 1)]} if spec.pooled else {})}
+            w.add_batch(keys=[r.key], captions=r.captions[:1], latent=[torch.zeros(16, 0, 0)], widths=[r.width],
+                        heights=[r.height], alt_captions=[r.captions[1:]], **empty, **alt)
         shards = w.close()
         return sum(s.bytes for s in shards) / len(rows)
 
 
 def tensor_bytes(row: SampleRow, mode: str, max_length: int, dims: dict, itemsize: int, logvar: bool,
                  family: Family) -> int:
-    """A row's tensor bytes: latent (and its log-variance), the text states (max_length or real tokens), a
-    pooled vector where the family has one."""
+    """A row's tensor bytes: latent (and its log-variance), each caption's text states (max_length or real
+    tokens) and pooled vector where the family has one."""
     spec = family.text
     latent = dims["latent_channels"] * row.latent_hw[0] * row.latent_hw[1]
-    states = (max_length if mode == "padded" else row.text_len) * dims[spec.dim_keys()[spec.states]]
-    pooled = dims[spec.dim_keys()[spec.pooled]] if spec.pooled else 0
+    tokens = max_length * len(row.text_lens) if mode == "padded" else sum(row.text_lens)
+    states = tokens * dims[spec.dim_keys()[spec.states]]
+    pooled = dims[spec.dim_keys()[spec.pooled]] * len(row.text_lens) if spec.pooled else 0
     return itemsize * (latent * (2 if logvar else 1) + states + pooled)
+
+
+def mask_bytes(row: SampleRow) -> int:
+    """A row's loss mask (encode --masks): one value per latent cell, in the mask column's dtype."""
+    return torch_dtype(MASK_DTYPE).itemsize * row.latent_hw[0] * row.latent_hw[1]
 
 
 def model_dims(model: str, family: Family) -> dict:
@@ -116,7 +131,8 @@ def model_dims(model: str, family: Family) -> dict:
 
 
 def plan(model: str, input_spec: str, prep: PrepOptions, *, text_mode: str, text_max_length: int | None,
-         dtype: str, store_logvar: bool, rows_per_shard: int, sample: int = 3) -> dict:
+         dtype: str, store_logvar: bool, rows_per_shard: int, sample: int = 3,
+         captions: CaptionOptions = CaptionOptions()) -> dict:
     """The estimate (see the module docstring); JSON-ready."""
     shards = resolve_inputs(input_spec)
     family = family_of_model(model)
@@ -124,10 +140,11 @@ def plan(model: str, input_spec: str, prep: PrepOptions, *, text_mode: str, text
         raise ValueError(f"{model}: {family.name} text takes mode {' or '.join(family.text.modes)}, not {text_mode!r}")
     dims = model_dims(model, family)
     picked = sample_shards(shards, sample)
-    rows, skips, seen, examples = read_sample(picked, prep, dims["vae_factor"])
-    lengths, max_length = family.text_lengths(model, [r.caption for r in rows], text_max_length)
-    for r, n in zip(rows, lengths):
-        r.text_len = int(n)
+    rows, skips, seen, examples = read_sample(picked, prep, dims["vae_factor"], captions)
+    lengths, max_length = family.text_lengths(model, [c for r in rows for c in r.captions], text_max_length)
+    at = 0
+    for r in rows:
+        r.text_lens, at = [int(n) for n in lengths[at:at + len(r.captions)]], at + len(r.captions)
     itemsize = torch_dtype(canonical_dtype(dtype)).itemsize
     store = canonical_dtype(dtype)
     dtypes = {"latent": store, **{c: store for c in family.text.tensor_columns},
@@ -137,8 +154,8 @@ def plan(model: str, input_spec: str, prep: PrepOptions, *, text_mode: str, text
     other = other_bytes_per_row(rows, dtypes, rows_per_shard, family) if rows else 0.0
     modes = {}
     for mode in family.text.modes:
-        per_row = (sum(tensor_bytes(r, mode, max_length, dims, itemsize, store_logvar, family) for r in rows)
-                   / len(rows) + other) if rows else 0.0
+        per_row = (sum(tensor_bytes(r, mode, max_length, dims, itemsize, store_logvar, family)
+                       + (mask_bytes(r) if prep.masks else 0) for r in rows) / len(rows) + other) if rows else 0.0
         name = f"padded-{max_length}" if mode == "padded" else "trimmed"
         modes[name] = {"text_mode": mode, "bytes_per_sample": per_row, "total_bytes": per_row * expected_rows,
                        "encode_hours": _hours(family, name, expected_rows)}
@@ -149,7 +166,8 @@ def plan(model: str, input_spec: str, prep: PrepOptions, *, text_mode: str, text
             "sampled_bytes": _input_bytes(picked), "sampled_samples": seen, "sampled_rows": len(rows),
             "skipped": dict(sorted(skips.items())), "skipped_examples": dict(sorted(examples.items())),
             "below_min_size": skips.get(SKIP_TOO_SMALL, 0) / max(1, seen),
-            "min_size": prep.min_size, "rate_notes": RATE_NOTES}
+            "min_size": prep.min_size, "rate_notes": RATE_NOTES,
+            "captions_per_row": sum(len(r.captions) for r in rows) / len(rows) if rows else 0.0}
 
 
 def _folder_scale(shards: list[InputShard], picked: list[InputShard]) -> float:
@@ -190,6 +208,8 @@ def format_plan(p: dict) -> str:
              f"({p['sampled_samples']} samples, {p['sampled_rows']} would be rows{sampled_bytes})",
              f"rows           {p['rows']:,} expected",
              f"below --min-size {p['min_size']}: {100 * p['below_min_size']:.1f}% of the sampled images"]
+    if p.get("captions_per_row", 1) > 1:   # the encode hours below count one caption a row
+        lines.append(f"captions       {p['captions_per_row']:.2f} a row in the sample (each encoded once)")
     if p["skipped"]:
         lines.append(f"skipped        {sum(p['skipped'].values())} in the sample:")
         examples = p.get("skipped_examples", {})

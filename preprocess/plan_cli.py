@@ -14,7 +14,7 @@ from .encode_cli import warn_repeat_folders, encode_command, min_size_option
 # Encode's options that change what the cache holds; the others (batch size, workers, device, ...) only
 # how fast it is written, and a plan accepts and ignores them.
 USED = ("model", "input", "resolution", "buckets", "min_size", "text_mode", "text_max_length", "store_logvar",
-        "dtype", "rows_per_shard")
+        "dtype", "rows_per_shard", "masks", "caption_prefix", "caption_variants")
 
 
 def plan_command(**options):
@@ -24,6 +24,7 @@ def plan_command(**options):
     runs as it is with encode, and ignored."""
     from shared.models import ModelLoadError
 
+    from .captions import CaptionOptions
     from .decode import PrepOptions
     from .plan import format_plan, plan
     from .sources import InputError
@@ -31,13 +32,15 @@ def plan_command(**options):
     o["text_mode"] = o["text_mode"] or "padded"
     if not o["input"]:
         raise typer.BadParameter("--input is required: the shards to estimate")
-    prep = PrepOptions(resolution=o["resolution"], buckets=o["buckets"], min_size=min_size_option(o["min_size"]))
+    prep = PrepOptions(resolution=o["resolution"], buckets=o["buckets"], min_size=min_size_option(o["min_size"]),
+                       masks=o["masks"])
     warn_repeat_folders(o["input"])
     try:
         result = plan(o["model"], o["input"], prep, text_mode=o["text_mode"],
                       text_max_length=o["text_max_length"] or None,
                       dtype=o["dtype"], store_logvar=o["store_logvar"], rows_per_shard=o["rows_per_shard"],
-                      sample=options["sample_shards"])
+                      sample=options["sample_shards"],
+                      captions=CaptionOptions(prefix=o["caption_prefix"], variants=o["caption_variants"]))
     except (InputError, ModelLoadError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

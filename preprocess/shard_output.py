@@ -8,15 +8,18 @@ import threading
 import time
 
 from shared.cache import CacheWriter
+from shared.cache.alt_captions import alt_name
 from shared.cache.store import Store
 
 from .ledger import write_done
+from .masks import latent_mask
 from .sources import InputShard
 
 
 class _ShardState:
     def __init__(self, writer: CacheWriter):
         self.writer, self.rows, self.skipped, self.skipped_examples = writer, 0, {}, {}
+        self.captions = {"max": 1, "rows_with_several": 0, "total": 0}   # the rows' captions, counted
 
 
 class ShardOutputs:
@@ -49,6 +52,7 @@ class ShardOutputs:
         if host is not None:
             _write_rows(st.writer, item, host.wait(), self.text, self.text_mode)
             st.rows += len(item["keys"])
+            _count_captions(st.captions, item.get("alt_captions") or [[]] * len(item["keys"]))
             with self._lock:
                 self.stats["rows"] += len(item["keys"])
                 if "first_batch_s" not in self.stats:   # model warm-up (compilation, cuDNN autotuning) ends here
@@ -65,8 +69,10 @@ class ShardOutputs:
     def _finish_shard(self, shard_id: str, st: _ShardState) -> None:
         shard = self.shards[shard_id]
         outputs = [s.to_dict() for s in st.writer.close()]
-        write_done(self.out_dir, shard, {"outputs": outputs, "rows": st.rows, "skipped": st.skipped,
-                                         "skipped_examples": st.skipped_examples})
+        record = {"outputs": outputs, "rows": st.rows, "skipped": st.skipped, "skipped_examples": st.skipped_examples}
+        if st.captions["max"] > 1:   # recorded only where a row has several (a cache of one is as before)
+            record["captions"] = st.captions
+        write_done(self.out_dir, shard, record)
         if st.rows == 0:
             skips = ", ".join(f"{k} {v}" for k, v in sorted(st.skipped.items())) or "nothing in it"
             print(f"rank {self.rank}: warning: input shard {shard_id} ({shard.url}) yielded no row ({skips}); "
@@ -88,6 +94,34 @@ def _write_rows(writer: CacheWriter, item: dict, out: dict, spec, mode: str) -> 
     if mode == "trimmed":
         text[spec.states] = [out[spec.states][i, :n] for i, n in enumerate(lengths)]
     sizes = item["sizes"].tolist()
+    # encode --masks: each latent cell's share of its pixels in the mask
+    mask = latent_mask(item["masks"], *out["latent"].shape[-2:]) if "masks" in item else None
     writer.add_batch(keys=item["keys"], captions=item["captions"], latent=out["latent"], widths=[s[0] for s in sizes],
-                     heights=[s[1] for s in sizes], latent_logvar=out.get("latent_logvar"), copy=False,
-                     **text, **{spec.length: lengths})   # `out` is this batch's own host copy
+                     heights=[s[1] for s in sizes], latent_logvar=out.get("latent_logvar"), copy=False, mask=mask,
+                     **text, **{spec.length: lengths}, **_alt_rows(item, spec, mode))   # `out`: this batch's own copy
+
+
+def _alt_rows(item: dict, spec, mode: str) -> dict:
+    """The rows' other captions and their text columns as CacheWriter.add_batch takes them (per-row
+    lists); nothing where no row has one."""
+    hosts = [h.wait() for h in item.get("alt_hosts") or []]
+    if not hosts:
+        return {}
+    lengths = [int(x) for h in hosts for x in h[spec.length].tolist()]
+    flat = {c: [t for h in hosts for t in h[c]] for c in spec.tensor_columns}
+    if mode == "trimmed":
+        flat[spec.states] = [t[:n] for t, n in zip(flat[spec.states], lengths)]
+    flat[spec.length] = lengths
+    rows, pos = {alt_name(c): [] for c in flat}, 0
+    for captions in item["alt_captions"]:
+        for c, values in flat.items():
+            rows[alt_name(c)].append(values[pos:pos + len(captions)])
+        pos += len(captions)
+    return {"alt_captions": item["alt_captions"], **rows}
+
+
+def _count_captions(counts: dict, alt_captions: list[list[str]]) -> None:
+    for other in alt_captions:
+        counts["max"] = max(counts["max"], 1 + len(other))
+        counts["rows_with_several"] += bool(other)
+        counts["total"] += 1 + len(other)

@@ -20,12 +20,15 @@ import re
 import tarfile
 import zlib
 from dataclasses import dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 
 import fsspec
 from braceexpand import braceexpand
 from webdataset.handlers import ignore_and_continue
 from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from .captions import json_captions, split_lines
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 # A sample's caption: the first of these it has (.caption is kohya's; .json's `caption` field is img2dataset's).
@@ -195,13 +198,22 @@ def repeat_folder_warning(spec: str) -> str | None:
             "row, and the trainer samples every row alike (copy a folder's images to give them more weight)")
 
 
+MASKS_FOLDER = "masks"   # a folder's loss masks (encode --masks): `masks/STEM.png` beside the images
+
+
 def _folder_shards(folder: Path, per_shard: int) -> list[InputShard]:
     by_key: dict[str, list[tuple[str, int, int]]] = {}   # key -> (file name, size, mtime) of its files
+    masks: dict[str, tuple[str, int, int]] = {}          # an image's key -> its mask file's
     for p in folder.rglob("*"):
         if p.suffix[1:].lower() in IMAGE_EXTS + CAPTION_EXTS and not p.name.startswith(".") and p.is_file():
             st = p.stat()
-            by_key.setdefault(str(p.relative_to(folder).with_suffix("")), []).append(
-                (p.name, st.st_size, st.st_mtime_ns))
+            rel = p.relative_to(folder).with_suffix("")
+            if rel.parent.name == MASKS_FOLDER:   # no sample of its own; a changed mask changes the fingerprint
+                masks[str(rel.parent.parent / rel.name)] = (f"{MASKS_FOLDER}/{p.name}", st.st_size, st.st_mtime_ns)
+            else:
+                by_key.setdefault(str(rel), []).append((p.name, st.st_size, st.st_mtime_ns))
+    for key in masks.keys() & by_key.keys():
+        by_key[key].append(masks[key])
     keys = sorted(by_key)
     if not keys:
         raise InputError(f"{folder}: no images or captions in this folder")
@@ -272,7 +284,19 @@ def _iter_folder(shard: InputShard):
                 sample.files[p.suffix[1:].lower()] = p.read_bytes()
             except OSError:
                 continue    # vanished or unreadable: counted below as a missing part
+        _add_folder_mask(sample, parent / MASKS_FOLDER / Path(key).name)
         yield sample
+
+
+def _add_folder_mask(sample: RawSample, stem: Path) -> None:
+    """The sample's `masks/STEM.*` as its `mask.EXT` file (a tar's `KEY.mask.EXT`); unreadable: empty, a bad mask."""
+    found = sorted(stem.parent.glob(glob_escape(stem.name) + ".*")) if stem.parent.is_dir() else []
+    for p in (p for p in found if p.suffix[1:].lower() in IMAGE_EXTS and p.stem == stem.name):
+        try:
+            sample.files[f"mask.{p.suffix[1:].lower()}"] = p.read_bytes()
+        except OSError:
+            sample.files[f"mask.{p.suffix[1:].lower()}"] = b""
+        return
 
 
 # What damaged data raises while a tar is read (anything else, an OSError above all, is not the data's fault).
@@ -338,31 +362,24 @@ def _dedupe(sample: RawSample, seen: set[str]):
     return sample
 
 
-def read_caption(files: dict) -> tuple[str | None, str | None]:
-    """(caption, None) or (None, skip reason): from .txt, else .caption, else the `caption` field of
-    .json (CAPTION_EXTS); a UTF-8 byte-order mark (Windows Notepad writes one) is not part of it."""
+def read_captions(files: dict) -> tuple[list[str] | None, str | None]:
+    """(captions, None) or (None, skip reason): from .txt, else .caption (a caption a non-empty line), else the
+    `caption` field of .json, a string or a list (CAPTION_EXTS; captions.py); a UTF-8 byte-order mark
+    (Windows Notepad writes one) is not part of it."""
     for ext in TEXT_CAPTION_EXTS:
         if ext in files:
-            return _text_caption(files[ext])
+            captions, why = split_lines(files[ext])
+            return captions, {"bad": SKIP_BAD_CAPTION, "empty": SKIP_EMPTY_FILE, None: None}[why]
     if "json" in files:
-        try:
-            meta = json.loads(files["json"].decode("utf-8-sig"))
-        except UnicodeDecodeError:
-            return None, SKIP_BAD_CAPTION
-        except json.JSONDecodeError:
-            return None, SKIP_NO_CAPTION
-        caption = meta.get("caption") if isinstance(meta, dict) else None
-        if isinstance(caption, str) and caption.strip():
-            return caption.strip(), None
+        captions, why = json_captions(files["json"])
+        return captions, {"bad": SKIP_BAD_CAPTION, "none": SKIP_NO_CAPTION, None: None}[why]
     return None, SKIP_NO_CAPTION
 
 
-def _text_caption(data: bytes) -> tuple[str | None, str | None]:
-    try:
-        text = data.decode("utf-8-sig").strip()
-    except UnicodeDecodeError:
-        return None, SKIP_BAD_CAPTION
-    return (text, None) if text else (None, SKIP_EMPTY_FILE)
+def read_caption(files: dict) -> tuple[str | None, str | None]:
+    """The first of read_captions' captions (the one a single-caption cache stores), or a skip reason."""
+    captions, why = read_captions(files)
+    return (captions[0] if captions else None), why
 
 
 def image_bytes(files: dict) -> tuple[bytes | None, str | None]:

@@ -17,9 +17,15 @@ from .ledger import DONE_FOLDER, forget, read_settings, remove_orphans
 from .output_lock import OutputLock
 
 
+def shard_schemas(text, mask: bool = False) -> tuple:
+    """The columns a shard of a family's cache may have: the family's, and with the list columns of rows
+    of several captions (shared/cache/alt_captions.py)."""
+    return arrow_schema(text, mask), arrow_schema(text, mask, alt=True)
+
+
 def shard_problems(store: Store, entry: dict, size: int | None, schema, checksum: bool = True) -> list[str]:
     """What is wrong with one listed shard whose stored size is `size` (None: not there): missing,
-    size, sha256 (`checksum`), footer, `schema` (the cache family's columns), rows."""
+    size, sha256 (`checksum`), footer, `schema` (the cache family's columns: shard_schemas), rows."""
     name = entry["path"]
     url = store.url_of(name)
     if size is None:
@@ -33,7 +39,7 @@ def shard_problems(store: Store, entry: dict, size: int | None, schema, checksum
     except Exception as e:  # pyarrow raises several types for damaged files; a store, OSErrors
         return [f"{url}: not readable as Parquet ({e})"]
     problems = []
-    if not pf.schema_arrow.remove_metadata().equals(schema):
+    if not any(pf.schema_arrow.remove_metadata().equals(s) for s in schema):
         problems.append(f"{url}: columns differ from schema version {SCHEMA_VERSION}")
     version = (pf.schema_arrow.metadata or {}).get(b"flux_prep_schema_version", b"?").decode()
     if version != str(SCHEMA_VERSION):
@@ -47,7 +53,7 @@ def listed_shard_problems(store: Store, manifest: dict, checksum: bool) -> list[
     """shard_problems of every shard the manifest lists, sizes from one listing of the cache."""
     from shared.family import family_of_manifest
     sizes = store.sizes()
-    schema = arrow_schema(family_of_manifest(manifest).text)
+    schema = shard_schemas(family_of_manifest(manifest).text, mask="mask" in manifest["dtypes"])
     found = store.map(lambda e: shard_problems(store, e, sizes.get(e["path"]), schema, checksum),
                       manifest["shards"])
     return [p for problems in found for p in problems]
@@ -148,7 +154,8 @@ def _repair(store: Store) -> dict:
     records = store.map(lambda n: _record(store, n), names)
     sizes = store.sizes()
     outputs = [(rec, out) for rec in records if rec is not None for out in rec.get("outputs", [])]
-    schema = arrow_schema(get_family(read_settings(store).get("family")).text)
+    settings = read_settings(store)
+    schema = shard_schemas(get_family(settings.get("family")).text, mask="mask" in settings.get("dtypes", {}))
     found = store.map(lambda ro: shard_problems(store, ro[1], sizes.get(ro[1]["path"]), schema), outputs)
     problems: dict[str, list[str]] = {}
     for (rec, _), shard_found in zip(outputs, found):

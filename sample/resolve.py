@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.adapters import LoraSource, safetensors_lora
 from shared.bfl import read_shapes
 from shared.family import FAMILIES, Family, family_of_transformer
 from shared.models import (PICKLE_SUFFIXES, ModelLoadError, model_index, part_config, refuse_pickle,
@@ -118,15 +119,6 @@ def _checkpoint(family: Family, model: str, path: Path) -> TransformerSource:
     return TransformerSource("checkpoint", str(weights), config, info, checkpoints.weights_note(path, info))
 
 
-@dataclass
-class LoraSource:
-    kind: str          # "peft" (PeftModel.save_pretrained) or "diffusers" (save_lora_adapter, the trainer's)
-    folder: Path
-    weight_name: str
-    prefix: str | None = None   # the keys' prefix ("transformer": FluxPipeline's layout; None: older finals)
-    note: str = ""
-
-
 def resolve_lora(lora: str | None) -> tuple[LoraSource | None, dict]:
     """The adapter (peft's save_pretrained folder, or diffusers' LoRA file or folder, which is what the
     trainer's final/ and checkpoints hold) and the training info saved beside it."""
@@ -158,13 +150,10 @@ def resolve_lora(lora: str | None) -> tuple[LoraSource | None, dict]:
 
 
 def _diffusers_lora(folder: Path, name: str) -> LoraSource:
-    """Trainer adapters since FluxPipeline's layout carry the "transformer." prefix; older ones do not."""
     try:
-        keys = read_shapes(folder / name)
-    except Exception as e:  # noqa: BLE001 -- a corrupt header
-        raise SampleError(f"{folder / name}: not a readable safetensors file ({str(e).splitlines()[0]})") from e
-    prefixed = bool(keys) and all(k.startswith("transformer.") for k in keys)
-    return LoraSource("diffusers", folder, name, "transformer" if prefixed else None)
+        return safetensors_lora(folder, name)
+    except ValueError as e:
+        raise SampleError(str(e)) from None
 
 
 def base_mismatch(lora_info: dict, lora: str, target: str, identity: dict) -> str | None:

@@ -21,7 +21,8 @@ from shared.family import Family, family_of_model
 from shared.models import ModelLoadError, transformer_identity
 from shared.family import load_transformer, load_vae
 from shared.precision import DTYPE_ALIASES, resolve_dtype
-from shared.sampling import decode, denoise, fuse_lora_adapter, guided_batch, initial_noise
+from shared.adapters import merge_adapter
+from shared.sampling import decode, denoise, guided_batch, initial_noise
 from shared.text_batch import TEXT_PAD_MULTIPLE, PromptEncoding
 
 from shared import image_files as output
@@ -178,11 +179,7 @@ def load_sampling_transformer(src, lora, dtype, device, *, compile_blocks: bool 
     if lora is not None:
         # Merged: the loop then runs plain Linear layers (and compiles) as without an adapter.
         try:
-            if lora.kind == "peft":
-                from peft import PeftModel
-                model = PeftModel.from_pretrained(model, str(lora.folder), is_trainable=False).merge_and_unload()
-            else:
-                fuse_lora_adapter(model, str(lora.folder), lora.weight_name, prefix=lora.prefix)
+            model = merge_adapter(model, lora, src.family)
         except Exception as e:  # noqa: BLE001 -- an adapter for another model: one line, not a trace
             msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise SampleError(f"{lora.folder}: cannot apply the LoRA adapter ({msg})") from e

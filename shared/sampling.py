@@ -104,16 +104,16 @@ def decode(family: Family, vae, tokens: torch.Tensor, height_px: int, width_px: 
     return (image.permute(0, 2, 3, 1).float().cpu() * 255).round().to(torch.uint8)
 
 
-def fuse_lora_adapter(model, folder: str, weight_name: str, prefix: str | None) -> None:
+def fuse_lora_adapter(model, folder: str, weight_name: str, prefix: str | None, scale: float = 1.0) -> None:
     """Merge an adapter in diffusers' layout (the trainer's final/: keys under `prefix`, "transformer" in
     FluxPipeline's layout, None in older finals) into `model`'s weights, as flux-sample samples it:
     diffusers' loader, then fuse and drop the adapter layers, so the loop runs plain Linear layers (and
-    compiles) as without an adapter."""
-    from .peft_adapters import fuse_peft_adapter, read_adapter
+    compiles) as without an adapter. `scale` multiplies the adapter's delta (diffusers' lora_scale)."""
+    from .adapters import fuse_peft_adapter, read_adapter   # (adapters imports this module)
     state, config = read_adapter(f"{folder}/{weight_name}", prefix)
     if config.get("peft_type") == "LOHA":   # LoHa: diffusers' loader builds LoRA and LoKr configs only
-        fuse_peft_adapter(model, state, config)
+        fuse_peft_adapter(model, state, config, scale)
         return
     model.load_lora_adapter(folder, weight_name=weight_name, prefix=prefix, use_safetensors=True)
-    model.fuse_lora()
+    model.fuse_lora(lora_scale=scale)
     model.unload_lora()

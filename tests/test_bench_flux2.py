@@ -120,7 +120,7 @@ def test_real_rows_are_valid_trainer_configs_with_goals_of_real_rows(tmp_path):
             blocks[r["name"]] = cfg.run.offload_blocks
     assert blocks["dev LoRA: bf16 base, every block swapped"] == 8 + 48
     assert blocks["dev full 512px: adafactor in backward, every block swapped"] == 8 + 48
-    assert sum(r["est_s"] for r in rows) <= 25 * 60   # the device session's 30 minutes, its start-up included
+    assert max(r["est_s"] for r in rows) <= 9 * 60   # each row fits one 10-minute device call (--resume spans calls)
 
 
 @pytest.mark.parametrize("preset", ["flux2-klein-4b", "flux2-dev"])

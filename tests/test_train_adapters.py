@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from preprocess.cli import app as prep_app
 from sample.cli import app as sample_app
 from shared.family import load_transformer
-from shared.peft_adapters import peft_config_of, read_adapter
+from shared.adapters import peft_config_of, read_adapter
 from train.loop import Trainer
 
 PROMPT = "a red circle on a black background"

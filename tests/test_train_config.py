@@ -67,10 +67,10 @@ def test_bad_command_line_values_are_errors_naming_the_key(args, message):
     ("run: {max_steps: 1.5}", r"run.max_steps: .*fractional"),
     ("run: {max_steps: ten}", r"run.max_steps: .*integer"),
     ("run: {max_steps: 5, precison: bf16}", r"unknown config key 'run.precison'"),
-    ("flow: {sampler: gaussian}", r"flow.sampler: .*'uniform', 'logit_normal' or 'flux_shift'"),
+    ("flow: {sampler: gaussian}", r"flow.sampler: .*'uniform', 'logit_normal', 'flux_shift', 'sigmoid', 'shift' or 'mode'"),
     ("run: {precision: fp16}", r"run.precision: .*'auto', 'bf16', 'fp8' or 'no'"),
     ("data: {batch_size: [1, 2]}", r"data.batch_size: .*integer"),
-    ("data: {train_cache: [a]}", r"data.train_cache: .*string"),
+    ("data: {train_cache: [a]}", r"data.train_cache\[0\]: give \{cache"),   # a list holds {cache, weight}s
     ("optim: 3", r"optim: .*dictionary"),
     ("train: {run: {progress: sometimes}}", r"run.progress: .*boolean"),
 ])

@@ -115,6 +115,25 @@ def test_a_quantized_layer_under_autocast_computes_in_autocasts_dtype(kind):
     assert x.grad.dtype == torch.float32 and torch.allclose(x.grad, ref_x.grad, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("family", ["flux1", "flux2"])
+def test_a_quantized_base_quantizes_the_familys_large_layers_outside_the_blocks(family):
+    """FLUX.2's shared modulation layers and text embedder (0.8B of [dev]'s parameters) are quantized with the
+    blocks; the first and last layers stay bf16, and so does all of FLUX.1 outside its blocks."""
+    from shared.family import get_family
+    from shared.tiny_flux2 import _flux2_transformer
+    from train.model import place
+    fam = get_family(family)
+    model = (_flux2_transformer(0, guidance_embeds=True) if family == "flux2"
+             else build_transformer(ModelConfig(name="tiny"), seed=0, dtype=torch.float32))
+    model = model.to(torch.bfloat16).requires_grad_(False)
+    place(model, fam, "cpu", "int8")
+    outside = {n: type(m.weight).__name__ for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and n.split(".")[0] not in fam.block_lists}
+    quantized = {n for n, kind in outside.items() if kind == "Int8Tensor"}
+    assert quantized == {n for n in outside if n.split(".")[0] in fam.quantize_outside}
+    assert bool(quantized) == (family == "flux2") and not {"x_embedder", "proj_out"} & quantized
+
+
 def test_published_weights_load_straight_into_bf16(tiny_model):
     from shared.family import load_transformer
     fp32 = load_transformer(str(tiny_model), dtype=torch.float32).state_dict()
@@ -244,6 +263,29 @@ def test_block_swap_trains_exactly_as_without(case, caches, tmp_path):
     a, b = weights(plain), weights(swapped)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert seen and max(seen) <= 2
+
+
+# -- activation offload -----------------------------------------------------------------------
+
+def test_activation_offload_trains_exactly_as_without_and_moves_only_activations(caches, tmp_path, monkeypatch):
+    import train.activations
+    monkeypatch.setattr(train.activations, "MIN_BYTES", 1)   # the tiny model's block inputs are a few KiB
+    settings = {**LORA, "run.max_steps": 3, "optim.lr": 1e-2, "run.grad_checkpointing": True,
+                "run.deterministic": True}
+    plain = Trainer(tiny_config(tmp_path / "a", *caches, **settings))
+    plain.train()
+    offload = Trainer(tiny_config(tmp_path / "b", *caches, **settings, **{"run.offload_activations": True}))
+    model = offload.accelerator.unwrap_model(offload.model)
+    params = {p.data_ptr() for p in model.parameters()}
+    hooks, moved = offload.activation_offload, []
+    pack = hooks.pack
+    hooks.pack = lambda t: (moved.append(t.data_ptr()) if hooks.moves(t) else None) or pack(t)
+    offload.train()
+    assert losses(tmp_path / "b/run") == losses(tmp_path / "a/run")
+    a, b = weights(plain), weights(offload)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # with checkpointing a step saves little but each block's inputs; no weight is ever moved
+    assert moved and hooks.offloaded > 0 and not params & set(moved)
 
 
 # -- refusals ---------------------------------------------------------------------------------

@@ -22,7 +22,12 @@ from shared.params import ConfigError, build, choices, field_help, load_section,
 
 @dataclass
 class DataConfig:
-    train_cache: str = ""                 # cache folder (flux-prep encode's output), or its URL (s3://...)
+    # Cache folder (flux-prep encode's output), or its URL (s3://...). Or several caches mixed, each batch
+    # drawn whole from one by weight (seeded: the same mix on every run and resume): [{cache: A, weight: 0.7},
+    # {cache: B, weight: 0.3, loss_weight: 1.0}] (regularisation images, other resolutions or sources;
+    # loss_weight scales that cache's loss). Encoded alike (family, encoders, text mode and length), else
+    # refused. Needs run.max_steps (not run.epochs).
+    train_cache: str | list = ""
     val_cache: str | None = None          # held-out cache for the validation loss
     # fsspec options for the caches' file system (endpoint, credentials; else from the environment:
     # AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...). Their values are never written to config.json or logs.
@@ -78,9 +83,21 @@ class ScheduleConfig:
 
 @dataclass
 class FlowConfig:
-    sampler: Literal["uniform", "logit_normal", "flux_shift"] = "uniform"   # how each step draws t
+    # how each step draws t (0: data, 1: noise): uniform; logit_normal, sigmoid(N(logit_mean, logit_std)) as SD3;
+    # flux_shift, uniform through FLUX's time shift for the image's size; sigmoid, sigmoid(sigmoid_scale * N(0, 1))
+    # as kohya; shift, the sigmoid sampler's t through flow.shift's fixed shift; mode, SD3's mode sampling
+    sampler: Literal["uniform", "logit_normal", "flux_shift", "sigmoid", "shift", "mode"] = "uniform"
     logit_mean: float = 0.0               # logit_normal: the mean of logit(t)
     logit_std: float = 1.0                # logit_normal: the std of logit(t)
+    sigmoid_scale: float = 1.0            # sigmoid and shift: the std of logit(t) before the shift (kohya's)
+    shift: float = 3.0                    # shift: t -> shift*t / (1 + (shift-1)*t) (> 1: towards noise; SD3's 3)
+    mode_scale: float = 1.29              # mode: SD3's s, in [-1, 1.75] (> 0: more t mid-way; 0: uniform)
+    # each sample's loss times a weight of its t (SD3's, as diffusers' compute_loss_weighting_for_sd3):
+    # none; sigma_sqrt, 1/t^2 (t clamped at 1e-3); cosmap, 2 / (pi (1 - 2t + 2t^2)). The validation loss is unweighted
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    # weight each latent value's error by the image's loss mask (a cache encoded with flux-prep encode --masks),
+    # each sample's loss divided by its mask's mean: a full mask gives the plain loss
+    masked_loss: bool = False
     guidance_dropout: float = 0.1         # p of replacing the text (FLUX.1: T5 + CLIP) by the empty prompt's
     # joint: one coin per sample drops the text and the pooled vector together (p of both); independent
     # (FLUX.1 only: FLUX.2 has no pooled vector): a coin each, as
@@ -131,6 +148,10 @@ class RunConfig:
     # ahead of its use (frozen weights for LoRA; all of a block's weights with optim.in_backward).
     # Needs grad_checkpointing. On a CPU the copies go between host buffers (for tests).
     offload_blocks: int = 0
+    # Keep what the forward saves for the backward (with grad_checkpointing: each block's input tokens)
+    # in pinned host memory until the backward needs it: 3.2 GiB less for FLUX.2 [dev] at 1024px, at the
+    # cost of a copy out and back per block (train/activations.py)
+    offload_activations: bool = False
     compile: bool = False                 # torch.compile each repeated block
     # How trimmed text's padding is masked in attention: sdpa (a boolean mask; PyTorch picks the
     # memory-efficient kernel), flex (flex attention skipping padded blocks; CUDA), or auto (flex on
@@ -253,6 +274,10 @@ def load_config(config_path=None, overrides: list[tuple[str, object]] | dict | N
 def validate(cfg: TrainConfig) -> None:
     if not cfg.data.train_cache:
         raise ConfigError("data.train_cache is not set")
+    from .mix import parse_sources   # here: mix.py imports the data stream, which imports this module
+    if len(parse_sources(cfg.data.train_cache)) > 1 and cfg.run.epochs is not None:
+        raise ConfigError("run.epochs counts passes over one cache; with several data.train_cache sources "
+                          "(each turning over at its own pace) set run.max_steps instead")
     if "://" in cfg.run.output_dir:
         raise ConfigError(f"run.output_dir {cfg.run.output_dir!r}: the trainer writes to a local folder (only "
                           "caches may be remote)")
@@ -266,11 +291,23 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("data.val_noise_cache_mb must be at least 0 (0: draw the noise on each pass)")
     if not 0.0 <= cfg.flow.guidance_dropout <= 1.0:
         raise ConfigError("flow.guidance_dropout is a probability in [0, 1]")
+    validate_timesteps(cfg.flow)
     cfg.run.log_with = chosen_trackers(cfg.run)
     validate_memory_options(cfg)
     validate_base(cfg)
     from .adapters import validate_adapter   # here: adapters.py reads this module's types
     validate_adapter(cfg)
+
+
+def validate_timesteps(flow: FlowConfig) -> None:
+    """Refuse timestep settings that would draw t outside [0, 1], naming the key."""
+    from shared.schedules import MODE_SCALE_RANGE
+    if flow.shift <= 0:
+        raise ConfigError(f"flow.shift must be > 0 (1: no shift), not {flow.shift}")
+    lo, hi = MODE_SCALE_RANGE
+    if not lo <= flow.mode_scale <= hi:
+        raise ConfigError(f"flow.mode_scale {flow.mode_scale} is outside [{lo}, {hi:.4f}], where SD3's mode "
+                          "sampler stops mapping [0, 1] onto itself")
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")

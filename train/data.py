@@ -23,13 +23,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shared.cache import CacheError, CacheReader, check_text_mode
+from shared.cache.alt_captions import alt_name
 from shared.text_batch import TEXT_PAD_MULTIPLE, TextBatch, pad_and_mask
 
 from .config import DataConfig
 
 
 def open_cache(cache_dir, expected_text_mode: str | None = None, where: str = "cache",
-               latent_logvar: bool = False, storage_options: dict | None = None) -> CacheReader:
+               latent_logvar: bool = False, storage_options: dict | None = None, mask: bool = False) -> CacheReader:
     """Open a cache (a folder or a URL; `storage_options` for its file system) and refuse one of
     another schema version (read_manifest) or text mode, or one without the posterior's log-variance
     when `latent_logvar` (flow.latent: sample) needs it."""
@@ -38,6 +39,9 @@ def open_cache(cache_dir, expected_text_mode: str | None = None, where: str = "c
     if latent_logvar and "latent_logvar" not in reader.manifest["dtypes"]:
         raise CacheError(f"{where} {cache_dir} has no latent_logvar column, which flow.latent: sample needs "
                          "(the posterior's log-variance): encode with --store-logvar, or use flow.latent: mean")
+    if mask and "mask" not in reader.manifest["dtypes"]:
+        raise CacheError(f"{where} {cache_dir} has no loss masks, which flow.masked_loss: true needs: encode with "
+                         "--masks, or set flow.masked_loss false")
     return reader
 
 
@@ -90,6 +94,8 @@ class Sample:
     pooled: torch.Tensor | None
     text_len: int
     latent_logvar: torch.Tensor | None = None
+    mask: torch.Tensor | None = None             # [h, w], where the stream reads masks (flow.masked_loss)
+    alts: tuple = ()      # the row's other captions' (text, pooled, text_len), where the stream reads them
 
 
 @dataclass
@@ -132,6 +138,7 @@ class TrainBatch:
     text_mask: torch.Tensor | None = None       # [B, L] bool
     latent_logvar: torch.Tensor | None = None   # [B, C, h, w]
     pos: torch.Tensor | None = None             # [3] int64
+    mask: torch.Tensor | None = None            # [B, h, w]: the loss masks, where the stream reads them
 
     def text_batch(self) -> TextBatch:
         return TextBatch(self.text, self.pooled, self.text_mask)
@@ -167,8 +174,9 @@ def collate(items: list[Sample], text_mode: str) -> TrainBatch:
         first = items[0].text
         text, text_mask = pad_and_mask([it.text for it in items], TEXT_PAD_MULTIPLE,
                                        alloc=lambda shape: _batch_tensor(first, shape))
+    mask = _stack([it.mask for it in items]) if items[0].mask is not None else None
     return TrainBatch(key=key, latent=latent, text=text, pooled=pooled, text_len=text_len, text_mask=text_mask,
-                      latent_logvar=latent_logvar)
+                      latent_logvar=latent_logvar, mask=mask)
 
 
 class CacheStream(IterableDataset):
@@ -180,8 +188,11 @@ class CacheStream(IterableDataset):
 
     def __init__(self, cache_dir, *, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle_buffer: int = 256, expected_text_mode: str | None = None, position: dict | None = None,
-                 latent_logvar: bool = False, storage_options: dict | None = None, read_ahead: int = 2):
-        self.reader = open_cache(cache_dir, expected_text_mode, "training cache", latent_logvar, storage_options)
+                 latent_logvar: bool = False, storage_options: dict | None = None, read_ahead: int = 2,
+                 mask: bool = False):
+        self.reader = open_cache(cache_dir, expected_text_mode, "training cache", latent_logvar, storage_options,
+                                 mask)
+        self.mask = mask
         self.read_ahead = read_ahead
         self.latent_logvar = latent_logvar
         self.text_mode = self.reader.text_mode
@@ -223,7 +234,8 @@ class CacheStream(IterableDataset):
         if self.latent_logvar and rg.get("latent_logvar") is None:
             raise CacheError(f"{self.reader.url_of(shard)}: row group {unit[1]} has no latent_logvar values")
         return [StreamItem(unit, i, (int(rg["latent_h"][i]), int(rg["latent_w"][i])),
-                           _sample(rg, i, self.reader.family.text, self.latent_logvar)) for i in range(len(rg["key"]))]
+                           _sample(rg, i, self.reader.family.text, self.latent_logvar, self.mask, alts=True))
+                for i in range(len(rg["key"]))]
 
     def _materialize(self, items: list[StreamItem]) -> None:
         """Read the tensors of items that were replayed light (after a resume)."""
@@ -302,7 +314,8 @@ class CacheStream(IterableDataset):
         slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
         while True:
             for index, items in self.epoch_batches(epoch, slot, num_slots, skip):
-                batch = collate([it.sample for it in items], self.text_mode)
+                samples = pick_captions([it.sample for it in items], (self.seed, epoch, slot, index))
+                batch = collate(samples, self.text_mode)
                 batch.pos = torch.tensor([worker, epoch, index], dtype=torch.int64)
                 yield batch
             epoch, skip = epoch + 1, 0
@@ -320,13 +333,39 @@ def fill_batch(items: list, batch_size: int) -> list:
     return [items[i % len(items)] for i in range(max(batch_size, len(items)))]
 
 
-def _sample(rg: dict, i: int, spec, latent_logvar: bool = False) -> Sample:
+def _sample(rg: dict, i: int, spec, latent_logvar: bool = False, mask: bool = False, alts: bool = False) -> Sample:
+    """Row i of a row group; `alts`: with its other captions (a training stream's; validation takes the first)."""
     # Clones: a view would keep its whole row group alive while the sample waits in the buffer.
     def pick(x):
         return x[i].clone()
+    others = ()
+    if alts and alt_name(spec.states) in rg:
+        others = tuple((t.clone(), rg[alt_name(spec.pooled)][i][j].clone() if spec.pooled else None, int(n))
+                       for j, (t, n) in enumerate(zip(rg[alt_name(spec.states)][i], rg[alt_name(spec.length)][i])))
     return Sample(key=rg["key"][i], latent=pick(rg["latent"]), text=pick(rg[spec.states]),
                   pooled=pick(rg[spec.pooled]) if spec.pooled else None, text_len=int(rg[spec.length][i]),
-                  latent_logvar=pick(rg["latent_logvar"]) if latent_logvar else None)
+                  latent_logvar=pick(rg["latent_logvar"]) if latent_logvar else None,
+                  mask=pick(rg["mask"]) if mask else None, alts=others)
+
+
+# The caption draws' own stream of a batch's generator (the shuffle buffer's is 1).
+CAPTION_STREAM = 2
+
+
+def pick_captions(samples: list[Sample], place: tuple) -> list[Sample]:
+    """One caption per sample of a batch, uniform over its row's captions (the cached first and its
+    `alts`), from a generator seeded by the batch's place in the stream (seed, epoch, slot, index): a
+    resumed run, which replays the stream to that place, draws what the interrupted one drew. A batch of
+    rows of one caption draws nothing and is returned as it came."""
+    if not any(s.alts for s in samples):
+        return samples
+    rng = np.random.default_rng([*place, CAPTION_STREAM])
+    out = []
+    for s in samples:
+        j = int(rng.integers(1 + len(s.alts)))
+        out.append(s if j == 0 else replace(s, text=s.alts[j - 1][0], pooled=s.alts[j - 1][1],
+                                            text_len=s.alts[j - 1][2]))
+    return out
 
 
 class StreamPosition:
@@ -354,6 +393,9 @@ class StreamPosition:
                 "workers": dict(self.workers), "next_worker": self.next_worker, "samples": self.samples}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("sources"):
+            raise CacheError("the checkpoint's data position is of several training caches (a list in "
+                             "data.train_cache); resume with the same list")
         if state.get("world_size", self.world_size) != self.world_size:
             raise CacheError(f"the checkpoint's data position was saved by {state['world_size']} processes, "
                              f"this run has {self.world_size}; resume with the same number")

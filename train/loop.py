@@ -2,6 +2,7 @@
 validation, checkpoints, metrics. Reads only the cache; writes only under run.output_dir."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
 import time
@@ -16,10 +17,12 @@ from shared.quiet import silence_progress_bars
 from shared.render_tools import render_fields
 
 from . import checkpoint as ckpt
+from .activations import ActivationOffload
+from .adapters import adapter_label
 from .config import TrainConfig
 from .data import (CacheStream, StreamPosition, TrainBatch, open_cache, open_validation_cache, train_loader,
                    usable_workers, vae_facts, validation_batches)
-from .adapters import adapter_label
+from .mix import MixedPosition, MixedStream, check_alike, loss_weight, parse_sources
 from .fsdp import autocast_forward, cast_inputs_on_recompute, keep_lora_dtypes, micro_batch_sync
 from .launch import (LogWindow, StopRequest, TrainingInterrupted, check_launch, lr_factor, make_accelerator,
                      total_steps)
@@ -63,6 +66,9 @@ class Trainer:
         # The fixed validation noise, drawn on the first pass and reused (the same values).
         self.val_noise = ValidationNoise(cfg.data.val_noise_cache_mb << 20)
         self.samples = TrainingSamples(self)   # run.sample_every 0: nothing loaded
+        # On a CPU the "host" copies are host copies, as block swap's: the same logic, for tests.
+        self.activation_offload = (ActivationOffload(devices=(self.device.type,)) if cfg.run.offload_activations
+                                   else contextlib.nullcontext)
 
     def _start_runtime(self) -> None:
         """Determinism, the accelerator and its device, the global seed, the attention kernels."""
@@ -82,22 +88,27 @@ class Trainer:
     def _open_caches(self) -> dict:
         """The training cache and the held-out one, checked against the config; returns the VAE's facts."""
         data = self.cfg.data
-        self.train_reader = open_cache(data.train_cache, data.expected_text_mode, "training cache",
-                                       latent_logvar=self.cfg.flow.latent == "sample",
-                                       storage_options=data.storage_options)
+        self.sources = parse_sources(data.train_cache)   # one cache, or several mixed (mix.py)
+        self.train_readers = [open_cache(s.cache, data.expected_text_mode, "training cache",
+                                         latent_logvar=self.cfg.flow.latent == "sample",
+                                         storage_options=data.storage_options, mask=self.cfg.flow.masked_loss)
+                              for s in self.sources]
+        check_alike(self.train_readers, self.sources)
+        self.train_reader = self.train_readers[0]
         self.val_reader = None
         if data.val_cache:
             self.val_reader = open_validation_cache(data.val_cache, self.train_reader, data.storage_options)
-        return vae_facts(self.train_reader, f"training cache {data.train_cache}")
+        return vae_facts(self.train_reader, f"training cache {self.sources[0].cache}")
 
     def _make_data_slots(self) -> None:
         """DataLoader workers, the stream position, and one noise generator per data slot."""
         cfg, acc = self.cfg, self.accelerator
-        self.num_workers = usable_workers(self.train_reader, cfg.data.num_workers, acc.num_processes)
+        self.num_workers = min(usable_workers(r, cfg.data.num_workers, acc.num_processes) for r in self.train_readers)
         if self.num_workers < cfg.data.num_workers:
             acc.print(f"the training cache has too few row groups for data.num_workers {cfg.data.num_workers} "
                       f"per process: using {self.num_workers}")
-        self.position = StreamPosition(self.num_workers, acc.num_processes)
+        self.position = (StreamPosition(self.num_workers, acc.num_processes) if len(self.sources) == 1 else
+                         MixedPosition(self.num_workers, acc.num_processes, len(self.sources)))
         # One noise generator per data slot (rank x DataLoader worker, data.py): a batch's draws follow the
         # slot it came from, so N processes draw what one process with N workers and N accumulation steps does.
         workers = max(1, self.num_workers)
@@ -377,7 +388,10 @@ class Trainer:
         acc = self.accelerator
         with micro_batch_sync(acc, self.model, last):
             generator = self.generators[int(batch.pos[0])]   # the batch's DataLoader worker
-            loss = training_loss(self.model, batch, self.settings, generator, self.empty)
+            with self.activation_offload():
+                loss = training_loss(self.model, batch, self.settings, generator, self.empty)
+            if len(self.sources) > 1:
+                loss = loss * loss_weight(batch, self.sources)
             acc.backward(loss / self.cfg.run.grad_accum)
         return loss
 
@@ -397,12 +411,16 @@ class Trainer:
         """The training stream from the current position, its shards' footers read before step 1
         (a damaged shard stops the run here)."""
         cfg, acc = self.cfg, self.accelerator
-        stream = CacheStream(cfg.data.train_cache, batch_size=cfg.data.batch_size, seed=cfg.run.seed,
-                             rank=acc.process_index, world_size=acc.num_processes,
-                             shuffle_buffer=cfg.data.shuffle_buffer, expected_text_mode=cfg.data.expected_text_mode,
-                             position=self.position.state_dict() if self.position.workers else None,
-                             latent_logvar=cfg.flow.latent == "sample", storage_options=cfg.data.storage_options)
-        stream.row_groups()
+        position = self.position.state_dict() if self.position.workers else None
+        streams = [CacheStream(s.cache, batch_size=cfg.data.batch_size, seed=cfg.run.seed,
+                               rank=acc.process_index, world_size=acc.num_processes,
+                               shuffle_buffer=cfg.data.shuffle_buffer, expected_text_mode=cfg.data.expected_text_mode,
+                               position=position, latent_logvar=cfg.flow.latent == "sample",
+                               storage_options=cfg.data.storage_options, mask=cfg.flow.masked_loss)
+                   for s in self.sources]
+        for s in streams:
+            s.row_groups()
+        stream = streams[0] if len(streams) == 1 else MixedStream(streams, [s.weight for s in self.sources], position)
         loader = train_loader(stream, self.num_workers, pin_memory=self.device.type == "cuda",
                               prefetch_factor=cfg.data.prefetch_factor)
         return iter(loader)

@@ -89,11 +89,14 @@ def weights_dtype(cfg: TrainConfig) -> torch.dtype:
 
 def place(model, family: Family, device, quantize_base: str = "none", host_blocks=()) -> None:
     """Move the model to `device` one block at a time, quantizing each block as it arrives, so that
-    weights loaded on the host never exist whole on the device in bf16. Blocks whose index is in
-    `host_blocks` stay where they are (the BlockOffloader takes them)."""
+    weights loaded on the host never exist whole on the device in bf16 (and the family's large layers outside
+    the blocks, family.quantize_outside, with them). Blocks whose index is in `host_blocks` stay where they
+    are (the BlockOffloader takes them)."""
     for name, child in model.named_children():
         if name not in family.block_lists:
             child.to(device)
+            if quantize_base != "none" and name in family.quantize_outside:
+                quantize_block(child, quantize_base)
     for i, block in enumerate(family.blocks(model)):
         if i in host_blocks:
             continue

@@ -1,8 +1,9 @@
 """LoRA's frozen base, quantized (model.quantize_base): every linear layer inside the transformer
 blocks, the norms' modulation layers included, stored in 8 bits (float8 or int8, weight-only, one
 scale per output row) or in 4 (NF4, QLoRA's format), all by torchao. Each matmul dequantizes its
-weight to bf16; peft's LoRA layers train in fp32 on top. The embedders, the final norm and the
-output layer stay bf16 (they are a few MB)."""
+weight to bf16; peft's LoRA layers train in fp32 on top. Outside the blocks, the layers a family names
+(Family.quantize_outside: FLUX.2's shared modulation layers and text embedder, up to 1.4 GiB in bf16) are
+quantized too; the rest (FLUX.1's embedders and final norm, a few MB; every first and last layer) stays bf16."""
 from __future__ import annotations
 
 import math
@@ -25,7 +26,7 @@ def _torchao():
 
 
 def quantize_block(block: torch.nn.Module, kind: str) -> int:
-    """Quantize the linear layers of one transformer block in place; return how many."""
+    """Quantize the linear layers of one transformer block (or other module) in place; return how many."""
     tq = _torchao()
     linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
     if kind == "nf4":

@@ -14,7 +14,7 @@ import torch
 
 from shared.family import Family
 from shared.latents import sample_posterior
-from shared.schedules import sample_timesteps, validation_timesteps
+from shared.schedules import loss_weights, sample_timesteps, validation_timesteps
 from shared.text_batch import TextBatch, pad_text
 
 from .data import TrainBatch, sample_seed
@@ -27,6 +27,10 @@ class StepSettings:
     sampler: str = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    sigmoid_scale: float = 1.0
+    shift: float = 3.0
+    mode_scale: float = 1.29
+    loss_weighting: str = "none"         # SD3's per-sample weight of t (shared/schedules.loss_weights)
     guidance_dropout: float = 0.0
     dropout_mode: str = "joint"          # joint: one coin drops text and pooled vector; independent: a coin each
     latent: str = "mean"                 # mean: the posterior mean; sample: a sample of the posterior
@@ -37,7 +41,8 @@ class StepSettings:
     def from_config(cls, flow, family: Family, vae: dict, **kw) -> "StepSettings":
         """From the config's flow section (FlowConfig), the cache's family and VAE facts."""
         return cls(family=family, vae=vae, sampler=flow.sampler, logit_mean=flow.logit_mean,
-                   logit_std=flow.logit_std, guidance_dropout=flow.guidance_dropout,
+                   logit_std=flow.logit_std, sigmoid_scale=flow.sigmoid_scale, shift=flow.shift,
+                   mode_scale=flow.mode_scale, loss_weighting=flow.loss_weighting, guidance_dropout=flow.guidance_dropout,
                    dropout_mode=flow.guidance_dropout_mode, latent=flow.latent, **kw)
 
     def x0_shape(self, latent_shape) -> tuple:
@@ -78,9 +83,10 @@ def drop_text(batch: TrainBatch, empty: EmptyPrompt, drop: torch.Tensor,
 
 
 def flow_matching_loss(model, latent: torch.Tensor, text: TextBatch, t: torch.Tensor, noise: torch.Tensor,
-                       settings: StepSettings) -> torch.Tensor:
+                       settings: StepSettings, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample loss [B] (float32) for given timesteps and noise (x0-shaped); `latent` is the VAE
-    posterior's mean or a sample of it, before the family's normalisation."""
+    posterior's mean or a sample of it, before the family's normalisation; `mask` [B, h, w] the loss masks
+    (masked_mean)."""
     family = settings.family
     h, w = latent.shape[-2:]
     x0 = family.to_x0(latent, settings.vae)
@@ -89,7 +95,17 @@ def flow_matching_loss(model, latent: torch.Tensor, text: TextBatch, t: torch.Te
     target = family.pack(noise - x0)
     text = TextBatch(text.states.float(), None if text.pooled is None else text.pooled.float(), text.mask)
     pred = family.predict(model, family.pack(x_t), t, text, h, w, settings.guidance, settings.flex_mask)
-    return (pred.float() - target).pow(2).mean(dim=(1, 2))
+    error = (pred.float() - target).pow(2)
+    if mask is None:
+        return error.mean(dim=(1, 2))
+    return masked_mean(error, family.mask_tokens(mask.to(error.device, torch.float32), latent.shape[1]))
+
+
+def masked_mean(error: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean of `error` [B, N, D] weighted by `weights` (the mask, laid out as the tokens), over the
+    mean weight: an all-ones mask gives error.mean exactly (the same products, sums and a division by 1.0);
+    an all-zero one gives 0."""
+    return (weights * error).mean(dim=(1, 2)) / weights.mean(dim=(1, 2)).clamp(min=1e-12)
 
 
 def draw(batch: TrainBatch, settings: StepSettings, generator: torch.Generator) -> dict:
@@ -102,7 +118,8 @@ def draw(batch: TrainBatch, settings: StepSettings, generator: torch.Generator) 
     latent = batch.latent
     b, _, h, w = latent.shape
     t = sample_timesteps(settings.sampler, b, generator=generator, image_seq_len=settings.family.image_tokens(h, w),
-                         mean=settings.logit_mean, std=settings.logit_std, device=latent.device)
+                         mean=settings.logit_mean, std=settings.logit_std, scale=settings.sigmoid_scale,
+                         shift=settings.shift, mode_scale=settings.mode_scale, device=latent.device)
     noise = torch.randn((b, *settings.x0_shape(latent.shape[1:])), generator=generator, device=latent.device,
                         dtype=torch.float32)
     drop_text_ = torch.rand(b, generator=generator, device=latent.device) < settings.guidance_dropout
@@ -124,7 +141,10 @@ def training_loss(model, batch: TrainBatch, settings: StepSettings, generator: t
     else:
         text = batch.text_batch()
     latent = r.get("latent", batch.latent)
-    return flow_matching_loss(model, latent, text, r["t"], r["noise"], settings).mean()
+    loss = flow_matching_loss(model, latent, text, r["t"], r["noise"], settings, batch.mask)
+    if settings.loss_weighting != "none":   # none leaves the loss's arithmetic as it always was
+        loss = loss * loss_weights(settings.loss_weighting, r["t"]).to(loss.device)
+    return loss.mean()
 
 
 def validation_noise(keys: list[str], shape: tuple, i: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from .alt_captions import alt_name, decode_alt
 from .fetch import RowGroupFetcher, read_remote_footer
 from .manifest import CacheError, read_manifest
 from .schema import EMPTY_PROMPT_NAME, SCHEMA_VERSION, array_to_tensor, numpy_dtype
@@ -52,7 +53,8 @@ def decode_table(table: pa.Table, manifest: dict) -> dict:
 
     latent: [N, C, h, w] or a list of [C, h, w]; the text states (FLUX.1's "t5"): [N, L, D] (padded) or a
     list of [len_i, D] (trimmed); a pooled vector ("clip"): [N, D]; the text length ("t5_len"), latent_h/w,
-    width, height: int64 tensors."""
+    width, height: int64 tensors. A shard with rows of several captions adds their list columns
+    (alt_captions.decode_alt: `caption_alt`, `t5_alt`, ...: per-row lists)."""
     from ..family import family_of_manifest
     spec = family_of_manifest(manifest).text
     dims, dtypes = manifest["dims"], manifest["dtypes"]
@@ -83,9 +85,16 @@ def decode_table(table: pa.Table, manifest: dict) -> dict:
         "width": torch.from_numpy(table.column("width").to_numpy().astype(np.int64)),
         "height": torch.from_numpy(table.column("height").to_numpy().astype(np.int64)),
     })
+    if "mask" in table.column_names:   # the loss mask [h, w] (encode --masks)
+        out["mask"] = decode_binary_column(table.column("mask"), dtypes["mask"], [sh[1:] for sh in latent_shapes])
     if "latent_logvar" in table.column_names:
         out["latent_logvar"] = decode_binary_column(
             table.column("latent_logvar"), dtypes.get("latent_logvar", dtypes["latent"]), latent_shapes)
+    if alt_name(spec.states) in table.column_names:   # a shard with rows of several captions
+        padded = text["mode"] == "padded"
+        out.update(decode_alt(table, spec, lambda n: (text["max_length"] if padded else n, states_dim),
+                              decode_binary_column, dtypes,
+                              dims[spec.dim_keys()[spec.pooled]] if spec.pooled else None))
     return out
 
 

@@ -15,9 +15,12 @@ EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
 SHARD_SUFFIX = ".parquet"
 
 
-def arrow_schema(text) -> pa.Schema:
+def arrow_schema(text, mask: bool = False, alt: bool = False) -> pa.Schema:
     """The shards' columns for a family's text columns (`text`: its TextSpec). FLUX.1's: key, caption,
-    latent, latent_logvar, latent_h, latent_w, t5, t5_len, clip, width, height."""
+    latent, latent_logvar, latent_h, latent_w, t5, t5_len, clip, width, height; then the loss mask
+    [latent_h, latent_w] of a cache encoded with masks (`mask`: dtypes has "mask"); then, `alt`: in a shard
+    holding rows of several captions, their list columns (alt_captions.py)."""
+    from .alt_captions import alt_fields
     return pa.schema([
         pa.field("key", pa.string(), nullable=False),
         pa.field("caption", pa.string(), nullable=False),
@@ -30,6 +33,8 @@ def arrow_schema(text) -> pa.Schema:
         *([pa.field(text.pooled, pa.binary(), nullable=False)] if text.pooled else []),
         pa.field("width", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
+        *([pa.field("mask", pa.binary(), nullable=False)] if mask else []),
+        *(alt_fields(text) if alt else []),
     ])
 
 

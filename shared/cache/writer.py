@@ -8,12 +8,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from .alt_captions import alt_text_columns, build_alt_columns
 from .schema import _BITS_DTYPES, SCHEMA_VERSION, SHARD_SUFFIX, arrow_schema, torch_dtype
 from .store import open_store
 
 # Tensor bytes barely compress (bf16 noise-like values) and compression costs read speed;
 # the string columns compress well.
-_COMPRESSION = {"key": "zstd", "caption": "zstd"}
+_COMPRESSION = {"key": "zstd", "caption": "zstd", "caption_alt": "zstd"}
 
 
 @dataclass
@@ -43,7 +44,8 @@ class CacheWriter:
         if rows_per_shard < 1 or row_group_rows < 1:
             raise ValueError("rows_per_shard and row_group_rows must be positive")
         self.text = text
-        self.schema = arrow_schema(text)
+        self.alt = False             # whether the shards now written have the other captions' list columns
+        self.schema = arrow_schema(text, mask="mask" in dtypes)
         self.store = open_store(out_dir)
         self.store.makedirs()
         self.prefix = prefix
@@ -71,20 +73,28 @@ class CacheWriter:
                        **{name: [value] for name, value in text.items()})
 
     def add_batch(self, *, keys: list[str], captions: list[str], latent, widths, heights, latent_logvar=None,
-                  copy: bool = True, **text) -> None:
+                  copy: bool = True, mask=None, alt_captions: list[list[str]] | None = None, **text) -> None:
         """Add B samples at once: the same rows, row groups and shards as B `add` calls, at a
         fraction of the cost (each tensor column is copied once, into one buffer, per batch).
 
         Tensor arguments are a batch tensor ([B, C, h, w], [B, L, D], [B, D]) or a list of B
         per-row tensors ([C, h, w], [L_i, D], [D]); the text length, `widths`, `heights` are B ints.
-        `text`: the family's text columns by name. `copy=False`: CPU batch tensors already in the storage
+        `text`: the family's text columns by name; `mask` ([B, h, w] or B [h, w]) exactly when the cache has
+        masks (dtypes has "mask"). `copy=False`: CPU batch tensors already in the storage
         dtype are referenced, not copied, until their row group is written; the caller must not change them
         (the encoder hands over fresh host copies, 2 MB a row at padded-256: the copy was a fifth of the
-        writer's time)."""
+        writer's time).
+
+        `alt_captions`: each row's other captions, and in `text` their columns (`t5_alt`, `t5_len_alt`,
+        `clip_alt`: B per-row lists); the first row with one ends the open shard, and the shards after it
+        have the list columns (alt_captions.py), so a cache without one is as before."""
         spec, n = self.text, len(keys)
         expected = {spec.states, spec.length} | ({spec.pooled} if spec.pooled else set())
+        alt = {k: text.pop(k) for k in alt_text_columns(spec) if k in text}
         if set(text) != expected:
             raise ValueError(f"add_batch: text columns {sorted(text)}, the cache's are {sorted(expected)}")
+        if (mask is None) == ("mask" in self.dtypes):
+            raise ValueError("add_batch: a cache with masks needs a mask per row, one without takes none")
         if n == 0:
             return
         states = text[spec.states]
@@ -94,7 +104,9 @@ class CacheWriter:
                 self.add_batch(keys=keys[part], captions=captions[part], latent=latent[part], widths=widths[part],
                                heights=heights[part], copy=copy,
                                latent_logvar=None if latent_logvar is None else latent_logvar[part],
-                               **{name: value[part] for name, value in text.items()})
+                               mask=None if mask is None else mask[part],
+                               alt_captions=None if alt_captions is None else alt_captions[part],
+                               **{name: value[part] for name, value in {**text, **alt}.items()})
             return
         if not all(len(c) == n for c in (captions, latent, widths, heights, *text.values())) \
                 or (latent_logvar is not None and len(latent_logvar) != n):
@@ -113,6 +125,11 @@ class CacheWriter:
             else:
                 columns[c], nbytes = _binary_column(values, self.dtypes.get(c, lat_dtype), copy)
                 row_bytes += nbytes
+        if mask is not None:
+            if [tuple(m.shape) for m in mask] != [sh[1:] for sh in lat_shapes]:
+                raise ValueError(f"masks in batch starting {keys[0]!r} are not their latents' height x width")
+            columns["mask"], nbytes = _binary_column(mask, self.dtypes["mask"], copy)
+            row_bytes += nbytes
         columns.update({
             "key": pa.array(keys, pa.string()), "caption": pa.array(captions, pa.string()),
             "latent_h": pa.array([sh[1] for sh in lat_shapes], pa.int16()),
@@ -120,6 +137,14 @@ class CacheWriter:
             spec.length: pa.array([int(x) for x in text[spec.length]], pa.int16()),
             "width": pa.array([int(x) for x in widths], pa.int32()),
             "height": pa.array([int(x) for x in heights], pa.int32())})
+        if alt_captions is not None and any(alt_captions) and not self.alt:
+            self._finish_shard()
+            self.alt, self.schema = True, arrow_schema(spec, mask="mask" in self.dtypes, alt=True)
+        if self.alt:
+            alt_columns, alt_bytes = build_alt_columns(spec, n, alt_captions, alt, self.dtypes,
+                                                       lambda ts, dt: _binary_column(ts, dt, copy))
+            columns.update(alt_columns)
+            row_bytes += alt_bytes
         batch = pa.RecordBatch.from_arrays([columns[name] for name in self.schema.names], schema=self.schema)
         self._add_record_batch(batch, np.cumsum(row_bytes))
 

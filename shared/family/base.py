@@ -54,6 +54,9 @@ class Family:
     block_lists = ("transformer_blocks", "single_transformer_blocks")
     default_lora_targets: str
     float8_keep: tuple[str, ...] = ("x_embedder", "proj_out")   # first and last layers stay bf16
+    # Modules outside the blocks that a quantized base (model.quantize_base) quantizes too: those large enough
+    # to matter (FLUX.1's are about 50M parameters, left bf16; FLUX.2's shared modulation layers are 0.3-0.8B)
+    quantize_outside: tuple[str, ...] = ()
     vae_fact_keys: tuple[str, ...] = ()        # what vae_facts records, all of which to_x0 needs
     manifest_facts: tuple[str, ...] = ()       # the text encoder's facts the manifest records (compared on a rerun)
     settings_only: tuple[str, ...] = ()        # its facts the encode settings record, not compared
@@ -103,6 +106,11 @@ class Family:
     def unpack(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Tokens [B, N, D] of an h x w latent (the VAE's size) -> x0-shaped [B, ...]."""
         raise NotImplementedError
+
+    def mask_tokens(self, mask: torch.Tensor, channels: int) -> torch.Tensor:
+        """A loss mask at latent resolution [B, h, w] -> [B, N, D], laid out as `pack(x0)`: each token value
+        weighted by the mask of the latent cell it came from (a latent of `channels` channels)."""
+        return self.pack(mask[:, None].expand(-1, channels, -1, -1))
 
     def image_tokens(self, h: int, w: int) -> int:
         """Image tokens of an h x w latent: 2x2 patches in every FLUX."""

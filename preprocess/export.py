@@ -132,8 +132,9 @@ def _export_lora(src: Final, fmt: str, output: Path, dtype: str | None) -> None:
         _export_lycoris(src, adapter, config, output, dtype)
         return
     if config.get("use_dora"):
-        raise ExportError(f"{src.folder}: a DoRA adapter (lora.dora) has no exact form in kohya's LoRA file: ComfyUI "
-                          "normalises DoRA's weights otherwise than peft trained them; export it with --format diffusers")
+        raise ExportError(f"{src.folder}: a DoRA adapter (lora.dora) has no exact form in kohya's LoRA file (ComfyUI "
+                          "divides by the base weight's norm, peft's DoRA by the adapted weight's): export it with "
+                          "--format diffusers")
     rank, alpha = int(config["r"]), float(config.get("lora_alpha") or config["r"])
     try:
         kohya = src.family.bfl_lora().peft_to_kohya(adapter, rank, alpha)

@@ -129,6 +129,14 @@ def test_adapter_trains_resumes_samples_and_exports(kind, family, encoded, tmp_p
     theirs = merged.state_dict()
     assert all(torch.allclose(v, theirs[k], atol=1e-6) for k, v in ours.state_dict().items())
     assert any(d.abs().max() > 1e-3 for d in deltas.values())   # it trained: the checks can fail
+    if kind != "dora":   # `lora merge --scale 0.5` (shared/adapters.py): half of peft's delta (DoRA's is not linear)
+        from shared.adapters import merge_adapter, safetensors_lora
+        from shared.family import get_family
+        base = load_transformer(str(model), torch.float32, part="transformer")
+        before = {n: m.weight.detach().clone() for n, m in base.named_modules() if n in deltas}
+        half = merge_adapter(base, safetensors_lora(final, "pytorch_lora_weights.safetensors"), get_family(family), 0.5)
+        after = dict(half.named_modules())
+        assert all(torch.allclose(after[n].weight - before[n], 0.5 * d, atol=1e-6) for n, d in deltas.items())
 
     file = tmp_path / "adapter.safetensors"
     if kind == "dora":

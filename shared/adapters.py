@@ -80,12 +80,13 @@ def _scale_layers(model, scale: float) -> None:
 LORA_METADATA = "lora_adapter_metadata"   # diffusers' metadata key for the adapter's peft config
 
 
-def read_adapter(path, prefix: str | None = LORA_PREFIX) -> tuple[dict, dict]:
-    """(peft's state dict without `prefix`, its peft config ({} when the file has none: older finals))."""
+def read_adapter(path, prefix: str | None = LORA_PREFIX, tensors: bool = True) -> tuple[dict, dict]:
+    """(peft's state dict without `prefix` ({} unless `tensors`), its peft config ({} when the file has none:
+    older finals))."""
     from safetensors import safe_open
     lead = f"{prefix}." if prefix else ""
     with safe_open(str(path), framework="pt") as f:
-        state = {k.removeprefix(lead): f.get_tensor(k) for k in f.keys()}
+        state = {k.removeprefix(lead): f.get_tensor(k) for k in f.keys()} if tensors else {}
         meta = f.metadata() or {}
     config = json.loads(meta[LORA_METADATA]) if LORA_METADATA in meta else {}
     return state, {k.removeprefix(lead): v for k, v in config.items()}

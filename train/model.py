@@ -263,7 +263,8 @@ def load_lora_state_dict(model, state: dict) -> None:
     result = set_peft_model_state_dict(model, state)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
-        raise ModelLoadError(f"checkpoint adapter has unexpected keys: {unexpected[:3]}")
+        raise ModelLoadError(f"checkpoint adapter has unexpected keys: {unexpected[:3]} (an adapter of another "
+                             "lora.kind, lora.dora or lora.targets than this run's?)")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

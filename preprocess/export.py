@@ -4,7 +4,8 @@
                 shared/bfl*.py): the whole transformer (what ComfyUI's diffusion-model loader and BFL's own
                 code read), or a LoRA in kohya's names (what ComfyUI, Forge, sd-scripts and musubi-tuner
                 load; the family's diffusers pipeline reads it too). The two names give the same file:
-                ComfyUI reads BFL's layout.
+                ComfyUI reads BFL's layout. A LoKr or LoHa adapter (lora.kind) is written in LyCORIS's
+                layout instead (shared/lycoris.py), which ComfyUI loads too; DoRA exports as diffusers only.
   diffusers     a folder: the transformer (its class's from_pretrained), or the LoRA in the layout of the
                 family's pipeline (FluxPipeline / Flux2KleinPipeline.load_lora_weights), an older final/'s
                 unprefixed keys given the "transformer." prefix.
@@ -24,14 +25,15 @@ import torch
 
 from shared.cache.files import commit_file
 from shared.family import Family, family_of_transformer, get_family
+from shared.adapters import LORA_METADATA
 from shared.run_files import (LORA_PREFIX, LORA_WEIGHTS, TRAINING_INFO, TRANSFORMER_WEIGHTS, read_training_info,
                               write_lora_weights)
 from shared.safetensors_order import canonicalize_file
 
 FORMATS = ("comfyui", "bfl", "diffusers")
 DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
-LORA_FILE, TRANSFORMER_FILE, PREFIX = LORA_WEIGHTS, TRANSFORMER_WEIGHTS, f"{LORA_PREFIX}."
-LORA_METADATA = "lora_adapter_metadata"   # diffusers' key for the adapter's peft config
+LORA_FILE, TRANSFORMER_FILE = LORA_WEIGHTS, TRANSFORMER_WEIGHTS
+LYCORIS_KINDS = {"LOKR": "lokr", "LOHA": "loha"}   # peft_type -> LyCORIS's algo name (shared/lycoris.py)
 
 
 class ExportError(Exception):
@@ -108,13 +110,10 @@ def modelspec(src: Final, output: Path, lora: bool) -> dict:
 
 def read_lora(folder: Path) -> tuple[dict, dict]:
     """(peft's state dict without prefix, the adapter's peft config) of a trainer's LoRA file, either layout."""
-    from safetensors import safe_open
-    with safe_open(str(folder / LORA_FILE), framework="pt") as f:
-        state = {k.removeprefix(PREFIX): f.get_tensor(k) for k in f.keys()}
-        meta = f.metadata() or {}
-    if LORA_METADATA not in meta:
+    from shared.adapters import read_adapter
+    state, config = read_adapter(folder / LORA_FILE, LORA_PREFIX)
+    if not config:
         raise ExportError(f"{folder / LORA_FILE}: no {LORA_METADATA} (the adapter's rank and alpha)")
-    config = {k.removeprefix(PREFIX): v for k, v in json.loads(meta[LORA_METADATA]).items()}
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise ExportError(f"{folder / LORA_FILE}: per-layer ranks or alphas are not exported")
     return state, config
@@ -127,6 +126,13 @@ def _export_lora(src: Final, fmt: str, output: Path, dtype: str | None) -> None:
             write_lora_weights(src.family, tmp, cast(adapter, dtype), config)
         _write_folder(output, src, write)
         return
+    if config.get("peft_type") in LYCORIS_KINDS:
+        _export_lycoris(src, adapter, config, output, dtype)
+        return
+    if config.get("use_dora"):
+        raise ExportError(f"{src.folder}: a DoRA adapter (lora.dora) has no exact form in kohya's LoRA file (ComfyUI "
+                          "divides by the base weight's norm, peft's DoRA by the adapted weight's): export it with "
+                          "--format diffusers")
     rank, alpha = int(config["r"]), float(config.get("lora_alpha") or config["r"])
     try:
         kohya = src.family.bfl_lora().peft_to_kohya(adapter, rank, alpha)
@@ -138,6 +144,24 @@ def _export_lora(src: Final, fmt: str, output: Path, dtype: str | None) -> None:
                                                 "ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}",
                                                 "ss_base_model_version": names["base_model_version"]}
     _write_file(output, kohya, meta)
+
+
+def _export_lycoris(src: Final, adapter: dict, config: dict, output: Path, dtype: str | None) -> None:
+    """A LoKr or LoHa adapter as one LyCORIS file (shared/lycoris.py), with kohya's metadata for LyCORIS."""
+    from shared.lycoris import peft_to_lycoris
+    kind, rank = LYCORIS_KINDS[config["peft_type"]], int(config["r"])
+    alpha = float(config.get("alpha") or rank)
+    try:
+        tensors = peft_to_lycoris(adapter, kind, rank, alpha)
+    except ValueError as e:
+        raise ExportError(f"{src.folder}: {e}") from None
+    tensors = {k: v if k.endswith(".alpha") else cast({k: v}, dtype)[k] for k, v in tensors.items()}
+    names = src.family.modelspec_names
+    meta = modelspec(src, output, lora=True) | {"ss_network_module": "lycoris.kohya", "ss_network_dim": str(rank),
+                                                "ss_network_alpha": f"{alpha:g}",
+                                                "ss_network_args": json.dumps({"algo": kind}),
+                                                "ss_base_model_version": names["base_model_version"]}
+    _write_file(output, tensors, meta)
 
 
 def _export_full(src: Final, fmt: str, output: Path, dtype: str | None) -> None:

@@ -10,7 +10,8 @@ import typer
 def export_command(
     final: Path = typer.Argument(..., help="A trainer's final/ (or final/ema/): LoRA adapter or full weights."),
     format: str = typer.Option(..., "--format", help="comfyui or bfl: one .safetensors file in Black Forest Labs' "
-                                                     "layout (a LoRA in kohya's names, what ComfyUI and Forge load); "
+                                                     "layout (a LoRA in kohya's names, what ComfyUI and Forge load; "
+                                                     "LoKr and LoHa in LyCORIS's names; DoRA: diffusers only); "
                                                      "diffusers: a folder FluxPipeline loads."),
     output: Path = typer.Option(..., "--output", help="The file (comfyui, bfl) or folder (diffusers) to write."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, or fp8 (float8 e4m3, full weights only); "

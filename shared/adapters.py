@@ -6,11 +6,13 @@ safetensors file: diffusers' layout (a trainer's final/ and checkpoints hold pyt
 keys under "transformer.", older ones unprefixed) or kohya's names of BFL's layout (what `flux-prep export
 --format comfyui` writes), which the family's diffusers pipeline converts (lora_state_dict). The merge is
 the libraries': peft's merge_and_unload, diffusers' fuse_lora; `scale` multiplies the adapter's delta
-(diffusers' lora_scale: each peft layer's scale_layer). Another adapter kind (LoKr, LoHa, DoRA) is one
-more case of `merge_adapter` where the libraries merge it.
+(diffusers' lora_scale: each peft layer's scale_layer). The trainer's adapter kinds (train/adapters.py) are
+all in its one file layout, the peft config (so the kind) in the metadata: diffusers' loader reads LoRA,
+DoRA and LoKr; LoHa is read and merged through peft itself (read_adapter, fuse_peft_adapter).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,3 +75,53 @@ def _scale_layers(model, scale: float) -> None:
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.scale_layer(scale)
+
+
+LORA_METADATA = "lora_adapter_metadata"   # diffusers' metadata key for the adapter's peft config
+
+
+def read_adapter(path, prefix: str | None = LORA_PREFIX, tensors: bool = True) -> tuple[dict, dict]:
+    """(peft's state dict without `prefix` ({} unless `tensors`), its peft config ({} when the file has none:
+    older finals))."""
+    from safetensors import safe_open
+    lead = f"{prefix}." if prefix else ""
+    with safe_open(str(path), framework="pt") as f:
+        state = {k.removeprefix(lead): f.get_tensor(k) for k in f.keys()} if tensors else {}
+        meta = f.metadata() or {}
+    config = json.loads(meta[LORA_METADATA]) if LORA_METADATA in meta else {}
+    return state, {k.removeprefix(lead): v for k, v in config.items()}
+
+
+def peft_config_of(config: dict):
+    """The peft config object of a saved config dict (its peft_type picks the class)."""
+    import dataclasses
+
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING[config.get("peft_type", "LORA")]
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    return cls(**{k: v for k, v in config.items() if k in known and k != "peft_type"})
+
+
+def inject_adapter(model, state: dict, config: dict, name: str = "default") -> None:
+    """Add the adapter to `model` (peft's inject_adapter_in_model) and load its weights, refusing any left over."""
+    from peft import inject_adapter_in_model
+    from peft.utils import set_peft_model_state_dict
+    inject_adapter_in_model(peft_config_of(config), model, adapter_name=name)
+    result = set_peft_model_state_dict(model, state, adapter_name=name)
+    if result.unexpected_keys:
+        raise ValueError(f"adapter tensors that match no layer of the model: {result.unexpected_keys[:3]}")
+
+
+def fuse_peft_adapter(model, state: dict, config: dict, scale: float = 1.0) -> None:
+    """Merge the adapter into `model`'s weights, `scale` times its delta (each peft layer's own scale_layer
+    and merge, as diffusers' fuse_lora does), and drop its layers: for the kinds diffusers' loader does not
+    read (LoHa)."""
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    inject_adapter(model, state, config)
+    if scale != 1.0:
+        _scale_layers(model, scale)
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    recurse_remove_peft_layers(model)

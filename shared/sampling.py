@@ -109,6 +109,11 @@ def fuse_lora_adapter(model, folder: str, weight_name: str, prefix: str | None, 
     FluxPipeline's layout, None in older finals) into `model`'s weights, as flux-sample samples it:
     diffusers' loader, then fuse and drop the adapter layers, so the loop runs plain Linear layers (and
     compiles) as without an adapter. `scale` multiplies the adapter's delta (diffusers' lora_scale)."""
+    from .adapters import fuse_peft_adapter, read_adapter   # (adapters imports this module)
+    path = f"{folder}/{weight_name}"
+    if read_adapter(path, prefix, tensors=False)[1].get("peft_type") == "LOHA":   # diffusers' loader reads
+        fuse_peft_adapter(model, *read_adapter(path, prefix), scale)                 # LoRA, DoRA and LoKr only
+        return
     model.load_lora_adapter(folder, weight_name=weight_name, prefix=prefix, use_safetensors=True)
     model.fuse_lora(lora_scale=scale)
     model.unload_lora()

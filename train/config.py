@@ -111,6 +111,14 @@ class FlowConfig:
 class LoraConfig:
     rank: int = 0                         # 0: full fine-tuning / training; >0: LoRA of this rank
     alpha: float | None = None            # None: alpha = rank
+    # The adapter (peft's): lora (B A), lokr (LyCORIS LoKr: a Kronecker product w1 x w2, w2 of rank
+    # lora.rank, a full matrix where lora.rank is at least half its size), loha (LyCORIS LoHa: a
+    # Hadamard product of two rank-lora.rank products); each scaled by alpha / rank (train/adapters.py)
+    kind: Literal["lora", "lokr", "loha"] = "lora"
+    dora: bool = False                    # lora only: DoRA, a trained magnitude per output row (peft's use_dora)
+    # lokr only: the size of w1's side (peft's decompose_factor); -1: as near the square root of each
+    # layer's sizes as they factor
+    lokr_factor: int = -1
     # regex of the module names to adapt (peft's full match); empty: the model family's attention and MLP
     # projections of both block kinds (shared/family/: FLUX.1's and FLUX.2's names differ)
     targets: str = ""
@@ -287,6 +295,8 @@ def validate(cfg: TrainConfig) -> None:
     cfg.run.log_with = chosen_trackers(cfg.run)
     validate_memory_options(cfg)
     validate_base(cfg)
+    from .adapters import validate_adapter   # here: adapters.py reads this module's types
+    validate_adapter(cfg)
 
 
 def validate_timesteps(flow: FlowConfig) -> None:

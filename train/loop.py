@@ -18,6 +18,7 @@ from shared.render_tools import render_fields
 
 from . import checkpoint as ckpt
 from .activations import ActivationOffload
+from .adapters import adapter_label
 from .config import TrainConfig
 from .data import (CacheStream, StreamPosition, TrainBatch, open_cache, open_validation_cache, train_loader,
                    usable_workers, vae_facts, validation_batches)
@@ -299,7 +300,7 @@ class Trainer:
             base_model=cfg.model.name, init=cfg.model.init, base=self.base,
             timestep_sampler=cfg.flow.sampler, steps_trained=self.step,
             lora={"rank": cfg.lora.rank, "alpha": cfg.lora.alpha or cfg.lora.rank, "adapter": ".",
-                  "weights": LORA_WEIGHTS} if self.lora else None,
+                  "weights": LORA_WEIGHTS, "kind": adapter_label(cfg.lora)} if self.lora else None,
             train_cache=str(cfg.data.train_cache), ema_decay=cfg.ema.decay,
             **render_fields(text["mode"]),   # a trimmed-T5 model renders in flux-sample only
         ).to_dict()

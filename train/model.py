@@ -15,6 +15,7 @@ from shared.run_files import TRAINING_INFO, read_training_info
 from shared.sampling import sampling_conventions
 from shared.presets import PRESETS, get_preset, transformer_config
 
+from .adapters import peft_config
 from .config import LoraConfig, ModelConfig, TrainConfig
 from .quantize import quantize_block
 
@@ -229,15 +230,14 @@ def check_cache_fits(model, family: Family, reader) -> None:
 
 
 def add_lora(model, cfg: LoraConfig, family: Family) -> None:
-    """Freeze the model and add a LoRA adapter (peft) on `lora.targets` (default: the family's attention and
-    MLP projections), its weights in fp32 whatever the base's dtype (diffusers' cast_training_params)."""
+    """Freeze the model and add the adapter of lora.kind (peft's LoRA, DoRA, LoKr or LoHa: train/adapters.py) on
+    `lora.targets` (default: the family's attention and MLP projections), its weights in fp32 whatever the
+    base's dtype (diffusers' cast_training_params)."""
     from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig as PeftLoraConfig
     model.requires_grad_(False)
     with warnings.catch_warnings():   # peft, on a torchao base: merging would need the quantizer (never merged here)
         warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass.*")
-        model.add_adapter(PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, init_lora_weights="gaussian",
-                                         target_modules=lora_targets(cfg, family)))
+        model.add_adapter(peft_config(cfg, lora_targets(cfg, family)))
     if not any(p.requires_grad for p in model.parameters()):
         raise ModelLoadError(f"LoRA targets matched no module: {lora_targets(cfg, family)}")
     cast_training_params(model, dtype=torch.float32)
@@ -263,7 +263,8 @@ def load_lora_state_dict(model, state: dict) -> None:
     result = set_peft_model_state_dict(model, state)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
-        raise ModelLoadError(f"checkpoint adapter has unexpected keys: {unexpected[:3]}")
+        raise ModelLoadError(f"checkpoint adapter has unexpected keys: {unexpected[:3]} (an adapter of another "
+                             "lora.kind, lora.dora or lora.targets than this run's?)")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,13 @@ def tiny_flux2_klein(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def klein_cache(tiny_flux2_klein, tmp_path_factory):
+    """The demo images and sample prompt encoded by the tiny [klein] folder (tests/flux2_runs.py)."""
+    from flux2_runs import encode_klein_cache
+    return encode_klein_cache(tiny_flux2_klein, tmp_path_factory.mktemp("klein"))
+
+
+@pytest.fixture(scope="session")
 def tiny_flux2_dev(tmp_path_factory):
     """A tiny FLUX.2 [dev] folder (Flux2Pipeline, guidance embedding; pooling VAE, seed 0)."""
     from shared.tiny_flux2 import write_tiny_flux2_dev

@@ -8,18 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from flux2_runs import PNG, SIZE, STEPS, flux_sample, invoke, pipeline_image, train
 from PIL import Image
 from typer.testing import CliRunner
-
-from preprocess.cli import app as prep_app
-from sample.cli import app as sample_app
-from shared.cache import CacheReader
-from shared.family import FLUX2
 from train_caches import read_metrics, write_cache
 
-PROMPT = "a red circle on a black background"
-SIZE, STEPS, SEED = 64, 4, 0
-PNG = "0000-a-red-circle-on-a-black-background-seed0.png"
+from preprocess.cli import app as prep_app
+from shared.cache import CacheReader
+from shared.family import FLUX2
 
 
 @pytest.fixture(autouse=True)
@@ -31,51 +27,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def invoke(app, *args):
-    r = CliRunner().invoke(app, [str(a) for a in args])
-    assert r.exit_code == 0, r.output + repr(r.exception)
-    return r
-
-
-@pytest.fixture(scope="module")
-def klein_cache(tiny_flux2_klein, tmp_path_factory):
-    """24 demo images and the sample prompt, encoded by the tiny [klein] folder, tensors in fp32."""
-    from preprocess.demo import write_demo_shards
-    root = tmp_path_factory.mktemp("klein")
-    write_demo_shards(root / "raw", num_samples=24, size=SIZE, samples_per_shard=12, seed=0)
-    (root / "prompts.txt").write_text(PROMPT + "\n")
-    invoke(prep_app, "encode", "--model", tiny_flux2_klein, "--input", root / "raw", "--output", root / "cache",
-           "--resolution", SIZE, "--batch-size", 8, "--num-workers", 0, "--dtype", "fp32", "--no-progress",
-           "--sample-prompts", root / "prompts.txt")
-    return root / "cache"
-
-
-def train(tmp_path, model, cache, *extra):
-    from train.cli import main
-    main(["--model.name", str(model), "--data.train_cache", str(cache), "--data.batch_size", "4",
-          "--data.num_workers", "0", "--run.progress", "false", "--run.tensorboard", "false",
-          "--run.output_dir", str(tmp_path), "--flow.guidance_dropout", "0", *map(str, extra)])
-    return tmp_path
-
-
 @pytest.fixture(scope="module")
 def klein_lora(tiny_flux2_klein, klein_cache, tmp_path_factory):
     """A LoRA of the [klein] base, 3 steps, the last one rendering the sample prompt."""
     return train(tmp_path_factory.mktemp("lora") / "run", tiny_flux2_klein, klein_cache, "--lora.rank", 4,
                  "--run.max_steps", 3, "--run.sample_every", 3, "--run.sample_steps", STEPS, "--optim.lr", "0.1")
-
-
-def flux_sample(out, model, *extra):
-    invoke(sample_app, "--model", model, "--prompt", PROMPT, "--output", out, "--steps", STEPS, "--width", SIZE,
-           "--height", SIZE, "--no-progress", *extra)
-    return np.asarray(Image.open(out / PNG)).astype(np.int16)
-
-
-def pipeline_image(pipe, **kw) -> np.ndarray:
-    pipe.set_progress_bar_config(disable=True)
-    image = pipe(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="np",
-                 generator=torch.Generator().manual_seed(SEED), **kw).images[0]
-    return np.round(image * 255).astype(np.int16)
 
 
 def test_encode_gives_the_pipelines_text_and_latents(tiny_flux2_klein, klein_cache):

@@ -74,12 +74,6 @@ def test_fp8_trains_like_bf16_saves_plain_weights_and_resumes(tmp_path, cache):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fp8_with_lora_is_refused_before_the_model_is_built(tmp_path, cache):
-    from train.config import ConfigError
-    with pytest.raises(ConfigError, match="fp8 and LoRA"):
-        tiny_config(tmp_path, cache, **{"run.precision": "fp8", "lora.rank": 4})
-
-
 def test_fp8_without_torchao_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.float8", None)   # import fails as if not installed
     with pytest.raises(ModelLoadError, match=r"pip install -e '\.\[fp8\]'"):

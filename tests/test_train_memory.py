@@ -293,7 +293,10 @@ def test_activation_offload_trains_exactly_as_without_and_moves_only_activations
 REFUSED = [
     ({"model.quantize_base": "int8"}, "model.quantize_base"),
     ({"lora.rank": 4, "run.precision": "no"}, "run.precision bf16"),
-    ({"lora.rank": 4, "run.precision": "fp8"}, "fp8 and LoRA"),
+    ({**LORA, "run.precision": "fp8", "model.quantize_base": "int8"}, "run.precision fp8 .*model.quantize_base"),
+    ({**LORA, "run.precision": "fp8", "run.offload_blocks": 2, "run.grad_checkpointing": True},
+     "run.precision fp8 .*run.offload_blocks"),
+    ({**LORA, "run.precision": "fp8", "run.sample_every": 2}, "run.sample_every .*run.precision fp8"),
     ({**LORA, "model.weights_dtype": "bf16"}, "model.weights_dtype"),
     ({"model.weights_dtype": "bf16", "run.precision": "no"}, "model.weights_dtype bf16 needs run.precision bf16"),
     ({"optim.in_backward": True}, "optim.grad_clip 0"),

@@ -51,6 +51,9 @@ def check_launch(cfg: TrainConfig, num_processes: int, fsdp: bool) -> None:
     if fsdp and (cfg.model.quantize_base != "none" or cfg.run.offload_blocks or cfg.optim.in_backward):
         raise ModelLoadError("model.quantize_base, run.offload_blocks and optim.in_backward are for one GPU "
                              "without FSDP; FSDP shards the weights, gradients and optimizer state instead")
+    if fsdp and cfg.lora.rank > 0 and cfg.run.precision == "fp8":
+        raise ModelLoadError("run.precision fp8 with LoRA stores the frozen base in float8, which FSDP does not "
+                             "shard: use run.precision bf16 under FSDP, or one GPU")
     if num_processes > 1 and cfg.optim.in_backward:
         raise ModelLoadError("optim.in_backward steps each parameter with its local gradient, before the "
                              f"{num_processes} processes have averaged it: use one process (or FSDP without it)")

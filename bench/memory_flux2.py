@@ -72,6 +72,9 @@ def lora_rows() -> list[dict]:
         {**k4, "kind": "plain-lora", "name": plain4, "est_s": 35},
         {**k4, "kind": "trainer", "name": "klein-4B LoRA: bf16 base", "config": LORA, "goal": {"img_s_of": plain4},
          "est_s": 40},
+        # float8 compute under the adapter (run.precision fp8: the frozen base stored and multiplied in float8)
+        {**k4, "kind": "trainer", "name": "klein-4B LoRA: fp8 compute", "config": {**LORA, "run.precision": "fp8"},
+         "goal": {"img_s_of": plain4, "img_s_factor": 1.5, "peak_gib": 6}, "est_s": 45},
         *[{**k4, "kind": "trainer", "name": f"klein-4B LoRA: {q} base", "config": {**LORA, "model.quantize_base": q},
            "goal": {"peak_gib": 6}, "est_s": 45} for q in ("int8", "float8")],
         {**k9, "kind": "plain-lora", "name": plain9, "est_s": 45},

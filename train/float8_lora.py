@@ -21,18 +21,20 @@ from shared.models import ModelLoadError
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
-def _torchao_float8():
-    try:
-        from torchao.float8.float8_ops import addmm_float8_unwrapped
-        from torchao.float8.float8_utils import tensor_to_scale, to_fp8_saturated
-    except ImportError as e:
-        raise ModelLoadError("run.precision fp8 needs torchao: pip install -e '.[fp8]'") from e
-    return addmm_float8_unwrapped, tensor_to_scale, to_fp8_saturated
+try:   # imported here, not in the forward, which torch.compile traces
+    from torchao.float8.float8_ops import addmm_float8_unwrapped
+    from torchao.float8.float8_utils import tensor_to_scale, to_fp8_saturated
+except ImportError:
+    addmm_float8_unwrapped = tensor_to_scale = to_fp8_saturated = None
+
+
+def _check_torchao() -> None:
+    if addmm_float8_unwrapped is None:
+        raise ModelLoadError("run.precision fp8 needs torchao: pip install -e '.[fp8]'")
 
 
 def _to_float8(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """x in float8 with one dynamic scale (torchao's meaning: float8 = x * scale)."""
-    _, tensor_to_scale, to_fp8_saturated = _torchao_float8()
     scale = tensor_to_scale(x, dtype)
     return to_fp8_saturated(x.float() * scale, dtype), scale   # scaled in fp32, as torchao does
 
@@ -42,22 +44,20 @@ class _Float8FrozenMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, weight_scale, bias):
-        addmm, _, _ = _torchao_float8()
         rows = x.reshape(-1, x.shape[-1])
         x8, x_scale = _to_float8(rows, E4M3)
         # weight.t(): (in, out) column-major, the layout _scaled_mm takes for its second operand
-        out = addmm(x8, x_scale, weight.t(), weight_scale, x.dtype, bias=bias, use_fast_accum=True)
+        out = addmm_float8_unwrapped(x8, x_scale, weight.t(), weight_scale, x.dtype, bias=bias, use_fast_accum=True)
         ctx.save_for_backward(weight, weight_scale)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        addmm, _, _ = _torchao_float8()
         weight, weight_scale = ctx.saved_tensors
         g8, g_scale = _to_float8(grad.reshape(-1, grad.shape[-1]), E5M2)
         # (out, in) column-major: a float8 transposed copy, half the bytes of a bf16 one, freed after use
         weight_cm = weight.t().contiguous().t()
-        grad_x = addmm(g8, g_scale, weight_cm, weight_scale, grad.dtype, use_fast_accum=False)
+        grad_x = addmm_float8_unwrapped(g8, g_scale, weight_cm, weight_scale, grad.dtype, use_fast_accum=False)
         return grad_x.reshape(*grad.shape[:-1], grad_x.shape[-1]), None, None, None
 
 
@@ -94,7 +94,7 @@ def freeze_to_float8(model: torch.nn.Module, family: Family, keep) -> int:
     """Replace the frozen base's token-wise linear layers (`keep(family, name, module)`: train/model.py's
     float8_layer, applied to the layer's own name, a LoRA-wrapped layer's `.base_layer` removed) by
     Float8FrozenLinear; return how many. Trainable layers (the adapter's) are left as they are."""
-    _torchao_float8()
+    _check_torchao()
     chosen = [(name, m) for name, m in model.named_modules()
               if type(m) is torch.nn.Linear and not m.weight.requires_grad
               and keep(family, name.removesuffix(".base_layer"), m)]

@@ -95,12 +95,13 @@ def freeze_to_float8(model: torch.nn.Module, family: Family, keep) -> int:
     float8_layer, applied to the layer's own name, a LoRA-wrapped layer's `.base_layer` removed) by
     Float8FrozenLinear; return how many. Trainable layers (the adapter's) are left as they are."""
     _check_torchao()
-    chosen = [(name, m) for name, m in model.named_modules()
+    chosen = [name for name, m in model.named_modules()
               if type(m) is torch.nn.Linear and not m.weight.requires_grad
               and keep(family, name.removesuffix(".base_layer"), m)]
     if not chosen:
         raise ModelLoadError("run.precision fp8: no linear layer of this model has float8-aligned sizes")
-    for name, linear in chosen:
+    for name in chosen:   # by name: each bf16 weight is freed as its float8 copy replaces it
         parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, Float8FrozenLinear.from_linear(linear))
+        parent = model.get_submodule(parent)
+        setattr(parent, attr, Float8FrozenLinear.from_linear(getattr(parent, attr)))
     return len(chosen)

@@ -297,6 +297,7 @@ REFUSED = [
     ({**LORA, "run.precision": "fp8", "run.offload_blocks": 2, "run.grad_checkpointing": True},
      "run.precision fp8 .*run.offload_blocks"),
     ({**LORA, "run.precision": "fp8", "run.sample_every": 2}, "run.sample_every .*run.precision fp8"),
+    ({**LORA, "run.precision": "fp8", "lora.dora": True}, "lora.dora .*run.precision fp8"),
     ({**LORA, "model.weights_dtype": "bf16"}, "model.weights_dtype"),
     ({"model.weights_dtype": "bf16", "run.precision": "no"}, "model.weights_dtype bf16 needs run.precision bf16"),
     ({"optim.in_backward": True}, "optim.grad_clip 0"),

@@ -388,6 +388,9 @@ def _validate_fp8_lora(cfg: TrainConfig) -> None:
         raise ConfigError(f"run.precision fp8 with LoRA stores and computes the frozen base in float8; "
                           f"model.quantize_base {cfg.model.quantize_base} quantizes it another way: set "
                           "model.quantize_base none, or run.precision bf16")
+    if cfg.lora.dora:
+        raise ConfigError("lora.dora normalises W + B A per row from the base weights read dense, which "
+                          "run.precision fp8 stores in float8 under one scale: use run.precision bf16 with DoRA")
     if cfg.run.offload_blocks:
         raise ConfigError("run.precision fp8 with LoRA and run.offload_blocks cannot be combined yet (the "
                           "block swap moves bf16 weights): set run.offload_blocks 0, or run.precision bf16")

@@ -142,8 +142,8 @@ class RunConfig:
     # bf16: autocast; fp8: bf16 autocast plus float8 matmuls in the blocks' linear layers (torchao,
     # `pip install -e .[fp8]`; for H100-class GPUs, with compile); with LoRA, fp8 stores the frozen
     # base's token-wise layers in float8 once and computes them in float8, the adapter in fp32 on top
-    # (not with model.quantize_base, run.offload_blocks, run.sample_every); no: fp32; auto: bf16 on
-    # CUDA and for LoRA (its base is bf16), fp32 elsewhere (bf16 autocast on a CPU ran 4.5x slower)
+    # (not with model.quantize_base, lora.dora, run.offload_blocks, run.sample_every); no: fp32; auto:
+    # bf16 on CUDA and for LoRA (its base is bf16), fp32 elsewhere (bf16 autocast on a CPU ran 4.5x slower)
     precision: Literal["auto", "bf16", "fp8", "no"] = "auto"
     grad_checkpointing: bool = False      # recompute each block's activations in the backward
     # Keep this many transformer blocks' weights in (pinned) host memory, each copied to the GPU just
@@ -358,7 +358,8 @@ def validate_memory_options(cfg: TrainConfig) -> None:
         raise ConfigError(f"LoRA keeps its frozen base in bf16 (or float8), computed under bf16 autocast: set "
                           f"run.precision bf16 or fp8 (not {run.precision!r})")
     if lora and run.precision == "fp8":
-        _validate_fp8_lora(cfg)
+        from .float8_lora import validate_fp8_lora
+        validate_fp8_lora(cfg)
     if model.quantize_base != "none" and not lora:
         raise ConfigError("model.quantize_base quantizes LoRA's frozen base: it needs lora.rank > 0")
     if lora and model.weights_dtype != "fp32":
@@ -380,24 +381,6 @@ def validate_memory_options(cfg: TrainConfig) -> None:
                           "run.offload_blocks and model.quantize_base cannot give yet: set run.sample_every 0")
     if run.offload_blocks:
         _validate_offload(cfg, lora)
-
-
-def _validate_fp8_lora(cfg: TrainConfig) -> None:
-    """run.precision fp8 under a LoRA stores the frozen base in float8 itself (train/float8_lora.py)."""
-    if cfg.model.quantize_base != "none":
-        raise ConfigError(f"run.precision fp8 with LoRA stores and computes the frozen base in float8; "
-                          f"model.quantize_base {cfg.model.quantize_base} quantizes it another way: set "
-                          "model.quantize_base none, or run.precision bf16")
-    if cfg.lora.dora:
-        raise ConfigError("lora.dora normalises W + B A per row from the base weights read dense, which "
-                          "run.precision fp8 stores in float8 under one scale: use run.precision bf16 with DoRA")
-    if cfg.run.offload_blocks:
-        raise ConfigError("run.precision fp8 with LoRA and run.offload_blocks cannot be combined yet (the "
-                          "block swap moves bf16 weights): set run.offload_blocks 0, or run.precision bf16")
-    if cfg.run.sample_every:
-        raise ConfigError("run.sample_every merges the adapter into a copy of the bf16 base, which run.precision "
-                          "fp8 with LoRA stores in float8: set run.sample_every 0 (flux-sample --lora renders "
-                          "final/), or run.precision bf16")
 
 
 def _validate_offload(cfg: TrainConfig, lora: bool) -> None:

@@ -17,6 +17,7 @@ import torch
 
 from shared.family import Family
 from shared.models import ModelLoadError
+from shared.params import ConfigError
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
@@ -105,3 +106,21 @@ def freeze_to_float8(model: torch.nn.Module, family: Family, keep) -> int:
         parent = model.get_submodule(parent)
         setattr(parent, attr, Float8FrozenLinear.from_linear(getattr(parent, attr)))
     return len(chosen)
+
+
+def validate_fp8_lora(cfg) -> None:
+    """Refuse, before anything is built, what cannot go with a float8 base (config.validate calls this)."""
+    if cfg.model.quantize_base != "none":
+        raise ConfigError(f"run.precision fp8 with LoRA stores and computes the frozen base in float8; "
+                          f"model.quantize_base {cfg.model.quantize_base} quantizes it another way: set "
+                          "model.quantize_base none, or run.precision bf16")
+    if cfg.lora.dora:
+        raise ConfigError("lora.dora normalises W + B A per row from the base weights read dense, which "
+                          "run.precision fp8 stores in float8 under one scale: use run.precision bf16 with DoRA")
+    if cfg.run.offload_blocks:
+        raise ConfigError("run.precision fp8 with LoRA and run.offload_blocks cannot be combined yet (the "
+                          "block swap moves bf16 weights): set run.offload_blocks 0, or run.precision bf16")
+    if cfg.run.sample_every:
+        raise ConfigError("run.sample_every merges the adapter into a copy of the bf16 base, which run.precision "
+                          "fp8 with LoRA stores in float8: set run.sample_every 0 (flux-sample --lora renders "
+                          "final/), or run.precision bf16")

@@ -141,18 +141,18 @@ def _check_unique(shards: list[InputShard], spec: str) -> None:
         seen[s.id] = s
 
 
-def resolve_inputs(spec: str, folder_shard_samples: int = FOLDER_SHARD_SAMPLES) -> list[InputShard]:
+def resolve_inputs(spec: str, folder_shard_samples: int = FOLDER_SHARD_SAMPLES, references: int = 0) -> list[InputShard]:
     """The input shards an input spec names, in a stable order (sorted as given).
 
     A folder holding .tar files means those shards; any other folder is read as images with
-    sidecar captions."""
+    sidecar captions (with `references`, its reference folders hold no samples: references.py)."""
     parts = [p for p in spec.split("::") if p]
     if not parts:
         raise InputError("empty input spec")
     if len(parts) == 1 and "://" not in parts[0] and Path(parts[0]).is_dir():
         folder = Path(parts[0])
         if not any(folder.glob("*.tar")):
-            return _folder_shards(folder, folder_shard_samples)
+            return _folder_shards(folder, folder_shard_samples, references)
         parts = [str(folder / "*.tar")]   # a folder of tar shards (what `flux-prep demo-data` writes)
     shards: list[InputShard] = []
     for part in parts:
@@ -195,9 +195,12 @@ def repeat_folder_warning(spec: str) -> str | None:
             "row, and the trainer samples every row alike (copy a folder's images to give them more weight)")
 
 
-def _folder_shards(folder: Path, per_shard: int) -> list[InputShard]:
+def _folder_shards(folder: Path, per_shard: int, references: int = 0) -> list[InputShard]:
+    from .references import is_reference_folder
     by_key: dict[str, list[tuple[str, int, int]]] = {}   # key -> (file name, size, mtime) of its files
     for p in folder.rglob("*"):
+        if references and any(is_reference_folder(part) for part in p.relative_to(folder).parts[:-1]):
+            continue   # a reference image, read with its sample (references.py)
         if p.suffix[1:].lower() in IMAGE_EXTS + CAPTION_EXTS and not p.name.startswith(".") and p.is_file():
             st = p.stat()
             by_key.setdefault(str(p.relative_to(folder).with_suffix("")), []).append(
@@ -245,19 +248,22 @@ def split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower() if dot else ""
 
 
-def iter_shard(shard: InputShard):
-    """Yield RawSample and Skip items of one input shard, never raising on bad data."""
+def iter_shard(shard: InputShard, references: int = 0):
+    """Yield RawSample and Skip items of one input shard, never raising on bad data. With `references`, a
+    folder's samples carry their reference folders' files (a tar's carry their `.ref` members anyway)."""
     if shard.files:
-        yield from _iter_folder(shard)
+        yield from _iter_folder(shard, references)
     else:
         yield from _iter_tar(shard.url)
 
 
-def _iter_folder(shard: InputShard):
+def _iter_folder(shard: InputShard, references: int = 0):
     """A folder's samples: a file's key is its path without its last suffix, as _folder_shards lists
     them (`photo.v2.jpg` is `photo.v2`; webdataset's first-dot rule is for tar members)."""
+    from .references import add_folder_references, is_reference_folder
     folder = Path(shard.url)
     listings: dict[Path, dict[str, list[Path]]] = {}   # each sub-folder listed once per shard
+    ref_dirs: dict[Path, list[Path]] = {}
     for key in shard.files:
         parent = (folder / key).parent
         if parent not in listings:
@@ -266,12 +272,16 @@ def _iter_folder(shard: InputShard):
                 if p.is_file():
                     by_stem.setdefault(p.stem, []).append(p)
             listings[parent] = by_stem
+            ref_dirs[parent] = (sorted(p for p in parent.iterdir() if p.is_dir() and is_reference_folder(p.name))
+                                if references else [])
         sample = RawSample(key=key)
         for p in listings[parent].get(Path(key).name, []):
             try:
                 sample.files[p.suffix[1:].lower()] = p.read_bytes()
             except OSError:
                 continue    # vanished or unreadable: counted below as a missing part
+        if references:
+            add_folder_references(sample.files, parent, Path(key).name, ref_dirs[parent])
         yield sample
 
 

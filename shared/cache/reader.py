@@ -83,6 +83,8 @@ def decode_table(table: pa.Table, manifest: dict) -> dict:
         "width": torch.from_numpy(table.column("width").to_numpy().astype(np.int64)),
         "height": torch.from_numpy(table.column("height").to_numpy().astype(np.int64)),
     })
+    from .references import decode_references
+    out.update(decode_references(table, manifest, decode_binary_column))   # ref{i}_*: none in a plain cache
     if "latent_logvar" in table.column_names:
         out["latent_logvar"] = decode_binary_column(
             table.column("latent_logvar"), dtypes.get("latent_logvar", dtypes["latent"]), latent_shapes)

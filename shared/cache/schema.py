@@ -15,9 +15,11 @@ EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
 SHARD_SUFFIX = ".parquet"
 
 
-def arrow_schema(text) -> pa.Schema:
+def arrow_schema(text, references: int = 0) -> pa.Schema:
     """The shards' columns for a family's text columns (`text`: its TextSpec). FLUX.1's: key, caption,
-    latent, latent_logvar, latent_h, latent_w, t5, t5_len, clip, width, height."""
+    latent, latent_logvar, latent_h, latent_w, t5, t5_len, clip, width, height; then `references` reference
+    images' columns (references.py)."""
+    from .references import arrow_fields
     return pa.schema([
         pa.field("key", pa.string(), nullable=False),
         pa.field("caption", pa.string(), nullable=False),
@@ -30,6 +32,7 @@ def arrow_schema(text) -> pa.Schema:
         *([pa.field(text.pooled, pa.binary(), nullable=False)] if text.pooled else []),
         pa.field("width", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
+        *arrow_fields(references),
     ])
 
 

@@ -102,6 +102,13 @@ class Flux2(Family):
         ids[:, 3] = torch.arange(length, dtype=torch.float32, device=device)
         return ids
 
+    # -- reference images ----------------------------------------------------------------------------
+    def reference_area(self, count: int) -> int:
+        """BFL's FLUX.2 rule (flux2 sampling's limit_pixels): one reference up to about 2024^2 pixels, several
+        up to 1024^2 each. diffusers 0.42.1's pipelines cap every reference at 1024^2; below both caps (and
+        with several references) the two agree."""
+        return 2024 * 2024 if count == 1 else 1024 * 1024
+
     # -- the transformer call ----------------------------------------------------------------------
     def predict(self, model, tokens, timestep, text, h, w, guidance=None, flex_mask=False):
         """As Flux2KleinPipeline / Flux2Pipeline call the transformer (timestep in [0, 1]; it scales by 1000

@@ -114,3 +114,95 @@ def test_klein_reference_latent_is_the_pipelines(tiny_flux2_klein, tmp_path):
     ours = FLUX2.to_x0(row["ref0_latent"][None], reader.manifest["vae"])
     assert ours.shape == seen["latents"].shape
     torch.testing.assert_close(ours, seen["latents"].float(), atol=1e-4, rtol=1e-4)
+
+
+def _paired_samples():
+    """(stem, target, caption, reference or None): two good, one whose reference is missing, one unreadable."""
+    return [("s0", image_bytes((48, 40), (200, 30, 30)), b"make it blue", _ref_png((64, 32))),
+            ("s1", image_bytes((40, 56), (30, 200, 30)), b"make it red", _ref_png((32, 48), (250, 10, 10))),
+            ("s8", image_bytes(), b"no reference", None),
+            ("s9", image_bytes(), b"a broken reference", b"not an image")]
+
+
+def test_folder_and_tar_give_the_same_rows_and_count_bad_references(tiny_model, tmp_path):
+    """A folder with control/ (and reference0/) and a tar with KEY.ref.png / KEY.ref0.png encode to the same rows;
+    a missing and an unreadable reference are skipped by reason; plan's estimate is within a few % of the
+    written bytes; inspect shows the references and verify checks them."""
+    from preprocess.inspect_cache import inspect_cache
+    from preprocess.plan import plan
+    from preprocess.verify import verify_cache
+    folder, members = tmp_path / "folder", []
+    for i, (stem, target, caption, ref) in enumerate(_paired_samples()):
+        members += [(f"{stem}.jpg", target), (f"{stem}.txt", caption)]
+        (folder / "control").mkdir(parents=True, exist_ok=True)
+        (folder / f"{stem}.jpg").write_bytes(target)
+        (folder / f"{stem}.txt").write_bytes(caption)
+        if ref is not None:
+            ref_name = "ref0" if i == 1 else "ref"
+            members.append((f"{stem}.{ref_name}.png", ref))
+            sub = folder / ("reference0" if i == 1 else "control")
+            sub.mkdir(exist_ok=True)
+            (sub / f"{stem}.png").write_bytes(ref)
+    tar = write_tar(tmp_path / "tars" / "a.tar", members)
+    from_tar = _encode(tiny_model, tar, tmp_path / "c_tar", resolution=32)
+    from_folder = _encode(tiny_model, folder, tmp_path / "c_folder", resolution=32)
+    rows_tar = {k.rpartition("/")[2]: v for k, v in _rows(from_tar).items()}
+    rows_folder = _rows(from_folder)
+    assert sorted(rows_tar) == sorted(rows_folder) == ["s0", "s1"]
+    for key, row in rows_tar.items():
+        assert row.keys() == rows_folder[key].keys() and "ref0_latent" in row
+        for col, value in row.items():
+            if col != "key":
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(rows_folder[key][col])) \
+                    if not isinstance(value, str) else value == rows_folder[key][col], (key, col)
+    assert (int(rows_tar["s1"]["ref0_width"]), int(rows_tar["s1"]["ref0_height"])) == (32, 48)
+    for cache in (from_tar, from_folder):
+        assert cache.manifest["skipped"] == {"bad_reference": 1, "missing_reference": 1}
+        assert cache.manifest["references"] == 1 and cache.manifest["image"]["reference_resolution"] == 32
+    assert from_tar.manifest["skipped_examples"]["missing_reference"] == ["tars/a/s8 (jpg, txt)"]
+
+    estimate = plan(str(tiny_model), str(tar), PrepOptions(resolution=32, references=1, reference_resolution=32),
+                    text_mode="padded", text_max_length=None, dtype="fp32", store_logvar=False, rows_per_shard=1000)
+    written = sum(s["bytes"] for s in from_tar.manifest["shards"])
+    assert estimate["rows"] == 2 and estimate["skipped"] == from_tar.manifest["skipped"]
+    assert abs(estimate["total_bytes"] / written - 1) < 0.03, (estimate["total_bytes"], written)
+    shown = inspect_cache(tmp_path / "c_tar")
+    assert "references 1 a row" in shown and "ref0_latent" in shown and "ref0 latent sizes" in shown
+    assert verify_cache(tmp_path / "c_tar") == []
+
+
+def test_kill_9_during_a_paired_encode_then_rerun_gives_the_clean_rows(tiny_model, tmp_path):
+    """test_encode_resume's kill -9 and rerun, on paired data: exactly the clean run's rows, refs included."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from tests.test_encode_resume import ENV, encode_args, raw_rows, run_cli
+    data = tmp_path / "data"
+    for t in range(20):
+        write_tar(data / f"demo-{t:05d}.tar",
+                  [m for i in range(4) for m in ((f"k{i}.jpg", image_bytes((48, 40), (8 * t, 40 * i, 90))),
+                                                 (f"k{i}.txt", f"shard {t} sample {i}".encode()),
+                                                 (f"k{i}.ref.png", _ref_png((32 + 16 * (i % 2), 32), (9 * t, 0, 0))))])
+    args = lambda out: encode_args(tiny_model, data, out, "--references", "1", "--reference-resolution", "48")  # noqa: E731
+    clean = tmp_path / "clean"
+    run_cli(args(clean))
+    out, done_dir = tmp_path / "cache", tmp_path / "cache" / "_progress" / "done"
+    proc = subprocess.Popen([sys.executable, "-m", "preprocess", *args(out)], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if done_dir.is_dir() and len(list(done_dir.glob("*.json"))) >= 2:
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the encode finished before it could be killed"
+    records = sorted(done_dir.glob("*.json"))
+    assert 2 <= len(records) < 20
+    records[-1].unlink()     # the narrowest window: output shards in place, done-record not yet written
+    assert "were done" in run_cli(args(out)).stdout
+    rows = raw_rows(out)
+    assert rows == raw_rows(clean) and len(rows) == 80
+    assert {r["ref0_w"] for r in rows.values()} == {4, 6}     # two reference sizes: 32 and 48 px, VAE factor 8

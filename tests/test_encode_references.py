@@ -206,3 +206,18 @@ def test_kill_9_during_a_paired_encode_then_rerun_gives_the_clean_rows(tiny_mode
     rows = raw_rows(out)
     assert rows == raw_rows(clean) and len(rows) == 80
     assert {r["ref0_w"] for r in rows.values()} == {4, 6}     # two reference sizes: 32 and 48 px, VAE factor 8
+
+
+def test_flux2_reference_caps_are_the_pipelines_resize():
+    """Several references: each capped at 1024^2 by Flux2ImageProcessor._resize_to_target_area (diffusers'),
+    then floored to multiples of 16; one reference: BFL's 2024^2 cap; --reference-resolution: its square."""
+    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+    for size in ((3000, 2000), (1500, 900), (700, 500)):
+        img = Image.new("RGB", size)
+        capped = Flux2ImageProcessor._resize_if_exceeds_area(img, 1024 * 1024).size
+        assert FLUX2.reference_size(*size, count=2) == tuple(x // 16 * 16 for x in capped)
+        capped = Flux2ImageProcessor._resize_if_exceeds_area(img, 2024 * 2024).size
+        assert FLUX2.reference_size(*size, count=1) == tuple(x // 16 * 16 for x in capped)
+        capped = Flux2ImageProcessor._resize_if_exceeds_area(img, 512 * 512).size
+        assert FLUX2.reference_size(*size, count=1, override=512) == tuple(x // 16 * 16 for x in capped)
+    assert FLUX2.reference_size(48, 300, count=1) == (0, 0)     # under 64 pixels: the pipelines refuse it

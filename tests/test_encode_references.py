@@ -124,10 +124,10 @@ def _paired_samples():
             ("s9", image_bytes(), b"a broken reference", b"not an image")]
 
 
-def test_folder_and_tar_give_the_same_rows_and_count_bad_references(tiny_model, tmp_path):
-    """A folder with control/ (and reference0/) and a tar with KEY.ref.png / KEY.ref0.png encode to the same rows;
-    a missing and an unreadable reference are skipped by reason; plan's estimate is within a few % of the
-    written bytes; inspect shows the references and verify checks them."""
+def test_folder_and_tar_give_the_same_rows_and_count_bad_references(tiny_model, tmp_path, s3_bucket):
+    """A folder with control/ (and reference0/) and a tar with KEY.ref.png / KEY.ref0.png encode to the same rows,
+    and the tar into an object store too; a missing and an unreadable reference are skipped by reason; plan's
+    estimate is within a few % of the written bytes; inspect shows the references and verify checks them."""
     from preprocess.inspect_cache import inspect_cache
     from preprocess.plan import plan
     from preprocess.verify import verify_cache
@@ -169,6 +169,12 @@ def test_folder_and_tar_give_the_same_rows_and_count_bad_references(tiny_model, 
     shown = inspect_cache(tmp_path / "c_tar")
     assert "references 1 a row" in shown and "ref0_latent" in shown and "ref0 latent sizes" in shown
     assert verify_cache(tmp_path / "c_tar") == []
+    remote = _encode(tiny_model, tar, f"{s3_bucket}/cache", resolution=32)
+    rows_remote = _rows(remote)
+    assert rows_remote.keys() == _rows(from_tar).keys()
+    for key, row in rows_remote.items():
+        assert torch.equal(row["ref0_latent"], _rows(from_tar)[key]["ref0_latent"])
+    assert verify_cache(f"{s3_bucket}/cache") == []
 
 
 def test_kill_9_during_a_paired_encode_then_rerun_gives_the_clean_rows(tiny_model, tmp_path):

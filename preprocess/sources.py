@@ -141,7 +141,8 @@ def _check_unique(shards: list[InputShard], spec: str) -> None:
         seen[s.id] = s
 
 
-def resolve_inputs(spec: str, folder_shard_samples: int = FOLDER_SHARD_SAMPLES, references: int = 0) -> list[InputShard]:
+def resolve_inputs(spec: str, folder_shard_samples: int = FOLDER_SHARD_SAMPLES,
+                   references: int = 0) -> list[InputShard]:
     """The input shards an input spec names, in a stable order (sorted as given).
 
     A folder holding .tar files means those shards; any other folder is read as images with

@@ -191,7 +191,8 @@ def test_kill_9_during_a_paired_encode_then_rerun_gives_the_clean_rows(tiny_mode
                   [m for i in range(4) for m in ((f"k{i}.jpg", image_bytes((48, 40), (8 * t, 40 * i, 90))),
                                                  (f"k{i}.txt", f"shard {t} sample {i}".encode()),
                                                  (f"k{i}.ref.png", _ref_png((32 + 16 * (i % 2), 32), (9 * t, 0, 0))))])
-    args = lambda out: encode_args(tiny_model, data, out, "--references", "1", "--reference-resolution", "48")  # noqa: E731
+    def args(out):
+        return encode_args(tiny_model, data, out, "--references", "1", "--reference-resolution", "48")
     clean = tmp_path / "clean"
     run_cli(args(clean))
     out, done_dir = tmp_path / "cache", tmp_path / "cache" / "_progress" / "done"

@@ -11,7 +11,7 @@ shards by their files.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -42,6 +42,7 @@ class SampleRow:
     height: int
     latent_hw: tuple[int, int]
     text_len: int
+    refs: list = None        # each reference's ((width, height) in pixels, its latent's (h, w))
 
 
 def sample_shards(shards: list[InputShard], count: int) -> list[InputShard]:
@@ -58,7 +59,7 @@ def read_sample(shards: list[InputShard], prep: PrepOptions, factor: int = 8) ->
     rows, skips, seen, examples = [], {}, 0, {}
     buckets = prep.bucket_list()
     for shard in shards:
-        for item in iter_shard(shard):
+        for item in iter_shard(shard, prep.references):
             seen += 1
             why, row = _sample_row(shard, item, prep, buckets, factor)
             if why is not None:
@@ -82,19 +83,46 @@ def _sample_row(shard: InputShard, item, prep: PrepOptions, buckets, factor: int
     except ImageSkip as e:
         return e.reason, None
     tw, th = target_size(w, h, prep.resolution, buckets)
-    return None, SampleRow(shard.row_key(item.key), caption, w, h, (th // factor, tw // factor), 0)
+    refs = _sample_refs(item.files, prep, factor) if prep.references else []
+    if isinstance(refs, str):
+        return refs, None
+    return None, SampleRow(shard.row_key(item.key), caption, w, h, (th // factor, tw // factor), 0, refs)
+
+
+def _sample_refs(files: dict, prep: PrepOptions, factor: int):
+    """Each reference's (pixels, latent size) from its header, as encode sizes it; or a skip reason."""
+    from shared.family import get_family
+    from .references import SKIP_BAD_REFERENCE, reference_bytes, reference_target
+    data, why = reference_bytes(files, prep.references)
+    if why is not None:
+        return why
+    out = []
+    try:
+        for d in data:
+            w, h = oriented_size(open_image(d))
+            _, (cw, ch) = reference_target(w, h, get_family(prep.family), prep.references, prep.reference_resolution)
+            out.append(((w, h), (ch // factor, cw // factor)))
+    except ImageSkip:
+        return SKIP_BAD_REFERENCE
+    return out
 
 
 def other_bytes_per_row(rows: list[SampleRow], dtypes: dict, rows_per_shard: int, family: Family) -> float:
     """What a row costs beyond its tensors' bytes: the sample's rows written with empty tensors."""
     spec = family.text
+    refs = len(rows[0].refs or ())
     with tempfile.TemporaryDirectory() as tmp, CacheWriter(tmp, "plan", dtypes, text=spec,
                                                            rows_per_shard=rows_per_shard,
-                                                           row_group_rows=min(256, rows_per_shard)) as w:
+                                                           row_group_rows=min(256, rows_per_shard),
+                                                           references=refs) as w:
         for r in rows:
             empty = {spec.states: torch.zeros(0, 1), spec.length: r.text_len,
                      **({spec.pooled: torch.zeros(0)} if spec.pooled else {})}
-            w.add(key=r.key, caption=r.caption, latent=torch.zeros(16, 0, 0), width=r.width, height=r.height, **empty)
+            # the references' sizes as written: their h and w columns compress as the real ones do
+            ref_rows = [{"latent": torch.zeros(0, hw[0], hw[1]), "width": wh[0], "height": wh[1]}
+                        for wh, hw in r.refs or ()]
+            w.add(key=r.key, caption=r.caption, latent=torch.zeros(16, 0, 0), width=r.width, height=r.height,
+                  refs=ref_rows or None, **empty)
         shards = w.close()
         return sum(s.bytes for s in shards) / len(rows)
 
@@ -102,12 +130,13 @@ def other_bytes_per_row(rows: list[SampleRow], dtypes: dict, rows_per_shard: int
 def tensor_bytes(row: SampleRow, mode: str, max_length: int, dims: dict, itemsize: int, logvar: bool,
                  family: Family) -> int:
     """A row's tensor bytes: latent (and its log-variance), the text states (max_length or real tokens), a
-    pooled vector where the family has one."""
+    pooled vector where the family has one, the reference latents."""
     spec = family.text
     latent = dims["latent_channels"] * row.latent_hw[0] * row.latent_hw[1]
+    refs = sum(dims["latent_channels"] * h * w for _, (h, w) in row.refs or ())
     states = (max_length if mode == "padded" else row.text_len) * dims[spec.dim_keys()[spec.states]]
     pooled = dims[spec.dim_keys()[spec.pooled]] if spec.pooled else 0
-    return itemsize * (latent * (2 if logvar else 1) + states + pooled)
+    return itemsize * (latent * (2 if logvar else 1) + states + pooled + refs)
 
 
 def mask_bytes(row: SampleRow) -> int:
@@ -124,8 +153,9 @@ def model_dims(model: str, family: Family) -> dict:
 def plan(model: str, input_spec: str, prep: PrepOptions, *, text_mode: str, text_max_length: int | None,
          dtype: str, store_logvar: bool, rows_per_shard: int, sample: int = 3) -> dict:
     """The estimate (see the module docstring); JSON-ready."""
-    shards = resolve_inputs(input_spec)
+    shards = resolve_inputs(input_spec, references=prep.references)
     family = family_of_model(model)
+    prep = replace(prep, family=family.name)   # whose reference sizes
     if text_mode not in family.text.modes:
         raise ValueError(f"{model}: {family.name} text takes mode {' or '.join(family.text.modes)}, not {text_mode!r}")
     dims = model_dims(model, family)

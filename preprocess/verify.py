@@ -9,6 +9,7 @@ import json
 
 from shared.cache import CacheError, read_manifest
 from shared.cache.keys import KeyReadError, duplicate_keys
+from shared.cache.references import reference_count
 from shared.cache.schema import EMPTY_PROMPT_NAME, MANIFEST_NAME, SCHEMA_VERSION, SHARD_SUFFIX, arrow_schema
 from shared.cache.store import Store, open_store
 from shared.family import get_family
@@ -47,7 +48,8 @@ def listed_shard_problems(store: Store, manifest: dict, checksum: bool) -> list[
     """shard_problems of every shard the manifest lists, sizes from one listing of the cache."""
     from shared.family import family_of_manifest
     sizes = store.sizes()
-    schema = arrow_schema(family_of_manifest(manifest).text, mask="mask" in manifest["dtypes"])
+    schema = arrow_schema(family_of_manifest(manifest).text, mask="mask" in manifest["dtypes"],
+                          references=reference_count(manifest))   # ref{i}_* columns too
     found = store.map(lambda e: shard_problems(store, e, sizes.get(e["path"]), schema, checksum),
                       manifest["shards"])
     return [p for problems in found for p in problems]
@@ -149,7 +151,8 @@ def _repair(store: Store) -> dict:
     sizes = store.sizes()
     outputs = [(rec, out) for rec in records if rec is not None for out in rec.get("outputs", [])]
     settings = read_settings(store)
-    schema = arrow_schema(get_family(settings.get("family")).text, mask="mask" in settings.get("dtypes", {}))
+    schema = arrow_schema(get_family(settings.get("family")).text, mask="mask" in settings.get("dtypes", {}),
+                          references=reference_count(settings))
     found = store.map(lambda ro: shard_problems(store, ro[1], sizes.get(ro[1]["path"]), schema), outputs)
     problems: dict[str, list[str]] = {}
     for (rec, _), shard_found in zip(outputs, found):

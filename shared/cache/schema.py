@@ -15,10 +15,12 @@ EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
 SHARD_SUFFIX = ".parquet"
 
 
-def arrow_schema(text, mask: bool = False) -> pa.Schema:
+def arrow_schema(text, mask: bool = False, references: int = 0) -> pa.Schema:
     """The shards' columns for a family's text columns (`text`: its TextSpec). FLUX.1's: key, caption,
-    latent, latent_logvar, latent_h, latent_w, t5, t5_len, clip, width, height; and, last, the loss mask
-    [latent_h, latent_w] of a cache encoded with masks (`mask`: dtypes has "mask")."""
+    latent, latent_logvar, latent_h, latent_w, t5, t5_len, clip, width, height; then the loss mask
+    [latent_h, latent_w] of a cache encoded with masks (`mask`: dtypes has "mask"); then `references`
+    reference images' columns (references.py)."""
+    from .references import arrow_fields
     return pa.schema([
         pa.field("key", pa.string(), nullable=False),
         pa.field("caption", pa.string(), nullable=False),
@@ -32,6 +34,7 @@ def arrow_schema(text, mask: bool = False) -> pa.Schema:
         pa.field("width", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
         *([pa.field("mask", pa.binary(), nullable=False)] if mask else []),
+        *arrow_fields(references),
     ])
 
 

@@ -9,11 +9,24 @@ loops, files. Subclasses: family/flux1.py, family/flux2.py.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 TEXT_MODES = ("padded", "trimmed")
+# Reference images' sides are multiples of this: the VAE divides by 8 and the transformer packs 2x2 patches
+# (the edit pipelines' multiple_of = vae_scale_factor * 2).
+REFERENCE_MULTIPLE = 16
+
+
+def area_capped(width: int, height: int, area: int) -> tuple[int, int]:
+    """(width, height) scaled down to about `area` pixels keeping the aspect, where larger: diffusers'
+    Flux2ImageProcessor._resize_to_target_area arithmetic (int() of each scaled side)."""
+    if width * height <= area:
+        return width, height
+    scale = math.sqrt(area / (width * height))
+    return int(width * scale), int(height * scale)
 
 
 @dataclass(frozen=True)
@@ -115,6 +128,23 @@ class Family:
     def image_tokens(self, h: int, w: int) -> int:
         """Image tokens of an h x w latent: 2x2 patches in every FLUX."""
         return (h // 2) * (w // 2)
+
+    # -- reference images (edit training) -----------------------------------------------------------
+    def reference_area(self, count: int) -> int:
+        """The family's own area cap (pixels) of each of `count` reference images."""
+        raise NotImplementedError
+
+    def reference_resize(self, width: int, height: int, count: int, override: int | None = None) -> tuple[int, int]:
+        """The size a `width` x `height` reference (one of `count`) is resized to before reference_size's
+        centre crop: scaled down to the area cap (`override`^2 pixels, --reference-resolution, else the
+        family's), keeping the aspect."""
+        return area_capped(width, height, override * override if override else self.reference_area(count))
+
+    def reference_size(self, width: int, height: int, count: int, override: int | None = None) -> tuple[int, int]:
+        """(w, h) in pixels a reference image is encoded at: reference_resize's size floored to multiples of
+        REFERENCE_MULTIPLE (the pipelines crop the rest, centred)."""
+        w, h = self.reference_resize(width, height, count, override)
+        return w // REFERENCE_MULTIPLE * REFERENCE_MULTIPLE, h // REFERENCE_MULTIPLE * REFERENCE_MULTIPLE
 
     # -- the transformer call ----------------------------------------------------------------------
     def predict(self, model, tokens: torch.Tensor, timestep: torch.Tensor, text, h: int, w: int,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import latents, schedules
-from .base import Family, TextSpec
+from .base import REFERENCE_MULTIPLE, Family, TextSpec
 from .flux1_text import TEXT_PARTS
 
 
@@ -59,6 +59,25 @@ class Flux1(Family):
 
     def unpack(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         return latents.unpack_latents(tokens, h, w)
+
+    # -- reference images: FLUX.1 Kontext ------------------------------------------------------------
+    def reference_area(self, count: int) -> int:
+        return 1024 * 1024      # the area of Kontext's preferred resolutions (used with an override only)
+
+    def reference_resize(self, width, height, count, override=None):
+        """FluxKontextPipeline's _auto_resize: the preferred Kontext resolution nearest the image's aspect (ties:
+        the smaller), to which the image is resized whole (the aspect moves a little; nothing is cropped). The
+        pipeline takes the aspect of the sides floored to multiples of 16 (get_default_height_width).
+        `override` (--reference-resolution): the area cap of every family instead."""
+        if override:
+            return super().reference_resize(width, height, count, override)
+        from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+        w16, h16 = (x - x % REFERENCE_MULTIPLE for x in (width, height))
+        if not w16 or not h16:
+            return 0, 0          # under 16 pixels a side: no reference size (the caller skips it)
+        aspect = w16 / h16
+        _, w, h = min((abs(aspect - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+        return w, h
 
     # -- the transformer call ----------------------------------------------------------------------
     def predict(self, model, tokens, timestep, text, h, w, guidance=None, flex_mask=False):

@@ -110,6 +110,20 @@ class Flux2(Family):
         ids[:, 3] = torch.arange(length, dtype=torch.float32, device=device)
         return ids
 
+    # -- reference images ----------------------------------------------------------------------------
+    def reference_area(self, count: int) -> int:
+        """BFL's FLUX.2 rule (flux2 sampling's limit_pixels): one reference up to about 2024^2 pixels, several
+        up to 1024^2 each. diffusers 0.42.1's pipelines cap every reference at 1024^2; below both caps (and
+        with several references) the two agree."""
+        return 2024 * 2024 if count == 1 else 1024 * 1024
+
+    def reference_size(self, width, height, count, override=None):
+        """As the base rule, for the images the FLUX.2 pipelines take (Flux2ImageProcessor.check_image_input:
+        sides of 64 pixels or more, aspect within 8:1); (0, 0) for others, which encode skips."""
+        if min(width, height) < 64 or max(width, height) > 8 * min(width, height):
+            return 0, 0
+        return super().reference_size(width, height, count, override)
+
     # -- the transformer call ----------------------------------------------------------------------
     def predict(self, model, tokens, timestep, text, h, w, guidance=None, flex_mask=False):
         """As Flux2KleinPipeline / Flux2Pipeline call the transformer (timestep in [0, 1]; it scales by 1000

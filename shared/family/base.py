@@ -109,12 +109,25 @@ class Family:
         return (h // 2) * (w // 2)
 
     # -- the transformer call ----------------------------------------------------------------------
+    max_references: int | None = None   # reference images the family places (None: any number)
+
     def predict(self, model, tokens: torch.Tensor, timestep: torch.Tensor, text, h: int, w: int,
-                guidance: float | None = None, flex_mask: bool = False) -> torch.Tensor:
+                guidance: float | None = None, flex_mask: bool = False, refs=()) -> torch.Tensor:
         """The velocity of image tokens [B, N, D] at `timestep` [B] (in [0, 1]), for `text` (a TextBatch)
-        and an h x w latent; `guidance` feeds a guidance embedding. The one transformer call of the
-        trainer and of the sampler."""
+        and an h x w latent; `guidance` feeds a guidance embedding. `refs`: reference images, each
+        (tokens [B, Nr, D] of its packed x0, its latent h, w), placed after the noisy tokens at the family's
+        positions (reference_ids); the prediction covers the noisy tokens only. The one transformer call of
+        the trainer and of the sampler."""
         raise NotImplementedError
+
+    def reference_ids(self, h: int, w: int, index: int, device=None) -> torch.Tensor:
+        """Position ids of reference image `index`'s tokens (an h x w latent)."""
+        raise NotImplementedError
+
+    def check_references(self, count: int, where: str) -> None:
+        """Refuse more reference images than the family places."""
+        if self.max_references is not None and count > self.max_references:
+            raise ValueError(f"{where}: {count} reference images; {self.name} places at most {self.max_references}")
 
     # -- sampling ----------------------------------------------------------------------------------
     default_guidance: float = 3.5        # a guidance embedding's value when nothing says otherwise

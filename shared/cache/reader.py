@@ -86,6 +86,9 @@ def decode_table(table: pa.Table, manifest: dict) -> dict:
     if "latent_logvar" in table.column_names:
         out["latent_logvar"] = decode_binary_column(
             table.column("latent_logvar"), dtypes.get("latent_logvar", dtypes["latent"]), latent_shapes)
+    if "ref0_latent" in table.column_names:
+        from .references import decode_references
+        out.update(decode_references(table, manifest))
     return out
 
 

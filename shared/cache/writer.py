@@ -39,11 +39,15 @@ class CacheWriter:
     """
 
     def __init__(self, out_dir, prefix: str, dtypes: dict[str, str], *, text, rows_per_shard: int = 1000,
-                 row_group_rows: int = 256, row_group_bytes: int = 64 << 20):
+                 row_group_rows: int = 256, row_group_bytes: int = 64 << 20, extra_fields=()):
         if rows_per_shard < 1 or row_group_rows < 1:
             raise ValueError("rows_per_shard and row_group_rows must be positive")
         self.text = text
+        # Columns beyond the contract's base ones (reference images: shared/cache/references.py), filled
+        # through add_batch's `extra`.
         self.schema = arrow_schema(text)
+        for field in extra_fields:
+            self.schema = self.schema.append(field)
         self.store = open_store(out_dir)
         self.store.makedirs()
         self.prefix = prefix
@@ -71,7 +75,7 @@ class CacheWriter:
                        **{name: [value] for name, value in text.items()})
 
     def add_batch(self, *, keys: list[str], captions: list[str], latent, widths, heights, latent_logvar=None,
-                  copy: bool = True, **text) -> None:
+                  copy: bool = True, extra: dict | None = None, **text) -> None:
         """Add B samples at once: the same rows, row groups and shards as B `add` calls, at a
         fraction of the cost (each tensor column is copied once, into one buffer, per batch).
 
@@ -80,7 +84,8 @@ class CacheWriter:
         `text`: the family's text columns by name. `copy=False`: CPU batch tensors already in the storage
         dtype are referenced, not copied, until their row group is written; the caller must not change them
         (the encoder hands over fresh host copies, 2 MB a row at padded-256: the copy was a fifth of the
-        writer's time)."""
+        writer's time). `extra`: the extra_fields' columns, {name: an Arrow array of B values}; added
+        whole (the row-halving of a huge batch does not split them, so add huge batches without extra)."""
         spec, n = self.text, len(keys)
         expected = {spec.states, spec.length} | ({spec.pooled} if spec.pooled else set())
         if set(text) != expected:
@@ -120,6 +125,10 @@ class CacheWriter:
             spec.length: pa.array([int(x) for x in text[spec.length]], pa.int16()),
             "width": pa.array([int(x) for x in widths], pa.int32()),
             "height": pa.array([int(x) for x in heights], pa.int32())})
+        for name, arr in (extra or {}).items():
+            columns[name] = arr
+            if pa.types.is_binary(arr.type):
+                row_bytes += np.diff(np.frombuffer(arr.buffers()[1], np.int32, n + 1, arr.offset * 4))
         batch = pa.RecordBatch.from_arrays([columns[name] for name in self.schema.names], schema=self.schema)
         self._add_record_batch(batch, np.cumsum(row_bytes))
 

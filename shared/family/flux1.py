@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import latents, schedules
-from .base import Family, TextSpec
+from .base import Family, TextSpec, joint_mask
 from .flux1_text import TEXT_PARTS
 
 
@@ -63,14 +63,14 @@ class Flux1(Family):
     # -- the transformer call ----------------------------------------------------------------------
     max_references = 1   # Kontext places one reference, all at axis 0 = 1 (BFL's prepare_kontext)
 
-    def predict(self, model, tokens, timestep, text, h, w, guidance=None, flex_mask=False, refs=()):
+    def predict(self, model, tokens, timestep, text, h, w, guidance=None, flex_mask=False, refs=(), ref_keep=None):
         device, n = tokens.device, tokens.shape[1]
         self.check_references(len(refs), "predict")
         ids = [latents.image_ids(h, w, device=device)]
         for i, (ref, rh, rw) in enumerate(refs):
             tokens = torch.cat([tokens, ref.to(tokens.dtype)], dim=1)
             ids.append(self.reference_ids(rh, rw, i, device=device))
-        mask = latents.joint_attention_mask(text.mask, tokens.shape[1])
+        mask = joint_mask(text.mask, text.states.shape[1], n, tokens.shape[1] - n, ref_keep)
         if mask is not None and flex_mask:
             mask = latents.flex_block_mask(mask)
         out = model(

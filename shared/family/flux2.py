@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import torch
 
-from .base import Family, TextSpec
+from .base import Family, TextSpec, joint_mask
 
 # Reference images (FLUX.2 edit) sit at t = REF_T0 + REF_T0 * i (diffusers _prepare_image_ids,
 # BFL's encode_image_refs); the noisy image at t = 0.
@@ -103,7 +103,7 @@ class Flux2(Family):
         return ids
 
     # -- the transformer call ----------------------------------------------------------------------
-    def predict(self, model, tokens, timestep, text, h, w, guidance=None, flex_mask=False, refs=()):
+    def predict(self, model, tokens, timestep, text, h, w, guidance=None, flex_mask=False, refs=(), ref_keep=None):
         """As Flux2KleinPipeline / Flux2Pipeline call the transformer (timestep in [0, 1]; it scales by 1000
         itself), reference tokens after the noisy ones as their `image_latents`. `flex_mask` has nothing to
         act on: FLUX.2 text carries no mask."""
@@ -115,6 +115,7 @@ class Flux2(Family):
         for i, (ref, rh, rw) in enumerate(refs):
             tokens = torch.cat([tokens, ref.to(tokens.dtype)], dim=1)
             ids.append(self.reference_ids(rh, rw, i, device=device))
+        mask = joint_mask(None, text.states.shape[1], n, tokens.shape[1] - n, ref_keep)
         out = model(
             hidden_states=tokens,
             encoder_hidden_states=text.states,
@@ -122,6 +123,7 @@ class Flux2(Family):
             img_ids=ids[0] if len(ids) == 1 else torch.cat(ids),
             txt_ids=self.text_ids(text.states.shape[1], device=device),
             guidance=None if guidance is None else torch.full((batch,), float(guidance), device=device),
+            joint_attention_kwargs=None if mask is None else {"attention_mask": mask},
             return_dict=False,
         )[0]
         return out[:, :n] if refs else out

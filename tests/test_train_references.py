@@ -154,3 +154,15 @@ def test_samples_during_training_on_a_reference_cache_are_refused_naming_the_key
     from train.loop import Trainer
     with pytest.raises(ValueError, match="run.sample_every"):
         Trainer(tiny_config(tmp_path, cache, **{"run.sample_every": 2}))
+
+
+def test_a_kontext_cache_and_a_flux1_model_refuse_each_other(tiny_kontext, tmp_path):
+    from shared.family.flux1_kontext import FLUX1_KONTEXT
+    from shared.models import ModelLoadError
+    from train.loop import Trainer
+    kontext_cache = write_cache(tmp_path / "kontext", 4, t5_mode="padded", references=1, family=FLUX1_KONTEXT)
+    with pytest.raises(ModelLoadError, match="holds flux1-kontext encodings; the model is flux1"):
+        Trainer(tiny_config(tmp_path / "a", kontext_cache))
+    flux1_cache = write_cache(tmp_path / "flux1", 4, t5_mode="padded")
+    with pytest.raises(ModelLoadError, match="holds flux1 encodings; the model is flux1-kontext"):
+        Trainer(tiny_config(tmp_path / "b", flux1_cache, **{"model.name": str(tiny_kontext)}))

@@ -19,7 +19,8 @@ T5_DIM, CLIP_DIM, CHANNELS, MAX_LEN = 64, 64, 16, 32
 
 def write_cache(out_dir, n: int, *, t5_mode: str = "trimmed", sizes=((8, 8),), rows_per_shard: int = 16,
                 row_group_rows: int = 4, seed: int = 0, prefix: str = "train", classes: int = 4,
-                dtype: str = "float32", logvar: bool = False, references: int = 0, ref_sizes=((8, 8),)) -> Path:
+                dtype: str = "float32", logvar: bool = False, references: int = 0, ref_sizes=((8, 8),),
+                family=FLUX1) -> Path:
     """`logvar`: also store a posterior log-variance per sample (as encode --store-logvar). `out_dir`
     may be a URL (s3://...): the cache is written there, and the URL returned. `references`: each sample
     also holds that many reference latents (shared/cache/references.py), sample i's of size
@@ -34,7 +35,7 @@ def write_cache(out_dir, n: int, *, t5_mode: str = "trimmed", sizes=((8, 8),), r
     from shared.cache.references import reference_arrays, reference_fields
     ref_patterns = {s: -torch.randn(classes, CHANNELS, *s, generator=torch.Generator().manual_seed(99))
                     for s in ref_sizes}
-    with CacheWriter(out_dir, prefix, dtypes, text=FLUX1.text, rows_per_shard=rows_per_shard,
+    with CacheWriter(out_dir, prefix, dtypes, text=family.text, rows_per_shard=rows_per_shard,
                      row_group_rows=row_group_rows, extra_fields=reference_fields(references)) as w:
         for i in range(n):
             c = int(torch.randint(classes, (1,), generator=g))
@@ -53,7 +54,7 @@ def write_cache(out_dir, n: int, *, t5_mode: str = "trimmed", sizes=((8, 8),), r
         "t5": torch.zeros(MAX_LEN if t5_mode == "padded" else 1, T5_DIM), "clip": torch.zeros(CLIP_DIM),
         "t5_len": torch.tensor(1)}))
     write_manifest(out_dir, cache_manifest(
-        family=FLUX1, dtypes=dtypes, dims={"latent_channels": CHANNELS, "t5_dim": T5_DIM, "clip_dim": CLIP_DIM},
+        family=family, dtypes=dtypes, dims={"latent_channels": CHANNELS, "t5_dim": T5_DIM, "clip_dim": CLIP_DIM},
         text={"mode": t5_mode, "max_length": MAX_LEN}, shards=shards,
         vae={"scaling_factor": 0.3611, "shift_factor": 0.1159},
         image={"resolution": 64, "buckets": None, "crop": "center", "min_size": 0},

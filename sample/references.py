@@ -25,7 +25,7 @@ def reference_sizes(family, paths: list[Path], override: tuple[int, int] | None)
     """Each reference's (width, height): `override` where given, else the family's reference_size for the
     image's own size and the reference count. Images are checked here, before any weights load."""
     from PIL import Image
-    family.check_references(len(paths), "--image") if paths else None
+    family.check_references(len(paths), "--image")
     sizes = []
     for path in paths:
         try:

@@ -39,7 +39,7 @@ def test_tiny_builds_and_overrides():
 
 # The text length each published base was trained with, and so what FluxPipeline, ComfyUI and Forge feed it
 # (diffusers' FluxPipeline: at most 256 for schnell; 512 for dev; FLUX.2: 512, Flux2KleinPipeline's).
-PUBLISHED_T5_LENGTH = {"flux-schnell": 256, "flux-dev": 512, "flux2-klein-base-4b": 512}
+PUBLISHED_T5_LENGTH = {"flux-schnell": 256, "flux-dev": 512, "flux-kontext-dev": 512, "flux2-klein-base-4b": 512}
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (Path(__file__).parents[1] / "configs/params").glob("*.yaml")))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import latents, schedules
-from .base import REFERENCE_MULTIPLE, Family, TextSpec
+from .base import REFERENCE_MULTIPLE, Family, TextSpec, joint_mask
 from .flux1_text import TEXT_PARTS
 
 
@@ -80,22 +80,36 @@ class Flux1(Family):
         return w, h
 
     # -- the transformer call ----------------------------------------------------------------------
-    def predict(self, model, tokens, timestep, text, h, w, guidance=None, flex_mask=False):
-        device = tokens.device
-        mask = latents.joint_attention_mask(text.mask, tokens.shape[1])
+    max_references = 1   # Kontext places one reference, all at axis 0 = 1 (BFL's prepare_kontext)
+
+    def predict(self, model, tokens, timestep, text, h, w, guidance=None, flex_mask=False, refs=(), ref_keep=None):
+        device, n = tokens.device, tokens.shape[1]
+        self.check_references(len(refs), "predict")
+        ids = [latents.image_ids(h, w, device=device)]
+        for i, (ref, rh, rw) in enumerate(refs):
+            tokens = torch.cat([tokens, ref.to(tokens.dtype)], dim=1)
+            ids.append(self.reference_ids(rh, rw, i, device=device))
+        mask = joint_mask(text.mask, text.states.shape[1], n, tokens.shape[1] - n, ref_keep)
         if mask is not None and flex_mask:
             mask = latents.flex_block_mask(mask)
-        return model(
+        out = model(
             hidden_states=tokens,
             encoder_hidden_states=text.states,
             pooled_projections=text.pooled,
             timestep=timestep,
-            img_ids=latents.image_ids(h, w, device=device),
+            img_ids=ids[0] if len(ids) == 1 else torch.cat(ids),
             txt_ids=latents.text_ids(text.states.shape[1], device=device),
             guidance=None if guidance is None else torch.full((tokens.shape[0],), float(guidance), device=device),
             joint_attention_kwargs=None if mask is None else {"attention_mask": mask},
             return_dict=False,
         )[0]
+        return out[:, :n] if refs else out
+
+    def reference_ids(self, h, w, index, device=None):
+        """The reference's own grid with axis 0 = 1 (FluxKontextPipeline.prepare_latents)."""
+        ids = latents.image_ids(h, w, device=device)
+        ids[:, 0] = 1
+        return ids
 
     # -- sampling ----------------------------------------------------------------------------------
     default_guidance = 3.5   # FluxPipeline's guidance_scale

@@ -10,7 +10,8 @@ given twice (`ref.jpg` and `ref0.png`) as bad_reference.
 
 A reference is resized as the family's edit pipeline resizes it (family.reference_resize and reference_size:
 FluxKontextPipeline's preferred resolutions, Flux2 pipelines' area cap, or --reference-resolution) with PIL's
-Lanczos filter (diffusers' VaeImageProcessor), then centre-cropped to multiples of 16.
+Lanczos filter (diffusers' VaeImageProcessor), then centre-cropped to multiples of 16: shared/images.py's
+reference_image, which flux-sample --image calls too.
 """
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from .images import ImageSkip, Prepared, open_image, oriented_size, to_rgb
+from shared.images import reference_image
+
+from .images import ImageSkip, Prepared, open_image, oriented_size
 from .sources import IMAGE_EXTS, glob_escape
 
 SKIP_MISSING_REFERENCE = "missing_reference"
@@ -87,13 +90,9 @@ def prepare_reference(data: bytes, family, count: int, override: int | None = No
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             w, h = oriented_size(img)
-            (rw, rh), (cw, ch) = reference_target(w, h, family, count, override)
+            reference_target(w, h, family, count, override)   # too small: skipped before decoding
             img.load()
-            img = to_rgb(ImageOps.exif_transpose(img))
-            if (rw, rh) != img.size:
-                img = img.resize((rw, rh), Image.LANCZOS)
-            left, top = (rw - cw) // 2, (rh - ch) // 2
-            img = img.crop((left, top, left + cw, top + ch))
+            img = reference_image(img, family, count, override)   # flux-sample --image's rule too
     except ImageSkip as e:
         raise ImageSkip(SKIP_BAD_REFERENCE, str(e)) from None
     except (OSError, ValueError, SyntaxError, struct.error, EOFError, IndexError, KeyError,

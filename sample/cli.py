@@ -32,8 +32,14 @@ def sample(
                                                "Kontext: one; FLUX.2: repeat for several), VAE-encoded and placed "
                                                "beside the image being made."),
     reference_size: Optional[str] = typer.Option(None, "--reference-size", help="WIDTHxHEIGHT every --image is "
-                                                 "resized to (default: the family's reference size for the "
-                                                 "image)."),
+                                                 "resized to (default: as encode --references prepares them: "
+                                                 "Kontext's preferred resolutions; FLUX.2 about 2024^2 pixels for "
+                                                 "one, 1024^2 each for several)."),
+    reference_resolution: Optional[int] = typer.Option(None, "--reference-resolution", min=1, metavar="PIXELS",
+                                                       help="Cap every --image at about PIXELS^2 pixels (aspect "
+                                                            "kept, sides multiples of 16), as encode "
+                                                            "--reference-resolution: give the value the LoRA's "
+                                                            "cache was encoded with."),
     seed: Optional[list[int]] = typer.Option(None, help="Seed; repeat for several images per prompt."),
     num_seeds: Optional[int] = typer.Option(None, help="Seeds 0..N-1 (instead of --seed)."),
     steps: Optional[int] = typer.Option(None, help="Denoising steps (default: the model's)."),
@@ -86,7 +92,8 @@ def sample(
             cfg_scale=cfg_scale, batch_size=batch_size, grid=grid, device=device, dtype=dtype, text_mode=text_mode,
             text_max_length=text_max_length, compile=compile, attention_backend=attention_backend,
             cudnn_sdpa=cudnn_sdpa, fuse_qkv=fuse_qkv, progress=progress, check_base=check_base,
-            images=list(image or []), reference_size=reference_size)
+            images=list(image or []), reference_size=reference_size,
+            reference_resolution=reference_resolution)
         written = run(opts)
     except (SampleError, ModelLoadError) as e:
         typer.echo(f"flux-sample: error: {e}", err=True)

@@ -27,7 +27,7 @@ from shared.text_batch import TEXT_PAD_MULTIPLE, PromptEncoding
 
 from shared import image_files as output
 from .loop import configure_speed
-from .references import encode_references, parse_size, reference_sizes
+from .references import encode_references, planned_references
 from .resolve import (SampleError, base_mismatch, check_fit, conventions, part_config, read_prompts,
                       resolve_lora, resolve_transformer)
 
@@ -60,6 +60,7 @@ class SampleOptions:
     check_base: bool = True   # warn when a LoRA's recorded base is not the transformer it is applied to
     images: list[Path] = field(default_factory=list)   # reference images (edit models: sample/references.py)
     reference_size: str | None = None                  # WxH for every reference (default: the family's)
+    reference_resolution: int | None = None            # an area cap for every reference, as encode's
 
 
 def _device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -93,7 +94,7 @@ class Plan:
     device: torch.device
     dtype: torch.dtype
     warnings: list[str] = field(default_factory=list)
-    ref_sizes: list = field(default_factory=list)   # each --image's (width, height)
+    ref_images: list = field(default_factory=list)   # each --image prepared (PIL, at its reference size)
 
 
 def plan(opts: SampleOptions) -> Plan:
@@ -134,15 +135,9 @@ def plan(opts: SampleOptions) -> Plan:
         raise SampleError(f"unknown {family.text.label} mode {text_mode!r}; choose {' or '.join(family.text.modes)}")
     guidance = (conv.guidance if opts.guidance is None else opts.guidance) if conv.guidance_embeds else None
     warnings = [w for w in [_lora_base_warning(opts, source, lora_info, label)] if w]
-    if opts.reference_size and not opts.images:
-        raise SampleError("--reference-size sizes the --image references; give --image too")
-    override = parse_size(opts.reference_size) if opts.reference_size else None
-    try:
-        ref_sizes = reference_sizes(family, list(opts.images), override)
-    except ValueError as e:   # more references than the family places
-        raise SampleError(str(e)) from None
+    ref_images = planned_references(family, opts.images, opts.reference_size, opts.reference_resolution)
     return Plan(family, prompts, source, lora, conv, width, height, steps, guidance, cfg, text_mode, device, dtype,
-                warnings, ref_sizes)
+                warnings, ref_images)
 
 
 def _lora_base_warning(opts: SampleOptions, source, lora_info: dict, label: str) -> str | None:
@@ -222,7 +217,7 @@ def run(opts: SampleOptions) -> list[Path]:
                                                 attention_backend=opts.attention_backend, cudnn_sdpa=opts.cudnn_sdpa,
                                                 fuse_qkv=opts.fuse_qkv)
         vae = load_vae(opts.model, p.dtype, p.device, p.family)
-        refs = encode_references(p.family, vae, list(opts.images), p.ref_sizes, p.device, p.dtype)
+        refs = encode_references(p.family, vae, p.ref_images, p.device, p.dtype)
     except ModelLoadError as e:
         raise SampleError(str(e)) from None
     jobs = [(i, s) for i in range(len(p.prompts)) for s in opts.seeds]
@@ -234,7 +229,8 @@ def run(opts: SampleOptions) -> list[Path]:
             "width": p.width, "height": p.height, f"{col}_mode": p.text_mode, f"{col}_max_length": max_len,
             "shift_schedule": p.conv.shift, "dtype": dtype_name(p.dtype), "software": "flux-sample",
             **({"images": " ".join(map(str, opts.images)),
-                "reference_sizes": " ".join(f"{w}x{h}" for w, h in p.ref_sizes)} if opts.images else {})}
+                "reference_sizes": " ".join(f"{im.width}x{im.height}" for im in p.ref_images)}
+             if opts.images else {})}
     written, entries, images = [], [], []
     batches = [jobs[i:i + opts.batch_size] for i in range(0, len(jobs), opts.batch_size)]
     bar = tqdm(total=len(jobs), desc="images", unit="img", disable=not opts.progress)

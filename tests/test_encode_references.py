@@ -102,14 +102,15 @@ def test_kontext_reference_latent_is_the_pipelines(tiny_model, tmp_path):
 
 
 def test_klein_reference_latent_is_the_pipelines(tiny_flux2_klein, tmp_path):
-    """Flux2KleinPipeline(image=...): its preprocessing and normalised image latent (FLUX.2's to_x0 of ours)."""
+    """Flux2KleinPipeline(image=...): its preprocessing and normalised image latent (FLUX.2's to_x0 of ours), for
+    a reference of no 16-multiple sides (the pipeline crops 90x70 to 80x64, centred)."""
     from diffusers import Flux2KleinPipeline
-    reader = _encode(tiny_flux2_klein, _paired_tar(tmp_path / "d" / "a.tar", (96, 64)), tmp_path / "cache")
+    reader = _encode(tiny_flux2_klein, _paired_tar(tmp_path / "d" / "a.tar", (90, 70)), tmp_path / "cache")
     [row] = _rows(reader).values()
     assert reader.manifest["references"] == 1 and reader.manifest["image"]["reference_resolution"] is None
     pipe = Flux2KleinPipeline.from_pretrained(str(tiny_flux2_klein))
     seen = _spy(pipe, stop=False)
-    pipe(image=Image.open(io.BytesIO(_ref_png((96, 64)))), prompt="x", height=32, width=32, num_inference_steps=1,
+    pipe(image=Image.open(io.BytesIO(_ref_png((90, 70)))), prompt="x", height=32, width=32, num_inference_steps=1,
          output_type="latent")
     ours = FLUX2.to_x0(row["ref0_latent"][None], reader.manifest["vae"])
     assert ours.shape == seen["latents"].shape

@@ -71,6 +71,7 @@ def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: 
     device = resolve_device(device, ranks.local_rank)
     shards = resolve_inputs(input_spec, references=prep.references)
     family = check_model(model)
+    family.check_references(prep.references, "--references")   # Kontext places one: refused before any work
     prep = replace(prep, family=family.name)   # the family sizes the references (decode workers)
     ranks.start()
     lock = None

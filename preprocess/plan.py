@@ -155,6 +155,7 @@ def plan(model: str, input_spec: str, prep: PrepOptions, *, text_mode: str, text
     """The estimate (see the module docstring); JSON-ready."""
     shards = resolve_inputs(input_spec, references=prep.references)
     family = family_of_model(model)
+    family.check_references(prep.references, "--references")
     prep = replace(prep, family=family.name)   # whose reference sizes
     if text_mode not in family.text.modes:
         raise ValueError(f"{model}: {family.name} text takes mode {' or '.join(family.text.modes)}, not {text_mode!r}")

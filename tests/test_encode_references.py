@@ -229,3 +229,11 @@ def test_flux2_reference_caps_are_the_pipelines_resize():
         capped = Flux2ImageProcessor._resize_if_exceeds_area(img, 512 * 512).size
         assert FLUX2.reference_size(*size, count=1, override=512) == tuple(x // 16 * 16 for x in capped)
     assert FLUX2.reference_size(48, 300, count=1) == (0, 0)     # under 64 pixels: the pipelines refuse it
+
+
+def test_two_references_for_flux1_are_refused_before_any_work(tiny_model, tmp_path):
+    """FLUX.1 (Kontext) places one reference: --references 2 is refused naming the option and the family, and
+    nothing is written."""
+    with pytest.raises(ValueError, match="--references.*flux1 places at most 1"):
+        _encode(tiny_model, _paired_tar(tmp_path / "d" / "a.tar"), tmp_path / "cache", references=2)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())

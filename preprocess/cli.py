@@ -30,9 +30,9 @@ def tiny_model(
     out_dir: Path = typer.Argument(..., help="Folder to write (diffusers' FLUX layout)."),
     family: Literal["flux1", "flux1-kontext", "flux2-klein", "flux2-klein-distilled", "flux2-dev"] = typer.Option(
         "flux1", help="flux1: FluxPipeline (T5 + CLIP); flux1-kontext: FluxKontextPipeline (FLUX.1 with a guidance "
-                      "embedding, sampled with a reference image); flux2-klein: Flux2KleinPipeline base (Qwen3, sampled with "
-                      "CFG); flux2-klein-distilled: its step-distilled kind (is_distilled); flux2-dev: Flux2Pipeline "
-                      "(Mistral 3, a guidance embedding)."),
+                      "embedding, sampled with a reference image); flux2-klein: Flux2KleinPipeline base (Qwen3, "
+                      "sampled with CFG); flux2-klein-distilled: its step-distilled kind (is_distilled); flux2-dev: "
+                      "Flux2Pipeline (Mistral 3, a guidance embedding)."),
     seed: int = typer.Option(0, help="Seed of the random weights; the same seed writes the same files."),
     guidance_embeds: bool = typer.Option(False, help="FLUX.1: give the transformer FLUX.1-dev's guidance embedding."),
     vae: Literal["pooling", "random"] = typer.Option(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from glob import escape as glob_escape
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from .images import ImageSkip, resize_center_crop
-from .sources import IMAGE_EXTS, glob_escape
+from .sources import IMAGE_EXTS
 
 SKIP_BAD_MASK = "bad_mask"                  # a mask file that cannot be decoded
 SKIP_MASK_SIZE = "mask_size_mismatch"       # a mask file of another size than its image

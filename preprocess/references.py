@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 import struct
 import warnings
+from glob import escape as glob_escape
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from PIL import Image
 from shared.images import reference_image
 
 from .images import ImageSkip, Prepared, open_image, oriented_size
-from .sources import IMAGE_EXTS, glob_escape
+from .sources import IMAGE_EXTS
 
 SKIP_MISSING_REFERENCE = "missing_reference"
 SKIP_BAD_REFERENCE = "bad_reference"

@@ -20,7 +20,6 @@ import re
 import tarfile
 import zlib
 from dataclasses import dataclass, field
-from glob import escape as glob_escape
 from pathlib import Path
 
 import fsspec

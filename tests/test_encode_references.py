@@ -237,3 +237,28 @@ def test_two_references_for_flux1_are_refused_before_any_work(tiny_model, tmp_pa
     with pytest.raises(ValueError, match="--references.*flux1 places at most 1"):
         _encode(tiny_model, _paired_tar(tmp_path / "d" / "a.tar"), tmp_path / "cache", references=2)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_masks_and_references_in_one_folder_encode_together(tiny_model, tmp_path):
+    """encode --masks --references 1 on a folder with masks/ and control/ beside the images: every row holds its
+    mask and its reference, verify passes; a changed reference changes its input shard's fingerprint (as a
+    changed mask does), so a resumed encode does it again."""
+    from preprocess.sources import resolve_inputs
+    from preprocess.verify import verify_cache
+    folder = tmp_path / "pairs"
+    for sub in ("masks", "control"):
+        (folder / sub).mkdir(parents=True)
+    for stem, ref in (("a", _ref_png((48, 32))), ("b", _ref_png((32, 48), (250, 10, 10)))):
+        (folder / f"{stem}.jpg").write_bytes(image_bytes((48, 40)))
+        (folder / f"{stem}.txt").write_bytes(b"make it blue")
+        (folder / "masks" / f"{stem}.png").write_bytes(image_bytes((48, 40), (255, 255, 255), fmt="PNG"))
+        (folder / "control" / f"{stem}.png").write_bytes(ref)
+    reader = _encode(tiny_model, folder, tmp_path / "cache", resolution=32, masks=True)
+    rows = _rows(reader)
+    assert sorted(rows) == ["a", "b"] and reader.manifest["skipped"] == {}
+    for row in rows.values():
+        assert row["mask"].shape == row["latent"].shape[1:] and row["ref0_latent"].ndim == 3
+    assert verify_cache(tmp_path / "cache") == []
+    before = resolve_inputs(str(folder), references=1)[0].fingerprint
+    (folder / "control" / "a.png").write_bytes(_ref_png((48, 32), (10, 200, 10)))
+    assert resolve_inputs(str(folder), references=1)[0].fingerprint != before

@@ -28,10 +28,11 @@ app.add_typer(lora_app, name="lora")
 @app.command("tiny-model")
 def tiny_model(
     out_dir: Path = typer.Argument(..., help="Folder to write (diffusers' FLUX layout)."),
-    family: Literal["flux1", "flux2-klein", "flux2-klein-distilled", "flux2-dev"] = typer.Option(
-        "flux1", help="flux1: FluxPipeline (T5 + CLIP); flux2-klein: Flux2KleinPipeline base (Qwen3, sampled with "
-                      "CFG); flux2-klein-distilled: its step-distilled kind (is_distilled); flux2-dev: Flux2Pipeline "
-                      "(Mistral 3, a guidance embedding)."),
+    family: Literal["flux1", "flux1-kontext", "flux2-klein", "flux2-klein-distilled", "flux2-dev"] = typer.Option(
+        "flux1", help="flux1: FluxPipeline (T5 + CLIP); flux1-kontext: FluxKontextPipeline (FLUX.1 with a guidance "
+                      "embedding, sampled with a reference image); flux2-klein: Flux2KleinPipeline base (Qwen3, "
+                      "sampled with CFG); flux2-klein-distilled: its step-distilled kind (is_distilled); flux2-dev: "
+                      "Flux2Pipeline (Mistral 3, a guidance embedding)."),
     seed: int = typer.Option(0, help="Seed of the random weights; the same seed writes the same files."),
     guidance_embeds: bool = typer.Option(False, help="FLUX.1: give the transformer FLUX.1-dev's guidance embedding."),
     vae: Literal["pooling", "random"] = typer.Option(
@@ -41,14 +42,15 @@ def tiny_model(
                                                               "(all of it: none of its files is kept)."),
 ):
     """Write a tiny FLUX model folder: the real classes at toy sizes, loadable by the family's diffusers
-    pipeline (FluxPipeline, Flux2KleinPipeline, Flux2Pipeline), made offline."""
+    pipeline (FluxPipeline, FluxKontextPipeline, Flux2KleinPipeline, Flux2Pipeline), made offline."""
     from preprocess.export import replace_folder
     from shared.quiet import silence_progress_bars
-    from shared.tiny import write_tiny_model
+    from shared.tiny import write_tiny_kontext, write_tiny_model
     from shared.tiny_flux2 import write_tiny_flux2_dev, write_tiny_flux2_klein
     if guidance_embeds and family != "flux1":
         raise typer.BadParameter(f"--guidance-embeds is FLUX.1's; {family} decides it itself")
     writers = {"flux1": lambda tmp: write_tiny_model(tmp, seed=seed, guidance_embeds=guidance_embeds, vae=vae),
+               "flux1-kontext": lambda tmp: write_tiny_kontext(tmp, seed=seed, vae=vae),
                "flux2-klein": lambda tmp: write_tiny_flux2_klein(tmp, seed=seed, vae=vae),
                "flux2-klein-distilled": lambda tmp: write_tiny_flux2_klein(tmp, seed=seed, distilled=True, vae=vae),
                "flux2-dev": lambda tmp: write_tiny_flux2_dev(tmp, seed=seed, vae=vae)}

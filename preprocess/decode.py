@@ -29,6 +29,9 @@ class PrepOptions:
     min_size: int | None = None   # skip short sides under it; None: default_min_size(resolution); 0: keep all
     jpeg_draft: bool = True
     masks: bool = False           # read each image's loss mask (masks.py)
+    references: int = 0                      # reference images per sample (references.py); 0: plain data
+    reference_resolution: int | None = None  # their area cap in pixels (a side); None: the family's rule
+    family: str | None = None                # whose reference sizes (shared/family/); None: FLUX.1
 
     def __post_init__(self):
         # Resolved here, so encode, its recorded settings and plan all see the same number.
@@ -62,21 +65,43 @@ def prepare_sample(sample, opts: PrepOptions, buckets):
             prepared = replace(prepared, mask=sample_mask(sample.files, data, prepared.width, prepared.height, crop))
         except ImageSkip as e:
             return Skip(sample.key, e.reason)
-    return sample.key, caption, prepared
+    refs = prepare_references(sample.files, opts) if opts.references else []
+    if isinstance(refs, str):
+        return Skip(sample.key, refs)
+    return sample.key, caption, prepared, refs
+
+
+def prepare_references(files: dict, opts: PrepOptions):
+    """The sample's prepared reference images, or a skip reason (references.py)."""
+    from shared.family import get_family
+    from .references import SKIP_BAD_REFERENCE, prepare_reference, reference_bytes
+    data, why = reference_bytes(files, opts.references)
+    if why is not None:
+        return why
+    try:
+        return [prepare_reference(d, get_family(opts.family), opts.references, opts.reference_resolution)
+                for d in data]
+    except ImageSkip as e:
+        return e.reason
+    except Exception:   # as for the target: one sample, not the run
+        return SKIP_BAD_REFERENCE
+
+
+def _stack(prepared: list):
+    return (torch.stack([p.pixels for p in prepared]),
+            torch.tensor([[p.width, p.height] for p in prepared], dtype=torch.int32))
 
 
 def _batch(shard: InputShard, items, skips, end, decode_s, examples=None):
-    if items:
-        pixels = torch.stack([p.pixels for _, _, p in items])
-        sizes = torch.tensor([[p.width, p.height] for _, _, p in items], dtype=torch.int32)
-    else:
-        pixels = sizes = None
+    pixels, sizes = _stack([it[2] for it in items]) if items else (None, None)
+    refs = [_stack([it[3][i] for it in items]) for i in range(len(items[0][3]))] if items else []
     # A row's first caption is encoded with the batch (as before there were several); the others apart.
-    return {"shard": shard.id, "pixels": pixels, "sizes": sizes, "keys": [shard.row_key(k) for k, _, _ in items],
-            "captions": [c[0] for _, c, _ in items], "alt_captions": [c[1:] for _, c, _ in items],
+    return {"shard": shard.id, "pixels": pixels, "sizes": sizes, "keys": [shard.row_key(it[0]) for it in items],
+            "captions": [it[1][0] for it in items], "alt_captions": [it[1][1:] for it in items],
             "skips": dict(skips), "end": end, "decode_s": decode_s,
             "skip_examples": examples or {},   # the shard's named skips, on its last batch
-            **({"masks": torch.stack([p.mask for _, _, p in items])} if items and items[0][2].mask is not None
+            "refs": [{"pixels": p, "sizes": s} for p, s in refs],   # each reference's, as pixels and sizes
+            **({"masks": torch.stack([it[2].mask for it in items])} if items and items[0][2].mask is not None
                else {})}
 
 
@@ -89,14 +114,15 @@ def shard_batches(shard: InputShard, opts: PrepOptions, batch_size: int, caption
     examples: dict[str, list[str]] = {}
     decode_s = 0.0
     t0 = time.perf_counter()
-    for sample in iter_shard(shard):
+    for sample in iter_shard(shard, opts.references):
         out = sample if isinstance(sample, Skip) else prepare_sample(sample, opts, buckets)
         if isinstance(out, Skip):
             skips[out.reason] = skips.get(out.reason, 0) + 1
             add_example(examples, out.reason, skipped_name(shard, out.key, getattr(sample, "files", ())))
             continue
-        out = (out[0], row_captions(out[1], shard.row_key(out[0]), captions), out[2])
-        size = tuple(out[2].pixels.shape[1:])
+        out = (out[0], row_captions(out[1], shard.row_key(out[0]), captions), *out[2:])
+        # one batch, one size of each image: the target's and each reference's
+        size = (tuple(out[2].pixels.shape[1:]), *(tuple(r.pixels.shape[1:]) for r in out[3]))
         group = pending.setdefault(size, [])
         group.append(out)
         if len(group) >= batch_size:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shared.cache.references import latent_column
 from shared.cache.schema import torch_dtype
 from shared.family import family_of_model
 from shared.models import model_identity
@@ -95,23 +96,29 @@ class Encoders:
         return mean, logvar.clamp(-30.0, 20.0)   # diffusers' DiagonalGaussianDistribution clamp
 
     @torch.inference_mode()
-    def encode_batch(self, pixels_u8: torch.Tensor, captions: list[str], pad_to: int | None = None) -> "HostBatch":
+    def encode_batch(self, pixels_u8: torch.Tensor, captions: list[str], pad_to: int | None = None,
+                     refs: list[torch.Tensor] = ()) -> "HostBatch":
         """Queue a batch's work; returns host tensors whose copy completes by `HostBatch.wait()`.
 
         `pad_to`: run a short batch (an input shard's last images) at this size, so that a compiled
         encoder meets one batch shape instead of compiling again for each remainder; the padding
-        rows are dropped before the copy back."""
+        rows are dropped before the copy back. `refs`: each reference image's uint8 pixels [B, 3, h, w],
+        encoded as the target (the same VAE call, dtype, posterior mean) into `ref{i}_latent`."""
         n = len(captions)
         if self.pad_batches and pad_to and n < pad_to:
-            pixels_u8 = torch.cat([pixels_u8, pixels_u8[:1].expand(pad_to - n, -1, -1, -1)])
+            pixels_u8 = _pad(pixels_u8, pad_to)
+            refs = [_pad(r, pad_to) for r in refs]
             captions = list(captions) + [""] * (pad_to - n)
         mean, logvar = self.encode_pixels(pixels_u8)
+        ref_means = [self.encode_pixels(r)[0] for r in refs]
         text = self.text.encode(captions)
         st, spec = self.store_dtype, self.text_spec
         out = {"latent": mean[:n].to(st).contiguous(), **{c: text[c][:n].to(st) for c in spec.tensor_columns},
                spec.length: text[spec.length][:n].to(torch.int32)}
         if self.opts.store_logvar:
             out["latent_logvar"] = logvar[:n].to(st).contiguous()
+        for i, ref in enumerate(ref_means):
+            out[latent_column(i)] = ref[:n].to(st).contiguous()
         return HostBatch.copy_from(out)
 
     @torch.inference_mode()
@@ -145,6 +152,11 @@ class Encoders:
             out[spec.pooled] = text[spec.pooled][0].to("cpu", self.store_dtype).contiguous()
         out[spec.length] = torch.tensor(length, dtype=torch.int64)
         return out
+
+
+def _pad(pixels_u8: torch.Tensor, size: int) -> torch.Tensor:
+    """A short batch run at `size` rows, the first image repeated (dropped after encoding)."""
+    return torch.cat([pixels_u8, pixels_u8[:1].expand(size - len(pixels_u8), -1, -1, -1)])
 
 
 class HostBatch:

@@ -93,6 +93,16 @@ def encode_command(
                                                         "one, all after the first), seeded by the sample's key; "
                                                         "each encoded once, as a row's other captions are (one "
                                                         "per non-empty line of a .txt, or a .json caption list)."),
+    references: int = typer.Option(0, min=0, help="Reference images per sample (paired data for edit training): "
+                                                  "a tar's KEY.ref.jpg or KEY.ref0.jpg, KEY.ref1.jpg, ...; a "
+                                                  "folder's control/ or reference/ (control0/, control1/, ...) "
+                                                  "beside the images, same file stem. A sample missing one is "
+                                                  "skipped (missing_reference, bad_reference). 0: plain data."),
+    reference_resolution: int = typer.Option(0, min=0, metavar="PIXELS",
+                                             help="Cap each reference image at about PIXELS^2 pixels (aspect "
+                                                  "kept, sides multiples of 16); 0: the family's rule (FLUX.1: "
+                                                  "Kontext's preferred resolutions; FLUX.2: 2024^2 for one "
+                                                  "reference, 1024^2 each for several)."),
     sample_prompts: Optional[Path] = typer.Option(None, help="Prompts the trainer renders samples of (one a "
                                                              "line; run.sample_every): encoded into the cache with "
                                                              "its text mode and length, after the images, or alone "
@@ -125,15 +135,17 @@ def encode_command(
             raise typer.BadParameter("--input is required (or --sample-prompts alone, on an existing cache)")
         _encode_sample_prompts(model, output, sample_prompts, text_mode, text_max_length, device, options)
         return
-    prep = PrepOptions(resolution=resolution, buckets=buckets, min_size=min_size_px,
-                       jpeg_draft=jpeg_draft, masks=masks)
+    if reference_resolution and not references:
+        raise typer.BadParameter("--reference-resolution sizes reference images: give --references N too")
+    prep = PrepOptions(resolution=resolution, buckets=buckets, min_size=min_size_px, jpeg_draft=jpeg_draft,
+                       masks=masks, references=references, reference_resolution=reference_resolution or None)
     # FLUX.1's own text-encoder options, passed on where given (another family refuses them by name)
     text_options = {k: v for k, v in (("t5_impl", t5_impl), ("t5_fp32_wo", t5_fp32_wo)) if v}
     opts = EncodeOptions(text_mode=text_mode or "padded", text_max_length=text_max_length or None,
                          store_logvar=store_logvar, dtype=dtype, compute_dtype=compute_dtype or None, compile=compile,
                          text_options=text_options)
     command = recorded_command(sys.argv, config_flags(ctx))
-    warn_repeat_folders(input)
+    warn_repeat_folders(input, references)
     try:
         stats = run_encode(model, input, output, prep=prep, opts=opts, batch_size=batch_size,
                            num_workers=default_workers() if num_workers is None else num_workers,
@@ -147,7 +159,7 @@ def encode_command(
         typer.echo(f"error: {output}: {type(e).__name__}: {e}", err=True)
         raise typer.Exit(2)
     except KeyboardInterrupt:
-        typer.echo(interrupted_message(input, output, options), err=True)
+        typer.echo(interrupted_message(input, output, options, references), err=True)
         raise typer.Exit(130) from None
     _report(stats, output)
     if sample_prompts is not None and stats["rank"] == 0:
@@ -172,12 +184,15 @@ def _encode_sample_prompts(model: str, output: str, prompts_file: Path, text_mod
     typer.echo(f"sample prompts: {n} encoded into {output}")
 
 
-def warn_repeat_folders(input_spec: str) -> None:
-    """Say that kohya's `10_name/` repeat counts are ignored (once: rank 0 of a launch)."""
+def warn_repeat_folders(input_spec: str, references: int = 0) -> None:
+    """Say that kohya's `10_name/` repeat counts are ignored, and that reference folders are read as images
+    without --references (once: rank 0 of a launch)."""
+    from .references import reference_folder_warning
     from .sources import repeat_folder_warning
-    warning = repeat_folder_warning(input_spec)
-    if warning and os.environ.get("RANK", "0") == "0":
-        typer.echo(f"warning: {warning}", err=True)
+    warnings = [repeat_folder_warning(input_spec), None if references else reference_folder_warning(input_spec)]
+    for warning in warnings:
+        if warning and os.environ.get("RANK", "0") == "0":
+            typer.echo(f"warning: {warning}", err=True)
 
 
 def min_size_option(text: str) -> int | None:
@@ -222,7 +237,7 @@ def recorded_command(argv: list[str], file_flags: tuple[str, ...] | list[str] = 
     return " ".join(out)
 
 
-def interrupted_message(input_spec: str, output: str, storage_options: dict) -> str:
+def interrupted_message(input_spec: str, output: str, storage_options: dict, references: int = 0) -> str:
     """After Ctrl-C: what the cache keeps (its done input shards) and how to go on. The shards being
     encoded have no done-record, so a rerun encodes them again (ledger.py)."""
     from .ledger import kept_progress
@@ -233,7 +248,7 @@ def interrupted_message(input_spec: str, output: str, storage_options: dict) -> 
     who = f"rank {ranks.rank}/{ranks.world}: " if ranks.world > 1 else ""
     rerun = "rerun the same command to resume (a done input shard is never encoded again)"
     try:
-        kept = kept_progress(open_store(output, storage_options), resolve_inputs(input_spec))
+        kept = kept_progress(open_store(output, storage_options), resolve_inputs(input_spec, references=references))
     except Exception as e:  # noqa: BLE001 - the summary must not hide the interrupt behind a traceback
         return f"{who}interrupted; {output} could not be read back ({type(e).__name__}: {e}); {rerun}"
     if kept["done"] == 0:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 
 from safetensors.torch import save as save_safetensors
 from torch.utils.data import DataLoader
 
 from shared.cache import CacheError
+from shared.cache.references import REFERENCES_KEY
 from shared.cache.schema import EMPTY_PROMPT_NAME, MANIFEST_NAME
 from shared.cache.store import Store, open_store
 from shared.devices import resolve_device
@@ -45,12 +47,15 @@ def run_settings(enc: Encoders, prep: PrepOptions, opts: EncodeOptions,
         dtypes["latent_logvar"] = store
     if prep.masks:   # without --masks the settings (and the manifest) are what they always were
         dtypes["mask"] = MASK_DTYPE
+    image = {"resolution": prep.resolution, "buckets": prep.bucket_list(), "crop": CROP_RULE,
+             "min_size": prep.min_size, "jpeg_draft": prep.jpeg_draft, **({"masks": MASK_RULE} if prep.masks else {})}
+    if prep.references:    # only then: a plain cache's settings (and manifest) stay as they were
+        image["reference_resolution"] = prep.reference_resolution
     return {
         "family": enc.family.name,
         "encoders": enc.identities,
-        "image": {"resolution": prep.resolution, "buckets": prep.bucket_list(), "crop": CROP_RULE,
-                  "min_size": prep.min_size, "jpeg_draft": prep.jpeg_draft,
-                  **({"masks": MASK_RULE} if prep.masks else {})},
+        **({REFERENCES_KEY: prep.references} if prep.references else {}),
+        "image": image,
         spec.states: {"mode": opts.text_mode, "max_length": enc.text.max_length},
         "dtypes": dtypes, "compute_dtype": enc.compute_dtype_name, **enc.text.facts(),
         "dims": enc.dims(), "vae": enc.vae_factors(),
@@ -70,8 +75,10 @@ def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: 
     out_dir = open_store(output, storage_options)
     ranks = Ranks()
     device = resolve_device(device, ranks.local_rank)
-    shards = resolve_inputs(input_spec)
-    check_model(model)
+    shards = resolve_inputs(input_spec, references=prep.references)
+    family = check_model(model)
+    family.check_references(prep.references, "--references")   # Kontext places one: refused before any work
+    prep = replace(prep, family=family.name)   # the family sizes the references (decode workers)
     ranks.start()
     lock = None
     try:
@@ -127,7 +134,7 @@ def _encode(model: str, out_dir: Store, todo: list[InputShard], device, *, prep:
         out_dir.write_bytes(EMPTY_PROMPT_NAME, save_safetensors(enc.empty_prompt()))
     bar = _progress_bar(progress, rank, todo, already_done)
     outputs = ShardOutputs(out_dir, todo, settings["dtypes"], rows_per_shard=rows_per_shard, text=enc.text_spec,
-                           text_mode=opts.text_mode, bar=bar, rank=rank)
+                           text_mode=opts.text_mode, bar=bar, rank=rank, references=prep.references)
     # Rows are written by background threads, each input shard's in order, while this one queues
     # the next batches. Each thread holds up to 4 batches: room for its fsync bursts.
     writer = RowWriterPool(outputs.write, threads=writer_threads, max_pending=4)
@@ -158,7 +165,8 @@ def _encode_loop(batches, enc: Encoders, writer: RowWriterPool, outputs: ShardOu
         if item is None:
             return waits
         outputs.stats["decode_s"] += item["decode_s"]
-        host = (enc.encode_batch(item["pixels"], item["captions"], pad_to=batch_size)
+        host = (enc.encode_batch(item["pixels"], item["captions"], pad_to=batch_size,
+                                 refs=[r["pixels"] for r in item["refs"]])
                 if item["pixels"] is not None else None)
         if host is not None:   # the rows' other captions (none: an empty list), written with the rows
             item["alt_hosts"] = enc.encode_alt(item["alt_captions"], batch_size)

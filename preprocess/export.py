@@ -58,6 +58,9 @@ def read_final(folder: Path) -> Final:
         return Final(folder, info, lora=True, family=get_family(info.get("family")))
     if (folder / "config.json").is_file() and (folder / TRANSFORMER_FILE).is_file():
         family = family_of_transformer(json.loads((folder / "config.json").read_text()))
+        if family is not None and info.get("family"):   # the run's own (Kontext shares FLUX.1's class)
+            family = get_family(info["family"]) if get_family(info["family"]).transformer_class == \
+                family.transformer_class else family
         return Final(folder, info, lora=False, family=family or get_family(info.get("family")))
     raise ExportError(f"{folder}: not a trainer final/ folder (neither {LORA_FILE} nor config.json + "
                       f"{TRANSFORMER_FILE})")

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from shared.images import to_rgb  # noqa: F401 - one home for RGB conversion (encode and flux-sample)
+
 from .sources import SKIP_BAD_IMAGE, SKIP_BOMB, SKIP_EMPTY_FILE, SKIP_TOO_SMALL
 
 # Sides are multiples of 16: the VAE divides by 8 and the transformer packs 2x2 latent patches.
@@ -109,21 +111,6 @@ def open_image(data: bytes) -> Image.Image:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageSkip(SKIP_BAD_IMAGE, str(e)) from None
     return img
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB from any mode; transparency is flattened on white (not black, which would darken edges)."""
-    if img.mode == "RGB":
-        return img
-    if img.mode == "P":
-        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
-    if img.mode in ("LA", "PA"):
-        img = img.convert("RGBA")
-    if img.mode == "RGBA":
-        white = Image.new("RGB", img.size, (255, 255, 255))
-        white.paste(img, mask=img.getchannel("A"))
-        return white
-    return img.convert("RGB")   # L, 1, I, F, CMYK, YCbCr, LAB
 
 
 def resize_center_crop(img: Image.Image, width: int, height: int) -> Image.Image:

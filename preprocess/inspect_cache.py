@@ -4,6 +4,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from shared.cache import CacheError, read_manifest
+from shared.cache.references import columns, reference_count
 from shared.cache.store import Store, open_store
 from shared.family import family_of_manifest
 
@@ -38,10 +39,14 @@ def inspect_cache(cache_dir, storage_options: dict | None = None) -> str:
              f"{family.text.states:<10} {text['mode']}, max length {text['max_length']}",
              f"dtypes     {', '.join(f'{k}={v}' for k, v in manifest['dtypes'].items())}",
              _captions(manifest, rows)]
+    if reference_count(manifest):
+        lines.append(f"references {reference_count(manifest)} a row (reference resolution: "
+                     f"{manifest['image'].get('reference_resolution') or 'the family rule'})")
     if rows == 0:
         lines.append("(no rows)")
     else:
-        lines += _bytes_per_sample(store, shards, rows) + _distributions(store, shards, family.text.length)
+        lines += _bytes_per_sample(store, shards, rows) + _distributions(store, shards, family.text.length,
+                                                                         reference_count(manifest))
     lines += _masks(store, shards, manifest)
     return "\n".join(lines + _skips(manifest))
 
@@ -90,20 +95,22 @@ def _bytes_per_sample(store: Store, shards: list[str], rows: int) -> list[str]:
     return lines
 
 
-def _small_columns(store: Store, name: str, length: str) -> pa.Table:
+def _small_columns(store: Store, name: str, length: str, refs: int = 0) -> pa.Table:
+    sizes = [columns(i)[side] for i in range(refs) for side in ("h", "w")]
     try:
         return store.open_parquet(name, page_checksum_verification=True).read(
-            columns=["caption", length, "latent_h", "latent_w"])
+            columns=["caption", length, "latent_h", "latent_w", *sizes])
     except Exception as e:  # pyarrow raises several types for damaged pages
         raise CacheError(f"{store.url_of(name)}: unreadable ({e}); flux-prep verify checks every shard") from None
 
 
-def _distributions(store: Store, shards: list[str], length: str) -> list[str]:
-    """Caption, text-length (`length`: the family's column) and latent size distributions, from the small
-    columns only (pages checked)."""
+def _distributions(store: Store, shards: list[str], length: str, refs: int = 0) -> list[str]:
+    """Caption, text-length (`length`: the family's column), latent size and each reference's latent size
+    distributions, from the small columns only (pages checked)."""
     import polars as pl   # here, not at the top: `verify` needs no polars (the GPU image lacks it)
-    tables = store.map(lambda name: _small_columns(store, name, length), shards)
-    df = pl.from_arrow(pa.concat_tables(tables)).select(
+    tables = store.map(lambda name: _small_columns(store, name, length, refs), shards)
+    table = pa.concat_tables(tables)
+    df = pl.from_arrow(table).select(
         pl.col("caption").str.len_chars().alias("caption_chars"),
         pl.col("caption").str.split(" ").list.len().alias("caption_words"),
         pl.col(length).cast(pl.Int32), pl.col("latent_h"), pl.col("latent_w"),
@@ -112,7 +119,15 @@ def _distributions(store: Store, shards: list[str], length: str) -> list[str]:
     return [f"caption chars  {_quantiles(df['caption_chars'])}",
             f"caption words  {_quantiles(df['caption_words'])}",
             f"{length:<15}{_quantiles(df[length])}",
-            "latent sizes   " + ", ".join(f"{h}x{w}: {n}" for h, w, n in sizes.iter_rows())]
+            "latent sizes   " + ", ".join(f"{h}x{w}: {n}" for h, w, n in sizes.iter_rows())] \
+        + [_reference_sizes(pl.from_arrow(table), i) for i in range(refs)]
+
+
+def _reference_sizes(df, i: int) -> str:
+    """Reference i's latent sizes and how many rows have each."""
+    c = columns(i)
+    sizes = df.group_by(c["h"], c["w"]).len().sort("len", descending=True)
+    return f"ref{i} latent sizes " + ", ".join(f"{h}x{w}: {n}" for h, w, n in sizes.iter_rows())
 
 
 def _skips(manifest: dict) -> list[str]:

@@ -21,6 +21,7 @@ import json
 import re
 
 from shared.cache import CacheError, cache_manifest, write_manifest
+from shared.cache.references import REFERENCES_KEY
 from shared.cache.sample_prompts import SAMPLE_PROMPTS_NAME
 from shared.cache.schema import EMPTY_PROMPT_NAME, MANIFEST_NAME
 from shared.cache.store import Store, open_store
@@ -230,6 +231,7 @@ def manifest_of_records(out_dir, records: list[dict], command: str, version: str
         family=family, dtypes=settings["dtypes"], dims=settings["dims"], text=settings[family.text.states],
         shards=shards, rows=rows, skipped=skipped, empty_prompt=EMPTY_PROMPT_NAME, encoders=settings["encoders"],
         vae=settings["vae"], image=settings["image"], compute_dtype=settings["compute_dtype"],
+        **({REFERENCES_KEY: settings[REFERENCES_KEY]} if settings.get(REFERENCES_KEY) else {}),
         **{k: settings.get(k) for k in family.manifest_facts},
         # The first SKIP_EXAMPLES skipped samples of each reason, named (sources.skipped_name).
         skipped_examples=dict(sorted(examples.items())),

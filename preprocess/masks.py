@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import io
 import warnings
+from glob import escape as glob_escape
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from .images import ImageSkip, resize_center_crop
+from .sources import IMAGE_EXTS
 
 SKIP_BAD_MASK = "bad_mask"                  # a mask file that cannot be decoded
 SKIP_MASK_SIZE = "mask_size_mismatch"       # a mask file of another size than its image
@@ -34,6 +37,18 @@ def mask_file(files: dict) -> bytes | None:
     """The sample's mask file's bytes (`mask.png`, `mask.jpg`, ... among its files), or None."""
     found = sorted(ext for ext in files if ext.startswith("mask."))
     return files[found[0]] if found else None
+
+
+def add_folder_mask(files: dict, stem: Path) -> None:
+    """A folder sample's `masks/STEM.*` as its `mask.EXT` file (a tar's `KEY.mask.EXT`); unreadable: empty, a bad
+    mask."""
+    found = sorted(stem.parent.glob(glob_escape(stem.name) + ".*")) if stem.parent.is_dir() else []
+    for p in (p for p in found if p.suffix[1:].lower() in IMAGE_EXTS and p.stem == stem.name):
+        try:
+            files[f"mask.{p.suffix[1:].lower()}"] = p.read_bytes()
+        except OSError:
+            files[f"mask.{p.suffix[1:].lower()}"] = b""
+        return
 
 
 def _oriented(img: Image.Image) -> Image.Image:

@@ -11,7 +11,7 @@ shards by their files.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -44,6 +44,7 @@ class SampleRow:
     height: int
     latent_hw: tuple[int, int]
     text_lens: list[int]
+    refs: list = None        # each reference's ((width, height) in pixels, its latent's (h, w))
 
 
 def sample_shards(shards: list[InputShard], count: int) -> list[InputShard]:
@@ -61,7 +62,7 @@ def read_sample(shards: list[InputShard], prep: PrepOptions, factor: int = 8,
     rows, skips, seen, examples = [], {}, 0, {}
     buckets = prep.bucket_list()
     for shard in shards:
-        for item in iter_shard(shard):
+        for item in iter_shard(shard, prep.references):
             seen += 1
             why, row = _sample_row(shard, item, prep, buckets, factor, captions)
             if why is not None:
@@ -85,24 +86,50 @@ def _sample_row(shard: InputShard, item, prep: PrepOptions, buckets, factor: int
     except ImageSkip as e:
         return e.reason, None
     tw, th = target_size(w, h, prep.resolution, buckets)
+    refs = _sample_refs(item.files, prep, factor) if prep.references else []
+    if isinstance(refs, str):
+        return refs, None
     key = shard.row_key(item.key)
-    return None, SampleRow(key, row_captions(caption, key, captions), w, h, (th // factor, tw // factor), [])
+    return None, SampleRow(key, row_captions(caption, key, captions), w, h, (th // factor, tw // factor), [], refs)
+
+
+def _sample_refs(files: dict, prep: PrepOptions, factor: int):
+    """Each reference's (pixels, latent size) from its header, as encode sizes it; or a skip reason."""
+    from shared.family import get_family
+    from .references import SKIP_BAD_REFERENCE, reference_bytes, reference_target
+    data, why = reference_bytes(files, prep.references)
+    if why is not None:
+        return why
+    out = []
+    try:
+        for d in data:
+            w, h = oriented_size(open_image(d))
+            _, (cw, ch) = reference_target(w, h, get_family(prep.family), prep.references, prep.reference_resolution)
+            out.append(((w, h), (ch // factor, cw // factor)))
+    except ImageSkip:
+        return SKIP_BAD_REFERENCE
+    return out
 
 
 def other_bytes_per_row(rows: list[SampleRow], dtypes: dict, rows_per_shard: int, family: Family) -> float:
     """What a row costs beyond its tensors' bytes: the sample's rows written with empty tensors."""
     spec = family.text
+    refs = len(rows[0].refs or ())
     with tempfile.TemporaryDirectory() as tmp, CacheWriter(tmp, "plan", dtypes, text=spec,
                                                            rows_per_shard=rows_per_shard,
-                                                           row_group_rows=min(256, rows_per_shard)) as w:
+                                                           row_group_rows=min(256, rows_per_shard),
+                                                           references=refs) as w:
         for r in rows:
             empty = {spec.states: [torch.zeros(0, 1)], spec.length: r.text_lens[:1],
                      **({spec.pooled: [torch.zeros(0)]} if spec.pooled else {})}
             alt = {alt_name(spec.states): [[torch.zeros(0, 1)] * (len(r.captions) - 1)],
                    alt_name(spec.length): [r.text_lens[1:]],
                    **({alt_name(spec.pooled): [[torch.zeros(0)] * (len(r.captions) - 1)]} if spec.pooled else {})}
+            # the references' sizes as written: their h and w columns compress as the real ones do
+            ref_rows = [{"latent": [torch.zeros(0, hw[0], hw[1])], "width": [wh[0]], "height": [wh[1]]}
+                        for wh, hw in r.refs or ()]
             w.add_batch(keys=[r.key], captions=r.captions[:1], latent=[torch.zeros(16, 0, 0)], widths=[r.width],
-                        heights=[r.height], alt_captions=[r.captions[1:]], **empty, **alt)
+                        heights=[r.height], alt_captions=[r.captions[1:]], refs=ref_rows or None, **empty, **alt)
         shards = w.close()
         return sum(s.bytes for s in shards) / len(rows)
 
@@ -110,13 +137,14 @@ def other_bytes_per_row(rows: list[SampleRow], dtypes: dict, rows_per_shard: int
 def tensor_bytes(row: SampleRow, mode: str, max_length: int, dims: dict, itemsize: int, logvar: bool,
                  family: Family) -> int:
     """A row's tensor bytes: latent (and its log-variance), each caption's text states (max_length or real
-    tokens) and pooled vector where the family has one."""
+    tokens) and pooled vector where the family has one, the reference latents."""
     spec = family.text
     latent = dims["latent_channels"] * row.latent_hw[0] * row.latent_hw[1]
+    refs = sum(dims["latent_channels"] * h * w for _, (h, w) in row.refs or ())
     tokens = max_length * len(row.text_lens) if mode == "padded" else sum(row.text_lens)
     states = tokens * dims[spec.dim_keys()[spec.states]]
     pooled = dims[spec.dim_keys()[spec.pooled]] * len(row.text_lens) if spec.pooled else 0
-    return itemsize * (latent * (2 if logvar else 1) + states + pooled)
+    return itemsize * (latent * (2 if logvar else 1) + states + pooled + refs)
 
 
 def mask_bytes(row: SampleRow) -> int:
@@ -134,8 +162,10 @@ def plan(model: str, input_spec: str, prep: PrepOptions, *, text_mode: str, text
          dtype: str, store_logvar: bool, rows_per_shard: int, sample: int = 3,
          captions: CaptionOptions = CaptionOptions()) -> dict:
     """The estimate (see the module docstring); JSON-ready."""
-    shards = resolve_inputs(input_spec)
+    shards = resolve_inputs(input_spec, references=prep.references)
     family = family_of_model(model)
+    family.check_references(prep.references, "--references")
+    prep = replace(prep, family=family.name)   # whose reference sizes
     if text_mode not in family.text.modes:
         raise ValueError(f"{model}: {family.name} text takes mode {' or '.join(family.text.modes)}, not {text_mode!r}")
     dims = model_dims(model, family)

@@ -14,7 +14,8 @@ from .encode_cli import warn_repeat_folders, encode_command, min_size_option
 # Encode's options that change what the cache holds; the others (batch size, workers, device, ...) only
 # how fast it is written, and a plan accepts and ignores them.
 USED = ("model", "input", "resolution", "buckets", "min_size", "text_mode", "text_max_length", "store_logvar",
-        "dtype", "rows_per_shard", "masks", "caption_prefix", "caption_variants")
+        "dtype", "rows_per_shard", "masks", "caption_prefix", "caption_variants", "references",
+        "reference_resolution")
 
 
 def plan_command(**options):
@@ -33,8 +34,9 @@ def plan_command(**options):
     if not o["input"]:
         raise typer.BadParameter("--input is required: the shards to estimate")
     prep = PrepOptions(resolution=o["resolution"], buckets=o["buckets"], min_size=min_size_option(o["min_size"]),
-                       masks=o["masks"])
-    warn_repeat_folders(o["input"])
+                       masks=o["masks"], references=o["references"],
+                       reference_resolution=o["reference_resolution"] or None)
+    warn_repeat_folders(o["input"], o["references"])
     try:
         result = plan(o["model"], o["input"], prep, text_mode=o["text_mode"],
                       text_max_length=o["text_max_length"] or None,

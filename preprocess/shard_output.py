@@ -9,6 +9,7 @@ import time
 
 from shared.cache import CacheWriter
 from shared.cache.alt_captions import alt_name
+from shared.cache.references import latent_column
 from shared.cache.store import Store
 
 from .ledger import write_done
@@ -24,8 +25,9 @@ class _ShardState:
 
 class ShardOutputs:
     def __init__(self, out_dir: Store, todo: list[InputShard], dtypes: dict, *, rows_per_shard: int, text,
-                 text_mode: str, bar=None, rank: int = 0):
+                 text_mode: str, bar=None, rank: int = 0, references: int = 0):
         self.out_dir, self.dtypes, self.rows_per_shard = out_dir, dtypes, rows_per_shard
+        self.references = references        # reference images per row
         self.text, self.text_mode = text, text_mode    # the family's TextSpec, padded or trimmed
         self.shards = {s.id: s for s in todo}
         self.bar, self.rank = bar, rank
@@ -37,7 +39,8 @@ class ShardOutputs:
     def _state(self, shard_id: str) -> _ShardState:
         if shard_id not in self.states:
             writer = CacheWriter(self.out_dir, shard_id, self.dtypes, text=self.text,
-                                 rows_per_shard=self.rows_per_shard, row_group_rows=min(256, self.rows_per_shard))
+                                 rows_per_shard=self.rows_per_shard, row_group_rows=min(256, self.rows_per_shard),
+                                 references=self.references)
             self.states[shard_id] = _ShardState(writer)
         return self.states[shard_id]
 
@@ -96,9 +99,15 @@ def _write_rows(writer: CacheWriter, item: dict, out: dict, spec, mode: str) -> 
     sizes = item["sizes"].tolist()
     # encode --masks: each latent cell's share of its pixels in the mask
     mask = latent_mask(item["masks"], *out["latent"].shape[-2:]) if "masks" in item else None
+    refs = []
+    for i, ref in enumerate(item.get("refs", ())):
+        ref_sizes = ref["sizes"].tolist()
+        refs.append({"latent": out[latent_column(i)], "width": [s[0] for s in ref_sizes],
+                     "height": [s[1] for s in ref_sizes]})
     writer.add_batch(keys=item["keys"], captions=item["captions"], latent=out["latent"], widths=[s[0] for s in sizes],
                      heights=[s[1] for s in sizes], latent_logvar=out.get("latent_logvar"), copy=False, mask=mask,
-                     **text, **{spec.length: lengths}, **_alt_rows(item, spec, mode))   # `out`: this batch's own copy
+                     refs=refs if writer.references else None, **text, **{spec.length: lengths},
+                     **_alt_rows(item, spec, mode))   # `out`: this batch's own copy
 
 
 def _alt_rows(item: dict, spec, mode: str) -> dict:

@@ -20,7 +20,6 @@ import re
 import tarfile
 import zlib
 from dataclasses import dataclass, field
-from glob import escape as glob_escape
 from pathlib import Path
 
 import fsspec
@@ -144,18 +143,19 @@ def _check_unique(shards: list[InputShard], spec: str) -> None:
         seen[s.id] = s
 
 
-def resolve_inputs(spec: str, folder_shard_samples: int = FOLDER_SHARD_SAMPLES) -> list[InputShard]:
+def resolve_inputs(spec: str, folder_shard_samples: int = FOLDER_SHARD_SAMPLES,
+                   references: int = 0) -> list[InputShard]:
     """The input shards an input spec names, in a stable order (sorted as given).
 
     A folder holding .tar files means those shards; any other folder is read as images with
-    sidecar captions."""
+    sidecar captions (with `references`, its reference folders hold no samples: references.py)."""
     parts = [p for p in spec.split("::") if p]
     if not parts:
         raise InputError("empty input spec")
     if len(parts) == 1 and "://" not in parts[0] and Path(parts[0]).is_dir():
         folder = Path(parts[0])
         if not any(folder.glob("*.tar")):
-            return _folder_shards(folder, folder_shard_samples)
+            return _folder_shards(folder, folder_shard_samples, references)
         parts = [str(folder / "*.tar")]   # a folder of tar shards (what `flux-prep demo-data` writes)
     shards: list[InputShard] = []
     for part in parts:
@@ -201,19 +201,23 @@ def repeat_folder_warning(spec: str) -> str | None:
 MASKS_FOLDER = "masks"   # a folder's loss masks (encode --masks): `masks/STEM.png` beside the images
 
 
-def _folder_shards(folder: Path, per_shard: int) -> list[InputShard]:
+def _folder_shards(folder: Path, per_shard: int, references: int = 0) -> list[InputShard]:
+    from .references import is_reference_folder
     by_key: dict[str, list[tuple[str, int, int]]] = {}   # key -> (file name, size, mtime) of its files
-    masks: dict[str, tuple[str, int, int]] = {}          # an image's key -> its mask file's
+    side: dict[str, list[tuple[str, int, int]]] = {}     # an image's key -> its mask's and references' files
     for p in folder.rglob("*"):
+        rel = p.relative_to(folder).with_suffix("")
+        in_refs = references and any(is_reference_folder(part) for part in rel.parts[:-1])
         if p.suffix[1:].lower() in IMAGE_EXTS + CAPTION_EXTS and not p.name.startswith(".") and p.is_file():
             st = p.stat()
-            rel = p.relative_to(folder).with_suffix("")
-            if rel.parent.name == MASKS_FOLDER:   # no sample of its own; a changed mask changes the fingerprint
-                masks[str(rel.parent.parent / rel.name)] = (f"{MASKS_FOLDER}/{p.name}", st.st_size, st.st_mtime_ns)
-            else:
+            # a mask or reference: no sample of its own; a changed one changes its sample's fingerprint
+            if rel.parent.name == MASKS_FOLDER or (in_refs and is_reference_folder(rel.parent.name)):
+                side.setdefault(str(rel.parent.parent / rel.name), []).append(
+                    (f"{rel.parent.name}/{p.name}", st.st_size, st.st_mtime_ns))
+            elif not in_refs:
                 by_key.setdefault(str(rel), []).append((p.name, st.st_size, st.st_mtime_ns))
-    for key in masks.keys() & by_key.keys():
-        by_key[key].append(masks[key])
+    for key in side.keys() & by_key.keys():
+        by_key[key] += side[key]
     keys = sorted(by_key)
     if not keys:
         raise InputError(f"{folder}: no images or captions in this folder")
@@ -257,19 +261,23 @@ def split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower() if dot else ""
 
 
-def iter_shard(shard: InputShard):
-    """Yield RawSample and Skip items of one input shard, never raising on bad data."""
+def iter_shard(shard: InputShard, references: int = 0):
+    """Yield RawSample and Skip items of one input shard, never raising on bad data. With `references`, a
+    folder's samples carry their reference folders' files (a tar's carry their `.ref` members anyway)."""
     if shard.files:
-        yield from _iter_folder(shard)
+        yield from _iter_folder(shard, references)
     else:
         yield from _iter_tar(shard.url)
 
 
-def _iter_folder(shard: InputShard):
+def _iter_folder(shard: InputShard, references: int = 0):
     """A folder's samples: a file's key is its path without its last suffix, as _folder_shards lists
     them (`photo.v2.jpg` is `photo.v2`; webdataset's first-dot rule is for tar members)."""
+    from .masks import add_folder_mask
+    from .references import add_folder_references
     folder = Path(shard.url)
     listings: dict[Path, dict[str, list[Path]]] = {}   # each sub-folder listed once per shard
+    ref_dirs: dict[Path, list[Path]] = {}              # and its reference folders (references.py)
     for key in shard.files:
         parent = (folder / key).parent
         if parent not in listings:
@@ -284,19 +292,10 @@ def _iter_folder(shard: InputShard):
                 sample.files[p.suffix[1:].lower()] = p.read_bytes()
             except OSError:
                 continue    # vanished or unreadable: counted below as a missing part
-        _add_folder_mask(sample, parent / MASKS_FOLDER / Path(key).name)
+        add_folder_mask(sample.files, parent / MASKS_FOLDER / Path(key).name)
+        if references:
+            add_folder_references(sample.files, parent, Path(key).name, ref_dirs)
         yield sample
-
-
-def _add_folder_mask(sample: RawSample, stem: Path) -> None:
-    """The sample's `masks/STEM.*` as its `mask.EXT` file (a tar's `KEY.mask.EXT`); unreadable: empty, a bad mask."""
-    found = sorted(stem.parent.glob(glob_escape(stem.name) + ".*")) if stem.parent.is_dir() else []
-    for p in (p for p in found if p.suffix[1:].lower() in IMAGE_EXTS and p.stem == stem.name):
-        try:
-            sample.files[f"mask.{p.suffix[1:].lower()}"] = p.read_bytes()
-        except OSError:
-            sample.files[f"mask.{p.suffix[1:].lower()}"] = b""
-        return
 
 
 # What damaged data raises while a tar is read (anything else, an OSError above all, is not the data's fault).

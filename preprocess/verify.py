@@ -9,6 +9,7 @@ import json
 
 from shared.cache import CacheError, read_manifest
 from shared.cache.keys import KeyReadError, duplicate_keys
+from shared.cache.references import reference_count
 from shared.cache.schema import EMPTY_PROMPT_NAME, MANIFEST_NAME, SCHEMA_VERSION, SHARD_SUFFIX, arrow_schema
 from shared.cache.store import Store, open_store
 from shared.family import get_family
@@ -17,10 +18,10 @@ from .ledger import DONE_FOLDER, forget, read_settings, remove_orphans
 from .output_lock import OutputLock
 
 
-def shard_schemas(text, mask: bool = False) -> tuple:
-    """The columns a shard of a family's cache may have: the family's, and with the list columns of rows
-    of several captions (shared/cache/alt_captions.py)."""
-    return arrow_schema(text, mask), arrow_schema(text, mask, alt=True)
+def shard_schemas(text, mask: bool = False, references: int = 0) -> tuple:
+    """The columns a shard of a family's cache may have: the family's (with the mask and ref{i}_* columns of
+    a cache that has them), and with the list columns of rows of several captions (alt_captions.py)."""
+    return arrow_schema(text, mask, references), arrow_schema(text, mask, references, alt=True)
 
 
 def shard_problems(store: Store, entry: dict, size: int | None, schema, checksum: bool = True) -> list[str]:
@@ -53,7 +54,8 @@ def listed_shard_problems(store: Store, manifest: dict, checksum: bool) -> list[
     """shard_problems of every shard the manifest lists, sizes from one listing of the cache."""
     from shared.family import family_of_manifest
     sizes = store.sizes()
-    schema = shard_schemas(family_of_manifest(manifest).text, mask="mask" in manifest["dtypes"])
+    schema = shard_schemas(family_of_manifest(manifest).text, mask="mask" in manifest["dtypes"],
+                           references=reference_count(manifest))
     found = store.map(lambda e: shard_problems(store, e, sizes.get(e["path"]), schema, checksum),
                       manifest["shards"])
     return [p for problems in found for p in problems]
@@ -155,7 +157,8 @@ def _repair(store: Store) -> dict:
     sizes = store.sizes()
     outputs = [(rec, out) for rec in records if rec is not None for out in rec.get("outputs", [])]
     settings = read_settings(store)
-    schema = shard_schemas(get_family(settings.get("family")).text, mask="mask" in settings.get("dtypes", {}))
+    schema = shard_schemas(get_family(settings.get("family")).text, mask="mask" in settings.get("dtypes", {}),
+                           references=reference_count(settings))
     found = store.map(lambda ro: shard_problems(store, ro[1], sizes.get(ro[1]["path"]), schema), outputs)
     problems: dict[str, list[str]] = {}
     for (rec, _), shard_found in zip(outputs, found):

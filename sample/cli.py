@@ -28,13 +28,25 @@ def sample(
                                                          "Black Forest Labs' layout."),
     lora: Optional[str] = typer.Option(None, help="A LoRA adapter: a LoRA run's final/ or checkpoints/step-N/, "
                                                   "diffusers' or peft's adapter folder or file."),
+    image: Optional[list[Path]] = typer.Option(None, "--image", help="A reference image for an edit model (FLUX.1 "
+                                               "Kontext: one; FLUX.2: repeat for several), VAE-encoded and placed "
+                                               "beside the image being made."),
+    reference_size: Optional[str] = typer.Option(None, "--reference-size", help="WIDTHxHEIGHT every --image is "
+                                                 "resized to (default: as encode --references prepares them: "
+                                                 "Kontext's preferred resolutions; FLUX.2 about 2024^2 pixels for "
+                                                 "one, 1024^2 each for several)."),
+    reference_resolution: Optional[int] = typer.Option(None, "--reference-resolution", min=1, metavar="PIXELS",
+                                                       help="Cap every --image at about PIXELS^2 pixels (aspect "
+                                                            "kept, sides multiples of 16), as encode "
+                                                            "--reference-resolution: give the value the LoRA's "
+                                                            "cache was encoded with."),
     seed: Optional[list[int]] = typer.Option(None, help="Seed; repeat for several images per prompt."),
     num_seeds: Optional[int] = typer.Option(None, help="Seeds 0..N-1 (instead of --seed)."),
     steps: Optional[int] = typer.Option(None, help="Denoising steps (default: the model's)."),
     width: Optional[int] = typer.Option(None, help="Pixels, a multiple of 16 (default: the model's resolution)."),
     height: Optional[int] = typer.Option(None, help="Pixels, a multiple of 16 (default: the model's resolution)."),
     guidance: Optional[float] = typer.Option(None, help="Guidance embedding value (guidance-distilled models; "
-                                                        "default 3.5)."),
+                                                        "default: the family's, 3.5; Kontext 2.5)."),
     cfg_scale: Optional[float] = typer.Option(None, help="True classifier-free guidance against the empty prompt; "
                                                          "1 = off (default: on for models trained with guidance "
                                                          "dropout)."),
@@ -79,7 +91,9 @@ def sample(
             lora=lora, seeds=seeds, steps=steps, width=width, height=height, guidance=guidance,
             cfg_scale=cfg_scale, batch_size=batch_size, grid=grid, device=device, dtype=dtype, text_mode=text_mode,
             text_max_length=text_max_length, compile=compile, attention_backend=attention_backend,
-            cudnn_sdpa=cudnn_sdpa, fuse_qkv=fuse_qkv, progress=progress, check_base=check_base)
+            cudnn_sdpa=cudnn_sdpa, fuse_qkv=fuse_qkv, progress=progress, check_base=check_base,
+            images=list(image or []), reference_size=reference_size,
+            reference_resolution=reference_resolution)
         written = run(opts)
     except (SampleError, ModelLoadError) as e:
         typer.echo(f"flux-sample: error: {e}", err=True)

@@ -176,7 +176,7 @@ def check_fit(family: Family, tcfg: dict, dims: dict, transformer: str) -> None:
     """The transformer must be of MODEL's family, and its input sizes match what MODEL's VAE and text
     encoders produce (`dims`: latent_channels and the family's text widths)."""
     other = family_of_transformer(tcfg) if "_class_name" in tcfg else None
-    if other is not None and other is not family:
+    if other is not None and other.transformer_class != family.transformer_class:   # Kontext is FLUX.1's class
         raise SampleError(f"{transformer}: a {other.name} transformer ({tcfg['_class_name']}), but --model is a "
                           f"{family.name} model folder: give the text encoders and VAE of its own family")
     misfits = family.misfits(tcfg, dims)

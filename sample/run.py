@@ -27,6 +27,7 @@ from shared.text_batch import TEXT_PAD_MULTIPLE, PromptEncoding
 
 from shared import image_files as output
 from .loop import configure_speed
+from .references import encode_references, planned_references
 from .resolve import (SampleError, base_mismatch, check_fit, conventions, part_config, read_prompts,
                       resolve_lora, resolve_transformer)
 
@@ -57,6 +58,9 @@ class SampleOptions:
     fuse_qkv: bool = False
     progress: bool = True
     check_base: bool = True   # warn when a LoRA's recorded base is not the transformer it is applied to
+    images: list[Path] = field(default_factory=list)   # reference images (edit models: sample/references.py)
+    reference_size: str | None = None                  # WxH for every reference (default: the family's)
+    reference_resolution: int | None = None            # an area cap for every reference, as encode's
 
 
 def _device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -90,6 +94,7 @@ class Plan:
     device: torch.device
     dtype: torch.dtype
     warnings: list[str] = field(default_factory=list)
+    ref_images: list = field(default_factory=list)   # each --image prepared (PIL, at its reference size)
 
 
 def plan(opts: SampleOptions) -> Plan:
@@ -130,8 +135,9 @@ def plan(opts: SampleOptions) -> Plan:
         raise SampleError(f"unknown {family.text.label} mode {text_mode!r}; choose {' or '.join(family.text.modes)}")
     guidance = (conv.guidance if opts.guidance is None else opts.guidance) if conv.guidance_embeds else None
     warnings = [w for w in [_lora_base_warning(opts, source, lora_info, label)] if w]
+    ref_images = planned_references(family, opts.images, opts.reference_size, opts.reference_resolution)
     return Plan(family, prompts, source, lora, conv, width, height, steps, guidance, cfg, text_mode, device, dtype,
-                warnings)
+                warnings, ref_images)
 
 
 def _lora_base_warning(opts: SampleOptions, source, lora_info: dict, label: str) -> str | None:
@@ -211,6 +217,7 @@ def run(opts: SampleOptions) -> list[Path]:
                                                 attention_backend=opts.attention_backend, cudnn_sdpa=opts.cudnn_sdpa,
                                                 fuse_qkv=opts.fuse_qkv)
         vae = load_vae(opts.model, p.dtype, p.device, p.family)
+        refs = encode_references(p.family, vae, p.ref_images, p.device, p.dtype)
     except ModelLoadError as e:
         raise SampleError(str(e)) from None
     jobs = [(i, s) for i in range(len(p.prompts)) for s in opts.seeds]
@@ -220,7 +227,10 @@ def run(opts: SampleOptions) -> list[Path]:
     meta = {"model": opts.model, "transformer": opts.transformer or f"{opts.model}/transformer",
             "lora": opts.lora or "", "steps": p.steps, "guidance": p.guidance, "cfg_scale": p.cfg_scale,
             "width": p.width, "height": p.height, f"{col}_mode": p.text_mode, f"{col}_max_length": max_len,
-            "shift_schedule": p.conv.shift, "dtype": dtype_name(p.dtype), "software": "flux-sample"}
+            "shift_schedule": p.conv.shift, "dtype": dtype_name(p.dtype), "software": "flux-sample",
+            **({"images": " ".join(map(str, opts.images)),
+                "reference_sizes": " ".join(f"{im.width}x{im.height}" for im in p.ref_images)}
+             if opts.images else {})}
     written, entries, images = [], [], []
     batches = [jobs[i:i + opts.batch_size] for i in range(0, len(jobs), opts.batch_size)]
     bar = tqdm(total=len(jobs), desc="images", unit="img", disable=not opts.progress)
@@ -230,7 +240,7 @@ def run(opts: SampleOptions) -> list[Path]:
         noise = initial_noise(p.family, transformer.config.in_channels // 4, [s for _, s in batch], p.height, p.width,
                               p.device, p.dtype)
         x0 = denoise(p.family, transformer, noise, text, height_px=p.height, width_px=p.width, steps=p.steps,
-                     shift=p.conv.shift, guidance=p.guidance, cfg_scale=p.cfg_scale, progress=steps_bar)
+                     shift=p.conv.shift, guidance=p.guidance, cfg_scale=p.cfg_scale, progress=steps_bar, refs=refs)
         pixels = decode(p.family, vae, x0, p.height, p.width).numpy()
         for (i, seed), img in zip(batch, pixels):
             path = opts.output / output.image_name(i, p.prompts[i], seed)

@@ -59,10 +59,12 @@ def initial_noise(family: Family, latent_channels: int, seeds: list[int], height
 @torch.no_grad()
 def denoise(family: Family, transformer, noise: torch.Tensor, text: TextBatch, *, height_px: int, width_px: int,
             steps: int, shift: bool = True, guidance: float | None = None, cfg_scale: float = 1.0,
-            progress=None) -> torch.Tensor:
+            progress=None, refs=()) -> torch.Tensor:
     """Euler steps from noise tokens [B, N, D] to x0 tokens; `guidance` feeds the guidance embedding
     (distilled models). `cfg_scale` > 1 runs true classifier-free guidance: `text` then holds 2B rows,
-    the prompts and the empty prompt's (guided_batch), and both passes run batched in one forward."""
+    the prompts and the empty prompt's (guided_batch), and both passes run batched in one forward. `refs`:
+    reference images (packed x0 tokens [1, Nr, D], latent h, w), the same for every image and both CFG
+    passes, as FluxKontextPipeline and Flux2KleinPipeline give them; the schedule counts the noisy tokens only."""
     b, n, _ = noise.shape
     device, dtype = noise.device, noise.dtype
     h, w = latent_size(height_px, width_px)
@@ -79,11 +81,12 @@ def denoise(family: Family, transformer, noise: torch.Tensor, text: TextBatch, *
         guidance = guidance if guidance is not None else family.default_guidance
     else:
         guidance = None
+    refs = [(r.to(device, dtype).expand(b * reps, -1, -1), rh, rw) for r, rh, rw in refs]
     x = noise
     for i, t in enumerate(timesteps):
         x_in = torch.cat([x] * reps) if use_cfg else x
         timestep = t.expand(x_in.shape[0]).to(dtype)
-        v = family.predict(transformer, x_in, timestep / 1000, text, h, w, guidance)
+        v = family.predict(transformer, x_in, timestep / 1000, text, h, w, guidance, refs=refs)
         if use_cfg:
             v_cond, v_uncond = v.chunk(2)
             v = v_uncond + cfg_scale * (v_cond - v_uncond)

@@ -119,3 +119,15 @@ def write_tiny_model(out_dir, seed: int = 0, guidance_embeds: bool = False, vae:
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def write_tiny_kontext(out_dir, seed: int = 0, vae: str = "pooling") -> Path:
+    """A tiny FLUX.1 Kontext folder: the FLUX.1 tiny parts with Kontext [dev]'s guidance embedding, saved as a
+    FluxKontextPipeline (its model_index.json names that pipeline, as Kontext [dev]'s does)."""
+    from diffusers import FluxKontextPipeline
+    parts = build_tiny_pipeline(seed, guidance_embeds=True, vae=vae).components
+    pipe = FluxKontextPipeline(**{k: v for k, v in parts.items() if k not in ("image_encoder", "feature_extractor")})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out

@@ -24,6 +24,13 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_kontext(tmp_path_factory):
+    """A tiny FLUX.1 Kontext folder (FluxKontextPipeline, guidance embedding; pooling VAE, seed 0)."""
+    from shared.tiny import write_tiny_kontext
+    return write_tiny_kontext(tmp_path_factory.mktemp("tiny_kontext") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
 def tiny_flux2_klein(tmp_path_factory):
     """A tiny FLUX.2 [klein] folder (Flux2KleinPipeline, base: is_distilled false; pooling VAE, seed 0)."""
     from shared.tiny_flux2 import write_tiny_flux2_klein

@@ -39,7 +39,7 @@ def test_tiny_builds_and_overrides():
 
 # The text length each published base was trained with, and so what FluxPipeline, ComfyUI and Forge feed it
 # (diffusers' FluxPipeline: at most 256 for schnell; 512 for dev; FLUX.2: 512, Flux2KleinPipeline's).
-PUBLISHED_T5_LENGTH = {"flux-schnell": 256, "flux-dev": 512, "flux2-klein-base-4b": 512}
+PUBLISHED_T5_LENGTH = {"flux-schnell": 256, "flux-dev": 512, "flux-kontext-dev": 512, "flux2-klein-base-4b": 512}
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (Path(__file__).parents[1] / "configs/params").glob("*.yaml")))
@@ -52,3 +52,17 @@ def test_every_preset_for_a_published_base_keeps_its_padded_t5(preset):
     assert base in PUBLISHED_T5_LENGTH, f"{preset}: model.path {base!r} is no published base this test knows"
     assert params["encode"]["text_mode"] == "padded", preset
     assert params["encode"]["text_max_length"] == PUBLISHED_T5_LENGTH[base], preset
+
+
+@pytest.mark.parametrize("preset", ["kontext-lora.yaml", "flux2-klein-edit-lora.yaml"])
+def test_edit_presets_encode_references_with_options_encode_takes(preset):
+    """An edit preset's encode section stores a reference per sample, in keys `flux-prep encode` takes (as its
+    --config reads them), and trains without samples during training (the cache's prompts carry no reference)."""
+    import typer
+
+    from preprocess.cli import app
+    from shared.params import option_keys, read_yaml
+    params = read_yaml((Path(__file__).parents[1] / "configs/params" / preset).read_text())
+    encode = typer.main.get_command(app).commands["encode"]
+    assert set(params["encode"]) <= set(option_keys(encode)), preset
+    assert params["encode"]["references"] == 1 and not params["train"]["run"].get("sample_every")

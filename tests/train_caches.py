@@ -19,9 +19,12 @@ T5_DIM, CLIP_DIM, CHANNELS, MAX_LEN = 64, 64, 16, 32
 
 def write_cache(out_dir, n: int, *, t5_mode: str = "trimmed", sizes=((8, 8),), rows_per_shard: int = 16,
                 row_group_rows: int = 4, seed: int = 0, prefix: str = "train", classes: int = 4,
-                dtype: str = "float32", logvar: bool = False) -> Path:
+                dtype: str = "float32", logvar: bool = False, references: int = 0, ref_sizes=((8, 8),),
+                family=FLUX1) -> Path:
     """`logvar`: also store a posterior log-variance per sample (as encode --store-logvar). `out_dir`
-    may be a URL (s3://...): the cache is written there, and the URL returned."""
+    may be a URL (s3://...): the cache is written there, and the URL returned. `references`: each sample
+    also holds that many reference latents (shared/cache/references.py), sample i's of size
+    ref_sizes[i % len]: its class pattern's negative, so the edit is learnable."""
     out_dir = out_dir if is_remote(out_dir) else Path(out_dir)
     g = torch.Generator().manual_seed(seed)
     proto = torch.Generator().manual_seed(1234)   # class prototypes shared by train and val caches
@@ -29,25 +32,31 @@ def write_cache(out_dir, n: int, *, t5_mode: str = "trimmed", sizes=((8, 8),), r
     text = torch.randn(classes, MAX_LEN, T5_DIM, generator=proto)
     clip = torch.randn(classes, CLIP_DIM, generator=proto)
     dtypes = {"latent": dtype, "t5": dtype, "clip": dtype, **({"latent_logvar": dtype} if logvar else {})}
-    with CacheWriter(out_dir, prefix, dtypes, text=FLUX1.text, rows_per_shard=rows_per_shard,
-                     row_group_rows=row_group_rows) as w:
+    ref_patterns = {s: -torch.randn(classes, CHANNELS, *s, generator=torch.Generator().manual_seed(99))
+                    for s in ref_sizes}
+    with CacheWriter(out_dir, prefix, dtypes, text=family.text, rows_per_shard=rows_per_shard,
+                     row_group_rows=row_group_rows, references=references) as w:
         for i in range(n):
             c = int(torch.randint(classes, (1,), generator=g))
             size = sizes[i % len(sizes)]
             length = MAX_LEN if t5_mode == "padded" else 3 + int(torch.randint(MAX_LEN - 3, (1,), generator=g))
             latent = patterns[size][c] + 0.1 * torch.randn(CHANNELS, *size, generator=g)
             lv = -3.0 + 0.5 * torch.randn(CHANNELS, *size, generator=g) if logvar else None
-            w.add(key=f"{prefix}-{i:05d}", caption=f"class {c}", latent=latent, t5=text[c, :length],
-                  t5_len=length, clip=clip[c], width=size[1] * 8, height=size[0] * 8, latent_logvar=lv)
+            rs = ref_sizes[i % len(ref_sizes)]
+            refs = [{"latent": ref_patterns[rs][c] + 0.1 * torch.randn(CHANNELS, *rs, generator=g),
+                     "width": rs[1] * 8, "height": rs[0] * 8} for _ in range(references)]
+            w.add(key=f"{prefix}-{i:05d}", caption=f"class {c}", latent=latent, t5=text[c, :length], t5_len=length,
+                  clip=clip[c], width=size[1] * 8, height=size[0] * 8, latent_logvar=lv, refs=refs or None)
         shards = w.close()
     open_store(out_dir).write_bytes("empty_prompt.safetensors", save({
         "t5": torch.zeros(MAX_LEN if t5_mode == "padded" else 1, T5_DIM), "clip": torch.zeros(CLIP_DIM),
         "t5_len": torch.tensor(1)}))
     write_manifest(out_dir, cache_manifest(
-        family=FLUX1, dtypes=dtypes, dims={"latent_channels": CHANNELS, "t5_dim": T5_DIM, "clip_dim": CLIP_DIM},
+        family=family, dtypes=dtypes, dims={"latent_channels": CHANNELS, "t5_dim": T5_DIM, "clip_dim": CLIP_DIM},
         text={"mode": t5_mode, "max_length": MAX_LEN}, shards=shards,
         vae={"scaling_factor": 0.3611, "shift_factor": 0.1159},
-        image={"resolution": 64, "buckets": None, "crop": "center", "min_size": 0}))
+        image={"resolution": 64, "buckets": None, "crop": "center", "min_size": 0},
+        **({"references": references} if references else {})))
     return out_dir
 
 

@@ -105,6 +105,9 @@ class FlowConfig:
     guidance_dropout_mode: Literal["joint", "independent"] = "joint"
     latent: Literal["mean", "sample"] = "mean"   # mean: the VAE posterior's mean; sample: mean + exp(logvar/2) * n,
     #                                       drawn each step (as torchtitan; needs a cache encoded with --store-logvar)
+    # p of dropping all of a sample's reference images in a step (a cache with references: edit training),
+    # so that the model also learns the prompt alone; a coin from the step's generator
+    reference_dropout: float = 0.0
 
 
 @dataclass
@@ -294,6 +297,8 @@ def validate(cfg: TrainConfig) -> None:
     if not 0.0 <= cfg.flow.guidance_dropout <= 1.0:
         raise ConfigError("flow.guidance_dropout is a probability in [0, 1]")
     validate_timesteps(cfg.flow)
+    if not 0.0 <= cfg.flow.reference_dropout <= 1.0:
+        raise ConfigError("flow.reference_dropout is a probability in [0, 1]")
     cfg.run.log_with = chosen_trackers(cfg.run)
     validate_memory_options(cfg)
     validate_base(cfg)

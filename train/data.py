@@ -24,9 +24,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shared.cache import CacheError, CacheReader, check_text_mode
 from shared.cache.alt_captions import alt_name
+from shared.cache.references import reference_count
 from shared.text_batch import TEXT_PAD_MULTIPLE, TextBatch, pad_and_mask
 
 from .config import DataConfig
+from .references import bucket_size, pick_references, size_columns
 
 
 def open_cache(cache_dir, expected_text_mode: str | None = None, where: str = "cache",
@@ -66,7 +68,7 @@ def encoding_facts(reader: CacheReader) -> dict:
     text = spec.settings(manifest)
     return {"family": reader.family.name, "encoders": encoders, "vae": manifest.get("vae"),
             "dims": manifest.get("dims"), f"{spec.label} mode": text.get("mode"),
-            f"{spec.label} max_length": text.get("max_length")}
+            f"{spec.label} max_length": text.get("max_length"), "references": reference_count(manifest)}
 
 
 def open_validation_cache(cache_dir, train: CacheReader, storage_options: dict | None = None) -> CacheReader:
@@ -96,6 +98,7 @@ class Sample:
     latent_logvar: torch.Tensor | None = None
     mask: torch.Tensor | None = None             # [h, w], where the stream reads masks (flow.masked_loss)
     alts: tuple = ()      # the row's other captions' (text, pooled, text_len), where the stream reads them
+    refs: tuple = ()                             # reference latents [C, h_i, w_i] (train/references.py)
 
 
 @dataclass
@@ -105,7 +108,7 @@ class StreamItem:
     replayed light, until its tensors are read (CacheStream._materialize)."""
     unit: tuple[int, int]
     row: int
-    size: tuple[int, int]
+    size: tuple[int, ...]      # (h, w), then each reference's (h, w)
     sample: Sample | None
 
 
@@ -139,6 +142,7 @@ class TrainBatch:
     latent_logvar: torch.Tensor | None = None   # [B, C, h, w]
     pos: torch.Tensor | None = None             # [3] int64
     mask: torch.Tensor | None = None            # [B, h, w]: the loss masks, where the stream reads them
+    refs: tuple = ()                            # reference latents, each [B, C, h_i, w_i]
 
     def text_batch(self) -> TextBatch:
         return TextBatch(self.text, self.pooled, self.text_mask)
@@ -150,13 +154,14 @@ class TrainBatch:
 
     def pin_memory(self) -> "TrainBatch":
         """A copy in pinned memory (the DataLoader's pin-memory thread calls this), for asynchronous copies."""
-        return replace(self, **{name: t.pin_memory() for name, t in self.tensors().items()})
+        return replace(self, **{name: t.pin_memory() for name, t in self.tensors().items()},
+                       refs=tuple(r.pin_memory() for r in self.refs))
 
     def to(self, device) -> "TrainBatch":
         """On `device`, copied without a sync (asynchronous from pinned memory). `pos` stays on the host,
         which reads it (the stream position, the batch's generator)."""
         return replace(self, **{name: t.to(device, non_blocking=True) for name, t in self.tensors().items()
-                                if name != "pos"})
+                                if name != "pos"}, refs=tuple(r.to(device, non_blocking=True) for r in self.refs))
 
 
 def collate(items: list[Sample], text_mode: str) -> TrainBatch:
@@ -175,8 +180,9 @@ def collate(items: list[Sample], text_mode: str) -> TrainBatch:
         text, text_mask = pad_and_mask([it.text for it in items], TEXT_PAD_MULTIPLE,
                                        alloc=lambda shape: _batch_tensor(first, shape))
     mask = _stack([it.mask for it in items]) if items[0].mask is not None else None
+    refs = tuple(_stack([it.refs[r] for it in items]) for r in range(len(items[0].refs)))
     return TrainBatch(key=key, latent=latent, text=text, pooled=pooled, text_len=text_len, text_mask=text_mask,
-                      latent_logvar=latent_logvar, mask=mask)
+                      latent_logvar=latent_logvar, mask=mask, refs=refs)
 
 
 class CacheStream(IterableDataset):
@@ -193,6 +199,7 @@ class CacheStream(IterableDataset):
         self.reader = open_cache(cache_dir, expected_text_mode, "training cache", latent_logvar, storage_options,
                                  mask)
         self.mask = mask
+        self.references = reference_count(self.reader.manifest)
         self.read_ahead = read_ahead
         self.latent_logvar = latent_logvar
         self.text_mode = self.reader.text_mode
@@ -226,15 +233,16 @@ class CacheStream(IterableDataset):
     def _read(self, unit: tuple[int, int], light: bool) -> list[StreamItem]:
         """One row group's items, without their tensors when `light`."""
         shard = self.reader.shards[unit[0]]
+        n_refs = self.references
         if light:
-            table = self.reader.table(shard, unit[1], columns=["latent_h", "latent_w"])
-            hs, ws = table.column("latent_h").to_pylist(), table.column("latent_w").to_pylist()
-            return [StreamItem(unit, i, (h, w), None) for i, (h, w) in enumerate(zip(hs, ws))]
+            table = self.reader.table(shard, unit[1], columns=size_columns(n_refs))
+            cols = {c: table.column(c).to_pylist() for c in size_columns(n_refs)}
+            return [StreamItem(unit, i, bucket_size(cols, i, n_refs), None) for i in range(table.num_rows)]
         rg = self.reader.row_group(shard, unit[1])
         if self.latent_logvar and rg.get("latent_logvar") is None:
             raise CacheError(f"{self.reader.url_of(shard)}: row group {unit[1]} has no latent_logvar values")
-        return [StreamItem(unit, i, (int(rg["latent_h"][i]), int(rg["latent_w"][i])),
-                           _sample(rg, i, self.reader.family.text, self.latent_logvar, self.mask, alts=True))
+        return [StreamItem(unit, i, bucket_size(rg, i, n_refs),
+                           _sample(rg, i, self.reader.family.text, self.latent_logvar, self.mask, n_refs, alts=True))
                 for i in range(len(rg["key"]))]
 
     def _materialize(self, items: list[StreamItem]) -> None:
@@ -333,7 +341,8 @@ def fill_batch(items: list, batch_size: int) -> list:
     return [items[i % len(items)] for i in range(max(batch_size, len(items)))]
 
 
-def _sample(rg: dict, i: int, spec, latent_logvar: bool = False, mask: bool = False, alts: bool = False) -> Sample:
+def _sample(rg: dict, i: int, spec, latent_logvar: bool = False, mask: bool = False, references: int = 0,
+            alts: bool = False) -> Sample:
     """Row i of a row group; `alts`: with its other captions (a training stream's; validation takes the first)."""
     # Clones: a view would keep its whole row group alive while the sample waits in the buffer.
     def pick(x):
@@ -345,7 +354,7 @@ def _sample(rg: dict, i: int, spec, latent_logvar: bool = False, mask: bool = Fa
     return Sample(key=rg["key"][i], latent=pick(rg["latent"]), text=pick(rg[spec.states]),
                   pooled=pick(rg[spec.pooled]) if spec.pooled else None, text_len=int(rg[spec.length][i]),
                   latent_logvar=pick(rg["latent_logvar"]) if latent_logvar else None,
-                  mask=pick(rg["mask"]) if mask else None, alts=others)
+                  mask=pick(rg["mask"]) if mask else None, refs=pick_references(rg, i, references), alts=others)
 
 
 # The caption draws' own stream of a batch's generator (the shuffle buffer's is 1).
@@ -448,11 +457,12 @@ def validation_batches(reader: CacheReader, batch_size: int, rank: int = 0, worl
     """The held-out cache in manifest order; sample i goes to rank i % world_size; one latent size per
     batch. With `max_samples`, only the first max_samples samples are read: nothing after them is decoded."""
     buckets: dict[tuple, list] = {}
+    n_refs = reference_count(reader.manifest)
     for i, (rg, r) in enumerate(_validation_rows(reader, max_samples)):
         if i % world_size == rank:
-            size = (int(rg["latent_h"][r]), int(rg["latent_w"][r]))
+            size = bucket_size(rg, r, n_refs)
             bucket = buckets.setdefault(size, [])
-            bucket.append(_sample(rg, r, reader.family.text))
+            bucket.append(_sample(rg, r, reader.family.text, references=n_refs))
             if len(bucket) == batch_size:
                 yield collate(bucket, reader.text_mode)
                 buckets[size] = []

@@ -34,6 +34,7 @@ from .offload import BlockOffloader, spread
 from .optim import InBackwardOptimizer, make_optimizer, step_groups
 from .records import append_record, truncate_run_records
 from .samples import TrainingSamples
+from .references import check_reference_cache
 from .step import (EmptyPrompt, StepSettings, ValidationNoise, summarize_validation, training_loss,
                    validation_sums)
 from .trackers import start_trackers
@@ -99,6 +100,7 @@ class Trainer:
         self.val_reader = None
         if data.val_cache:
             self.val_reader = open_validation_cache(data.val_cache, self.train_reader, data.storage_options)
+        check_reference_cache(self.train_reader, self.family, self.cfg)
         return vae_facts(self.train_reader, f"training cache {self.sources[0].cache}")
 
     def _make_data_slots(self) -> None:

@@ -18,6 +18,7 @@ from shared.schedules import loss_weights, sample_timesteps, validation_timestep
 from shared.text_batch import TextBatch, pad_text
 
 from .data import TrainBatch, sample_seed
+from .references import draw_keep, reference_tokens
 
 
 @dataclass
@@ -36,6 +37,7 @@ class StepSettings:
     latent: str = "mean"                 # mean: the posterior mean; sample: a sample of the posterior
     guidance: float | None = None        # set for guidance-distilled models (guidance_embeds=True)
     flex_mask: bool = False              # text padding masked through flex attention (run.masked_attention)
+    reference_dropout: float = 0.0       # p of dropping a sample's reference images (train/references.py)
 
     @classmethod
     def from_config(cls, flow, family: Family, vae: dict, **kw) -> "StepSettings":
@@ -43,7 +45,8 @@ class StepSettings:
         return cls(family=family, vae=vae, sampler=flow.sampler, logit_mean=flow.logit_mean,
                    logit_std=flow.logit_std, sigmoid_scale=flow.sigmoid_scale, shift=flow.shift,
                    mode_scale=flow.mode_scale, loss_weighting=flow.loss_weighting, guidance_dropout=flow.guidance_dropout,
-                   dropout_mode=flow.guidance_dropout_mode, latent=flow.latent, **kw)
+                   dropout_mode=flow.guidance_dropout_mode, latent=flow.latent,
+                   reference_dropout=flow.reference_dropout, **kw)
 
     def x0_shape(self, latent_shape) -> tuple:
         """The shape of one sample's x0 (and noise) for a cached latent [C, h, w]."""
@@ -83,10 +86,12 @@ def drop_text(batch: TrainBatch, empty: EmptyPrompt, drop: torch.Tensor,
 
 
 def flow_matching_loss(model, latent: torch.Tensor, text: TextBatch, t: torch.Tensor, noise: torch.Tensor,
-                       settings: StepSettings, mask: torch.Tensor | None = None) -> torch.Tensor:
+                       settings: StepSettings, mask: torch.Tensor | None = None, refs=(),
+                       ref_keep: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample loss [B] (float32) for given timesteps and noise (x0-shaped); `latent` is the VAE
     posterior's mean or a sample of it, before the family's normalisation; `mask` [B, h, w] the loss masks
-    (masked_mean)."""
+    (masked_mean). `refs`: reference latents (raw, as `latent`), placed by the family; the loss covers the
+    target's tokens only."""
     family = settings.family
     h, w = latent.shape[-2:]
     x0 = family.to_x0(latent, settings.vae)
@@ -94,7 +99,8 @@ def flow_matching_loss(model, latent: torch.Tensor, text: TextBatch, t: torch.Te
     x_t = (1.0 - tb) * x0 + tb * noise
     target = family.pack(noise - x0)
     text = TextBatch(text.states.float(), None if text.pooled is None else text.pooled.float(), text.mask)
-    pred = family.predict(model, family.pack(x_t), t, text, h, w, settings.guidance, settings.flex_mask)
+    pred = family.predict(model, family.pack(x_t), t, text, h, w, settings.guidance, settings.flex_mask,
+                          refs=reference_tokens(family, refs, settings.vae), ref_keep=ref_keep)
     error = (pred.float() - target).pow(2)
     if mask is None:
         return error.mean(dim=(1, 2))
@@ -112,9 +118,9 @@ def draw(batch: TrainBatch, settings: StepSettings, generator: torch.Generator) 
     """The step's random draws from the step's generator, in this fixed order (a resumed run, whose
     generator state is restored, repeats them exactly): timesteps [B]; noise [B, *x0 shape]; the text
     dropout coins [B] (in joint mode the one coin for the text and the pooled vector); the pooled
-    vector's coins [B] (independent mode only); the posterior's noise [B, C, h, w] (latent: sample only).
-    The options add draws at the end only, so joint mode with the posterior mean draws what the
-    trainer always drew."""
+    vector's coins [B] (independent mode only); the posterior's noise [B, C, h, w] (latent: sample only);
+    the reference coins [B] (flow.reference_dropout > 0 on a batch with references only). The options add
+    draws at the end only, so joint mode with the posterior mean draws what the trainer always drew."""
     latent = batch.latent
     b, _, h, w = latent.shape
     t = sample_timesteps(settings.sampler, b, generator=generator, image_seq_len=settings.family.image_tokens(h, w),
@@ -129,6 +135,8 @@ def draw(batch: TrainBatch, settings: StepSettings, generator: torch.Generator) 
     out = {"t": t, "noise": noise, "drop_text": drop_text_, "drop_pooled": drop_pooled}
     if settings.latent == "sample":
         out["latent"] = sample_posterior(latent, batch.latent_logvar, generator)
+    if batch.refs and settings.reference_dropout > 0:
+        out["ref_keep"] = draw_keep(b, settings.reference_dropout, generator, latent.device)
     return out
 
 
@@ -141,7 +149,8 @@ def training_loss(model, batch: TrainBatch, settings: StepSettings, generator: t
     else:
         text = batch.text_batch()
     latent = r.get("latent", batch.latent)
-    loss = flow_matching_loss(model, latent, text, r["t"], r["noise"], settings, batch.mask)
+    loss = flow_matching_loss(model, latent, text, r["t"], r["noise"], settings, mask=batch.mask, refs=batch.refs,
+                              ref_keep=r.get("ref_keep"))
     if settings.loss_weighting != "none":   # none leaves the loss's arithmetic as it always was
         loss = loss * loss_weights(settings.loss_weighting, r["t"]).to(loss.device)
     return loss.mean()
@@ -206,7 +215,8 @@ def validation_sums(model, batches, settings: StepSettings, device, n_timesteps:
         for i, t_value in enumerate(ts.tolist()):
             n = noise.get(keys, shape, i) if noise is not None else validation_noise(keys, shape, i)
             t = torch.full((b,), t_value, device=device)
-            loss = flow_matching_loss(model, batch.latent, batch.text_batch(), t, n.to(device), settings)
+            loss = flow_matching_loss(model, batch.latent, batch.text_batch(), t, n.to(device), settings,
+                                      refs=batch.refs)
             sums[0, i] += loss.double().sum() * elements
             sums[1, i] += b * elements
     return sums

@@ -87,6 +87,8 @@ def decode_table(table: pa.Table, manifest: dict) -> dict:
     })
     if "mask" in table.column_names:   # the loss mask [h, w] (encode --masks)
         out["mask"] = decode_binary_column(table.column("mask"), dtypes["mask"], [sh[1:] for sh in latent_shapes])
+    from .references import decode_references
+    out.update(decode_references(table, manifest, decode_binary_column))   # ref{i}_*: none in a plain cache
     if "latent_logvar" in table.column_names:
         out["latent_logvar"] = decode_binary_column(
             table.column("latent_logvar"), dtypes.get("latent_logvar", dtypes["latent"]), latent_shapes)

@@ -15,12 +15,14 @@ EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
 SHARD_SUFFIX = ".parquet"
 
 
-def arrow_schema(text, mask: bool = False, alt: bool = False) -> pa.Schema:
+def arrow_schema(text, mask: bool = False, references: int = 0, alt: bool = False) -> pa.Schema:
     """The shards' columns for a family's text columns (`text`: its TextSpec). FLUX.1's: key, caption,
     latent, latent_logvar, latent_h, latent_w, t5, t5_len, clip, width, height; then the loss mask
-    [latent_h, latent_w] of a cache encoded with masks (`mask`: dtypes has "mask"); then, `alt`: in a shard
-    holding rows of several captions, their list columns (alt_captions.py)."""
+    [latent_h, latent_w] of a cache encoded with masks (`mask`: dtypes has "mask"); then `references`
+    reference images' columns (references.py); then, `alt`: in a shard holding rows of several captions,
+    their list columns (alt_captions.py)."""
     from .alt_captions import alt_fields
+    from .references import arrow_fields
     return pa.schema([
         pa.field("key", pa.string(), nullable=False),
         pa.field("caption", pa.string(), nullable=False),
@@ -34,6 +36,7 @@ def arrow_schema(text, mask: bool = False, alt: bool = False) -> pa.Schema:
         pa.field("width", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
         *([pa.field("mask", pa.binary(), nullable=False)] if mask else []),
+        *arrow_fields(references),
         *(alt_fields(text) if alt else []),
     ])
 

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from . import references
 from .alt_captions import alt_text_columns, build_alt_columns
 from .schema import _BITS_DTYPES, SCHEMA_VERSION, SHARD_SUFFIX, arrow_schema, torch_dtype
 from .store import open_store
@@ -40,12 +41,13 @@ class CacheWriter:
     """
 
     def __init__(self, out_dir, prefix: str, dtypes: dict[str, str], *, text, rows_per_shard: int = 1000,
-                 row_group_rows: int = 256, row_group_bytes: int = 64 << 20):
+                 row_group_rows: int = 256, row_group_bytes: int = 64 << 20, references: int = 0):
         if rows_per_shard < 1 or row_group_rows < 1:
             raise ValueError("rows_per_shard and row_group_rows must be positive")
         self.text = text
+        self.references = references     # reference images per row (references.py); 0: a plain cache
         self.alt = False             # whether the shards now written have the other captions' list columns
-        self.schema = arrow_schema(text, mask="mask" in dtypes)
+        self.schema = arrow_schema(text, mask="mask" in dtypes, references=references)
         self.store = open_store(out_dir)
         self.store.makedirs()
         self.prefix = prefix
@@ -65,15 +67,18 @@ class CacheWriter:
 
     # -- rows -----------------------------------------------------------------------------------
     def add(self, *, key: str, caption: str, latent: torch.Tensor, width: int, height: int,
-            latent_logvar: torch.Tensor | None = None, **text) -> None:
+            latent_logvar: torch.Tensor | None = None, refs: list[dict] | None = None, **text) -> None:
         """Add one sample. `latent` is [C, h, w]; `text` the family's text columns: states [L, D] (only the
-        rows to store), their length, a pooled vector [Dp] (FLUX.1: t5=, t5_len=, clip=)."""
+        rows to store), their length, a pooled vector [Dp] (FLUX.1: t5=, t5_len=, clip=); `refs`: each
+        reference's {"latent": [C, h, w], "width": pixels, "height": pixels}."""
         self.add_batch(keys=[key], captions=[caption], latent=[latent], widths=[width], heights=[height],
                        latent_logvar=None if latent_logvar is None else [latent_logvar],
+                       refs=None if refs is None else [{k: [v] for k, v in r.items()} for r in refs],
                        **{name: [value] for name, value in text.items()})
 
     def add_batch(self, *, keys: list[str], captions: list[str], latent, widths, heights, latent_logvar=None,
-                  copy: bool = True, mask=None, alt_captions: list[list[str]] | None = None, **text) -> None:
+                  copy: bool = True, mask=None, refs: list[dict] | None = None,
+                  alt_captions: list[list[str]] | None = None, **text) -> None:
         """Add B samples at once: the same rows, row groups and shards as B `add` calls, at a
         fraction of the cost (each tensor column is copied once, into one buffer, per batch).
 
@@ -87,8 +92,13 @@ class CacheWriter:
 
         `alt_captions`: each row's other captions, and in `text` their columns (`t5_alt`, `t5_len_alt`,
         `clip_alt`: B per-row lists); the first row with one ends the open shard, and the shards after it
-        have the list columns (alt_captions.py), so a cache without one is as before."""
+        have the list columns (alt_captions.py), so a cache without one is as before. `refs`: one {"latent",
+        "width", "height"} per reference image of the cache, each a batch tensor or B tensors and B ints, as
+        `latent`, `widths`, `heights`."""
         spec, n = self.text, len(keys)
+        if len(refs or ()) != self.references:
+            raise ValueError(f"add_batch: {len(refs or ())} reference images given, the cache's rows hold "
+                             f"{self.references}")
         expected = {spec.states, spec.length} | ({spec.pooled} if spec.pooled else set())
         alt = {k: text.pop(k) for k in alt_text_columns(spec) if k in text}
         if set(text) != expected:
@@ -105,10 +115,12 @@ class CacheWriter:
                                heights=heights[part], copy=copy,
                                latent_logvar=None if latent_logvar is None else latent_logvar[part],
                                mask=None if mask is None else mask[part],
+                               refs=None if refs is None else [{k: v[part] for k, v in r.items()} for r in refs],
                                alt_captions=None if alt_captions is None else alt_captions[part],
                                **{name: value[part] for name, value in {**text, **alt}.items()})
             return
-        if not all(len(c) == n for c in (captions, latent, widths, heights, *text.values())) \
+        if not all(len(c) == n for c in (captions, latent, widths, heights, *text.values(),
+                                         *(v for r in refs or () for v in r.values()))) \
                 or (latent_logvar is not None and len(latent_logvar) != n):
             raise ValueError(f"add_batch: columns of unequal length for {n} keys")
         lat_shapes = [tuple(x.shape) for x in latent]
@@ -130,6 +142,12 @@ class CacheWriter:
                 raise ValueError(f"masks in batch starting {keys[0]!r} are not their latents' height x width")
             columns["mask"], nbytes = _binary_column(mask, self.dtypes["mask"], copy)
             row_bytes += nbytes
+        for i, ref in enumerate(refs or ()):    # the latent's dtype and layout (references.py)
+            if any(x.ndim != 3 for x in ref["latent"]):
+                raise ValueError(f"bad reference {i} latent shape in batch starting {keys[0]!r}")
+            columns[references.latent_column(i)], nbytes = _binary_column(ref["latent"], lat_dtype, copy)
+            row_bytes += nbytes
+            columns.update(references.size_arrays(i, ref["latent"], ref["width"], ref["height"]))
         columns.update({
             "key": pa.array(keys, pa.string()), "caption": pa.array(captions, pa.string()),
             "latent_h": pa.array([sh[1] for sh in lat_shapes], pa.int16()),
@@ -139,7 +157,8 @@ class CacheWriter:
             "height": pa.array([int(x) for x in heights], pa.int32())})
         if alt_captions is not None and any(alt_captions) and not self.alt:
             self._finish_shard()
-            self.alt, self.schema = True, arrow_schema(spec, mask="mask" in self.dtypes, alt=True)
+            self.alt, self.schema = True, arrow_schema(spec, mask="mask" in self.dtypes, references=self.references,
+                                                       alt=True)
         if self.alt:
             alt_columns, alt_bytes = build_alt_columns(spec, n, alt_captions, alt, self.dtypes,
                                                        lambda ts, dt: _binary_column(ts, dt, copy))

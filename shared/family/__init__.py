@@ -8,9 +8,10 @@ from pathlib import Path
 
 from .base import TEXT_MODES, Family, TextSpec
 from .flux1 import FLUX1
+from .flux1_kontext import FLUX1_KONTEXT
 from .flux2 import FLUX2
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1, FLUX2)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1, FLUX1_KONTEXT, FLUX2)}
 # Caches and trained models written before families had names are FLUX.1's.
 DEFAULT_FAMILY = "flux1"
 

@@ -9,11 +9,24 @@ loops, files. Subclasses: family/flux1.py, family/flux2.py.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 TEXT_MODES = ("padded", "trimmed")
+# Reference images' sides are multiples of this: the VAE divides by 8 and the transformer packs 2x2 patches
+# (the edit pipelines' multiple_of = vae_scale_factor * 2).
+REFERENCE_MULTIPLE = 16
+
+
+def area_capped(width: int, height: int, area: int) -> tuple[int, int]:
+    """(width, height) scaled down to about `area` pixels keeping the aspect, where larger: diffusers'
+    Flux2ImageProcessor._resize_to_target_area arithmetic (int() of each scaled side)."""
+    if width * height <= area:
+        return width, height
+    scale = math.sqrt(area / (width * height))
+    return int(width * scale), int(height * scale)
 
 
 @dataclass(frozen=True)
@@ -116,13 +129,45 @@ class Family:
         """Image tokens of an h x w latent: 2x2 patches in every FLUX."""
         return (h // 2) * (w // 2)
 
-    # -- the transformer call ----------------------------------------------------------------------
-    def predict(self, model, tokens: torch.Tensor, timestep: torch.Tensor, text, h: int, w: int,
-                guidance: float | None = None, flex_mask: bool = False) -> torch.Tensor:
-        """The velocity of image tokens [B, N, D] at `timestep` [B] (in [0, 1]), for `text` (a TextBatch)
-        and an h x w latent; `guidance` feeds a guidance embedding. The one transformer call of the
-        trainer and of the sampler."""
+    # -- reference images (edit training) -----------------------------------------------------------
+    def reference_area(self, count: int) -> int:
+        """The family's own area cap (pixels) of each of `count` reference images."""
         raise NotImplementedError
+
+    def reference_resize(self, width: int, height: int, count: int, override: int | None = None) -> tuple[int, int]:
+        """The size a `width` x `height` reference (one of `count`) is resized to before reference_size's
+        centre crop: scaled down to the area cap (`override`^2 pixels, --reference-resolution, else the
+        family's), keeping the aspect."""
+        return area_capped(width, height, override * override if override else self.reference_area(count))
+
+    def reference_size(self, width: int, height: int, count: int, override: int | None = None) -> tuple[int, int]:
+        """(w, h) in pixels a reference image is encoded at: reference_resize's size floored to multiples of
+        REFERENCE_MULTIPLE (the pipelines crop the rest, centred)."""
+        w, h = self.reference_resize(width, height, count, override)
+        return w // REFERENCE_MULTIPLE * REFERENCE_MULTIPLE, h // REFERENCE_MULTIPLE * REFERENCE_MULTIPLE
+
+    # -- the transformer call ----------------------------------------------------------------------
+    max_references: int | None = None   # reference images the family places (None: any number)
+
+    def predict(self, model, tokens: torch.Tensor, timestep: torch.Tensor, text, h: int, w: int,
+                guidance: float | None = None, flex_mask: bool = False, refs=(),
+                ref_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The velocity of image tokens [B, N, D] at `timestep` [B] (in [0, 1]), for `text` (a TextBatch)
+        and an h x w latent; `guidance` feeds a guidance embedding. `refs`: reference images, each
+        (tokens [B, Nr, D] of its packed x0, its latent h, w), placed after the noisy tokens at the family's
+        positions (reference_ids); the prediction covers the noisy tokens only. `ref_keep` [B] bool: where
+        False, no token attends to that sample's references (exactly as if it had none: reference dropout).
+        The one transformer call of the trainer and of the sampler."""
+        raise NotImplementedError
+
+    def reference_ids(self, h: int, w: int, index: int, device=None) -> torch.Tensor:
+        """Position ids of reference image `index`'s tokens (an h x w latent)."""
+        raise NotImplementedError
+
+    def check_references(self, count: int, where: str) -> None:
+        """Refuse more reference images than the family places."""
+        if self.max_references is not None and count > self.max_references:
+            raise ValueError(f"{where}: {count} reference images; {self.name} places at most {self.max_references}")
 
     # -- sampling ----------------------------------------------------------------------------------
     default_guidance: float = 3.5        # a guidance embedding's value when nothing says otherwise
@@ -187,3 +232,21 @@ class Family:
                           compile: bool = False, options: dict | None = None):
         """The family's text encoder (a TextEncoder: encode, empty, prompt_encodings, identities, dims, facts)."""
         raise NotImplementedError
+
+
+def joint_mask(text_mask: torch.Tensor | None, text_len: int, noisy: int, refs: int,
+               ref_keep: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, 1, 1, L + S] bool over the joint sequence (text, noisy tokens, `refs` reference tokens; True =
+    attended), for joint_attention_kwargs' attention_mask; None when nothing is masked. A sample whose
+    `ref_keep` is False attends none of its reference tokens: its text and noisy tokens see what they would
+    without references (tokens interact only through attention, and the references' outputs are dropped)."""
+    if text_mask is None and (ref_keep is None or not refs):
+        return None
+    like = text_mask if text_mask is not None else ref_keep
+    b, device = like.shape[0], like.device
+    parts = [text_mask.bool() if text_mask is not None else torch.ones(b, text_len, dtype=torch.bool, device=device),
+             torch.ones(b, noisy, dtype=torch.bool, device=device)]
+    if refs:
+        parts.append(torch.ones(b, refs, dtype=torch.bool, device=device) if ref_keep is None
+                     else ref_keep.bool()[:, None].expand(b, refs))
+    return torch.cat(parts, dim=1)[:, None, None, :]

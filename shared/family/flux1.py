@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import latents, schedules
-from .base import Family, TextSpec
+from .base import REFERENCE_MULTIPLE, Family, TextSpec, joint_mask
 from .flux1_text import TEXT_PARTS
 
 
@@ -60,23 +60,56 @@ class Flux1(Family):
     def unpack(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         return latents.unpack_latents(tokens, h, w)
 
+    # -- reference images: FLUX.1 Kontext ------------------------------------------------------------
+    def reference_area(self, count: int) -> int:
+        return 1024 * 1024      # the area of Kontext's preferred resolutions (used with an override only)
+
+    def reference_resize(self, width, height, count, override=None):
+        """FluxKontextPipeline's _auto_resize: the preferred Kontext resolution nearest the image's aspect (ties:
+        the smaller), to which the image is resized whole (the aspect moves a little; nothing is cropped). The
+        pipeline takes the aspect of the sides floored to multiples of 16 (get_default_height_width).
+        `override` (--reference-resolution): the area cap of every family instead."""
+        if override:
+            return super().reference_resize(width, height, count, override)
+        from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+        w16, h16 = (x - x % REFERENCE_MULTIPLE for x in (width, height))
+        if not w16 or not h16:
+            return 0, 0          # under 16 pixels a side: no reference size (the caller skips it)
+        aspect = w16 / h16
+        _, w, h = min((abs(aspect - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+        return w, h
+
     # -- the transformer call ----------------------------------------------------------------------
-    def predict(self, model, tokens, timestep, text, h, w, guidance=None, flex_mask=False):
-        device = tokens.device
-        mask = latents.joint_attention_mask(text.mask, tokens.shape[1])
+    max_references = 1   # Kontext places one reference, all at axis 0 = 1 (BFL's prepare_kontext)
+
+    def predict(self, model, tokens, timestep, text, h, w, guidance=None, flex_mask=False, refs=(), ref_keep=None):
+        device, n = tokens.device, tokens.shape[1]
+        self.check_references(len(refs), "predict")
+        ids = [latents.image_ids(h, w, device=device)]
+        for i, (ref, rh, rw) in enumerate(refs):
+            tokens = torch.cat([tokens, ref.to(tokens.dtype)], dim=1)
+            ids.append(self.reference_ids(rh, rw, i, device=device))
+        mask = joint_mask(text.mask, text.states.shape[1], n, tokens.shape[1] - n, ref_keep)
         if mask is not None and flex_mask:
             mask = latents.flex_block_mask(mask)
-        return model(
+        out = model(
             hidden_states=tokens,
             encoder_hidden_states=text.states,
             pooled_projections=text.pooled,
             timestep=timestep,
-            img_ids=latents.image_ids(h, w, device=device),
+            img_ids=ids[0] if len(ids) == 1 else torch.cat(ids),
             txt_ids=latents.text_ids(text.states.shape[1], device=device),
             guidance=None if guidance is None else torch.full((tokens.shape[0],), float(guidance), device=device),
             joint_attention_kwargs=None if mask is None else {"attention_mask": mask},
             return_dict=False,
         )[0]
+        return out[:, :n] if refs else out
+
+    def reference_ids(self, h, w, index, device=None):
+        """The reference's own grid with axis 0 = 1 (FluxKontextPipeline.prepare_latents)."""
+        ids = latents.image_ids(h, w, device=device)
+        ids[:, 0] = 1
+        return ids
 
     # -- sampling ----------------------------------------------------------------------------------
     default_guidance = 3.5   # FluxPipeline's guidance_scale

@@ -10,9 +10,9 @@ from functools import lru_cache
 
 import torch
 
-from .base import Family, TextSpec
+from .base import Family, TextSpec, joint_mask
 
-# Reference images (FLUX.2 edit, not built yet) sit at t = REF_T0 + REF_T0 * i (diffusers _prepare_image_ids,
+# Reference images (FLUX.2 edit) sit at t = REF_T0 + REF_T0 * i (diffusers _prepare_image_ids,
 # BFL's encode_image_refs); the noisy image at t = 0.
 REF_T0 = 10
 
@@ -97,7 +97,7 @@ class Flux2(Family):
 
     def image_ids(self, h: int, w: int, t: int = 0, device=None) -> torch.Tensor:
         """Position ids (t, row, col, 0) of an h x w latent's tokens: [(h/2)(w/2), 4] float32. t = 0 for the
-        noisy image; reference image i will sit at t = REF_T0 * (1 + i)."""
+        noisy image; reference image i sits at t = REF_T0 * (1 + i)."""
         ids = torch.zeros(h // 2, w // 2, 4, dtype=torch.float32, device=device)   # made on the device: no copy
         ids[..., 0] = t
         ids[..., 1] = torch.arange(h // 2, dtype=torch.float32, device=device)[:, None]
@@ -110,23 +110,49 @@ class Flux2(Family):
         ids[:, 3] = torch.arange(length, dtype=torch.float32, device=device)
         return ids
 
+    # -- reference images ----------------------------------------------------------------------------
+    def reference_area(self, count: int) -> int:
+        """BFL's FLUX.2 rule (flux2 sampling's limit_pixels): one reference up to about 2024^2 pixels, several
+        up to 1024^2 each. diffusers 0.42.1's pipelines cap every reference at 1024^2; below both caps (and
+        with several references) the two agree."""
+        return 2024 * 2024 if count == 1 else 1024 * 1024
+
+    def reference_size(self, width, height, count, override=None):
+        """As the base rule, for the images the FLUX.2 pipelines take (Flux2ImageProcessor.check_image_input:
+        sides of 64 pixels or more, aspect within 8:1); (0, 0) for others, which encode skips."""
+        if min(width, height) < 64 or max(width, height) > 8 * min(width, height):
+            return 0, 0
+        return super().reference_size(width, height, count, override)
+
     # -- the transformer call ----------------------------------------------------------------------
-    def predict(self, model, tokens, timestep, text, h, w, guidance=None, flex_mask=False):
+    def predict(self, model, tokens, timestep, text, h, w, guidance=None, flex_mask=False, refs=(), ref_keep=None):
         """As Flux2KleinPipeline / Flux2Pipeline call the transformer (timestep in [0, 1]; it scales by 1000
-        itself). `flex_mask` has nothing to act on: FLUX.2 text carries no mask."""
+        itself), reference tokens after the noisy ones as their `image_latents`. `flex_mask` has nothing to
+        act on: FLUX.2 text carries no mask."""
         if text.mask is not None:
             raise ValueError("FLUX.2's transformer attends every text position; a text mask (trimmed text) "
                              "would change what it sees, so give padded text with no mask")
-        device, batch = tokens.device, tokens.shape[0]
-        return model(
+        device, (batch, n) = tokens.device, tokens.shape[:2]
+        ids = [self.image_ids(h, w, device=device)]
+        for i, (ref, rh, rw) in enumerate(refs):
+            tokens = torch.cat([tokens, ref.to(tokens.dtype)], dim=1)
+            ids.append(self.reference_ids(rh, rw, i, device=device))
+        mask = joint_mask(None, text.states.shape[1], n, tokens.shape[1] - n, ref_keep)
+        out = model(
             hidden_states=tokens,
             encoder_hidden_states=text.states,
             timestep=timestep,
-            img_ids=self.image_ids(h, w, device=device),
+            img_ids=ids[0] if len(ids) == 1 else torch.cat(ids),
             txt_ids=self.text_ids(text.states.shape[1], device=device),
             guidance=None if guidance is None else torch.full((batch,), float(guidance), device=device),
+            joint_attention_kwargs=None if mask is None else {"attention_mask": mask},
             return_dict=False,
         )[0]
+        return out[:, :n] if refs else out
+
+    def reference_ids(self, h, w, index, device=None):
+        """Reference `index` at t = REF_T0 + REF_T0 * index (Flux2KleinPipeline._prepare_image_ids)."""
+        return self.image_ids(h, w, t=REF_T0 + REF_T0 * index, device=device)
 
     # -- sampling ----------------------------------------------------------------------------------
     # Flux2Pipeline's guidance_scale for [dev]'s embedding; BFL's defaults (shared/presets_flux2.py): 50 steps

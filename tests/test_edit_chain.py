@@ -1,0 +1,72 @@
+"""The edit chain at demo size: paired pictures (each target's reference is the same picture in another colour)
+encoded with `--references 1` by the tiny Kontext folder, then trained; the model that trained with its
+references (flow.reference_dropout 0) must reach a clearly lower validation loss, measured with the references,
+than the same run that never saw them (flow.reference_dropout 1: the same cache, seeds and steps).
+
+What is measured: every caption is the same, so only the reference tells a sample's grey level; the loss is
+compared over the noisier half of the validation timesteps (t >= 0.5), where the noisy latent hides the target
+and nothing else can tell it (at small t the noisy latent itself shows it, and both runs learn that). Over
+three data seeds the reference run's was 36-46% lower there after 150 steps, while the loss over all timesteps
+did not separate them reliably. Full-weight training: the random tiny base needs ~150 steps before the
+reference pays, and a LoRA's bf16 autocast runs several times slower per step on a CPU."""
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from train_caches import read_metrics, tiny_config
+
+from preprocess.decode import PrepOptions
+from preprocess.encode import EncodeOptions
+from preprocess.encode_run import run_encode
+
+SIZE, SAMPLES, STEPS = 32, 8, 150
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def paired_folder(root, n: int, seed: int = 0):
+    """n samples: a grey picture of its own level (the target, every caption alike), and under control/ the same
+    picture tinted amber (the reference: its red is the target's level)."""
+    rng = np.random.default_rng(seed)
+    (root / "control").mkdir(parents=True)
+    for i, level in enumerate(rng.permutation(np.linspace(0, 255, n).astype(np.uint8))):
+        (root / f"s{i}.png").write_bytes(_png(np.full((SIZE, SIZE, 3), level, np.uint8)))
+        (root / f"s{i}.txt").write_text("make it grey")
+        (root / "control" / f"s{i}.png").write_bytes(_png(np.full((SIZE, SIZE, 3), (level, level // 2, 0), np.uint8)))
+    return root
+
+
+def test_a_kontext_edit_model_learns_from_its_references(tiny_kontext, tmp_path):
+    cache = tmp_path / "cache"
+    run_encode(str(tiny_kontext), str(paired_folder(tmp_path / "pairs", SAMPLES)), cache,
+               prep=PrepOptions(resolution=SIZE, references=1, reference_resolution=SIZE),
+               opts=EncodeOptions(dtype="fp32", text_mode="padded"), batch_size=4, num_workers=0, device="cpu",
+               progress=False)
+    assert json.loads((cache / "manifest.json").read_text())["references"] == 1
+    from train.loop import train
+    noisy_half = {}
+    for dropout in (0.0, 1.0):
+        out = tmp_path / f"dropout{dropout:g}"
+        train(tiny_config(out, cache, cache, **{
+            "model.name": str(tiny_kontext), "model.init": "pretrained", "model.guidance": 2.5,
+            "optim.lr": 1e-2, "run.max_steps": STEPS, "run.val_every": STEPS, "run.log_every": STEPS,
+            "data.batch_size": 4, "flow.reference_dropout": dropout, "run.seed": 0}))
+        last = [m for m in read_metrics(out / "run") if "val/loss" in m][-1]
+        per_t = [v for k, v in sorted(last.items(), key=lambda kv: kv[0]) if k.startswith("val/loss_t")]
+        noisy_half[dropout] = sum(per_t[len(per_t) // 2:]) / (len(per_t) - len(per_t) // 2)
+    assert noisy_half[0.0] < 0.8 * noisy_half[1.0], noisy_half

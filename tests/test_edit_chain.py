@@ -13,8 +13,6 @@ import io
 import json
 
 import numpy as np
-import pytest
-import torch
 from PIL import Image
 from train_caches import read_metrics, tiny_config
 
@@ -23,14 +21,6 @@ from preprocess.encode import EncodeOptions
 from preprocess.encode_run import run_encode
 
 SIZE, SAMPLES, STEPS = 32, 8, 150
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _png(pixels: np.ndarray) -> bytes:

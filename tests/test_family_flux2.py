@@ -17,16 +17,6 @@ from shared.text_batch import TextBatch
 PROMPTS = ["a red circle on a white background", "blue square"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models gain nothing from intra-op threads; on a busy 2-core machine OpenMP's waiting threads
-    make each pipeline call ~10x slower (tests/test_tiny_flux2.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _pipe(folder):
     from diffusers import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)

@@ -18,15 +18,6 @@ from shared.cache import CacheReader
 from shared.family import FLUX2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models run in about a second with one thread; two on a shared 2-core machine stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def klein_lora(tiny_flux2_klein, klein_cache, tmp_path_factory):
     """A LoRA of the [klein] base, 3 steps, the last one rendering the sample prompt."""

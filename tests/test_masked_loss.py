@@ -21,14 +21,6 @@ from shared.family import FLUX1, FLUX2
 SIZE = 64      # pixels; latents 8x8 (both tiny VAEs divide by 8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _png(array: np.ndarray, mode: str) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array, mode).save(buf, format="PNG")

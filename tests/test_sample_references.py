@@ -16,14 +16,6 @@ SIZE, STEPS, SEED = 64, 3, 0
 PNG = "0000-a-red-circle-on-a-black-background-seed0.png"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """A 90x70 picture: no multiple of 16, so Flux2KleinPipeline crops it to 80x64 and FluxKontextPipeline

@@ -13,16 +13,6 @@ from shared.tiny_flux2 import LATENT_CHANNELS, write_tiny_flux2_klein
 PROMPT = "a red circle on a white background"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny FLUX.2 models gain nothing from intra-op threads; on a busy 2-core machine OpenMP's waiting
-    threads made each pipeline call ~10x slower (0.6 s -> 7 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _digest(folder):
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}

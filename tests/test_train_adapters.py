@@ -29,14 +29,6 @@ KINDS = {"lokr": {"lora.kind": "lokr", "lora.rank": 2, "lora.alpha": 4}, "loha":
          "dora": {"lora.dora": True, "lora.alpha": 8}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def invoke(app, *args):
     r = CliRunner().invoke(app, [str(a) for a in args])
     assert r.exit_code == 0, r.output + repr(r.exception)

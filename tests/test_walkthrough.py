@@ -89,14 +89,6 @@ def write_my_images(root: Path) -> None:
     (root / "my-prompts.txt").write_text("ohwx, a square on a table\nohwx, a square at night\n")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_flux1_dev(tmp_path_factory):
     """FLUX.1 [dev]'s tiny stand-in: the tiny folder with [dev]'s guidance embedding (the preset feeds it 3.5)."""

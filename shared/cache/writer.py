@@ -96,15 +96,8 @@ class CacheWriter:
         "width", "height"} per reference image of the cache, each a batch tensor or B tensors and B ints, as
         `latent`, `widths`, `heights`."""
         spec, n = self.text, len(keys)
-        if len(refs or ()) != self.references:
-            raise ValueError(f"add_batch: {len(refs or ())} reference images given, the cache's rows hold "
-                             f"{self.references}")
-        expected = {spec.states, spec.length} | ({spec.pooled} if spec.pooled else set())
         alt = {k: text.pop(k) for k in alt_text_columns(spec) if k in text}
-        if set(text) != expected:
-            raise ValueError(f"add_batch: text columns {sorted(text)}, the cache's are {sorted(expected)}")
-        if (mask is None) == ("mask" in self.dtypes):
-            raise ValueError("add_batch: a cache with masks needs a mask per row, one without takes none")
+        self._check_inputs(text, mask, refs)
         if n == 0:
             return
         states = text[spec.states]
@@ -123,35 +116,9 @@ class CacheWriter:
                                          *(v for r in refs or () for v in r.values()))) \
                 or (latent_logvar is not None and len(latent_logvar) != n):
             raise ValueError(f"add_batch: columns of unequal length for {n} keys")
-        lat_shapes = [tuple(x.shape) for x in latent]
-        if any(len(sh) != 3 for sh in lat_shapes) or any(x.ndim != 2 for x in states) \
-                or (spec.pooled and any(x.ndim != 1 for x in text[spec.pooled])):
-            raise ValueError(f"bad shapes in batch starting {keys[0]!r}: latent {lat_shapes[0]}, "
-                             + ", ".join(f"{c} {tuple(text[c][0].shape)}" for c in spec.tensor_columns))
-        lat_dtype = self.dtypes["latent"]
-        columns, row_bytes = {}, np.zeros(n, dtype=np.int64)
-        for c, values in (("latent", latent), *((c, text[c]) for c in spec.tensor_columns),
-                          ("latent_logvar", latent_logvar)):
-            if values is None:
-                columns[c] = pa.nulls(n, pa.binary())
-            else:
-                columns[c], nbytes = _binary_column(values, self.dtypes.get(c, lat_dtype), copy)
-                row_bytes += nbytes
-        if mask is not None:
-            if [tuple(m.shape) for m in mask] != [sh[1:] for sh in lat_shapes]:
-                raise ValueError(f"masks in batch starting {keys[0]!r} are not their latents' height x width")
-            columns["mask"], nbytes = _binary_column(mask, self.dtypes["mask"], copy)
-            row_bytes += nbytes
-        for i, ref in enumerate(refs or ()):    # the latent's dtype and layout (references.py)
-            if any(x.ndim != 3 for x in ref["latent"]):
-                raise ValueError(f"bad reference {i} latent shape in batch starting {keys[0]!r}")
-            columns[references.latent_column(i)], nbytes = _binary_column(ref["latent"], lat_dtype, copy)
-            row_bytes += nbytes
-            columns.update(references.size_arrays(i, ref["latent"], ref["width"], ref["height"]))
+        columns, row_bytes = self._tensor_columns(keys[0], latent, latent_logvar, text, mask, refs, copy)
         columns.update({
             "key": pa.array(keys, pa.string()), "caption": pa.array(captions, pa.string()),
-            "latent_h": pa.array([sh[1] for sh in lat_shapes], pa.int16()),
-            "latent_w": pa.array([sh[2] for sh in lat_shapes], pa.int16()),
             spec.length: pa.array([int(x) for x in text[spec.length]], pa.int16()),
             "width": pa.array([int(x) for x in widths], pa.int32()),
             "height": pa.array([int(x) for x in heights], pa.int32())})
@@ -166,6 +133,51 @@ class CacheWriter:
             row_bytes += alt_bytes
         batch = pa.RecordBatch.from_arrays([columns[name] for name in self.schema.names], schema=self.schema)
         self._add_record_batch(batch, np.cumsum(row_bytes))
+
+    def _check_inputs(self, text: dict, mask, refs) -> None:
+        """The batch brings what this cache's rows hold: the family's text columns, a mask exactly when the
+        cache has masks, its number of reference images."""
+        spec = self.text
+        if len(refs or ()) != self.references:
+            raise ValueError(f"add_batch: {len(refs or ())} reference images given, the cache's rows hold "
+                             f"{self.references}")
+        expected = {spec.states, spec.length} | ({spec.pooled} if spec.pooled else set())
+        if set(text) != expected:
+            raise ValueError(f"add_batch: text columns {sorted(text)}, the cache's are {sorted(expected)}")
+        if (mask is None) == ("mask" in self.dtypes):
+            raise ValueError("add_batch: a cache with masks needs a mask per row, one without takes none")
+
+    def _tensor_columns(self, first_key: str, latent, latent_logvar, text: dict, mask, refs, copy: bool):
+        """The batch's tensor columns (and the latents' shapes) as Arrow arrays, and each row's tensor bytes."""
+        spec, n = self.text, len(latent)
+        lat_shapes = [tuple(x.shape) for x in latent]
+        if any(len(sh) != 3 for sh in lat_shapes) or any(x.ndim != 2 for x in text[spec.states]) \
+                or (spec.pooled and any(x.ndim != 1 for x in text[spec.pooled])):
+            raise ValueError(f"bad shapes in batch starting {first_key!r}: latent {lat_shapes[0]}, "
+                             + ", ".join(f"{c} {tuple(text[c][0].shape)}" for c in spec.tensor_columns))
+        lat_dtype = self.dtypes["latent"]
+        columns = {"latent_h": pa.array([sh[1] for sh in lat_shapes], pa.int16()),
+                   "latent_w": pa.array([sh[2] for sh in lat_shapes], pa.int16())}
+        row_bytes = np.zeros(n, dtype=np.int64)
+        for c, values in (("latent", latent), *((c, text[c]) for c in spec.tensor_columns),
+                          ("latent_logvar", latent_logvar)):
+            if values is None:
+                columns[c] = pa.nulls(n, pa.binary())
+            else:
+                columns[c], nbytes = _binary_column(values, self.dtypes.get(c, lat_dtype), copy)
+                row_bytes += nbytes
+        if mask is not None:
+            if [tuple(m.shape) for m in mask] != [sh[1:] for sh in lat_shapes]:
+                raise ValueError(f"masks in batch starting {first_key!r} are not their latents' height x width")
+            columns["mask"], nbytes = _binary_column(mask, self.dtypes["mask"], copy)
+            row_bytes += nbytes
+        for i, ref in enumerate(refs or ()):    # the latent's dtype and layout (references.py)
+            if any(x.ndim != 3 for x in ref["latent"]):
+                raise ValueError(f"bad reference {i} latent shape in batch starting {first_key!r}")
+            columns[references.latent_column(i)], nbytes = _binary_column(ref["latent"], lat_dtype, copy)
+            row_bytes += nbytes
+            columns.update(references.size_arrays(i, ref["latent"], ref["width"], ref["height"]))
+        return columns, row_bytes
 
     def _add_record_batch(self, batch: pa.RecordBatch, cum_bytes: np.ndarray) -> None:
         """Split `batch` exactly where row-by-row adding would flush a row group or finish a shard."""

@@ -9,7 +9,8 @@ images, whose tokens follow the noisy ones, so that the sequence grows by each r
   Goals: <= 20 GiB with an 8-bit base; the bf16 base at least as fast as the plain loop.
 - FLUX.2 [klein] 4B at 1024px with two 1024px references (3 x 4096 image tokens + 512 text), the plain
   loop's references made as Flux2KleinPipeline.prepare_image_latents makes them (_pack_latents,
-  _prepare_image_ids: t = 10, 20). Goal: <= 8 GiB with an 8-bit base.
+  _prepare_image_ids: t = 10, 20). Goal: <= 8 GiB with an 8-bit base (int8 and float8; int8 also with
+  run.offload_activations).
 
 Each row's `refs`: its reference images, each at the row's resolution. With --tiny every row runs at toy size
 (tiny-kontext / flux2-tiny), which is how tests/test_bench_lora_speed.py and test_bench_flux2.py run them.
@@ -56,7 +57,10 @@ def klein_rows() -> list[dict]:
     return [{**KLEIN, "kind": "plain-lora", "name": KLEIN_PLAIN, "est_s": 45},
             trainer("bf16 base", {}, goal={"img_s_of": KLEIN_PLAIN}, est_s=50),
             *[trainer(f"{q} base", {"model.quantize_base": q}, goal={"peak_gib": 8}, est_s=55)
-              for q in ("int8", "float8")]]
+              for q in ("int8", "float8")],
+            # each block's saved input in host memory (run.offload_activations): 12800 tokens' worth a block
+            trainer("int8 base, activations offloaded", {"model.quantize_base": "int8", **memory_flux2.OFFLOAD_ACTS},
+                    goal={"peak_gib": 8}, est_s=60)]
 
 
 def shrink_kontext(row: dict) -> dict:

@@ -58,6 +58,12 @@ FLUX.1 [dev] (12B), the suites below, one call each:
     python bench/memory.py --suite smoke      # a small model on the GPU: every path runs, block swap is exact
     python bench/memory.py --suite smoke --device cpu --tiny    # the same on a CPU, tiny model (a minute)
     python bench/memory.py --suite lora --device cpu --tiny     # the lora suite's speed rows, tiny (compile: skipped)
+    python bench/memory.py --suite edit --budget 480            # Kontext LoRA with one 1024px reference (issue 27)
+    python bench/memory.py --family flux2 --suite edit --budget 480   # [klein] 4B LoRA with two references
+
+The edit suites' rows are in bench/memory_edit.py (the sequence doubles for Kontext: 4096 + 4096 image
+tokens + 512 text; the plain loop's inputs as FluxKontextPipeline makes them; the trainer on a synthetic
+cache with the references in its ref{i}_* columns).
 
 FLUX.1-dev's real shapes (random init), batch 1, T5 padded to 512, activation checkpointing, bf16
 autocast. Each 12B row runs in a process of its own (an out-of-memory ends only that row).
@@ -96,11 +102,13 @@ if str(REPO / "bench") not in sys.path:
     sys.path.append(str(REPO / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import memory_edit  # noqa: E402 - beside this file
 import memory_flux2  # noqa: E402 - beside this file
 import torch  # noqa: E402
 from flops import PEAK_BF16, attention_flops_per_image, linear_flops_per_image  # noqa: E402 - beside this file
 from train_data import write_cache, write_flux2_cache  # noqa: E402 - beside this file
 
+from shared.cache.references import reference_count  # noqa: E402
 from shared.family import get_family  # noqa: E402
 from shared.presets import transformer_config  # noqa: E402
 
@@ -110,6 +118,8 @@ SMOKE = {"num_layers": 2, "num_single_layers": 4}
 
 
 def rows(suite: str, tiny: bool, family: str = "flux1") -> list[dict]:
+    if suite == "edit":   # LoRA with reference images: Kontext (flux1), [klein] 4B (flux2)
+        return memory_edit.rows(family, tiny)
     if family == "flux2":
         return memory_flux2.rows(suite, tiny)
     lora = {"lora.rank": 16, "run.precision": "bf16", "optim.lr": 1e-4}
@@ -299,6 +309,7 @@ def plain_step(model, batch: dict, device):
     def forward_backward():
         with torch.autocast(device.type, dtype=torch.bfloat16):
             pred = model(**inputs, return_dict=False)[0]
+        pred = pred[:, :batch["target"].shape[1]]   # the noisy tokens' prediction: reference tokens follow them
         loss = torch.nn.functional.mse_loss(pred.float(), batch["target"])
         loss.backward()
         return loss.detach()
@@ -333,6 +344,8 @@ def run_plain_lora(row: dict, device) -> dict:
 
 
 def plain_batch(row: dict, cfg: dict, device) -> dict:
+    if row.get("refs"):
+        return memory_edit.fixed_batch(cfg, row, row.get("text", TEXT), device)
     return fixed_batch(cfg, row["res"], row.get("text", TEXT), device, row.get("family", "flux1"))
 
 
@@ -412,6 +425,8 @@ def run_trainer(row: dict, device, cache: Path, work: Path) -> dict:
     model = trainer.accelerator.unwrap_model(trainer.model)
     return {"s_per_step": seconds, "losses": [r["loss"] for r in steps], "setup_gib": setup,
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            # what the trainer placed: its family, the reference images per sample its cache holds
+            "model_family": trainer.family.name, "references": reference_count(trainer.train_reader.manifest),
             "data_wait": sum(r["data_wait"] for r in timed) / max(1, len(timed))}
 
 
@@ -448,7 +463,7 @@ def flops_per_image(row: dict, lora: bool) -> float:
     cfg = model_config(row)
     with torch.device("meta"):
         meta = family.transformer_cls()(**cfg)
-    img = (row["res"] // 16) ** 2
+    img = (row["res"] // 16) ** 2 * (1 + row.get("refs", 0))   # reference tokens, each the target's size
     text = row.get("text", TEXT)
     linear = linear_flops_per_image(meta, img, text, family.per_sample_layer) * (4 / 6 if lora else 1)
     return linear + attention_flops_per_image(cfg, img, (img + text) ** 2)
@@ -505,12 +520,16 @@ def suite_cache(row: dict, root: Path) -> Path | None:
     cfg = model_config(row)
     n = row.get("samples", 8)
     text = row.get("text", TEXT)
+    refs = row.get("refs", 0)   # reference images per row, each of the target's size (the edit suite)
+    more = f"-refs{refs}" if refs else ""
     if row.get("family") == "flux2":
         channels = cfg["in_channels"] // 4   # the VAE's latent channels, patchified 2x2 into the transformer's
-        return write_flux2_cache(root, f"flux2-{text}-{row['res']}-{n}-{channels}-{cfg['joint_attention_dim']}",
-                                 n, row["res"] // 8, channels, cfg["joint_attention_dim"], text)
+        return write_flux2_cache(root, f"flux2-{text}-{row['res']}-{n}-{channels}-{cfg['joint_attention_dim']}{more}",
+                                 n, row["res"] // 8, channels, cfg["joint_attention_dim"], text, references=refs)
     dims = {"t5": cfg["joint_attention_dim"], "clip": cfg["pooled_projection_dim"]}
-    path, _ = write_cache(root, f"padded-{text}-{row['res']}-{n}", "padded", text, n, row["res"] // 8, dims)
+    family = row_family(row)
+    name = f"padded-{text}-{row['res']}-{n}" + (f"-{family.name}" if family.name != "flux1" else "") + more
+    path, _ = write_cache(root, name, "padded", text, n, row["res"] // 8, dims, family=family, references=refs)
     return path
 
 
@@ -600,12 +619,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=["flux1", "flux2"], default="flux1",
                    help="flux2: FLUX.2 [klein] 4B / 9B and [dev] (bench/memory_flux2.py)")
-    p.add_argument("--suite", choices=["lora", "full", "speed", "fidelity", "smoke", "encode", "stretch", "all"],
-                   default="lora", help="flux1: lora, full, speed, fidelity, smoke; flux2: lora, full, encode, "
-                                        "stretch, all")
+    p.add_argument("--suite", choices=["lora", "full", "speed", "fidelity", "smoke", "encode", "stretch", "all",
+                                        "edit"],
+                   default="lora", help="flux1: lora, full, speed, fidelity, smoke, edit; flux2: lora, full, encode, "
+                                        "stretch, all, edit")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--tiny", action="store_true", help="the tiny model (CPU): flux1's smoke suite and lora's "
-                                                       "speed rows, any flux2 suite")
+    p.add_argument("--tiny", action="store_true", help="the tiny model (CPU): flux1's smoke suite, lora's "
+                                                       "speed rows and edit suite, any flux2 suite")
     p.add_argument("--only", default=None, help="row names to run, separated by ; (default: all)")
     p.add_argument("--budget", type=float, default=570,
                    help="seconds: start no row after this, nor one whose expected time (est_s) would pass it")

@@ -1,7 +1,7 @@
 """Model presets: the transformer, text and VAE shapes of each known FLUX model.
 
-`flux-dev` and `flux-schnell` carry FLUX.1's real dimensions; `tiny` keeps the
-same classes at toy sizes so that every stage runs on a CPU in seconds. FLUX.2's
+`flux-dev`, `flux-schnell` and `flux-kontext-dev` carry FLUX.1's real dimensions; `tiny`
+(and `tiny-kontext`) keeps the same classes at toy sizes so that every stage runs on a CPU in seconds. FLUX.2's
 (`flux2-klein-4b`, `flux2-klein-9b`, `flux2-dev`, `flux2-tiny`) are in presets_flux2.py.
 """
 from __future__ import annotations
@@ -48,6 +48,14 @@ _FLUX1_PRESETS: dict[str, Preset] = {
         t5_max_length=256, default_steps=4, shift_schedule=False,
         hub_id="black-forest-labs/FLUX.1-schnell",
     ),
+    # FLUX.1 Kontext [dev]: [dev]'s transformer (BFL's flux/util.py), sampled with a reference image
+    # (shared/family/flux1_kontext.py); for a random init of its shape (bench/memory_edit.py)
+    "flux-kontext-dev": Preset(
+        name="flux-kontext-dev",
+        transformer={**_FLUX_TRANSFORMER, "guidance_embeds": True},
+        t5_max_length=512, default_steps=28, shift_schedule=True,
+        hub_id="black-forest-labs/FLUX.1-Kontext-dev", family="flux1-kontext",
+    ),
     "tiny": Preset(
         name="tiny",
         transformer=dict(
@@ -60,6 +68,10 @@ _FLUX1_PRESETS: dict[str, Preset] = {
         t5_max_length=32, default_steps=20, shift_schedule=True,
     ),
 }
+# the tiny transformer with Kontext [dev]'s guidance embedding (shared/tiny.py write_tiny_kontext's)
+_FLUX1_PRESETS["tiny-kontext"] = Preset(
+    name="tiny-kontext", transformer={**_FLUX1_PRESETS["tiny"].transformer, "guidance_embeds": True},
+    t5_max_length=32, default_steps=28, shift_schedule=True, family="flux1-kontext")
 
 
 # Every preset, both families: FLUX.2's shapes and sources are in presets_flux2.py.

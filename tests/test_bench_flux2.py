@@ -140,3 +140,55 @@ def test_flux2_flops_count_each_weight_with_its_tokens(preset):
                     + (img + txt) * cfg["num_single_layers"] * single + per_sample)
     counted = linear_flops_per_image(model, img, txt, get_family("flux2").per_sample_layer)
     assert counted == expected
+
+
+# -- the edit suite (issue 27): [klein] 4B LoRA with two references ----------------------------------------------
+# the plain loop and an 8-bit base (the bf16 and float8 rows take the same paths; their configs are checked below)
+KLEIN_TINY = ["klein-4B edit LoRA: plain loop, bf16 base", "klein-4B edit LoRA: int8 base"]
+
+
+def test_klein_edit_rows_run_tiny_with_two_references(tmp_path):
+    """`--family flux2 --suite edit`'s rows at toy size: the trainer's on a cache with two references per row."""
+    results = memory.main(["--family", "flux2", "--suite", "edit", "--device", "cpu", "--tiny", "--same-process",
+                           "--only", ";".join(KLEIN_TINY), "--root", str(tmp_path / "state")])
+    rows = by_name(results)
+    assert [r["name"] for r in results] == KLEIN_TINY
+    for r in results:
+        assert "error" not in r, r.get("error")
+        assert r["img_s"] > 0 and all(math.isfinite(x) for x in r["losses"])
+        if r["kind"] == "trainer":
+            assert (r["model_family"], r["references"]) == ("flux2", 2)
+    assert rows[KLEIN_TINY[0]]["trainable"] == rows[KLEIN_TINY[1]]["trainable"] > 0
+
+
+def test_klein_plain_loop_places_references_as_the_family_does():
+    """Flux2KleinPipeline's helpers (the plain loop) against the family's placement (Flux2.predict's ids):
+    references after the noisy tokens at t = 10, 20; the target covers the noisy tokens only."""
+    from shared.family import get_family
+    row = memory.rows("edit", True, "flux2")[0]
+    batch = memory.plain_batch(row, memory.model_config(row), torch.device("cpu"))
+    hw = row["res"] // 8
+    n = (hw // 2) ** 2
+    assert batch["hidden_states"].shape[1] == 3 * n and batch["target"].shape[1] == n
+    family = get_family("flux2")
+    expected = torch.cat([family.image_ids(hw, hw)] + [family.reference_ids(hw, hw, i) for i in range(2)])
+    assert torch.equal(batch["img_ids"].reshape(-1, 4).long(), expected.reshape(-1, 4).long())
+
+
+def test_real_klein_edit_rows_are_valid_trainer_configs(tmp_path):
+    from train.config import load_config
+    rows = memory.rows("edit", False, "flux2")
+    names = {r["name"] for r in rows}
+    assert set(KLEIN_TINY) < names
+    quantized = set()
+    for r in rows:
+        assert (r["res"], r["refs"], r["preset"]) == (1024, 2, "flux2-klein-4b") and not r.get("tiny")
+        assert r.get("goal", {}).get("img_s_of", r["name"]) in names
+        if r["kind"] == "trainer":
+            cfg = load_config(None, memory.trainer_settings(r, tmp_path / "cache", tmp_path / "work"))
+            assert cfg.lora.rank == 16 and cfg.run.grad_checkpointing
+            if cfg.model.quantize_base != "none":
+                quantized.add(cfg.model.quantize_base)
+                assert r["goal"]["peak_gib"] == 8
+    assert "int8" in quantized
+    assert sum(r["est_s"] for r in rows) <= 480    # the lead's one call: --budget 480

@@ -15,6 +15,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
+# The longest test (a full `dvc repro` of the demo, about 4 minutes) first, so that the other worker runs the rest
+# beside it rather than after it (pytest-xdist hands out whole files in collection order).
+FIRST = "tests/test_pipeline_demo.py"
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: not item.nodeid.startswith(FIRST))   # stable: the rest keep their order
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):

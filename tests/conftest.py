@@ -16,7 +16,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 
 # The longest test (a full `dvc repro` of the demo, about 4 minutes) first, so that the other worker runs the rest
-# beside it rather than after it (pytest-xdist hands out whole files in collection order).
+# beside it rather than after it (pytest-xdist hands out whole files in collection order: pyproject's addopts).
 FIRST = "tests/test_pipeline_demo.py"
 
 

@@ -180,12 +180,7 @@ def test_folder_and_tar_give_the_same_rows_and_count_bad_references(tiny_model, 
 
 def test_kill_9_during_a_paired_encode_then_rerun_gives_the_clean_rows(tiny_model, tmp_path):
     """test_encode_resume's kill -9 and rerun, on paired data: exactly the clean run's rows, refs included."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from tests.test_encode_resume import ENV, encode_args, raw_rows, run_cli
+    from tests.test_encode_resume import encode_args, kill_encode_after_two_inputs, raw_rows, run_cli
     data = tmp_path / "data"
     for t in range(20):
         write_tar(data / f"demo-{t:05d}.tar",
@@ -197,16 +192,7 @@ def test_kill_9_during_a_paired_encode_then_rerun_gives_the_clean_rows(tiny_mode
     clean = tmp_path / "clean"
     run_cli(args(clean))
     out, done_dir = tmp_path / "cache", tmp_path / "cache" / "_progress" / "done"
-    proc = subprocess.Popen([sys.executable, "-m", "preprocess", *args(out)], env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:
-        if done_dir.is_dir() and len(list(done_dir.glob("*.json"))) >= 2:
-            break
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the encode finished before it could be killed"
+    kill_encode_after_two_inputs(args(out), done_dir)
     records = sorted(done_dir.glob("*.json"))
     assert 2 <= len(records) < 20
     records[-1].unlink()     # the narrowest window: output shards in place, done-record not yet written

@@ -33,6 +33,20 @@ def run_cli(args, timeout=300):
     return proc
 
 
+def kill_encode_after_two_inputs(args, done_dir) -> None:
+    """Start `flux-prep encode ARGS` in a process of its own and kill -9 it once two inputs are done."""
+    proc = subprocess.Popen([sys.executable, "-m", "preprocess", *args], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if done_dir.is_dir() and len(list(done_dir.glob("*.json"))) >= 2:
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the encode finished before it could be killed"
+
+
 def raw_rows(cache) -> dict:
     """key -> the row's stored bytes (every tensor column and the scalars), read straight from Parquet."""
     import pyarrow.parquet as pq
@@ -69,16 +83,7 @@ def clean_run(tiny_model, demo_data, tmp_path_factory):
 def test_kill_9_then_rerun_gives_the_clean_rows(tiny_model, demo_data, clean_run, tmp_path):
     out = tmp_path / "cache"
     done_dir = out / "_progress" / "done"
-    proc = subprocess.Popen([sys.executable, "-m", "preprocess", *encode_args(tiny_model, demo_data, out)],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:
-        if done_dir.is_dir() and len(list(done_dir.glob("*.json"))) >= 2:
-            break
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the encode finished before it could be killed"
+    kill_encode_after_two_inputs(encode_args(tiny_model, demo_data, out), done_dir)
     assert not (out / "manifest.json").exists()
     records = sorted(done_dir.glob("*.json"))
     assert 2 <= len(records) < 30

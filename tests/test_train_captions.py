@@ -6,11 +6,9 @@ import math
 import shutil
 
 import torch
-from safetensors.torch import save
-from train_caches import CHANNELS, CLIP_DIM, MAX_LEN, T5_DIM, read_metrics, tiny_config
+from train_caches import CHANNELS, CLIP_DIM, MAX_LEN, T5_DIM, finish_cache, read_metrics, tiny_config
 
-from shared.cache import CacheWriter, cache_manifest, write_manifest
-from shared.cache.store import open_store
+from shared.cache import CacheWriter
 from shared.family.flux1 import FLUX1
 from train.data import CacheStream
 from train.loop import train
@@ -44,16 +42,8 @@ def write_multi_caption_cache(out_dir, t5_mode: str = "trimmed"):
                         t5_alt=[[c[0] for c in caps[1:]]], t5_len_alt=[[c[1] for c in caps[1:]]],
                         clip_alt=[[c[2] for c in caps[1:]]])
         shards = w.close()
-    open_store(out_dir).write_bytes("empty_prompt.safetensors", save({
-        "t5": torch.zeros(MAX_LEN if t5_mode == "padded" else 1, T5_DIM), "clip": torch.zeros(CLIP_DIM),
-        "t5_len": torch.tensor(1)}))
-    write_manifest(out_dir, cache_manifest(
-        family=FLUX1, dtypes=dtypes, dims={"latent_channels": CHANNELS, "t5_dim": T5_DIM, "clip_dim": CLIP_DIM},
-        text={"mode": t5_mode, "max_length": MAX_LEN}, shards=shards,
-        vae={"scaling_factor": 0.3611, "shift_factor": 0.1159},
-        image={"resolution": 64, "buckets": None, "crop": "center", "min_size": 0},
-        captions={"max": 3, "rows_with_several": 8, "total": sum(_captions(i) for i in range(ROWS))}))
-    return out_dir
+    return finish_cache(out_dir, shards, dtypes, t5_mode,
+                        captions={"max": 3, "rows_with_several": 8, "total": sum(_captions(i) for i in range(ROWS))})
 
 
 def test_each_step_picks_one_of_the_rows_captions_uniformly(tmp_path):

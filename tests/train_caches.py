@@ -48,15 +48,21 @@ def write_cache(out_dir, n: int, *, t5_mode: str = "trimmed", sizes=((8, 8),), r
             w.add(key=f"{prefix}-{i:05d}", caption=f"class {c}", latent=latent, t5=text[c, :length], t5_len=length,
                   clip=clip[c], width=size[1] * 8, height=size[0] * 8, latent_logvar=lv, refs=refs or None)
         shards = w.close()
+    return finish_cache(out_dir, shards, dtypes, t5_mode, family,
+                        **({"references": references} if references else {}))
+
+
+def finish_cache(out_dir, shards, dtypes: dict, t5_mode: str, family=None, **manifest) -> Path:
+    """A synthetic FLUX.1 cache's empty prompt and manifest (`manifest`: its extra sections), after its shards."""
     open_store(out_dir).write_bytes("empty_prompt.safetensors", save({
         "t5": torch.zeros(MAX_LEN if t5_mode == "padded" else 1, T5_DIM), "clip": torch.zeros(CLIP_DIM),
         "t5_len": torch.tensor(1)}))
     write_manifest(out_dir, cache_manifest(
-        family=family, dtypes=dtypes, dims={"latent_channels": CHANNELS, "t5_dim": T5_DIM, "clip_dim": CLIP_DIM},
+        family=family or FLUX1, dtypes=dtypes, dims={"latent_channels": CHANNELS, "t5_dim": T5_DIM,
+                                                     "clip_dim": CLIP_DIM},
         text={"mode": t5_mode, "max_length": MAX_LEN}, shards=shards,
         vae={"scaling_factor": 0.3611, "shift_factor": 0.1159},
-        image={"resolution": 64, "buckets": None, "crop": "center", "min_size": 0},
-        **({"references": references} if references else {})))
+        image={"resolution": 64, "buckets": None, "crop": "center", "min_size": 0}, **manifest))
     return out_dir
 
 

@@ -54,6 +54,7 @@ FLUX.1 [dev] (12B), the suites below, one call each:
                                               # float8 compute under the adapter, run.compile (issue 29)
     python bench/memory.py --suite full       # full-weight training at 512px: adamw8bit, Adafactor, block swap
     python bench/memory.py --suite speed      # the full-weight rows' speed: trainer and plain loops taking turns
+    python bench/memory.py --suite mfu        # full weights at 512px, batch 16, compiled: MFU (bench/memory_speed.py)
     python bench/memory.py --suite fidelity   # the reduced 2.55B model, 200 steps: 8-bit bases and optimizers
     python bench/memory.py --suite smoke      # a small model on the GPU: every path runs, block swap is exact
     python bench/memory.py --suite smoke --device cpu --tiny    # the same on a CPU, tiny model (a minute)
@@ -104,6 +105,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import memory_edit  # noqa: E402 - beside this file
 import memory_flux2  # noqa: E402 - beside this file
+from memory_speed import lora_speed_rows, mfu_rows  # noqa: E402 - beside this file
 import torch  # noqa: E402
 from flops import PEAK_BF16, attention_flops_per_image, linear_flops_per_image  # noqa: E402 - beside this file
 from train_data import write_cache, write_flux2_cache  # noqa: E402 - beside this file
@@ -152,6 +154,8 @@ def rows(suite: str, tiny: bool, family: str = "flux1") -> list[dict]:
                  "steps": 3, "profile": 3},
                 {**base, "kind": "trainer", "name": "profile: adafactor", "steps": 3, "log_every": 1, "profile": True,
                  "config": {**full, "optim.name": "adafactor"}}]
+    if suite == "mfu":   # full weights at a batch that fills the card (issue 29)
+        return mfu_rows(full)
     if suite == "speed":   # the full-weight rows' speed, trainer and plain loop taking turns (20 timed steps)
         base = {"res": 512, "warmup": 3, "steps": 20, "samples": 1, "log_every": 10}
         plain = {"res": 512, "warmup": 3, "steps": 20}
@@ -198,24 +202,6 @@ def rows(suite: str, tiny: bool, family: str = "flux1") -> list[dict]:
                  "same_as": "full adafactor in backward", "config": {**cases["full adafactor in backward"], **swap}}]
         return out
     raise SystemExit(f"unknown suite {suite!r}")
-
-
-def lora_speed_rows(base: dict, lora: dict) -> list[dict]:
-    """The 12B LoRA's speed (issue 29): the plain loop, the trainer's bf16 base, float8 compute under the
-    adapter (run.precision fp8: the frozen base stored and multiplied in float8), each with and without
-    run.compile. Goals: fp8 compiled >= 1.5x the plain loop's img/s at <= 16 GiB, bf16 compiled >= 1.2x."""
-    plain = "plain loop, bf16 base"
-    fp8 = {**lora, "run.precision": "fp8"}
-    compiled = {"run.compile": True}
-    return [{**base, "kind": "plain-lora", "name": plain, "est_s": 60},
-            {**base, "kind": "trainer", "name": "bf16 base", "config": lora, "goal": {"img_s_of": plain},
-             "est_s": 60},
-            {**base, "kind": "trainer", "name": "fp8 compute", "config": fp8, "goal": {"img_s_of": plain},
-             "est_s": 60},
-            {**base, "kind": "trainer", "name": "fp8 compute, compile", "config": {**fp8, **compiled},
-             "goal": {"img_s_of": plain, "img_s_factor": 1.5, "peak_gib": 16}, "est_s": 120},
-            {**base, "kind": "trainer", "name": "bf16 base, compile", "config": {**lora, **compiled},
-             "goal": {"img_s_of": plain, "img_s_factor": 1.2}, "est_s": 120}]
 
 
 def model_config(row: dict) -> dict:
@@ -346,7 +332,9 @@ def run_plain_lora(row: dict, device) -> dict:
 def plain_batch(row: dict, cfg: dict, device) -> dict:
     if row.get("refs"):
         return memory_edit.fixed_batch(cfg, row, row.get("text", TEXT), device)
-    return fixed_batch(cfg, row["res"], row.get("text", TEXT), device, row.get("family", "flux1"))
+    batch = fixed_batch(cfg, row["res"], row.get("text", TEXT), device, row.get("family", "flux1"))
+    return {k: v if v is None or k.endswith("_ids") else v.expand(row.get("batch", 1), *v.shape[1:]).contiguous()
+            for k, v in batch.items()}
 
 
 def run_plain_full(row: dict, device) -> dict:
@@ -577,8 +565,8 @@ def compare_smoke(results: list[dict]) -> None:
 
 
 def goal_status(r: dict, by_name: dict) -> tuple[str, str]:
-    """(the row's goal in words, "met" / "MISSED" / "?"): a peak in GiB, and/or at least the img/s of
-    another row (by its number in the table), or `img_s_factor` times it."""
+    """(the row's goal in words, "met" / "MISSED" / "?"): a peak in GiB, at least the img/s of another row
+    (by its number in the table) or `img_s_factor` times it, and/or a least MFU."""
     goal, words, verdicts = r.get("goal") or {}, [], []
     failed_here = "error" in r
     if "peak_gib" in goal:
@@ -588,6 +576,9 @@ def goal_status(r: dict, by_name: dict) -> tuple[str, str]:
         base, factor = by_name.get(goal["img_s_of"], {}), goal.get("img_s_factor", 1)
         words.append(f">={'' if factor == 1 else f'{factor:g}x'}#{base.get('number', '?')} img/s")
         verdicts.append(None if failed_here or base.get("img_s") is None else r["img_s"] >= factor * base["img_s"])
+    if "mfu" in goal:
+        words.append(f"MFU>={100 * goal['mfu']:g}%")
+        verdicts.append(None if failed_here or r.get("mfu") is None else r["mfu"] >= goal["mfu"])
     if not words:
         return "", ""
     return " ".join(words), "MISSED" if False in verdicts else "?" if None in verdicts else "met"
@@ -619,9 +610,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=["flux1", "flux2"], default="flux1",
                    help="flux2: FLUX.2 [klein] 4B / 9B and [dev] (bench/memory_flux2.py)")
-    p.add_argument("--suite", choices=["lora", "full", "speed", "fidelity", "smoke", "encode", "stretch", "all",
-                                        "edit"],
-                   default="lora", help="flux1: lora, full, speed, fidelity, smoke, edit; flux2: lora, full, encode, "
+    p.add_argument("--suite", choices=["lora", "full", "speed", "mfu", "fidelity", "smoke", "encode", "stretch",
+                                        "all", "edit"],
+                   default="lora", help="flux1: lora, full, speed, mfu, fidelity, smoke, edit; flux2: lora, full, encode, "
                                         "stretch, all, edit")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="the tiny model (CPU): flux1's smoke suite, lora's "

@@ -11,7 +11,8 @@ from shared.models import ModelLoadError
 from shared.presets import transformer_config
 from train.loop import Trainer, train
 from shared.family.flux1 import FLUX1
-from train.model import convert_to_float8, float8_layer
+from shared.float8 import float8_layer
+from train.model import convert_to_float8
 
 pytest.importorskip("torchao.float8", reason="fp8 needs torchao (the dev extra installs it)")
 

@@ -1,4 +1,4 @@
-"""run.precision fp8 with LoRA (train/float8_lora.py) on the CPU: torch's CPU float8 GEMM runs the same
+"""run.precision fp8 with LoRA (shared/float8.py, train/float8_lora.py) on the CPU: torch's CPU float8 GEMM runs the same
 Float8FrozenLinear code as an H100 (slowly). The layer against torchao's Float8Linear, the conversion of
 each family's base, a LoRA run beside the bf16 base's (losses, frozen float8 base, resume, flux-sample
 --lora), and FSDP refused (the config's refusals: tests/test_train_memory.py's REFUSED)."""
@@ -14,10 +14,10 @@ from shared.presets import transformer_config
 from train.config import LoraConfig
 from train.launch import check_launch
 from train.loop import Trainer, train
-from train.model import add_lora, float8_layer
+from train.model import add_lora
 
 pytest.importorskip("torchao.float8", reason="fp8 needs torchao (the dev extra installs it)")
-from train.float8_lora import Float8FrozenLinear, freeze_to_float8  # noqa: E402
+from shared.float8 import Float8FrozenLinear, Float8StoredLinear, freeze_to_float8  # noqa: E402
 
 LORA_FP8 = {"lora.rank": 4, "run.precision": "fp8"}
 
@@ -63,21 +63,49 @@ def test_the_layer_is_torchaos_float8_linear_without_the_weight_gradient():
     assert mine.weight.grad is None
 
 
+def test_a_per_sample_layer_stored_in_float8_computes_as_torchaos_float8_weight_only():
+    """Float8StoredLinear against torchao's Float8WeightOnlyConfig (one e4m3 scale per output row): the same
+    weights after the round trip, the same product to a bf16 rounding, and an input gradient through them."""
+    import torchao.quantization as tq
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96, dtype=torch.bfloat16).requires_grad_(False)
+    mine = Float8StoredLinear(linear)
+    ref = torch.nn.Sequential(torch.nn.Linear(64, 96, dtype=torch.bfloat16))
+    ref[0].load_state_dict(linear.state_dict())
+    tq.quantize_(ref, tq.Float8WeightOnlyConfig(set_inductor_config=False))
+    dense = (mine.weight.float() * mine.weight_scale).bfloat16()
+    ref_dense = ref[0].weight.dequantize().float()
+    # torchao's scale differs in its last bits (1e-6 relative), which moves a few values by one float8 step
+    assert ((dense.float() - ref_dense).abs() <= ref_dense.abs() * 2 ** -3 + 1e-6).all()
+    x = torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True)
+    y = mine(x)
+    y_ref = ref(x.detach())
+    assert (y.float() - y_ref.float()).abs().max() <= y_ref.float().abs().max() * 2 ** -5
+    assert (y.float() - linear(x.detach()).float()).abs().max() <= y_ref.float().abs().max() * 2 ** -4
+    y.sum().backward()
+    assert torch.allclose(x.grad.float(), dense.float().sum(0).expand(3, -1), rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("family_name,preset", [("flux1", "tiny"), ("flux2", "flux2-tiny")])
 def test_the_frozen_token_wise_layers_become_float8_and_the_rest_stay(family_name, preset):
     family = get_family(family_name)
     torch.manual_seed(0)
     model = family.transformer_cls()(**transformer_config(preset)).to(torch.bfloat16)
     add_lora(model, LoraConfig(rank=4), family)
-    count = freeze_to_float8(model, family, float8_layer)
+    count = freeze_to_float8(model, family)
     converted = {n for n, m in model.named_modules() if isinstance(m, Float8FrozenLinear)}
     kept = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear}
     assert len(converted) == count
     assert {"context_embedder", "transformer_blocks.0.attn.to_q.base_layer",
             "single_transformer_blocks.0.attn.to_out.base_layer" if family_name == "flux2" else
             "single_transformer_blocks.0.proj_out.base_layer"} <= converted
-    assert {"x_embedder", "proj_out", "norm_out.linear"} <= kept
-    assert all("lora_" in n or family.per_sample_layer(n) or n in family.float8_keep for n in kept)
+    assert {"x_embedder", "proj_out"} <= kept
+    assert all("lora_" in n or n in family.float8_keep for n in kept)
+    # the per-sample layers (modulation, time embedding): stored in float8 too, weight-only
+    per_sample = {n: m for n, m in model.named_modules() if family.per_sample_layer(n) and hasattr(m, "in_features")}
+    assert "norm_out.linear" in per_sample and len(per_sample) > 3
+    assert all(isinstance(m, Float8StoredLinear) and m.weight.dtype == torch.float8_e4m3fn
+               for m in per_sample.values())
     assert all(m.weight.dtype == torch.float32 for n, m in model.named_modules() if "lora_" in n and
                type(m) is torch.nn.Linear)
 

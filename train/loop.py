@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
+from shared.float8 import freeze_to_float8
 from shared.models import ModelLoadError
 from shared.run_files import LORA_WEIGHTS, TrainingInfo
 from shared.quiet import silence_progress_bars
@@ -27,9 +28,8 @@ from .fsdp import autocast_forward, cast_inputs_on_recompute, keep_lora_dtypes, 
 from .launch import (LogWindow, StopRequest, TrainingInterrupted, check_launch, lr_factor, make_accelerator,
                      total_steps)
 from .model import (EMA, add_lora, base_identity, build_transformer, check_cache_fits, check_guidance,
-                    check_family_options, convert_to_float8, describe_base, float8_layer, load_lora_state_dict,
+                    check_family_options, convert_to_float8, describe_base, load_lora_state_dict,
                     model_family, place, run_conventions, text_mode_change, use_flex_attention, weights_dtype)
-from .float8_lora import freeze_to_float8
 from .offload import BlockOffloader, spread
 from .optim import InBackwardOptimizer, make_optimizer, step_groups
 from .records import append_record, truncate_run_records
@@ -151,7 +151,7 @@ class Trainer:
         if offloaded:
             self.offloader = BlockOffloader(blocks, offloaded, self.device, move_trainable=not self.lora)
         if run.precision == "fp8" and self.lora:   # the frozen base computes in float8 under the fp32 adapter
-            freeze_to_float8(model, self.family, float8_layer)
+            freeze_to_float8(model, self.family)
         elif run.precision == "fp8":
             convert_to_float8(model, self.family)
         if flex_mask:

@@ -11,6 +11,7 @@ import torch
 from shared.family import Family, family_of_model, get_family
 from shared.models import ModelLoadError, model_index, split_transformer_path, transformer_identity
 from shared.family import load_transformer
+from shared.float8 import float8_layer
 from shared.run_files import TRAINING_INFO, read_training_info
 from shared.sampling import sampling_conventions
 from shared.presets import PRESETS, get_preset, transformer_config
@@ -103,14 +104,6 @@ def place(model, family: Family, device, quantize_base: str = "none", host_block
         block.to(device)
         if quantize_base != "none":
             quantize_block(block, quantize_base)
-
-
-def float8_layer(family: Family, name: str, module) -> bool:
-    """Whether convert_to_float8 gives this linear layer float8 matmuls: not the first and last layers
-    (family.float8_keep), not those that see one row per image (family.per_sample_layer)."""
-    if not isinstance(module, torch.nn.Linear) or name in family.float8_keep or family.per_sample_layer(name):
-        return False
-    return module.in_features % 16 == 0 and module.out_features % 16 == 0   # float8 GEMM alignment
 
 
 def convert_to_float8(model, family: Family) -> int:

@@ -75,6 +75,12 @@ def lora_rows() -> list[dict]:
         # float8 compute under the adapter (run.precision fp8: the frozen base stored and multiplied in float8)
         {**k4, "kind": "trainer", "name": "klein-4B LoRA: fp8 compute", "config": {**LORA, "run.precision": "fp8"},
          "goal": {"img_s_of": plain4, "img_s_factor": 1.5, "peak_gib": 6}, "est_s": 45},
+        # the same, and the bf16 base, with run.compile (issue 29: FLUX.1's goals, >= 1.5x and >= 1.2x the plain loop)
+        {**k4, "kind": "trainer", "name": "klein-4B LoRA: fp8 compute, compile",
+         "config": {**LORA, "run.precision": "fp8", "run.compile": True},
+         "goal": {"img_s_of": plain4, "img_s_factor": 1.5, "peak_gib": 6}, "est_s": 90},
+        {**k4, "kind": "trainer", "name": "klein-4B LoRA: bf16 base, compile", "config": {**LORA, "run.compile": True},
+         "goal": {"img_s_of": plain4, "img_s_factor": 1.2}, "est_s": 90},
         *[{**k4, "kind": "trainer", "name": f"klein-4B LoRA: {q} base", "config": {**LORA, "model.quantize_base": q},
            "goal": {"peak_gib": 6}, "est_s": 45} for q in ("int8", "float8")],
         {**k9, "kind": "plain-lora", "name": plain9, "est_s": 45},

@@ -118,3 +118,24 @@ def test_real_kontext_edit_rows_are_valid_trainer_configs(tmp_path):
             if "swapped" in r["name"]:
                 assert cfg.run.offload_blocks == 19 + 38
     assert sum(r["est_s"] for r in rows) <= 480    # the lead's one call: --budget 480
+
+
+def test_mfu_rows_are_valid_trainer_configs_and_the_plain_loop_takes_the_same_batch(tmp_path):
+    """`--suite mfu` (issue 29): full weights at 512px, the trainer compiled, at the plain loop's batch."""
+    import torch
+
+    from train.config import load_config
+    rows = memory.rows("mfu", False)
+    plain = {r["name"]: r for r in rows if r["kind"] == "plain-full"}
+    assert {r["optim"] for r in plain.values()} == {"adafactor", "adamw8bit"}
+    for r in rows:
+        assert (r["res"], r["batch"], r["samples"]) == (512, memory.mfu_rows.__defaults__[0], r["batch"])
+        if r["kind"] == "trainer":
+            cfg = load_config(None, memory.trainer_settings(r, tmp_path / "cache", tmp_path / "work"))
+            assert cfg.run.compile and cfg.optim.in_backward and cfg.lora.rank == 0
+            assert cfg.data.batch_size == r["batch"] and r["goal"]["mfu"] == 0.40
+            assert plain[r["goal"]["img_s_of"]]["batch"] == r["batch"]
+    tiny = {**next(iter(plain.values())), "tiny": True, "res": 64, "text": 32, "batch": 3}
+    batch = memory.plain_batch(tiny, memory.model_config(tiny), torch.device("cpu"))
+    assert batch["hidden_states"].shape[0] == batch["target"].shape[0] == batch["pooled_projections"].shape[0] == 3
+    assert torch.equal(batch["hidden_states"][0], batch["hidden_states"][2]) and batch["img_ids"].dim() == 2

@@ -168,7 +168,10 @@ def rows(suite: str, tiny: bool, family: str = "flux1") -> list[dict]:
                 {**base, "kind": "trainer", "name": "adafactor, no DataLoader workers",
                  "config": {**adafactor, "data.num_workers": 0}},
                 {**plain, "kind": "plain-full", "name": "plain loop, adamw8bit", "optim": "adamw8bit"},
-                {**base, "kind": "trainer", "name": "adamw8bit", "config": {**full, "optim.name": "adamw8bit"}}]
+                {**base, "kind": "trainer", "name": "adamw8bit", "config": {**full, "optim.name": "adamw8bit"}},
+                # Adafactor's step compiled per weight shape (optim.fused, train/adafactor.py): fewer host calls
+                {**base, "kind": "trainer", "name": "adafactor, compiled step",
+                 "config": {**adafactor, "optim.fused": True}}]
     if suite == "fidelity":
         base = {"res": 256, "warmup": 0, "steps": 200, "overrides": REDUCED, "batch": 2, "log_every": 1,
                 "text": 256, "samples": 64}
@@ -612,8 +615,8 @@ def parse_args(argv=None):
                    help="flux2: FLUX.2 [klein] 4B / 9B and [dev] (bench/memory_flux2.py)")
     p.add_argument("--suite", choices=["lora", "full", "speed", "mfu", "fidelity", "smoke", "encode", "stretch",
                                         "all", "edit"],
-                   default="lora", help="flux1: lora, full, speed, mfu, fidelity, smoke, edit; flux2: lora, full, encode, "
-                                        "stretch, all, edit")
+                   default="lora", help="flux1: lora, full, speed, mfu, fidelity, smoke, edit; flux2: lora, full, "
+                                        "encode, stretch, all, edit")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="the tiny model (CPU): flux1's smoke suite, lora's "
                                                        "speed rows and edit suite, any flux2 suite")

@@ -35,14 +35,15 @@ def lora_speed_rows(base: dict, lora: dict) -> list[dict]:
 
 def mfu_rows(full: dict, batch: int = MFU_BATCH) -> list[dict]:
     """Full weights at 512px and `batch` images a step (a fixed batch of `batch` cached samples): the trainer
-    (its in-backward optimizer stepping a block's weights in groups, with run.compile) beside the plain loop of
+    (its in-backward optimizer stepping a block's weights in groups, with run.compile; Adafactor's step compiled,
+    optim.fused) beside the plain loop of
     one optimizer per parameter stepped in its post-accumulate-grad hook, Adafactor and AdamW8bit.
     Goal: MFU >= 40% (issue 29)."""
     base = {"res": 512, "warmup": 3, "steps": 10, "batch": batch, "samples": batch, "log_every": 1}
     out = []
     for optim in ("adafactor", "adamw8bit"):
         plain = f"plain loop, {optim}, batch {batch}"
-        config = {**full, "optim.name": optim, "run.compile": True}
+        config = {**full, "optim.name": optim, "run.compile": True, "optim.fused": optim == "adafactor"}
         out += [{**base, "kind": "plain-full", "name": plain, "optim": optim, "est_s": 100},
                 {**base, "kind": "trainer", "name": f"{optim}, batch {batch}, compile", "config": config,
                  "goal": {"img_s_of": plain, "mfu": 0.40}, "est_s": 150}]

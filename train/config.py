@@ -67,7 +67,10 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)   # Adam's moment decays, e.g. [0.9, 0.95]
     weight_decay: float = 0.0             # decoupled (AdamW)
     eps: float = 1e-8                     # Adam's denominator term
-    fused: bool | None = None             # None: fused AdamW where the device supports it
+    # AdamW: torch's fused kernel (None: where the device supports it). adafactor: true makes each parameter's
+    # step one compiled function (train/adafactor.py: a few kernels instead of about 22; not yet measured on a
+    # GPU, so None keeps transformers' eager step)
+    fused: bool | None = None
     grad_clip: float = 1.0                # 0: no clipping
     # Step each parameter as soon as its gradient is complete, then free the gradient, so the
     # gradients of the whole model never exist at once (needs grad_clip 0, grad_accum 1, one process)

@@ -1,5 +1,6 @@
-"""The optimizer: AdamW (torch), 8-bit AdamW (torchao) or Adafactor (transformers), stepped after the
-backward as usual, or inside it one parameter at a time (optim.in_backward)."""
+"""The optimizer: AdamW (torch), 8-bit AdamW (torchao) or Adafactor (transformers; its step compiled with
+optim.fused, train/adafactor.py), stepped after the backward as usual, or inside it a group at a time
+(optim.in_backward)."""
 from __future__ import annotations
 
 import types
@@ -29,9 +30,12 @@ def _new_optimizer(cfg: OptimConfig, params: list, device: torch.device) -> torc
         return eager_on_cpu(AdamW8bit(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                     weight_decay=cfg.weight_decay, bf16_stochastic_round=True), device)
     if cfg.name == "adafactor":
-        from transformers.optimization import Adafactor
         # A fixed lr (the trainer's schedule sets it), no parameter-scale factor: Adafactor as an
         # AdamW-like optimizer with factored second moments and no first moment.
+        if cfg.fused:
+            from .adafactor import CompiledAdafactor
+            return CompiledAdafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        from transformers.optimization import Adafactor
         return Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay, scale_parameter=False,
                          relative_step=False, warmup_init=False)
     raise ConfigError(f"optim.name: unknown optimizer {cfg.name!r}")

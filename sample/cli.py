@@ -64,6 +64,13 @@ def sample(
                                                           "_native_cudnn, flash, _flash_3, ..."),
     cudnn_sdpa: bool = typer.Option(True, help="Allow cuDNN's SDPA kernel (--no-cudnn-sdpa turns it off)."),
     fuse_qkv: bool = typer.Option(False, "--fuse-qkv", help="Fuse each attention's q/k/v into one matmul."),
+    precision: Literal["bf16", "fp8"] = typer.Option(
+        "bf16", help="fp8: the transformer's token-wise linear layers (blocks' projections and MLPs) computed in "
+                     "float8 (weights e4m3 with one scale each, inputs scaled per call; torchao, pip install -e "
+                     "'.[fp8]'), the modulation layers stored in float8; the first and last layers stay in --dtype. "
+                     "Meant for H100-class GPUs (compute capability 8.9+; refused on older ones; a CPU runs it "
+                     "slowly). A --lora is merged first. Images close to bf16's, not identical. bf16: --dtype "
+                     "throughout."),
     progress: bool = typer.Option(True, help="Progress bars (--no-progress: none, the libraries' "
                                              "weight-loading bars included)."),
     check_base: bool = typer.Option(True, help="Warn when the LoRA's flux_prep.json names another base (source "
@@ -91,7 +98,7 @@ def sample(
             lora=lora, seeds=seeds, steps=steps, width=width, height=height, guidance=guidance,
             cfg_scale=cfg_scale, batch_size=batch_size, grid=grid, device=device, dtype=dtype, text_mode=text_mode,
             text_max_length=text_max_length, compile=compile, attention_backend=attention_backend,
-            cudnn_sdpa=cudnn_sdpa, fuse_qkv=fuse_qkv, progress=progress, check_base=check_base,
+            cudnn_sdpa=cudnn_sdpa, fuse_qkv=fuse_qkv, precision=precision, progress=progress, check_base=check_base,
             images=list(image or []), reference_size=reference_size,
             reference_resolution=reference_resolution)
         written = run(opts)

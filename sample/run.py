@@ -56,6 +56,7 @@ class SampleOptions:
     attention_backend: str = "default"
     cudnn_sdpa: bool = True
     fuse_qkv: bool = False
+    precision: str = "bf16"   # fp8: the transformer's token-wise linear layers compute in float8 (shared/float8.py)
     progress: bool = True
     check_base: bool = True   # warn when a LoRA's recorded base is not the transformer it is applied to
     images: list[Path] = field(default_factory=list)   # reference images (edit models: sample/references.py)
@@ -107,6 +108,7 @@ def plan(opts: SampleOptions) -> Plan:
     if not opts.seeds:
         raise SampleError("no seeds")
     device, dtype = _device_dtype(opts.device, opts.dtype)
+    _check_precision(opts.precision, device)
     try:
         family = family_of_model(opts.model)
     except ModelLoadError as e:
@@ -140,6 +142,17 @@ def plan(opts: SampleOptions) -> Plan:
                 warnings, ref_images)
 
 
+def _check_precision(precision: str, device: torch.device) -> None:
+    if precision not in ("bf16", "fp8"):
+        raise SampleError(f"unknown --precision {precision!r}; choose bf16 or fp8")
+    if precision == "fp8":
+        from shared.float8 import require_float8
+        try:
+            require_float8(device, "--precision fp8")
+        except ModelLoadError as e:
+            raise SampleError(str(e)) from None
+
+
 def _lora_base_warning(opts: SampleOptions, source, lora_info: dict, label: str) -> str | None:
     """Whether the LoRA's recorded base is the transformer it is applied to (hashed only when there is a record)."""
     if opts.lora is None or not opts.check_base or not lora_info.get("base"):
@@ -170,8 +183,10 @@ def encode(opts: SampleOptions, p: Plan) -> tuple[list[PromptEncoding], PromptEn
 
 
 def load_sampling_transformer(src, lora, dtype, device, *, compile_blocks: bool = False,
-                              attention_backend: str = "default", cudnn_sdpa: bool = True, fuse_qkv: bool = False):
-    """The transformer of a resolved source, the LoRA adapter merged in, set up for speed."""
+                              attention_backend: str = "default", cudnn_sdpa: bool = True, fuse_qkv: bool = False,
+                              precision: str = "bf16"):
+    """The transformer of a resolved source, the LoRA adapter merged in, set up for speed (fp8: converted to
+    float8 after the merge, so that the adapter's delta is rounded once, with the weight it joins)."""
     if src.kind == "bfl":
         try:
             model = src.family.bfl().load_bfl_transformer(Path(src.path), src.config, dtype, device)
@@ -190,7 +205,8 @@ def load_sampling_transformer(src, lora, dtype, device, *, compile_blocks: bool 
             msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise SampleError(f"{lora.folder}: cannot apply the LoRA adapter ({msg})") from e
     return configure_speed(model.eval(), compile_blocks=compile_blocks, attention_backend=attention_backend,
-                           cudnn_sdpa=cudnn_sdpa, fuse_qkv=fuse_qkv)
+                           cudnn_sdpa=cudnn_sdpa, fuse_qkv=fuse_qkv,
+                           float8_family=src.family if precision == "fp8" else None)
 
 
 def _checkpoint_transformer(src, dtype, device):
@@ -215,7 +231,7 @@ def run(opts: SampleOptions) -> list[Path]:
         cond, empty, max_len = encode(opts, p)
         transformer = load_sampling_transformer(p.source, p.lora, p.dtype, p.device, compile_blocks=opts.compile,
                                                 attention_backend=opts.attention_backend, cudnn_sdpa=opts.cudnn_sdpa,
-                                                fuse_qkv=opts.fuse_qkv)
+                                                fuse_qkv=opts.fuse_qkv, precision=opts.precision)
         vae = load_vae(opts.model, p.dtype, p.device, p.family)
         refs = encode_references(p.family, vae, p.ref_images, p.device, p.dtype)
     except ModelLoadError as e:
@@ -230,7 +246,8 @@ def run(opts: SampleOptions) -> list[Path]:
             "shift_schedule": p.conv.shift, "dtype": dtype_name(p.dtype), "software": "flux-sample",
             **({"images": " ".join(map(str, opts.images)),
                 "reference_sizes": " ".join(f"{im.width}x{im.height}" for im in p.ref_images)}
-             if opts.images else {})}
+             if opts.images else {}),
+            **({"precision": opts.precision} if opts.precision != "bf16" else {})}   # bf16 images: as before
     written, entries, images = [], [], []
     batches = [jobs[i:i + opts.batch_size] for i in range(0, len(jobs), opts.batch_size)]
     bar = tqdm(total=len(jobs), desc="images", unit="img", disable=not opts.progress)

@@ -42,6 +42,20 @@ def _check_torchao() -> None:
                              "pip install -e '.[fp8]'")
 
 
+def require_float8(device: torch.device, option: str) -> None:
+    """Refuse, naming `option` and the device, where float8 compute cannot run: without torchao, or on a CUDA
+    device without float8 GEMMs (compute capability below 8.9: before Ada/Hopper). torch's CPU runs them
+    (slowly: the tests use it)."""
+    _check_torchao()
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise ModelLoadError(f"{option} needs float8 GEMMs (CUDA compute capability 8.9+, H100-class); {device} "
+                             f"({torch.cuda.get_device_name(device)}) has {major}.{minor}")
+
+
 def _to_float8(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """x in float8 with one dynamic scale (torchao's meaning: float8 = x * scale)."""
     scale = tensor_to_scale(x, dtype)

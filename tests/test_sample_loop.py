@@ -87,6 +87,21 @@ def test_batched_cfg_equals_flux_pipeline_two_forwards(tiny_model):
     assert (plain_x - ours_x).abs().max() > 1e-3
 
 
+def test_cfg_halves_go_through_one_transformer_call_per_step(tiny_model):
+    """Batched CFG: each step is ONE transformer forward on 2B rows (the prompts', then the empty prompt's),
+    where FluxPipeline makes two (its result is the same: the test above)."""
+    from shared.family import load_transformer
+    transformer = load_transformer(str(tiny_model))
+    rows = []
+    transformer.register_forward_pre_hook(lambda m, args, kw: rows.append(kw["hidden_states"].shape[0]),
+                                          with_kwargs=True)
+    cond, empty = encode_all(tiny_model, [PROMPT, ""], "padded")
+    text = guided_batch([cond, cond], empty)
+    denoise(transformer, initial_noise([0, 1], 32, 32, "cpu", torch.float32), text, height_px=32, width_px=32,
+            steps=3, cfg_scale=3.0)
+    assert rows == [4, 4, 4]   # 3 steps, each one call on 2 images x (prompt, empty prompt)
+
+
 def test_trimmed_batch_masks_padding(tiny_model):
     """Trimmed T5: prompts of different lengths batched together (padding masked) give what each
     gives alone (no padding at all); and trimmed is a different conditioning from padded."""

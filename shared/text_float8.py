@@ -8,7 +8,7 @@ What stays in the compute dtype, and why:
   for a whole batch set by a few channels' outliers leaves the other channels' values few of e4m3's bits (a
   per-row scale, one per token, would not help: the outliers are channels, present in every token). `wo` is
   22% of T5-XXL's matmul work; bench/encode_fp8.py measures T5 with and without it (`T5_WO_FLOAT8`).
-- CLIP (FLUX.1's pooled vector): 2% of the text work at padded-256, cut after the pooled token.
+- CLIP (FLUX.1's pooled vector): under 1% of the text matmul work at padded-256, cut after the pooled token.
 - the embeddings, norms, attention itself, and any layer whose sizes are not multiples of 16 (float8 GEMMs'
   alignment; only in toy models).
 """

@@ -170,7 +170,7 @@ class Flux1TextEncoder:
                         and FusedT5Encoder.supports(self.t5) else "transformers")
         if self.t5_impl == "fused":
             self.t5 = FusedT5Encoder(self.t5, release_source=True)
-        if precision == "fp8":   # T5 only: CLIP's share of the text work is 2% (shared/text_float8.py)
+        if precision == "fp8":   # T5 only: CLIP's share of the text matmuls is under 1% (shared/text_float8.py)
             refuse_none(t5_to_float8(self.t5), "T5")
         self.max_length = default_max_length(self.t5_tok, max_length)
         # Static shapes when compiled: trimmed text is padded to a multiple of TEXT_PAD_MULTIPLE,

@@ -225,7 +225,8 @@ def bench_pipeline(model: Path, shards_glob: str, out_root: Path, device: str, a
             with KernelTimes(enabled=a.profile) as kernels:
                 stats = run_encode(str(model), shards_glob, out, prep=PrepOptions(resolution=a.resolution),
                                    opts=EncodeOptions(text_mode=mode, text_max_length=length,
-                                                      compile=a.compile_pipeline and tag != "padded-512"),
+                                                      compile=a.compile_pipeline and tag != "padded-512",
+                                                      text_precision=getattr(a, "text_precision", "bf16")),
                                    batch_size=a.batch_size, num_workers=workers, rows_per_shard=a.rows_per_shard,
                                    device=device, progress=False, writer_threads=writer_threads)
                 # The steady part: from the first batch written to the last, before the manifest is written.
@@ -236,6 +237,8 @@ def bench_pipeline(model: Path, shards_glob: str, out_root: Path, device: str, a
                 print(kernels.report(f"pipeline {tag}, {stats['rows']} images", per=stats["rows"],
                                      per_unit="/image"), flush=True)
             kernel_note = f", T5 attention {attention}" if attention else ""
+            if getattr(a, "text_precision", "bf16") != "bf16":   # bench/encode_fp8.py's runs
+                kernel_note += f", text {a.text_precision}"
             if writeback is not None:
                 kernel_note += f", write-back every {writeback} MiB" if writeback else ", no early write-back"
             record("pipeline", f"tar -> parquet {tag}", stats["rows"] / stats["seconds"], "img/s",

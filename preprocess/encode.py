@@ -30,6 +30,7 @@ class EncodeOptions:
     dtype: str = "bfloat16"               # storage dtype of every tensor column
     compute_dtype: str | None = None      # None: `dtype` on CUDA, float32 on CPU (CPU bf16 is slow)
     compile: bool = False                 # torch.compile the text and VAE encoders
+    text_precision: str = "bf16"          # fp8: the text encoder's large matmuls in float8 (shared/text_float8.py)
     # The family's own text-encoder options (FLUX.1: t5_impl, t5_fp32_wo; shared/family/flux1_text.py)
     text_options: dict = field(default_factory=dict)
 
@@ -62,7 +63,7 @@ class Encoders:
         self.vae = load_vae(model, self.compute_dtype, self.device, self.family)
         self.text = self.family.load_text_encoder(model, self.device, self.compute_dtype, mode=opts.text_mode,
                                                   max_length=opts.text_max_length, compile=opts.compile,
-                                                  options=opts.text_options)
+                                                  options=opts.text_options, precision=opts.text_precision)
         self.vae.requires_grad_(False)
         if self.device.type == "cuda":
             # TF32 for whatever still runs in fp32 (T5's `wo` with t5_fp32_wo, an fp32 compute dtype).

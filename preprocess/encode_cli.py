@@ -78,6 +78,11 @@ def encode_command(
     t5_impl: Optional[Literal["fused", "transformers"]] = typer.Option(
         None, help="FLUX.1: fused (the default): the project's T5 forward (fused projections, one SDPA call per "
                    "layer; same function, faster); transformers: the library's."),
+    text_precision: Literal["bf16", "fp8"] = typer.Option(
+        "bf16", help="The text encoder's large matmuls (FLUX.1's T5 but its FF output layer; FLUX.2's Qwen3 / "
+                     "Mistral projections and MLPs): bf16, or fp8 (float8 e4m3, scaled per tensor: faster on "
+                     "GPUs of compute capability 8.9+; the embeddings differ slightly from bf16's). Recorded in "
+                     "the cache's settings; needs torchao."),
     jpeg_draft: bool = typer.Option(True, help="Let libjpeg decode large JPEGs at a reduced scale (faster)."),
     rows_per_shard: int = typer.Option(1000, help="Rows per output Parquet shard at most."),
     writer_threads: int = typer.Option(2, min=1, help="Threads writing output shards (each input shard's rows "
@@ -143,7 +148,7 @@ def encode_command(
     text_options = {k: v for k, v in (("t5_impl", t5_impl), ("t5_fp32_wo", t5_fp32_wo)) if v}
     opts = EncodeOptions(text_mode=text_mode or "padded", text_max_length=text_max_length or None,
                          store_logvar=store_logvar, dtype=dtype, compute_dtype=compute_dtype or None, compile=compile,
-                         text_options=text_options)
+                         text_options=text_options, text_precision=text_precision)
     command = recorded_command(sys.argv, config_flags(ctx))
     warn_repeat_folders(input, references)
     try:

@@ -18,6 +18,7 @@ from shared.cache.schema import EMPTY_PROMPT_NAME, MANIFEST_NAME
 from shared.cache.store import Store, open_store
 from shared.devices import resolve_device
 from shared.precision import canonical_dtype
+from shared.text_float8 import TEXT_PRECISION_KEY, check_text_precision
 
 from .captions import CaptionOptions
 from .decode import PrepOptions, ShardBatches, worker_init
@@ -39,7 +40,7 @@ def run_settings(enc: Encoders, prep: PrepOptions, opts: EncodeOptions,
                  captions: CaptionOptions = CaptionOptions()) -> dict:
     """What the cache's `_progress/settings.json` records, and a rerun must match (ledger.py); the
     text section and the encoder's own facts are the family's (FLUX.1: "t5", t5_wo_dtype, t5_impl);
-    a caption prefix or variants (captions.py) only where set."""
+    a caption prefix or variants (captions.py) and a float8 text encoder (`text_precision`) only where set."""
     store = canonical_dtype(opts.dtype)
     spec = enc.text_spec
     dtypes = {"latent": store, **{c: store for c in spec.tensor_columns}}
@@ -60,6 +61,7 @@ def run_settings(enc: Encoders, prep: PrepOptions, opts: EncodeOptions,
         "dtypes": dtypes, "compute_dtype": enc.compute_dtype_name, **enc.text.facts(),
         "dims": enc.dims(), "vae": enc.vae_factors(),
         **({"captions": captions.settings()} if captions.settings() else {}),
+        **({TEXT_PRECISION_KEY: opts.text_precision} if opts.text_precision != "bf16" else {}),
     }
 
 
@@ -75,6 +77,7 @@ def run_encode(model: str, input_spec: str, output, *, prep: PrepOptions, opts: 
     out_dir = open_store(output, storage_options)
     ranks = Ranks()
     device = resolve_device(device, ranks.local_rank)
+    check_text_precision(opts.text_precision, device)   # before the output is locked or written
     shards = resolve_inputs(input_spec, references=prep.references)
     family = check_model(model)
     family.check_references(prep.references, "--references")   # Kontext places one: refused before any work

@@ -36,7 +36,7 @@ def inspect_cache(cache_dir, storage_options: dict | None = None) -> str:
              f"family     {family.name}",
              f"rows       {rows}",
              f"shards     {len(shards)}  ({sum(s['bytes'] for s in manifest['shards']) / 2**20:.1f} MiB)",
-             f"{family.text.states:<10} {text['mode']}, max length {text['max_length']}",
+             f"{family.text.states:<10} {text['mode']}, max length {text['max_length']}{_precision(manifest)}",
              f"dtypes     {', '.join(f'{k}={v}' for k, v in manifest['dtypes'].items())}",
              _captions(manifest, rows)]
     if reference_count(manifest):
@@ -49,6 +49,13 @@ def inspect_cache(cache_dir, storage_options: dict | None = None) -> str:
                                                                          reference_count(manifest))
     lines += _masks(store, shards, manifest)
     return "\n".join(lines + _skips(manifest))
+
+
+def _precision(manifest: dict) -> str:
+    """The text encoder's matmul precision, where not bf16 (encode --text-precision)."""
+    from shared.text_float8 import recorded_precision
+    precision = recorded_precision(manifest)
+    return "" if precision == "bf16" else f", text encoder matmuls in {precision}"
 
 
 def _masks(store: Store, shards: list[str], manifest: dict) -> list[str]:

@@ -25,6 +25,7 @@ from shared.cache.references import REFERENCES_KEY
 from shared.cache.sample_prompts import SAMPLE_PROMPTS_NAME
 from shared.cache.schema import EMPTY_PROMPT_NAME, MANIFEST_NAME
 from shared.cache.store import Store, open_store
+from shared.text_float8 import TEXT_PRECISION_KEY, recorded_precision
 
 from .sources import SKIP_EXAMPLES, InputError, InputShard
 
@@ -66,6 +67,8 @@ def _comparable(settings: dict, keys: list[str]) -> dict:
     from shared.family import DEFAULT_FAMILY
     out = {k: settings.get(k) for k in keys}
     out["family"] = out.get("family") or DEFAULT_FAMILY   # settings written before families had names
+    if TEXT_PRECISION_KEY in out:   # recorded for fp8 only: a cache without it is bf16's
+        out[TEXT_PRECISION_KEY] = recorded_precision(settings)
     out["encoders"] = {part: (ident.get("sha256") or ident.get("source"))
                        for part, ident in (settings.get("encoders") or {}).items()}
     return out
@@ -232,6 +235,7 @@ def manifest_of_records(out_dir, records: list[dict], command: str, version: str
         shards=shards, rows=rows, skipped=skipped, empty_prompt=EMPTY_PROMPT_NAME, encoders=settings["encoders"],
         vae=settings["vae"], image=settings["image"], compute_dtype=settings["compute_dtype"],
         **({REFERENCES_KEY: settings[REFERENCES_KEY]} if settings.get(REFERENCES_KEY) else {}),
+        **({TEXT_PRECISION_KEY: settings[TEXT_PRECISION_KEY]} if settings.get(TEXT_PRECISION_KEY) else {}),
         **{k: settings.get(k) for k in family.manifest_facts},
         # The first SKIP_EXAMPLES skipped samples of each reason, named (sources.skipped_name).
         skipped_examples=dict(sorted(examples.items())),

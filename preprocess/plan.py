@@ -160,8 +160,8 @@ def model_dims(model: str, family: Family) -> dict:
 
 def plan(model: str, input_spec: str, prep: PrepOptions, *, text_mode: str, text_max_length: int | None,
          dtype: str, store_logvar: bool, rows_per_shard: int, sample: int = 3,
-         captions: CaptionOptions = CaptionOptions()) -> dict:
-    """The estimate (see the module docstring); JSON-ready."""
+         captions: CaptionOptions = CaptionOptions(), text_precision: str = "bf16") -> dict:
+    """The estimate (see the module docstring); JSON-ready. `text_precision` changes the values, not the bytes."""
     shards = resolve_inputs(input_spec, references=prep.references)
     family = family_of_model(model)
     family.check_references(prep.references, "--references")
@@ -192,6 +192,7 @@ def plan(model: str, input_spec: str, prep: PrepOptions, *, text_mode: str, text
     chosen = modes[f"padded-{max_length}" if text_mode == "padded" else "trimmed"]
     return {"rows": expected_rows, "bytes_per_sample": chosen["bytes_per_sample"], "total_bytes": chosen["total_bytes"],
             "family": family.name, "text_mode": text_mode, "text_max_length": max_length, "modes": modes,
+            "text_precision": text_precision,
             "input_shards": len(shards), "input_bytes": _input_bytes(shards), "sampled_shards": len(picked),
             "sampled_bytes": _input_bytes(picked), "sampled_samples": seen, "sampled_rows": len(rows),
             "skipped": dict(sorted(skips.items())), "skipped_examples": dict(sorted(examples.items())),
@@ -253,4 +254,6 @@ def format_plan(p: dict) -> str:
         mark = " *" if name == chosen else ""
         lines.append(f"{name + mark:<16}{_size(m['bytes_per_sample']):>14}{_size(m['total_bytes']):>12}   {hours}{note}")
     lines.append(f"* the chosen text mode ({p['family']})")
+    if p.get("text_precision", "bf16") != "bf16":   # the rates above were measured with the bf16 text encoder
+        lines.append(f"text precision {p['text_precision']} (encode times measured in bf16)")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from .encode_cli import warn_repeat_folders, encode_command, min_size_option
 # how fast it is written, and a plan accepts and ignores them.
 USED = ("model", "input", "resolution", "buckets", "min_size", "text_mode", "text_max_length", "store_logvar",
         "dtype", "rows_per_shard", "masks", "caption_prefix", "caption_variants", "references",
-        "reference_resolution")
+        "reference_resolution", "text_precision")
 
 
 def plan_command(**options):
@@ -41,7 +41,7 @@ def plan_command(**options):
         result = plan(o["model"], o["input"], prep, text_mode=o["text_mode"],
                       text_max_length=o["text_max_length"] or None,
                       dtype=o["dtype"], store_logvar=o["store_logvar"], rows_per_shard=o["rows_per_shard"],
-                      sample=options["sample_shards"],
+                      sample=options["sample_shards"], text_precision=o["text_precision"],
                       captions=CaptionOptions(prefix=o["caption_prefix"], variants=o["caption_variants"]))
     except (InputError, ModelLoadError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)

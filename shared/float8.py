@@ -97,9 +97,13 @@ class Float8FrozenLinear(torch.nn.Module):
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear) -> "Float8FrozenLinear":
-        weight, scale = _to_float8(linear.weight.detach(), E4M3)
-        bias = None if linear.bias is None else linear.bias.detach()
-        return cls(weight, scale.float(), bias)
+        return cls.from_weight(linear.weight, linear.bias)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Float8FrozenLinear":
+        """From a linear layer's (out, in) weight: for fused weights that no nn.Linear holds (shared/t5_fused.py)."""
+        weight8, scale = _to_float8(weight.detach(), E4M3)
+        return cls(weight8, scale.float(), None if bias is None else bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):
@@ -190,3 +194,18 @@ def _frozen_per_sample_linears(model: torch.nn.Module, family: Family) -> list:
             if type(m) is torch.nn.Linear and not m.weight.requires_grad
             and family.per_sample_layer(name.removesuffix(".base_layer"))
             and name.removesuffix(".base_layer") not in family.float8_keep]
+
+
+def to_float8_linears(module: torch.nn.Module, choose) -> int:
+    """Replace each nn.Linear of `module` for which `choose(name, linear)` holds, and whose sizes suit float8
+    GEMMs (multiples of 16), by a Float8FrozenLinear, in place (forward only: frozen encoders, no_grad);
+    return how many were replaced."""
+    _check_torchao()
+    chosen = [name for name, m in module.named_modules()
+              if type(m) is torch.nn.Linear and choose(name, m)
+              and m.in_features % 16 == 0 and m.out_features % 16 == 0]
+    for name in chosen:   # by name: each weight is freed as its float8 copy replaces it
+        parent, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent)
+        setattr(parent, attr, Float8FrozenLinear.from_linear(getattr(parent, attr)))
+    return len(chosen)

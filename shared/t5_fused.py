@@ -126,13 +126,27 @@ class FusedT5Encoder(nn.Module):
         attend = self._attention(bias, key_pad, b, length)
         for i in range(len(self.qkv)):
             h = self._norm(x, self.attn_norm[i])
-            q, k, v = (F.linear(h, self.qkv[i]).view(b, length, 3, self.heads, self.head_dim)
+            q, k, v = (_linear(h, self.qkv, i).view(b, length, 3, self.heads, self.head_dim)
                        .permute(2, 0, 3, 1, 4).unbind(0))
             a = attend(q, k, v)
-            x = _clamp_fp16(x + F.linear(a.transpose(1, 2).reshape(b, length, -1), self.out[i]))
-            gate, lin = F.linear(self._norm(x, self.ff_norm[i]), self.ff_in[i]).chunk(2, dim=-1)
-            x = _clamp_fp16(x + F.linear(self.act(gate) * lin, self.ff_out[i]))
+            x = _clamp_fp16(x + _linear(a.transpose(1, 2).reshape(b, length, -1), self.out, i))
+            gate, lin = _linear(self._norm(x, self.ff_norm[i]), self.ff_in, i).chunk(2, dim=-1)
+            x = _clamp_fp16(x + _linear(self.act(gate) * lin, self.ff_out, i))
         return self._norm(x, self.final_norm)
+
+    def to_float8(self, wo: bool = False) -> int:
+        """q/k/v, the attention output and the FF's fused input projections (and its output `wo`, where asked)
+        as Float8FrozenLinear layers (shared/text_float8.py says why `wo` stays); returns how many layers."""
+        from .float8 import Float8FrozenLinear
+        kinds = ("qkv", "out", "ff_in") + (("ff_out",) if wo else ())
+        count = 0
+        for kind in kinds:
+            weights = getattr(self, kind)
+            if isinstance(weights, nn.ParameterList) and all(w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0
+                                                             for w in weights):
+                setattr(self, kind, nn.ModuleList(Float8FrozenLinear.from_weight(w) for w in weights))
+                count += len(weights)
+        return count
 
     def kernel(self, length: int, device: torch.device) -> str:
         """The attention kernel at this text length: `attention`, with auto resolved."""
@@ -181,6 +195,13 @@ def _flex(q, k, v, table, key_pad, kernel_options: dict | None = FLEX_KERNEL_OPT
             return score + table[h, kv_idx - q_idx + offset] + key_pad[b, kv_idx]
     options = kernel_options if q.is_cuda and q.shape[-1] == 64 else None
     return flex_attention(q, k, v, score_mod=score_mod, scale=1.0, kernel_options=options)
+
+
+def _linear(x: torch.Tensor, layers: nn.Module, i: int) -> torch.Tensor:
+    """Layer i of a projection kind: a bf16 weight (ParameterList) or a float8 layer (ModuleList, to_float8)."""
+    if isinstance(layers, nn.ParameterList):
+        return F.linear(x, layers[i])
+    return layers[i](x)
 
 
 def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:

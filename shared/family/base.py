@@ -229,8 +229,9 @@ class Family:
         raise NotImplementedError
 
     def load_text_encoder(self, model: str, device, dtype: torch.dtype, *, mode: str, max_length: int | None,
-                          compile: bool = False, options: dict | None = None):
-        """The family's text encoder (a TextEncoder: encode, empty, prompt_encodings, identities, dims, facts)."""
+                          compile: bool = False, options: dict | None = None, precision: str = "bf16"):
+        """The family's text encoder (a TextEncoder: encode, empty, prompt_encodings, identities, dims, facts);
+        `precision` fp8: its large matmuls in float8 (shared/text_float8.py)."""
         raise NotImplementedError
 
 

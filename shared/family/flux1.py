@@ -138,10 +138,11 @@ class Flux1(Family):
         from .flux1_text import t5_lengths
         return t5_lengths(model, captions, max_length)
 
-    def load_text_encoder(self, model, device, dtype, *, mode, max_length, compile=False, options=None):
+    def load_text_encoder(self, model, device, dtype, *, mode, max_length, compile=False, options=None,
+                          precision="bf16"):
         from .flux1_text import Flux1TextEncoder
         return Flux1TextEncoder(model, device, dtype, mode=mode, max_length=max_length, compile=compile,
-                                options=options)
+                                options=options, precision=precision)
 
 
 FLUX1 = Flux1()

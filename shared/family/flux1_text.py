@@ -153,11 +153,13 @@ class Flux1TextEncoder:
     sampler takes them."""
 
     def __init__(self, model: str, device, dtype: torch.dtype, *, mode: str, max_length: int | None,
-                 compile: bool = False, options: dict | None = None):
+                 compile: bool = False, options: dict | None = None, precision: str = "bf16"):
         from ..t5_fused import FusedT5Encoder
+        from ..text_float8 import check_text_precision, refuse_none, t5_to_float8
         opts = {**OPTIONS, **(options or {})}
         if opts["t5_impl"] not in ("fused", "transformers"):   # before minutes of model loading
             raise ValueError(f"unknown t5_impl {opts['t5_impl']!r}; use fused or transformers")
+        check_text_precision(precision, device)
         self.device, self.dtype, self.mode = torch.device(device), dtype, mode
         self.t5_tok, self.t5 = load_t5(model, dtype, self.device)
         set_t5_wo_dtype(self.t5, torch.float32 if opts["t5_fp32_wo"] else dtype, dtype)
@@ -168,6 +170,8 @@ class Flux1TextEncoder:
                         and FusedT5Encoder.supports(self.t5) else "transformers")
         if self.t5_impl == "fused":
             self.t5 = FusedT5Encoder(self.t5, release_source=True)
+        if precision == "fp8":   # T5 only: CLIP's share of the text matmuls is under 1% (shared/text_float8.py)
+            refuse_none(t5_to_float8(self.t5), "T5")
         self.max_length = default_max_length(self.t5_tok, max_length)
         # Static shapes when compiled: trimmed text is padded to a multiple of TEXT_PAD_MULTIPLE,
         # so T5 compiles once per length bucket; dynamic shapes recompiled for each new length

@@ -193,10 +193,11 @@ class Flux2(Family):
         from .flux2_text import text_lengths
         return text_lengths(model, captions, max_length)
 
-    def load_text_encoder(self, model, device, dtype, *, mode, max_length, compile=False, options=None):
+    def load_text_encoder(self, model, device, dtype, *, mode, max_length, compile=False, options=None,
+                          precision="bf16"):
         from .flux2_text import Flux2TextEncoder
         return Flux2TextEncoder(model, device, dtype, mode=mode, max_length=max_length, compile=compile,
-                                options=options)
+                                options=options, precision=precision)
 
 
 def patchify(latent: torch.Tensor) -> torch.Tensor:

@@ -132,8 +132,10 @@ class Flux2TextEncoder:
     "text_len"}); `prompt_encodings` gives prompts one PromptEncoding each, as the sampler takes them."""
 
     def __init__(self, model: str, device, dtype: torch.dtype, *, mode: str, max_length: int | None,
-                 compile: bool = False, options: dict | None = None):
+                 compile: bool = False, options: dict | None = None, precision: str = "bf16"):
+        from ..text_float8 import check_text_precision, decoder_to_float8, refuse_none
         check_mode(mode)
+        check_text_precision(precision, device)
         if options:
             raise ValueError(f"FLUX.2's text encoder takes no options (got {', '.join(sorted(options))})")
         self.device, self.dtype, self.mode = torch.device(device), dtype, mode
@@ -141,6 +143,8 @@ class Flux2TextEncoder:
         self.variant = text_variant(model)
         self.tokenizer = load_tokenizer(model)
         self.encoder = load_encoder(model, self.variant, dtype, self.device)
+        if precision == "fp8":
+            refuse_none(decoder_to_float8(self.encoder), f"the {self.variant.label} text encoder")
         if compile:   # static shapes: every batch is max_length tokens long
             for layer in self.encoder.layers:
                 layer.compile(dynamic=False)

@@ -234,6 +234,18 @@ def add_lora(model, cfg: LoraConfig, family: Family) -> None:
     if not any(p.requires_grad for p in model.parameters()):
         raise ModelLoadError(f"LoRA targets matched no module: {lora_targets(cfg, family)}")
     cast_training_params(model, dtype=torch.float32)
+    if cfg.kind == "lora" and not cfg.dora:
+        keep_input_dtype(model)
+
+
+def keep_input_dtype(model) -> None:
+    """peft casts each LoRA layer's input to the adapter's dtype (fp32), and autocast, under which the trainer
+    always runs a LoRA, casts it back to bf16 for the matmul: the same numbers, two more passes over every
+    adapted layer's input. Turned off (peft's own switch), the layer computes the same, bit for bit."""
+    from peft.tuners.lora import LoraLayer
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.cast_input_dtype_enabled = False
 
 
 def check_family_options(cfg: TrainConfig, family: Family) -> None:

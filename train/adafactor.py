@@ -20,7 +20,7 @@ from transformers.optimization import Adafactor
 
 def adafactor_update(p: torch.Tensor, grad: torch.Tensor, row: torch.Tensor | None, col: torch.Tensor | None,
                      sq: torch.Tensor | None, beta2t: torch.Tensor, lr: torch.Tensor, eps: float,
-                     clip: float, weight_decay: float) -> None:
+                     clip_threshold: float, weight_decay: float) -> None:
     """One Adafactor step of `p` in place: transformers' formulas in its order, in fp32, `row`/`col` the
     factored second moments of a matrix (else `sq` the full one)."""
     grad = grad.float()
@@ -34,7 +34,7 @@ def adafactor_update(p: torch.Tensor, grad: torch.Tensor, row: torch.Tensor | No
         sq.mul_(beta2t).add_((1.0 - beta2t) * update)
         update = sq.rsqrt() * grad
     rms = update.norm(2) / (update.numel() ** 0.5)
-    update = update / (rms / clip).clamp(min=1.0) * lr
+    update = update / (rms / clip_threshold).clamp(min=1.0) * lr
     weights = p.float()
     if weight_decay != 0:
         weights = weights - weights * (weight_decay * lr)

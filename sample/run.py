@@ -186,7 +186,12 @@ def load_sampling_transformer(src, lora, dtype, device, *, compile_blocks: bool 
                               attention_backend: str = "default", cudnn_sdpa: bool = True, fuse_qkv: bool = False,
                               precision: str = "bf16"):
     """The transformer of a resolved source, the LoRA adapter merged in, set up for speed (fp8: converted to
-    float8 after the merge, so that the adapter's delta is rounded once, with the weight it joins)."""
+    float8 after the merge, so that the adapter's delta is rounded once, with the weight it joins; loaded,
+    merged and converted in host memory, then moved, so that the device never holds the bf16 weights: the
+    12B's 22 GiB become 11.1)."""
+    final_device = device
+    if precision == "fp8":
+        device = torch.device("cpu")
     if src.kind == "bfl":
         try:
             model = src.family.bfl().load_bfl_transformer(Path(src.path), src.config, dtype, device)
@@ -204,9 +209,10 @@ def load_sampling_transformer(src, lora, dtype, device, *, compile_blocks: bool 
         except Exception as e:  # noqa: BLE001 -- an adapter for another model: one line, not a trace
             msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise SampleError(f"{lora.folder}: cannot apply the LoRA adapter ({msg})") from e
-    return configure_speed(model.eval(), compile_blocks=compile_blocks, attention_backend=attention_backend,
-                           cudnn_sdpa=cudnn_sdpa, fuse_qkv=fuse_qkv,
-                           float8_family=src.family if precision == "fp8" else None)
+    model = configure_speed(model.eval(), compile_blocks=compile_blocks, attention_backend=attention_backend,
+                            cudnn_sdpa=cudnn_sdpa, fuse_qkv=fuse_qkv,
+                            float8_family=src.family if precision == "fp8" else None)
+    return model.to(final_device)   # block compilation happens at the first call, on the device
 
 
 def _checkpoint_transformer(src, dtype, device):

@@ -134,6 +134,24 @@ def test_lora_is_merged_in_bf16_then_converted(tiny_model, tmp_path):
     assert meta[0]["precision"] == "fp8" and "precision" not in meta[1]
 
 
+def test_fp8_loads_and_converts_in_host_memory_then_moves(tiny_model, monkeypatch):
+    """The device never holds the bf16 weights: the transformer is loaded and converted on the host, then moved
+    (here to the meta device, standing for a GPU: what arrives there is already float8)."""
+    import sample.run
+    from sample.resolve import resolve_transformer
+    loaded_on = []
+
+    def spy(*args, **kwargs):
+        loaded_on.append(torch.device(args[2]))
+        return load_transformer(*args, **kwargs)
+    monkeypatch.setattr(sample.run, "load_transformer", spy)
+    source = resolve_transformer(get_family("flux1"), str(tiny_model), None)
+    model = load_sampling_transformer(source, None, torch.bfloat16, torch.device("meta"), precision="fp8")
+    assert loaded_on == [torch.device("cpu")]
+    q = model.transformer_blocks[0].attn.to_q
+    assert isinstance(q, Float8FrozenLinear) and q.weight.device.type == "meta" and q.weight.dtype == torch.float8_e4m3fn
+
+
 def test_fp8_refused_on_a_gpu_without_float8_gemms(monkeypatch):
     """An A100 (compute capability 8.0) has no float8 GEMM: refused before anything loads, naming the option
     and the device. (No GPU here: torch.cuda's answers are set to an A100's.)"""

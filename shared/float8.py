@@ -52,8 +52,8 @@ def require_float8(device: torch.device, option: str) -> None:
         return
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
-        raise ModelLoadError(f"{option} needs float8 GEMMs (CUDA compute capability 8.9+, H100-class); {device} "
-                             f"({torch.cuda.get_device_name(device)}) has {major}.{minor}")
+        raise ModelLoadError(f"{option} needs float8 GEMMs (CUDA compute capability 8.9+: L4, L40, RTX 40-series, "
+                             f"H100); {device} ({torch.cuda.get_device_name(device)}) has {major}.{minor}")
 
 
 def _to_float8(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,14 +33,12 @@ def check_text_precision(precision: str, device) -> None:
         raise ValueError(f"{OPTION} {precision!r}: choose one of {', '.join(TEXT_PRECISIONS)}")
     if precision == "bf16":
         return
-    device = torch.device(device)
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        if (major, minor) < (8, 9):
-            raise ValueError(f"{OPTION} fp8 needs float8 GEMMs (compute capability 8.9 or later: L4, L40, H100, "
-                             f"...); {torch.cuda.get_device_name(device)} is {major}.{minor}: use {OPTION} bf16")
-    from .float8 import _check_torchao
-    _check_torchao()
+    from .float8 import require_float8
+    from .models import ModelLoadError
+    try:
+        require_float8(device, f"{OPTION} fp8")
+    except ModelLoadError as e:
+        raise ValueError(f"{e}: use {OPTION} bf16") from None
 
 
 def recorded_precision(settings: dict) -> str:

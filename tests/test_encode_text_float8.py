@@ -110,7 +110,8 @@ def test_fp8_is_refused_on_a_gpu_without_float8_gemms(monkeypatch, capability, r
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "an A100")
     if refused:
-        with pytest.raises(ValueError, match=r"--text-precision fp8 needs float8 GEMMs .* is 8\.6"):
+        refusal = r"--text-precision fp8 needs float8 GEMMs .* has 8\.6: use --text-precision bf16"
+        with pytest.raises(ValueError, match=refusal):
             check_text_precision("fp8", "cuda:0")
     else:
         check_text_precision("fp8", "cuda:0")

@@ -169,31 +169,20 @@ def float8_layer(family: Family, name: str, module) -> bool:
 
 def freeze_to_float8(model: torch.nn.Module, family: Family) -> int:
     """Replace the frozen base's token-wise linear layers (`float8_layer`, applied to the layer's own name, a
-    LoRA-wrapped layer's `.base_layer` removed) by
-    Float8FrozenLinear and store its per-sample layers in float8, weight-only; return how many token-wise
-    layers became float8. Trainable layers (the adapter's) are left as they are."""
-    _check_torchao()
-    chosen = [name for name, m in model.named_modules()
-              if type(m) is torch.nn.Linear and not m.weight.requires_grad
-              and float8_layer(family, name.removesuffix(".base_layer"), m)]
-    if not chosen:
+    LoRA-wrapped layer's `.base_layer` removed) by Float8FrozenLinear and store its per-sample layers in
+    float8, weight-only; return how many token-wise layers became float8. Trainable layers (the adapter's)
+    are left as they are."""
+    def own_name(name: str) -> str:
+        return name.removesuffix(".base_layer")
+
+    def frozen(choose):
+        return lambda name, m: not m.weight.requires_grad and choose(own_name(name), m)
+    count = to_float8_linears(model, frozen(lambda name, m: float8_layer(family, name, m)))
+    if not count:
         raise ModelLoadError("float8 compute: no linear layer of this model has float8-aligned sizes")
-    for name in chosen:   # by name: each bf16 weight is freed as its float8 copy replaces it
-        parent, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent)
-        setattr(parent, attr, Float8FrozenLinear.from_linear(getattr(parent, attr)))
-    for name, _ in _frozen_per_sample_linears(model, family):
-        parent, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent)
-        setattr(parent, attr, Float8StoredLinear(getattr(parent, attr)))
-    return len(chosen)
-
-
-def _frozen_per_sample_linears(model: torch.nn.Module, family: Family) -> list:
-    return [(name, m) for name, m in model.named_modules()
-            if type(m) is torch.nn.Linear and not m.weight.requires_grad
-            and family.per_sample_layer(name.removesuffix(".base_layer"))
-            and name.removesuffix(".base_layer") not in family.float8_keep]
+    _replace_linears(model, frozen(lambda name, m: family.per_sample_layer(name) and name not in family.float8_keep),
+                     Float8StoredLinear)
+    return count
 
 
 def to_float8_linears(module: torch.nn.Module, choose) -> int:
@@ -201,11 +190,15 @@ def to_float8_linears(module: torch.nn.Module, choose) -> int:
     GEMMs (multiples of 16), by a Float8FrozenLinear, in place (forward only: frozen encoders, no_grad);
     return how many were replaced."""
     _check_torchao()
-    chosen = [name for name, m in module.named_modules()
-              if type(m) is torch.nn.Linear and choose(name, m)
-              and m.in_features % 16 == 0 and m.out_features % 16 == 0]
+    aligned = lambda name, m: choose(name, m) and m.in_features % 16 == 0 and m.out_features % 16 == 0  # noqa: E731
+    return _replace_linears(module, aligned, Float8FrozenLinear.from_linear)
+
+
+def _replace_linears(module: torch.nn.Module, choose, make) -> int:
+    """Each nn.Linear of `module` that `choose(name, linear)` picks replaced by `make(linear)`; how many."""
+    chosen = [name for name, m in module.named_modules() if type(m) is torch.nn.Linear and choose(name, m)]
     for name in chosen:   # by name: each weight is freed as its float8 copy replaces it
         parent, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent)
-        setattr(parent, attr, Float8FrozenLinear.from_linear(getattr(parent, attr)))
+        setattr(parent, attr, make(getattr(parent, attr)))
     return len(chosen)

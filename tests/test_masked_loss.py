@@ -126,7 +126,7 @@ def test_a_tars_mask_members_are_its_samples_masks(tmp_path):
 
 def _model_and_batch(family, klein):
     """The family's tiny transformer (random weights) and a batch of two 8x8 latents for it."""
-    from train.data import TrainBatch
+    from train.batch import TrainBatch
     g = torch.Generator().manual_seed(0)
     if family is FLUX1:
         from diffusers import FluxTransformer2DModel

@@ -8,7 +8,8 @@ from train_caches import set_manifest, write_cache
 
 from shared.cache import CacheError
 from shared.text_batch import TEXT_PAD_MULTIPLE
-from train.data import CacheStream, Sample, StreamPosition, TrainBatch, collate, train_loader, validation_batches
+from train.batch import Sample, TrainBatch, collate
+from train.data import CacheStream, StreamPosition, train_loader, validation_batches
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +90,12 @@ def test_trimmed_batches_pad_text_and_mask_it():
 
 
 def test_worker_batches_are_built_in_shared_memory_with_the_same_values(cache, monkeypatch):
-    import train.data as data
+    import train.batch as batch_module
     # A DataLoader worker hands its batches over through shared memory: collate builds them there.
     items = [it.sample for _, b in itertools.islice(CacheStream(cache, batch_size=4).epoch_batches(0, 0, 1), 2)
              for it in b]
     here = collate(items[:4], "trimmed")
-    monkeypatch.setattr(data, "get_worker_info", lambda: object())
+    monkeypatch.setattr(batch_module, "get_worker_info", lambda: object())
     in_worker = collate(items[:4], "trimmed")
     assert in_worker.text.is_shared() and in_worker.latent.is_shared() and not here.text.is_shared()
     assert here.tensors().keys() == in_worker.tensors().keys()

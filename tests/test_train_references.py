@@ -9,7 +9,7 @@ from shared.family.flux1 import FLUX1
 from shared.family.flux2 import FLUX2
 from shared.presets import transformer_config
 from shared.text_batch import TextBatch
-from train.data import TrainBatch
+from train.batch import TrainBatch
 from train.step import StepSettings, draw, flow_matching_loss, training_loss
 
 FLUX1_VAE = {"shift_factor": 0.1, "scaling_factor": 0.5}

@@ -8,7 +8,7 @@ from shared.family.flux1 import FLUX1
 from shared.latents import VAE_SCALE, VAE_SHIFT, pack_latents
 from shared.presets import transformer_config
 from shared.text_batch import TextBatch
-from train.data import TrainBatch
+from train.batch import TrainBatch
 from train.model import use_flex_attention
 from train.step import (EmptyPrompt, ValidationNoise, draw, drop_text, flow_matching_loss, summarize_validation,
                         training_loss, validation_sums)

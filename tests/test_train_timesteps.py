@@ -10,7 +10,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from shared.family import FLUX1, FLUX2
 from shared.schedules import fixed_shift, loss_weights, sample_timesteps, shift_mu, time_shift
 from train.config import ConfigError, load_config
-from train.data import TrainBatch
+from train.batch import TrainBatch
 from train.step import StepSettings, draw, flow_matching_loss, training_loss
 
 

@@ -21,8 +21,9 @@ from . import checkpoint as ckpt
 from .activations import ActivationOffload
 from .adapters import adapter_label
 from .config import TrainConfig
-from .data import (CacheStream, StreamPosition, TrainBatch, open_cache, open_validation_cache, train_loader,
-                   usable_workers, vae_facts, validation_batches)
+from .batch import TrainBatch
+from .data import (CacheStream, StreamPosition, open_cache, open_validation_cache, train_loader, usable_workers,
+                   vae_facts, validation_batches)
 from .mix import MixedPosition, MixedStream, check_alike, loss_weight, parse_sources
 from .fsdp import autocast_forward, cast_inputs_on_recompute, keep_lora_dtypes, micro_batch_sync
 from .launch import (LogWindow, StopRequest, TrainingInterrupted, check_launch, lr_factor, make_accelerator,

@@ -21,7 +21,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from shared.cache import CacheError
 from shared.params import ConfigError
 
-from .data import CacheStream, StreamPosition, TrainBatch, encoding_facts
+from .batch import TrainBatch
+from .data import CacheStream, StreamPosition, encoding_facts
 
 SOURCE_KEYS = ("cache", "weight", "loss_weight")
 

@@ -17,7 +17,8 @@ from shared.latents import sample_posterior
 from shared.schedules import loss_weights, sample_timesteps, validation_timesteps
 from shared.text_batch import TextBatch, pad_text
 
-from .data import TrainBatch, sample_seed
+from .batch import TrainBatch
+from .data import sample_seed
 from .references import draw_keep, reference_tokens
 
 

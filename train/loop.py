@@ -11,8 +11,6 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from shared.float8 import freeze_to_float8
-from shared.models import ModelLoadError
 from shared.run_files import LORA_WEIGHTS, TrainingInfo
 from shared.quiet import silence_progress_bars
 from shared.render_tools import render_fields
@@ -22,16 +20,15 @@ from .activations import ActivationOffload
 from .adapters import adapter_label
 from .config import TrainConfig
 from .batch import TrainBatch
+from .build import build_model, flex_mask_wanted
 from .data import (CacheStream, StreamPosition, open_cache, open_validation_cache, train_loader, usable_workers,
                    vae_facts, validation_batches)
 from .mix import MixedPosition, MixedStream, check_alike, loss_weight, parse_sources
 from .fsdp import autocast_forward, cast_inputs_on_recompute, keep_lora_dtypes, micro_batch_sync
 from .launch import (LogWindow, StopRequest, TrainingInterrupted, check_launch, lr_factor, make_accelerator,
                      total_steps)
-from .model import (EMA, add_lora, base_identity, build_transformer, check_cache_fits, check_guidance,
-                    check_family_options, convert_to_float8, describe_base, load_lora_state_dict,
-                    model_family, place, run_conventions, text_mode_change, use_flex_attention, weights_dtype)
-from .offload import BlockOffloader, spread
+from .model import (EMA, base_identity, check_guidance, check_family_options, describe_base, load_lora_state_dict,
+                    model_family, run_conventions, text_mode_change)
 from .optim import InBackwardOptimizer, make_optimizer, step_groups
 from .records import append_record, truncate_run_records
 from .samples import TrainingSamples
@@ -52,8 +49,9 @@ class Trainer:
         # Refuse a wrong cache or launch before building anything expensive.
         vae = self._open_caches()
         check_launch(cfg, self.accelerator.num_processes, self._fsdp)
-        flex_mask = self._flex_mask()
-        model = self._build_model(flex_mask)
+        flex_mask = flex_mask_wanted(cfg, self.device, self.train_reader.text_mode)
+        model, self.offloader = build_model(cfg, self.family, self.device, self.train_reader, fsdp=self._fsdp,
+                                            flex_mask=flex_mask)
         self._check_base(model)
         self.settings = StepSettings.from_config(
             cfg.flow, self.family, vae, flex_mask=flex_mask,
@@ -123,49 +121,6 @@ class Trainer:
     def _fsdp(self) -> bool:
         from accelerate.utils import DistributedType
         return self.accelerator.distributed_type == DistributedType.FSDP
-
-    def _flex_mask(self) -> bool:
-        """Whether trimmed text's padding is masked through flex attention (run.masked_attention)."""
-        masking = self.cfg.run.masked_attention
-        if masking == "auto":   # flex attention is fast compiled on CUDA only
-            masking = "flex" if self.device.type == "cuda" and self.cfg.run.compile else "sdpa"
-        if masking == "flex" and self.device.type != "cuda":
-            raise ModelLoadError("run.masked_attention flex needs a CUDA device (flex attention has no CPU backward)")
-        # Only trimmed caches have text padding to mask; padded text keeps the flash kernel.
-        return masking == "flex" and self.train_reader.text_mode == "trimmed"
-
-    def _build_model(self, flex_mask: bool):
-        """The transformer as it trains: built or loaded in its weights' dtype, placed block by block
-        (quantized, or left in host memory for the offloader), with LoRA, fp8, checkpointing, compile."""
-        cfg, run = self.cfg, self.cfg.run
-        # FSDP shards the weights after prepare(): build on the host there, on the device otherwise.
-        model = build_transformer(cfg.model, seed=run.seed, device="cpu" if self._fsdp else self.device,
-                                  dtype=weights_dtype(cfg))
-        check_cache_fits(model, self.family, self.train_reader)
-        blocks = self.family.blocks(model)
-        offloaded = spread(run.offload_blocks, len(blocks))
-        if not self._fsdp:
-            place(model, self.family, self.device, cfg.model.quantize_base, host_blocks=set(offloaded))
-        if self.lora:
-            add_lora(model, cfg.lora, self.family)
-        self.offloader = None
-        if offloaded:
-            self.offloader = BlockOffloader(blocks, offloaded, self.device, move_trainable=not self.lora)
-        if run.precision == "fp8" and self.lora:   # the frozen base computes in float8 under the fp32 adapter
-            freeze_to_float8(model, self.family)
-        elif run.precision == "fp8":
-            convert_to_float8(model, self.family)
-        if flex_mask:
-            use_flex_attention(model)
-        if run.grad_checkpointing:
-            model.enable_gradient_checkpointing()
-        if run.compile:
-            # Static shapes: inductor's dynamic-shape backward failed on Flux blocks when the text
-            # length changed (torch 2.11, H100). Each (batch, text length) compiles once instead;
-            # collate() keeps the lengths few, and the cache limit leaves room for them all.
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            model.compile_repeated_blocks(fullgraph=False, dynamic=False)
-        return model
 
     def _check_base(self, model) -> None:
         """Say which base was loaded; refuse or warn about what does not fit it (model.guidance, the text mode)."""

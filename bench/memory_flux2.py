@@ -120,6 +120,14 @@ def full_rows() -> list[dict]:
                 {**base, "kind": "trainer", "name": f"{variant} full: adafactor in backward", "samples": 1,
                  "config": FULL, "goal": {"peak_gib": goal, "img_s_of": plain},
                  "est_s": 50 if variant == "klein-4B" else 70}]
+    # issue 29: a batch that fills the card, the blocks compiled and Adafactor's step compiled (optim.fused),
+    # beside the plain per-parameter loop at the same batch; goal MFU >= 40% (FLUX.1's full-weight goal)
+    batch = {**KLEIN_STEPS, "preset": VARIANTS["klein-4B"], "batch": 4, "samples": 4}
+    plain = "klein-4B full: plain loop, adafactor in backward, batch 4"
+    out += [{**batch, "kind": "plain-full", "name": plain, "optim": "adafactor", "est_s": 60},
+            {**batch, "kind": "trainer", "name": "klein-4B full: adafactor in backward, batch 4, compile",
+             "config": {**FULL, "run.compile": True, "optim.fused": True}, "goal": {"img_s_of": plain, "mfu": 0.40},
+             "est_s": 120}]
     return out
 
 

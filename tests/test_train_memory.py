@@ -296,7 +296,6 @@ REFUSED = [
     ({**LORA, "run.precision": "fp8", "model.quantize_base": "int8"}, "run.precision fp8 .*model.quantize_base"),
     ({**LORA, "run.precision": "fp8", "run.offload_blocks": 2, "run.grad_checkpointing": True},
      "run.precision fp8 .*run.offload_blocks"),
-    ({**LORA, "run.precision": "fp8", "run.sample_every": 2}, "run.sample_every .*run.precision fp8"),
     ({**LORA, "run.precision": "fp8", "lora.dora": True}, "lora.dora .*run.precision fp8"),
     ({**LORA, "model.weights_dtype": "bf16"}, "model.weights_dtype"),
     ({"model.weights_dtype": "bf16", "run.precision": "no"}, "model.weights_dtype bf16 needs run.precision bf16"),
@@ -309,8 +308,6 @@ REFUSED = [
     ({**LORA, "run.offload_blocks": 2, "run.grad_checkpointing": True, "run.compile": True}, "run.compile"),
     ({"run.offload_blocks": -1}, "run.offload_blocks"),
     ({"optim.name": "sgd"}, "optim.name"),
-    ({**LORA, "model.quantize_base": "int8", "run.sample_every": 2}, "run.sample_every"),
-    ({**LORA, "run.offload_blocks": 2, "run.grad_checkpointing": True, "run.sample_every": 2}, "run.sample_every"),
 ]
 
 

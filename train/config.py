@@ -148,7 +148,7 @@ class RunConfig:
     # bf16: autocast; fp8: bf16 autocast plus float8 matmuls in the blocks' linear layers (torchao,
     # `pip install -e .[fp8]`; for H100-class GPUs, with compile); with LoRA, fp8 stores the frozen
     # base's token-wise layers in float8 once and computes them in float8, the adapter in fp32 on top
-    # (not with model.quantize_base, lora.dora, run.offload_blocks, run.sample_every); no: fp32; auto:
+    # (not with model.quantize_base, lora.dora, run.offload_blocks); no: fp32; auto:
     # bf16 on CUDA and for LoRA (its base is bf16), fp32 elsewhere (bf16 autocast on a CPU ran 4.5x slower)
     precision: Literal["auto", "bf16", "fp8", "no"] = "auto"
     grad_checkpointing: bool = False      # recompute each block's activations in the backward
@@ -384,9 +384,6 @@ def validate_memory_options(cfg: TrainConfig) -> None:
                           "has nothing to accumulate: use a larger data.batch_size")
     if run.offload_blocks < 0:
         raise ConfigError("run.offload_blocks is a number of blocks (0: none)")
-    if run.sample_every and (run.offload_blocks or model.quantize_base != "none"):
-        raise ConfigError("run.sample_every renders from a copy of the weights on the device, which "
-                          "run.offload_blocks and model.quantize_base cannot give yet: set run.sample_every 0")
     if run.offload_blocks:
         _validate_offload(cfg, lora)
 

@@ -17,7 +17,3 @@ def validate_fp8_lora(cfg) -> None:
     if cfg.run.offload_blocks:
         raise ConfigError("run.precision fp8 with LoRA and run.offload_blocks cannot be combined yet (the "
                           "block swap moves bf16 weights): set run.offload_blocks 0, or run.precision bf16")
-    if cfg.run.sample_every:
-        raise ConfigError("run.sample_every merges the adapter into a copy of the bf16 base, which run.precision "
-                          "fp8 with LoRA stores in float8: set run.sample_every 0 (flux-sample --lora renders "
-                          "final/), or run.precision bf16")

@@ -9,8 +9,11 @@ rendered too (samples/step-N/ema/).
 How the weights are rendered, so that the last step's samples are flux-sample's images from final/:
 full weights run in place (eval mode, the training autocast); a LoRA adapter is merged into a copy of
 the base exactly as flux-sample merges final/'s adapter (the copy costs the base's memory while it
-renders). Under FSDP every rank renders its share in place, with the same number of forwards (each
-forward gathers the shards), LoRA unmerged. Every rank takes part; only the main process writes."""
+renders). Where no bf16 copy of the base is at hand (a quantized or float8 base, blocks in host memory:
+`renders_in_place`) a LoRA renders in place, unmerged, from the base it trains on: close to flux-sample's
+image from final/, not equal to it. Under FSDP every rank renders its share in place, with the same
+number of forwards (each forward gathers the shards), LoRA unmerged. Every rank takes part; only the main
+process writes."""
 from __future__ import annotations
 
 import contextlib
@@ -141,7 +144,7 @@ class TrainingSamples:
     def _images(self) -> list:
         """Every job's uint8 image on the main process ([] elsewhere)."""
         t, acc = self.t, self.t.accelerator
-        if uses_fsdp(acc) or not t.lora:   # in place (under FSDP a LoRA stays unmerged)
+        if uses_fsdp(acc) or not t.lora or renders_in_place(t.cfg):   # in place (a LoRA stays unmerged)
             return self._gather(self._render_share(acc.unwrap_model(t.model), acc.process_index, acc.num_processes))
         weights = trainable_weights(acc, t.model)
         model = self._merged_copy(weights) if acc.is_main_process else None
@@ -214,6 +217,13 @@ class TrainingSamples:
         grid = image_files.make_grid(images, len(p.seeds))
         image_files.save_png(grid, folder / image_files.GRID_NAME, meta)
         log_grid(self.t.accelerator, "samples" + (f"/{which}" if which else ""), grid, step)
+
+
+def renders_in_place(cfg) -> bool:
+    """Whether a LoRA's samples render from the training model itself: its base is quantized, float8 or partly
+    in host memory, so no bf16 copy to merge the adapter into is at hand (nor room for one, on the cards
+    those options are for)."""
+    return cfg.model.quantize_base != "none" or cfg.run.precision == "fp8" or cfg.run.offload_blocks > 0
 
 
 def log_grid(accelerator, tag: str, grid, step: int) -> None:

@@ -85,6 +85,7 @@ LoRA (no weight gradients for the frozen base), plus attention (bench/flops.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -400,16 +401,14 @@ def run_trainer(row: dict, device, cache: Path, work: Path) -> dict:
         save_random_weights(folder, model_config(row), device)
         settings.update({"model.name": str(folder), "model.init": "pretrained", "model.overrides": {}})
         reset_peak(device)
-    if "group_elements" in row:   # the in-backward step groups' size (1: one parameter a step)
-        import train.optim
-        train.optim.GROUP_ELEMENTS = row["group_elements"]
-    trainer = Trainer(load_config(None, settings))
-    setup = peak_gib(device)
-    if not row.get("load"):
-        reset_peak(device)
-    clock = StepClock(row["warmup"], row["name"] if row.get("profile") else None)
-    trainer.train(on_batch=clock)
-    seconds = clock.stop(row["steps"])
+    with row_switches(row):
+        trainer = Trainer(load_config(None, settings))
+        setup = peak_gib(device)
+        if not row.get("load"):
+            reset_peak(device)
+        clock = StepClock(row["warmup"], row["name"] if row.get("profile") else None)
+        trainer.train(on_batch=clock)
+        seconds = clock.stop(row["steps"])
     records = read_records(work / "run")   # metrics.jsonl with timings.jsonl's data_wait joined in
     steps = [r for r in records if "loss" in r]
     timed = [r for r in steps if r["step"] > row["warmup"]]
@@ -419,6 +418,25 @@ def run_trainer(row: dict, device, cache: Path, work: Path) -> dict:
             # what the trainer placed: its family, the reference images per sample its cache holds
             "model_family": trainer.family.name, "references": reference_count(trainer.train_reader.manifest),
             "data_wait": sum(r["data_wait"] for r in timed) / max(1, len(timed))}
+
+
+@contextlib.contextmanager
+def row_switches(row: dict):
+    """A row's module-level settings, put back after it (rows of one process, --same-process, must not
+    inherit them): the in-backward step groups' size (`group_elements`, 1: one parameter a step) and the
+    float8 layers' diagnostic switches (`float8_switches`, bench/memory_speed.py)."""
+    import shared.float8
+    import train.optim
+    changes = [(train.optim, "GROUP_ELEMENTS", row["group_elements"])] if "group_elements" in row else []
+    changes += [(shared.float8, name, value) for name, value in row.get("float8_switches", {}).items()]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in changes]
+    for module, name, value in changes:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 
 class StepClock:

@@ -30,7 +30,13 @@ def lora_speed_rows(base: dict, lora: dict) -> list[dict]:
             {**base, **profile, "kind": "trainer", "name": "profile: fp8 compute, compile",
              "config": {**fp8, **compiled}},
             {**base, **profile, "kind": "trainer", "name": "profile: bf16 base, compile",
-             "config": {**lora, **compiled}}]
+             "config": {**lora, **compiled}},
+            # diagnostics (shared/float8.py's switches): does the backward's per-call weight transpose, or its
+            # exact accumulation, cost the time the float8 step loses?
+            {**base, "kind": "trainer", "name": "diagnostic: fp8 compute, compile, transposed weights kept",
+             "config": {**fp8, **compiled}, "float8_switches": {"KEEP_TRANSPOSED": True}, "est_s": 120},
+            {**base, "kind": "trainer", "name": "diagnostic: fp8 compute, compile, fast accumulation in the backward",
+             "config": {**fp8, **compiled}, "float8_switches": {"GRAD_FAST_ACCUM": True}, "est_s": 120}]
 
 
 def mfu_rows(full: dict, batch: int = MFU_BATCH) -> list[dict]:

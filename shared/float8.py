@@ -27,6 +27,12 @@ from .family import Family
 from .models import ModelLoadError
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+# Switches for bench/memory_speed.py's diagnostic rows (issue 29: where the compiled float8 LoRA step loses time
+# to the bf16 one), off in use: fast accumulation in the input-gradient GEMM too (torchao keeps it off there,
+# for the gradient's precision), and each weight's transposed copy kept from the start (the float8 weights'
+# memory twice) instead of made in every backward.
+GRAD_FAST_ACCUM = False
+KEEP_TRANSPOSED = False
 
 
 try:   # imported here, not in the forward, which torch.compile traces
@@ -66,22 +72,23 @@ class _Float8FrozenMatmul(torch.autograd.Function):
     """x @ weight.T in float8; the gradient goes to x only (the weight is frozen)."""
 
     @staticmethod
-    def forward(ctx, x, weight, weight_scale, bias):
+    def forward(ctx, x, weight, weight_scale, bias, weight_t=None):
         rows = x.reshape(-1, x.shape[-1])
         x8, x_scale = _to_float8(rows, E4M3)
         # weight.t(): (in, out) column-major, the layout _scaled_mm takes for its second operand
         out = addmm_float8_unwrapped(x8, x_scale, weight.t(), weight_scale, x.dtype, bias=bias, use_fast_accum=True)
-        ctx.save_for_backward(weight, weight_scale)
+        ctx.save_for_backward(weight, weight_scale, weight_t)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        weight, weight_scale = ctx.saved_tensors
+        weight, weight_scale, weight_t = ctx.saved_tensors
         g8, g_scale = _to_float8(grad.reshape(-1, grad.shape[-1]), E5M2)
         # (out, in) column-major: a float8 transposed copy, half the bytes of a bf16 one, freed after use
-        weight_cm = weight.t().contiguous().t()
-        grad_x = addmm_float8_unwrapped(g8, g_scale, weight_cm, weight_scale, grad.dtype, use_fast_accum=False)
-        return grad_x.reshape(*grad.shape[:-1], grad_x.shape[-1]), None, None, None
+        weight_cm = (weight.t().contiguous() if weight_t is None else weight_t).t()
+        grad_x = addmm_float8_unwrapped(g8, g_scale, weight_cm, weight_scale, grad.dtype,
+                                        use_fast_accum=GRAD_FAST_ACCUM)
+        return grad_x.reshape(*grad.shape[:-1], grad_x.shape[-1]), None, None, None, None
 
 
 class Float8FrozenLinear(torch.nn.Module):
@@ -94,6 +101,7 @@ class Float8FrozenLinear(torch.nn.Module):
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
         self.register_buffer("weight_scale", weight_scale)
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        self.register_buffer("weight_t", weight.t().contiguous() if KEEP_TRANSPOSED else None, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear) -> "Float8FrozenLinear":
@@ -111,7 +119,7 @@ class Float8FrozenLinear(torch.nn.Module):
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        return _Float8FrozenMatmul.apply(x, self.weight, self.weight_scale, bias)
+        return _Float8FrozenMatmul.apply(x, self.weight, self.weight_scale, bias, self.weight_t)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, float8"

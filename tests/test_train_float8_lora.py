@@ -159,3 +159,22 @@ def test_fp8_lora_under_fsdp_is_refused_before_the_model_is_built(tmp_path):
     with pytest.raises(ModelLoadError, match="run.precision fp8 with LoRA.*FSDP"):
         check_launch(cfg, 2, fsdp=True)
     check_launch(cfg, 1, fsdp=False)
+
+
+def test_the_diagnostic_switches_compute_the_same_input_gradient(monkeypatch):
+    """bench/memory_speed.py's diagnostic rows: the transposed weight kept from the start gives the input
+    gradient the per-call transpose gives, bit for bit; fast accumulation changes nothing on a CPU either
+    (its GEMM has one accumulation), and neither is saved in the state dict."""
+    import shared.float8 as float8
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48, dtype=torch.bfloat16).requires_grad_(False)
+    grads = []
+    for keep, fast in ((False, False), (True, False), (True, True)):
+        monkeypatch.setattr(float8, "KEEP_TRANSPOSED", keep)
+        monkeypatch.setattr(float8, "GRAD_FAST_ACCUM", fast)
+        layer = Float8FrozenLinear.from_linear(linear)
+        assert (layer.weight_t is not None) == keep and "weight_t" not in layer.state_dict()
+        x = torch.randn(2, 40, 64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        layer(x).float().square().sum().backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[1], grads[2])

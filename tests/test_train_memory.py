@@ -306,6 +306,7 @@ REFUSED = [
     ({**LORA, "run.offload_blocks": 2, "run.grad_checkpointing": True, "model.quantize_base": "nf4"},
      "run.offload_blocks and model.quantize_base"),
     ({**LORA, "run.offload_blocks": 2, "run.grad_checkpointing": True, "run.compile": True}, "run.compile"),
+    ({**LORA, "model.quantize_base": "int8", "run.compile": True}, "model.quantize_base int8 and run.compile"),
     ({"run.offload_blocks": -1}, "run.offload_blocks"),
     ({"optim.name": "sgd"}, "optim.name"),
 ]

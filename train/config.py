@@ -160,7 +160,7 @@ class RunConfig:
     # in pinned host memory until the backward needs it: 3.2 GiB less for FLUX.2 [dev] at 1024px, at the
     # cost of a copy out and back per block (train/activations.py)
     offload_activations: bool = False
-    compile: bool = False                 # torch.compile each repeated block
+    compile: bool = False                 # torch.compile each repeated block (not with model.quantize_base yet)
     # How trimmed text's padding is masked in attention: sdpa (a boolean mask; PyTorch picks the
     # memory-efficient kernel), flex (flex attention skipping padded blocks; CUDA), or auto (flex on
     # CUDA with compile, else sdpa)
@@ -370,6 +370,13 @@ def validate_memory_options(cfg: TrainConfig) -> None:
         validate_fp8_lora(cfg)
     if model.quantize_base != "none" and not lora:
         raise ConfigError("model.quantize_base quantizes LoRA's frozen base: it needs lora.rank > 0")
+    if model.quantize_base != "none" and run.compile:
+        # torch 2.13's AOT autograd refuses torchao's quantized weights saved for the backward ("output aliasing
+        # ... subclass outputs"), at the first step: refused here instead
+        raise ConfigError(f"model.quantize_base {model.quantize_base} and run.compile cannot be combined yet "
+                          "(torch.compile cannot trace torchao's quantized weights through the backward): set "
+                          "run.compile false, or for a compiled small base use run.precision fp8 (float8 weights, "
+                          "model.quantize_base none)")
     if lora and model.weights_dtype != "fp32":
         raise ConfigError("model.weights_dtype is for full training; a LoRA adapter trains in fp32 on its "
                           "bf16 (or quantized) base")

@@ -7,7 +7,8 @@ weight and its gradient; in full-weight training of the 12B those are 1,160 Pyth
 and the GPU waits on the host (docs/BENCHMARKS.md, 2026-12-03). `adafactor_update` is the same arithmetic
 written once as a function of tensors, so that torch.compile makes it a few fused kernels per weight shape
 (static shapes: one compile per shape, about 15 for FLUX.1). The step's scalars (beta2t, lr) are passed as
-0-d tensors: as Python floats each new value would compile again. The state keeps transformers' names and
+0-d tensors on the weights' device, refilled for each step (`fill_`: a kernel, no host sync): as Python
+floats each new value would compile again. The state keeps transformers' names and
 layout, so a checkpoint of either resumes in the other; transformers' per-step RMS of the weights, unused
 without `scale_parameter`, is not computed."""
 from __future__ import annotations
@@ -52,6 +53,7 @@ class CompiledAdafactor(Adafactor):
         super().__init__(params, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False,
                          warmup_init=False)
         self.update = _compiled if compiled else adafactor_update
+        self.scalars: dict = {}   # (name, device) -> (the 0-d tensor the step's value is filled into, that value)
         if compiled:   # one compiled graph per weight shape (and moment layout): room for all of a model's
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
@@ -59,11 +61,22 @@ class CompiledAdafactor(Adafactor):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            lr = torch.tensor(group["lr"], dtype=torch.float32)
             for p in group["params"]:
                 if p.grad is not None:
-                    self._step_one(p, group, lr)
+                    self._step_one(p, group, self._scalar("lr", group["lr"], p.device))
         return loss
+
+    def _scalar(self, name: str, value: float, device: torch.device) -> torch.Tensor:
+        """`value` in a 0-d fp32 tensor on `device`, one per name and device, refilled (in stream order) only
+        when the value changes: the weights of a step share their lr and beta2t."""
+        key = (name, device)
+        tensor, held = self.scalars.get(key, (None, None))
+        if tensor is None:
+            tensor = torch.zeros((), dtype=torch.float32, device=device)
+        if held != value:
+            tensor.fill_(value)
+            self.scalars[key] = (tensor, value)
+        return tensor
 
     def _step_one(self, p: torch.Tensor, group: dict, lr: torch.Tensor) -> None:
         state, shape = self.state[p], p.grad.shape
@@ -77,6 +90,6 @@ class CompiledAdafactor(Adafactor):
                 state["exp_avg_sq"] = torch.zeros(shape, device=p.device)
             state["RMS"] = 0
         state["step"] += 1
-        beta2t = torch.tensor(1.0 - math.pow(state["step"], group["decay_rate"]), dtype=torch.float32)
+        beta2t = self._scalar("beta2t", 1.0 - math.pow(state["step"], group["decay_rate"]), p.device)
         self.update(p, p.grad, state.get("exp_avg_sq_row"), state.get("exp_avg_sq_col"), state.get("exp_avg_sq"),
                     beta2t, lr, group["eps"][0], group["clip_threshold"], group["weight_decay"])

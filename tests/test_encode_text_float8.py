@@ -58,12 +58,8 @@ def _args(model, inputs, out, *extra):
 
 
 def _columns(cache) -> dict:
-    reader = CacheReader(cache)
-    rows = {}
-    for shard in reader.shards:
-        for g in reader.iter_shard(shard):
-            for i, key in enumerate(g["key"]):
-                rows[key] = {c: g[c][i] for c in ("latent", "t5", "clip")}
+    from tests.test_encode_run import read_rows
+    rows = read_rows(cache)
     return {c: torch.stack([rows[k][c] for k in sorted(rows)]) for c in ("latent", "t5", "clip")}
 
 
